@@ -1,0 +1,11 @@
+//! tapnat: a userspace IPv4 masquerading NAT gateway between two TAP devices.
+//!
+//! Layers point one way: `wire` and `nat` are pure (no fds, threads or clocks),
+//! `device` owns every system call (its `sys` module is the only place with
+//! `unsafe`), `gateway` runs the poll loop and workers, `control` holds the
+//! configuration and counters.
+pub mod control;
+pub mod device;
+pub mod gateway;
+pub mod nat;
+pub mod wire;
