@@ -1,1 +1,15 @@
+//! Frame parsing, in-place header rewrites and checksum arithmetic.
+//!
+//! Parsing uses `smoltcp::wire` for the checked views; the rewrite functions
+//! patch bytes in place and update checksums incrementally (RFC 1624), so a
+//! translated frame costs a few dozen byte writes whatever its size.
+//!
+//! Input rules: every function takes an untrusted frame and either returns a
+//! typed [`Malformed`] reason or a view whose offsets are in bounds for that
+//! frame. The rewrite functions must only be given a frame together with the
+//! view that [`classify`] returned for it; they never panic on such a pair.
+pub mod build;
+pub mod csum;
+mod packet;
 
+pub use packet::*;
