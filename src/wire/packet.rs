@@ -314,6 +314,23 @@ pub fn may_send_icmp_error(view: &Ipv4View) -> bool {
         && !view.src.is_unspecified()
 }
 
+/// The type, code and second header word of an ICMP error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IcmpErrorKind {
+    pub icmp_type: u8,
+    pub code: u8,
+    pub rest: u32,
+}
+
+impl IcmpErrorKind {
+    /// Time Exceeded, TTL exceeded in transit (RFC 792).
+    pub const TTL_EXCEEDED: IcmpErrorKind = IcmpErrorKind {
+        icmp_type: ICMP_TIME_EXCEEDED,
+        code: 0,
+        rest: 0,
+    };
+}
+
 /// Writes into `out` an Ethernet frame carrying an ICMP error of `icmp_type`
 /// and `code` about the packet in `offending` (whose view is `view`), sent from
 /// `our_ip`/`our_mac` back to the packet's source MAC and address. `rest` is
@@ -326,10 +343,13 @@ pub fn build_icmp_error(
     view: &Ipv4View,
     our_mac: EthernetAddress,
     our_ip: Ipv4Addr,
-    icmp_type: u8,
-    code: u8,
-    rest: u32,
+    error: IcmpErrorKind,
 ) -> usize {
+    let IcmpErrorKind {
+        icmp_type,
+        code,
+        rest,
+    } = error;
     let quote = view.total_len.min(ICMP_ERROR_MAX - 28);
     let ip_len = 28 + quote;
     let len = ETH_HLEN + ip_len;

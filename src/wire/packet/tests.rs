@@ -166,7 +166,7 @@ fn time_exceeded_quotes_the_packet_with_valid_checksums() {
     let mut out = [0u8; 600];
     let gw = Ipv4Addr::new(10, 244, 0, 1);
     let mac = EthernetAddress([0x02, 9, 9, 9, 9, 9]);
-    let n = build_icmp_error(&mut out, &f, &v, mac, gw, ICMP_TIME_EXCEEDED, 0, 0);
+    let n = build_icmp_error(&mut out, &f, &v, mac, gw, IcmpErrorKind::TTL_EXCEEDED);
     assert_eq!(n, 14 + 576);
     let e = view(&out[..n]);
     assert_eq!((e.src, e.dst), (gw, POD));
@@ -195,9 +195,7 @@ fn no_icmp_error_about_an_icmp_error() {
         &v,
         EthernetAddress([2, 0, 0, 0, 0, 9]),
         REMOTE,
-        ICMP_TIME_EXCEEDED,
-        0,
-        0,
+        IcmpErrorKind::TTL_EXCEEDED,
     );
     assert!(!may_send_icmp_error(&view(&out[..n])));
 }
