@@ -1,1 +1,138 @@
-fn main() {}
+//! `tapnat`: command line. Thin: arguments -> Config -> Gateway -> ExitCode.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::iterator::Signals;
+use tapnat::control::config::{Config, ConfigError};
+use tapnat::gateway::{Gateway, GatewayError};
+
+const USAGE: &str = "\
+tapnat: a userspace IPv4 masquerading NAT gateway between two TAP devices
+
+usage:
+  tapnat run [--config FILE]    run the gateway in the foreground (no FILE: the embedded default);
+                                SIGINT/SIGTERM stop it, SIGUSR1 prints flows and counters
+  tapnat check [--config FILE]  validate a config and print warnings, touching no device
+  tapnat demo                   build a throwaway pod and external namespace, run the gateway
+                                between them and show traffic being translated (needs root)
+  tapnat default-config         print the embedded default config
+
+environment: TAPNAT_SECTION__KEY=value overrides a key (e.g. TAPNAT_POD__TAP=tap9)";
+
+/// Why tapnat exited unsuccessfully; each maps to its own exit code.
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error("{0}\n\n{USAGE}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error("demo failed: {0}")]
+    Demo(String),
+}
+
+impl MainError {
+    fn exit_code(&self) -> ExitCode {
+        ExitCode::from(match self {
+            MainError::Usage(_) => 64,
+            MainError::Config(_) => 78,
+            MainError::Gateway(_) => 69,
+            MainError::Signals(_) => 71,
+            MainError::Demo(_) => 1,
+        })
+    }
+}
+
+fn config_arg(args: &[String]) -> Result<Option<PathBuf>, MainError> {
+    match args {
+        [] => Ok(None),
+        [flag, file] if flag == "--config" || flag == "-c" => Ok(Some(PathBuf::from(file))),
+        _ => Err(MainError::Usage(format!(
+            "unexpected arguments: {}",
+            args.join(" ")
+        ))),
+    }
+}
+
+fn load(args: &[String]) -> Result<Config, MainError> {
+    let path = config_arg(args)?;
+    let config = Config::load(path.as_deref())?;
+    for w in config.warnings() {
+        eprintln!("tapnat: warning: {w}");
+    }
+    Ok(config)
+}
+
+fn run(args: &[String]) -> Result<(), MainError> {
+    let config = load(args)?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1]).map_err(MainError::Signals)?;
+    let gw = Gateway::start(&config)?;
+    let a = gw.addressing();
+    eprintln!(
+        "tapnat: running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s)",
+        config.pod.tap,
+        a.pod_net,
+        a.pod_mac,
+        config.uplink.tap,
+        a.uplink_net,
+        a.uplink_mac,
+        a.uplink_gateway,
+        gw.workers()
+    );
+    for sig in signals.forever() {
+        if sig == SIGUSR1 {
+            eprint!("{}", tapnat::report::flows(&gw.flows()));
+            eprint!("{}", tapnat::report::stats(&gw.stats()));
+            continue;
+        }
+        break;
+    }
+    let stats = gw.stats();
+    gw.stop();
+    eprint!("{}", tapnat::report::stats(&stats));
+    eprintln!("tapnat: stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => run(&args[1..]),
+        Some("check") => load(&args[1..]).map(|c| {
+            println!("config ok: {} masquerade rule(s)", c.masquerade.len());
+        }),
+        Some("demo") if args.len() == 1 => {
+            tapnat::demo::run().map_err(|e| MainError::Demo(e.to_string()))
+        }
+        Some("default-config") => {
+            print!("{}", tapnat::control::config::DEFAULT_TOML);
+            Ok(())
+        }
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some("-V" | "--version") => {
+            println!("tapnat {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Some(other) => Err(MainError::Usage(format!("unknown command `{other}`"))),
+        None => Err(MainError::Usage("no command given".into())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tapnat: error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            e.exit_code()
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The gateway's own IP stack: smoltcp answers ARP and ICMP echo for the
+//! gateway's addresses. Only those frames are fed to it (never `any_ip`), so
+//! it never sends a RST or a port unreachable for traffic that has no flow
+//! (RFC 5382 REQ-4).
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+
+/// A smoltcp device fed from a queue: the poll loop pushes received frames,
+/// smoltcp's replies collect in `tx` for the loop to write out.
+struct QueueDevice {
+    rx: VecDeque<Vec<u8>>,
+    tx: Vec<Vec<u8>>,
+    mtu: usize,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut Vec<Vec<u8>>);
+
+impl phy::RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0; len];
+        let r = f(&mut buf);
+        self.0.push(buf);
+        r
+    }
+}
+
+impl phy::Device for QueueDevice {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
+        let frame = self.rx.pop_front()?;
+        Some((Rx(frame), Tx(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
+        Some(Tx(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu + 14;
+        caps
+    }
+}
+
+/// One side's local stack (one smoltcp interface).
+pub struct LocalStack {
+    iface: Interface,
+    dev: QueueDevice,
+    sockets: SocketSet<'static>,
+}
+
+impl LocalStack {
+    /// `addrs` are (address, prefix length); `gateway` is the default route.
+    pub fn new(
+        mac: EthernetAddress,
+        addrs: &[(Ipv4Addr, u8)],
+        gateway: Option<Ipv4Addr>,
+        mtu: usize,
+        now_ms: u64,
+        seed: u64,
+    ) -> LocalStack {
+        let mut dev = QueueDevice {
+            rx: VecDeque::new(),
+            tx: Vec::new(),
+            mtu,
+        };
+        let mut cfg = IfaceConfig::new(HardwareAddress::Ethernet(mac));
+        cfg.random_seed = seed;
+        let mut iface = Interface::new(cfg, &mut dev, Instant::from_millis(now_ms as i64));
+        iface.update_ip_addrs(|ips| {
+            for &(a, len) in addrs {
+                // Capacity is IFACE_MAX_ADDR_COUNT (>= 2); we add at most two.
+                let _ = ips.push(IpCidr::new(IpAddress::Ipv4(a), len));
+            }
+        });
+        if let Some(gw) = gateway {
+            // Fails only when the route table is full; it is empty here.
+            let _ = iface.routes_mut().add_default_ipv4_route(gw);
+        }
+        LocalStack {
+            iface,
+            dev,
+            sockets: SocketSet::new(Vec::new()),
+        }
+    }
+
+    /// Feeds one frame and returns the frames smoltcp wants sent.
+    pub fn input(&mut self, frame: &[u8], now_ms: u64) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.dev.rx.push_back(frame.to_vec());
+        self.iface.poll(
+            Instant::from_millis(now_ms as i64),
+            &mut self.dev,
+            &mut self.sockets,
+        );
+        self.dev.tx.drain(..)
+    }
+}

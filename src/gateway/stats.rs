@@ -1,0 +1,200 @@
+//! Counters: what happened to every frame, by thread, without locks.
+//!
+//! Each thread owns one [`Counters`] block (cache-line aligned so threads do
+//! not share lines) and bumps it with relaxed atomics; readers sum the blocks.
+//! Per-packet events are counted, never logged.
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::wire::Malformed;
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident = $text:literal, )*) => {
+        /// Everything the data path counts. Names ending in a reason are drops.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Counter { $( $(#[$doc])* $name, )* }
+
+        impl Counter {
+            /// Every counter, in declaration order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$name,)*];
+            /// The counter's stable name, as printed by `tapnat stats`.
+            pub fn name(self) -> &'static str {
+                match self { $(Counter::$name => $text,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Frames read from the pod TAP.
+    PodRxFrames = "pod_rx_frames",
+    /// Frames read from the uplink.
+    UplinkRxFrames = "uplink_rx_frames",
+    /// Frames written to the pod TAP.
+    PodTxFrames = "pod_tx_frames",
+    /// Frames written to the uplink.
+    UplinkTxFrames = "uplink_tx_frames",
+    /// Reads that failed with something other than "would block".
+    TapReadFails = "tap_read_fails",
+    /// Writes that failed.
+    TapWriteFails = "tap_write_fails",
+    /// Packets masqueraded pod -> uplink.
+    In2outPackets = "in2out_packets",
+    /// Replies reverse-translated uplink -> pod.
+    Out2inPackets = "out2in_packets",
+    /// Flows created.
+    FlowsCreated = "flows_created",
+    /// ARP and ICMP echo frames handed to the gateway's own stack.
+    LocalStackFrames = "local_stack_frames",
+    /// ICMP errors the gateway originated (Time Exceeded).
+    IcmpErrorsSent = "icmp_errors_sent",
+    /// ARP requests the gateway sent to resolve a next hop or a pod.
+    ArpRequestsSent = "arp_requests_sent",
+    /// Neighbours (IP -> MAC) learned or changed.
+    NeighboursLearned = "neighbours_learned",
+    /// Shorter than an Ethernet header.
+    DropRunt = "drop_runt",
+    /// Truncated or non-IPv4 ARP.
+    DropBadArp = "drop_bad_arp",
+    /// Bad IPv4 version, IHL or lengths.
+    DropBadIpHeader = "drop_bad_ip_header",
+    /// IPv4 header checksum wrong.
+    DropBadIpChecksum = "drop_bad_ip_checksum",
+    /// Truncated or inconsistent TCP/UDP/ICMP header.
+    DropBadL4Header = "drop_bad_l4_header",
+    /// An ethertype other than IPv4 and ARP (IPv6, VLAN, ...).
+    DropOtherEthertype = "drop_other_ethertype",
+    /// Unicast to another MAC, or to an address that is not ours on the uplink.
+    DropNotForUs = "drop_not_for_us",
+    /// ARP that the gateway neither answers nor learns from.
+    DropArpIgnored = "drop_arp_ignored",
+    /// From the pod side with a source outside every masquerade source.
+    DropSpoofedSource = "drop_spoofed_source",
+    /// From a masquerade source to an excluded or unroutable destination.
+    DropNoRoute = "drop_no_route",
+    /// A transport the NAT does not translate (not TCP, UDP or ICMP echo).
+    DropUnsupportedProtocol = "drop_unsupported_protocol",
+    /// An IPv4 fragment (not translated yet).
+    DropFragment = "drop_fragment",
+    /// TCP, UDP or other traffic to the gateway's own address with no flow
+    /// (RFC 5382 REQ-4: no RST, no port unreachable).
+    DropToGateway = "drop_to_gateway",
+    /// Inbound with no flow (unsolicited).
+    DropNoFlow = "drop_no_flow",
+    /// Outbound TCP without a flow that is not a SYN.
+    DropTcpNotSyn = "drop_tcp_not_syn",
+    /// Outbound ICMP echo reply or other ICMP with no flow.
+    DropIcmpNoFlow = "drop_icmp_no_flow",
+    /// An ICMP error from outside (not translated yet).
+    DropIcmpError = "drop_icmp_error",
+    /// TTL ran out here.
+    DropTtlExceeded = "drop_ttl_exceeded",
+    /// Larger than the egress MTU.
+    DropTooBig = "drop_too_big",
+    /// The flow table was full (after early drop).
+    DropTableFull = "drop_table_full",
+    /// No outside port left in this worker's slice.
+    DropPortsExhausted = "drop_ports_exhausted",
+    /// The next hop did not answer ARP in time.
+    DropNeighbourUnresolved = "drop_neighbour_unresolved",
+    /// Too many packets already waiting for one next hop.
+    DropNeighbourQueueFull = "drop_neighbour_queue_full",
+}
+
+impl Counter {
+    /// The counter for a malformed frame.
+    pub fn malformed(m: Malformed) -> Counter {
+        match m {
+            Malformed::Runt => Counter::DropRunt,
+            Malformed::BadArp => Counter::DropBadArp,
+            Malformed::BadIpHeader => Counter::DropBadIpHeader,
+            Malformed::BadIpChecksum => Counter::DropBadIpChecksum,
+            Malformed::BadL4Header => Counter::DropBadL4Header,
+        }
+    }
+}
+
+/// One thread's counters.
+#[repr(align(128))]
+pub struct Counters {
+    values: [AtomicU64; Counter::ALL.len()],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            values: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Counters {
+    #[inline]
+    pub fn add(&self, c: Counter, n: u64) {
+        self.values[c as usize].fetch_add(n, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn inc(&self, c: Counter) {
+        self.add(c, 1);
+    }
+    pub fn get(&self, c: Counter) -> u64 {
+        self.values[c as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// A point-in-time sum of every thread's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    values: Vec<u64>,
+}
+
+impl Snapshot {
+    pub fn sum<'a>(blocks: impl IntoIterator<Item = &'a Counters>) -> Snapshot {
+        let mut values = vec![0; Counter::ALL.len()];
+        for b in blocks {
+            for (v, c) in values.iter_mut().zip(Counter::ALL) {
+                *v += b.get(*c);
+            }
+        }
+        Snapshot { values }
+    }
+    pub fn get(&self, c: Counter) -> u64 {
+        self.values[c as usize]
+    }
+    /// (name, value) of every non-zero counter.
+    pub fn nonzero(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Counter::ALL
+            .iter()
+            .map(|c| (c.name(), self.get(*c)))
+            .filter(|(_, v)| *v != 0)
+    }
+    /// Sum of every drop counter.
+    pub fn drops(&self) -> u64 {
+        Counter::ALL
+            .iter()
+            .filter(|c| c.name().starts_with("drop_"))
+            .map(|c| self.get(*c))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_snapshots_sum_threads() {
+        let mut names: Vec<_> = Counter::ALL.iter().map(|c| c.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Counter::ALL.len());
+        let (a, b) = (Counters::default(), Counters::default());
+        a.inc(Counter::DropRunt);
+        b.add(Counter::DropRunt, 2);
+        b.inc(Counter::In2outPackets);
+        let s = Snapshot::sum([&a, &b]);
+        assert_eq!(s.get(Counter::DropRunt), 3);
+        assert_eq!(s.drops(), 3);
+        assert_eq!(s.nonzero().count(), 2);
+    }
+}
