@@ -1,1 +1,13 @@
+//! The device layer: TAP devices, network namespaces and the poll(2) wrapper.
+//!
+//! Everything here owns system resources; [`sys`] is the only module in the crate
+//! allowed to use `unsafe`, and every fd is wrapped in an `OwnedFd`/`File` as soon
+//! as it exists.
+pub mod netns;
+pub mod poll;
+pub mod sys;
+pub mod tap;
 
+pub use netns::{run_in_netns, run_in_netns_file};
+pub use poll::{Poller, Waker};
+pub use tap::{Tap, TapError, TapOptions, VNET_HDR_LEN};

@@ -1,0 +1,294 @@
+//! Raw system calls for the device layer: the only module in tapnat with `unsafe`.
+//!
+//! Every function here is a safe wrapper around one system call (or one ioctl).
+//! File descriptors are taken as [`BorrowedFd`], so the caller keeps ownership,
+//! and any new descriptor is wrapped in an [`OwnedFd`] before the function returns.
+//! Constants and structs come from `libc` (its `linux/if_tun.h` and `linux/if.h`
+//! bindings); nothing here is hand-typed.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// Why an interface name cannot be copied into `ifreq.ifr_name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfNameError {
+    /// The name is empty.
+    Empty,
+    /// The name does not fit in `IFNAMSIZ - 1` bytes (one byte is kept for the NUL).
+    TooLong,
+    /// The name has a byte the kernel rejects (NUL, `/`, `:` or whitespace; see
+    /// `dev_valid_name` in net/core/dev.c), or is `.` or `..`.
+    BadByte,
+}
+
+/// Longest interface name the kernel accepts, in bytes (`IFNAMSIZ` minus the NUL).
+pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
+
+/// A zeroed `ifreq` whose `ifr_name` holds `name`, NUL-terminated.
+pub fn ifreq_for(name: &str) -> Result<libc::ifreq, IfNameError> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() {
+        return Err(IfNameError::Empty);
+    }
+    if bytes.len() > MAX_IFNAME_LEN {
+        return Err(IfNameError::TooLong);
+    }
+    if name == "."
+        || name == ".."
+        || bytes
+            .iter()
+            .any(|&b| b == 0 || b == b'/' || b == b':' || b.is_ascii_whitespace())
+    {
+        return Err(IfNameError::BadByte);
+    }
+    // SAFETY: `ifreq` is a plain C struct (a name array and a union of integers,
+    // sockaddrs and one raw pointer); the all-zero bit pattern is valid for each.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, &src) in ifr.ifr_name.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    // The rest of ifr_name is already zero, so the name is NUL-terminated.
+    Ok(ifr)
+}
+
+/// The interface name stored in `ifr.ifr_name`, up to its first NUL.
+pub fn ifreq_name(ifr: &libc::ifreq) -> String {
+    let bytes: Vec<u8> = ifr
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// `ioctl(fd, TUNSETIFF, ifr)`: create or attach the TUN/TAP device named in `ifr`
+/// with the flags in `ifr.ifr_ifru.ifru_flags`. The kernel writes the final name back.
+///
+/// The device is created in the network namespace `fd` was opened in (see
+/// `tun_set_iff` in drivers/net/tun.c, which uses the tun file's socket netns).
+pub fn tun_set_iff(fd: BorrowedFd<'_>, ifr: &mut libc::ifreq) -> io::Result<()> {
+    // SAFETY: `fd` is a live descriptor for the whole call, and TUNSETIFF reads and
+    // writes exactly one `struct ifreq`, which `ifr` points to and which outlives the call.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, ifr as *mut libc::ifreq) })?;
+    Ok(())
+}
+
+/// `ioctl(fd, TUNSETVNETHDRSZ, &size)`: the length of the virtio-net header
+/// that prefixes every frame read or written on an `IFF_VNET_HDR` device.
+pub fn tun_set_vnet_hdr_sz(fd: BorrowedFd<'_>, size: libc::c_int) -> io::Result<()> {
+    // SAFETY: `fd` is live; TUNSETVNETHDRSZ reads one `int` through the pointer,
+    // which points to a local that outlives the call.
+    cvt(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TUNSETVNETHDRSZ,
+            &size as *const libc::c_int,
+        )
+    })?;
+    Ok(())
+}
+
+/// `ioctl(fd, TUNSETOFFLOAD, flags)`: which `TUN_F_*` offloads the kernel may hand us.
+pub fn tun_set_offload(fd: BorrowedFd<'_>, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: `fd` is live; TUNSETOFFLOAD takes its argument by value (an unsigned
+    // long), not through a pointer, so no memory is accessed.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) })?;
+    Ok(())
+}
+
+/// `ioctl(sock, SIOCGIFINDEX, ifr)`: the interface index, or `None` when no
+/// interface of that name exists in the socket's network namespace.
+pub fn if_index(sock: BorrowedFd<'_>, name: &str) -> io::Result<Option<libc::c_int>> {
+    let mut ifr = ifreq_for(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `sock` is live; SIOCGIFINDEX reads the name from and writes the index
+    // into the `ifreq` that `ifr` points to, which outlives the call.
+    let ret = unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFINDEX,
+            &mut ifr as *mut libc::ifreq,
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::ENODEV) {
+            Ok(None)
+        } else {
+            Err(err)
+        };
+    }
+    // SAFETY: the kernel filled the `ifru_ifindex` member of the union on success,
+    // and every bit pattern is a valid `c_int` anyway.
+    Ok(Some(unsafe { ifr.ifr_ifru.ifru_ifindex }))
+}
+
+/// `ioctl(sock, SIOCSIFMTU, ifr)` on any socket of the interface's namespace.
+pub fn set_mtu(sock: BorrowedFd<'_>, name: &str, mtu: u16) -> io::Result<()> {
+    let mut ifr = ifreq_for(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    ifr.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+    // SAFETY: `sock` is live; SIOCSIFMTU reads one `ifreq` (name and mtu) from the
+    // pointer, which points to a local that outlives the call.
+    cvt(unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCSIFMTU,
+            &mut ifr as *mut libc::ifreq,
+        )
+    })?;
+    Ok(())
+}
+
+/// Set `IFF_UP` on the interface (SIOCGIFFLAGS, then SIOCSIFFLAGS), keeping its other flags.
+pub fn bring_up(sock: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    let mut ifr = ifreq_for(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `sock` is live; SIOCGIFFLAGS reads the name from and writes the flags
+    // into the `ifreq` that `ifr` points to, which outlives the call.
+    cvt(unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFFLAGS,
+            &mut ifr as *mut libc::ifreq,
+        )
+    })?;
+    // SAFETY: SIOCGIFFLAGS succeeded, so the kernel wrote `ifru_flags`; any bit
+    // pattern is a valid `c_short` anyway.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: as above; SIOCSIFFLAGS only reads the `ifreq`.
+    cvt(unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCSIFFLAGS,
+            &mut ifr as *mut libc::ifreq,
+        )
+    })?;
+    Ok(())
+}
+
+/// Set `O_NONBLOCK` on `fd` (F_GETFL, then F_SETFL), keeping its other status flags.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `fd` is live; F_GETFL takes no argument and touches no memory.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: `fd` is live; F_SETFL takes an int by value.
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    }
+    Ok(())
+}
+
+/// `setns(fd, CLONE_NEWNET)`: move the *calling thread* into the network
+/// namespace `fd` refers to (a file from /run/netns/NAME or /proc/PID/ns/net).
+pub fn setns_net(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `fd` is live; setns takes only integers and touches no memory of ours.
+    cvt(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) })?;
+    Ok(())
+}
+
+/// `eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)`, owned at once.
+pub fn eventfd_nonblocking() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes only integers; it returns a new descriptor or -1.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+    // SAFETY: `fd` was just returned by eventfd, is open, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `read(2)` into `buf`.
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `fd` is live and `buf` is valid for writes of `buf.len()` bytes for
+    // the whole call.
+    cvt_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+}
+
+/// `write(2)` from `buf`.
+pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `fd` is live and `buf` is valid for reads of `buf.len()` bytes for
+    // the whole call.
+    cvt_size(unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
+}
+
+/// `poll(2)` over `fds`; `timeout_ms < 0` waits forever. Returns how many
+/// entries have a non-zero `revents`.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usize> {
+    let nfds = libc::nfds_t::try_from(fds.len())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `fds` is valid for reads and writes of `fds.len()` pollfd entries for
+    // the whole call, and `nfds` is exactly that length.
+    let n = cvt(unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout_ms) })?;
+    Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn ifreq_copies_name_and_terminates_it() {
+        let ifr = ifreq_for("tap0").unwrap();
+        assert_eq!(
+            &ifr.ifr_name[..5],
+            &[b't' as libc::c_char, b'a' as _, b'p' as _, b'0' as _, 0]
+        );
+        assert!(ifr.ifr_name[4..].iter().all(|&c| c == 0));
+        assert_eq!(ifreq_name(&ifr), "tap0");
+    }
+
+    #[test]
+    fn ifreq_accepts_longest_name() {
+        let name = "a".repeat(MAX_IFNAME_LEN);
+        let ifr = ifreq_for(&name).unwrap();
+        assert_eq!(ifr.ifr_name[MAX_IFNAME_LEN], 0);
+        assert_eq!(ifreq_name(&ifr), name);
+    }
+
+    #[test]
+    fn ifreq_rejects_too_long_name() {
+        let name = "a".repeat(MAX_IFNAME_LEN + 1);
+        assert_eq!(ifreq_for(&name).unwrap_err(), IfNameError::TooLong);
+    }
+
+    #[test]
+    fn ifreq_rejects_empty_name() {
+        assert_eq!(ifreq_for("").unwrap_err(), IfNameError::Empty);
+    }
+
+    #[test]
+    fn ifreq_rejects_bad_bytes() {
+        for name in ["a/b", "a:b", "a b", "a\0b", ".", "..", "a\tb"] {
+            assert_eq!(
+                ifreq_for(name).unwrap_err(),
+                IfNameError::BadByte,
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn eventfd_read_write_round_trip() {
+        let fd = eventfd_nonblocking().unwrap();
+        let mut buf = [0u8; 8];
+        let err = read(fd.as_fd(), &mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(write(fd.as_fd(), &2u64.to_ne_bytes()).unwrap(), 8);
+        assert_eq!(read(fd.as_fd(), &mut buf).unwrap(), 8);
+        assert_eq!(u64::from_ne_bytes(buf), 2);
+    }
+}
