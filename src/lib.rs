@@ -3,9 +3,13 @@
 //! Layers point one way: `wire` and `nat` are pure (no fds, threads or clocks),
 //! `device` owns every system call (its `sys` module is the only place with
 //! `unsafe`), `gateway` runs the poll loop and workers, `control` holds the
-//! configuration and counters.
+//! configuration. `lab`, `demo` and `report` serve the command line, the
+//! tests and the benchmark.
 pub mod control;
+pub mod demo;
 pub mod device;
 pub mod gateway;
+pub mod lab;
 pub mod nat;
+pub mod report;
 pub mod wire;

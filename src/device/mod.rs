@@ -4,10 +4,12 @@
 //! allowed to use `unsafe`, and every fd is wrapped in an `OwnedFd`/`File` as soon
 //! as it exists.
 pub mod netns;
+pub mod packet;
 pub mod poll;
 pub mod sys;
 pub mod tap;
 
 pub use netns::{run_in_netns, run_in_netns_file};
+pub use packet::PacketSocket;
 pub use poll::{Poller, Waker};
 pub use tap::{Tap, TapError, TapOptions, VNET_HDR_LEN};

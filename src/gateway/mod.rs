@@ -347,6 +347,11 @@ impl Gateway {
         &self.shared.addressing
     }
 
+    /// How many worker threads translate packets.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
     /// The sum of every thread's counters now.
     pub fn stats(&self) -> Snapshot {
         Snapshot::sum(self.counters.iter().map(|c| &**c))

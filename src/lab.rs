@@ -1,0 +1,284 @@
+//! Throwaway network namespaces and kernel-socket probes, for `tapnat demo`,
+//! the end-to-end tests and the benchmark.
+//!
+//! Everything here creates its own uniquely named namespaces and removes them
+//! on drop. Traffic only ever flows between those namespaces: the root
+//! namespace's routes, firewall and sysctls are never touched. Probes are
+//! real kernel sockets opened inside a namespace (see
+//! [`crate::device::run_in_netns`]), so the peers on both sides of the
+//! gateway are the kernel's own TCP, UDP, ICMP and ARP.
+use std::io::{self, Read};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::control::config::{Config, DEFAULT_TOML};
+use crate::device::run_in_netns;
+
+/// The pod's address in the standard topology.
+pub const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+/// The gateway's pod-side address (embedded default).
+pub const GATEWAY_POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The gateway's uplink address (embedded default).
+pub const GATEWAY_UPLINK_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The external namespace's address on the uplink: the gateway's next hop.
+pub const EXT_ROUTER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// A server address in the external namespace, off the uplink subnet, so
+/// traffic to it uses the next hop.
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `ip ARGS`, returning stdout or an error carrying stderr.
+pub fn ip(args: &[&str]) -> io::Result<String> {
+    let out = Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether this process runs as root (namespaces and TAPs need it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A network namespace this process created; deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `tapnat-TAG-PID-N` with its loopback up.
+    pub fn new(tag: &str) -> io::Result<Netns> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("tapnat-{tag}-{}-{n}", std::process::id());
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip("link set lo up")?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bind-mounted namespace file, as the config's `netns` key takes it.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `ip -n NAME ARGS` (ARGS split on whitespace).
+    pub fn ip(&self, args: &str) -> io::Result<String> {
+        let mut v = vec!["-n", self.name.as_str()];
+        v.extend(args.split_whitespace());
+        ip(&v)
+    }
+
+    /// Runs `f` on a thread inside this namespace; sockets it opens stay here.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+        run_in_netns(&self.path(), f)
+    }
+
+    /// A command run inside the namespace (`ip netns exec`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Waits until link `dev` exists here.
+    pub fn wait_for_link(&self, dev: &str, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.ip(&format!("link show dev {dev}")).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("link {dev} did not appear in {}", self.name),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// The standard topology: a pod namespace and an external namespace, the
+/// gateway's two TAPs created inside them.
+///
+/// ```text
+///  pod ns: tapnat0 10.244.0.2/16 ── tapnat ── ext ns: tapnat1 203.0.113.1/24, lo 198.51.100.10
+///          default via 10.244.0.1     10.244.0.1 / 203.0.113.10
+/// ```
+#[derive(Debug)]
+pub struct Lab {
+    pub pod: Netns,
+    pub ext: Netns,
+}
+
+impl Lab {
+    pub fn new(tag: &str) -> io::Result<Lab> {
+        Ok(Lab {
+            pod: Netns::new(&format!("{tag}-pod"))?,
+            ext: Netns::new(&format!("{tag}-ext"))?,
+        })
+    }
+
+    /// The embedded default config, with the TAPs placed in this lab's namespaces.
+    pub fn config(&self) -> Config {
+        let mut c = Config::from_toml_str(DEFAULT_TOML).expect("the embedded default config is valid");
+        c.pod.netns = Some(self.pod.path());
+        c.uplink.netns = Some(self.ext.path());
+        c
+    }
+
+    /// Once the gateway has created its TAPs: addresses and routes on the
+    /// kernel side of each, as a pod and an upstream router would have them.
+    pub fn wire_up(&self, config: &Config) -> io::Result<()> {
+        let (pod_tap, up_tap) = (&config.pod.tap, &config.uplink.tap);
+        self.pod.wait_for_link(pod_tap, Duration::from_secs(5))?;
+        self.ext.wait_for_link(up_tap, Duration::from_secs(5))?;
+        let pod_prefix = config.pod.address.prefix_len;
+        let up_prefix = config.uplink.address.prefix_len;
+        self.pod
+            .ip(&format!("addr add {POD_IP}/{pod_prefix} dev {pod_tap}"))?;
+        self.pod.ip(&format!("link set {pod_tap} up"))?;
+        self.pod
+            .ip(&format!("route add default via {}", config.pod.address.addr))?;
+        self.ext
+            .ip(&format!("addr add {}/{up_prefix} dev {up_tap}", config.uplink.gateway))?;
+        self.ext.ip(&format!("link set {up_tap} up"))?;
+        self.ext.ip(&format!("addr add {SERVER_IP}/32 dev lo"))?;
+        Ok(())
+    }
+}
+
+/// What came back for one ICMP echo request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echo {
+    /// An echo reply from `from` after `rtt`.
+    Reply { from: Ipv4Addr, rtt: Duration },
+    /// An ICMP error about our request (e.g. Time Exceeded).
+    Error {
+        from: Ipv4Addr,
+        icmp_type: u8,
+        code: u8,
+    },
+    /// Nothing matching within the timeout.
+    Timeout,
+}
+
+/// Sends ICMP echo requests from a raw socket in `ns`.
+pub struct Pinger {
+    sock: Socket,
+    id: u16,
+    seq: u16,
+}
+
+impl Pinger {
+    pub fn new(ns: &Netns) -> io::Result<Pinger> {
+        let sock = ns.run(|| Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)))??;
+        let id = (std::process::id() as u16) ^ (NEXT.fetch_add(1, Ordering::Relaxed) as u16).rotate_left(8);
+        Ok(Pinger { sock, id, seq: 0 })
+    }
+
+    /// One echo request to `dst` with `ttl`, waiting up to `timeout`.
+    pub fn echo(&mut self, dst: Ipv4Addr, ttl: u32, payload: usize, timeout: Duration) -> io::Result<Echo> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut req = vec![8u8, 0, 0, 0];
+        req.extend_from_slice(&self.id.to_be_bytes());
+        req.extend_from_slice(&self.seq.to_be_bytes());
+        req.extend((0..payload).map(|i| i as u8));
+        let c = crate::wire::csum::checksum(&req);
+        req[2..4].copy_from_slice(&c.to_be_bytes());
+        self.sock.set_ttl_v4(ttl)?;
+        let start = Instant::now();
+        self.sock
+            .send_to(&req, &SocketAddrV4::new(dst, 0).into())?;
+        let mut buf = [0u8; 2048];
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Ok(Echo::Timeout);
+            }
+            self.sock.set_read_timeout(Some(left))?;
+            let n = match (&self.sock).read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Ok(Echo::Timeout)
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(e) = self.parse(&buf[..n], start) {
+                return Ok(e);
+            }
+        }
+    }
+
+    fn parse(&self, pkt: &[u8], start: Instant) -> Option<Echo> {
+        let ihl = usize::from(pkt.first()? & 0x0f) * 4;
+        let from = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
+        let icmp = pkt.get(ihl..)?;
+        let (t, code) = (*icmp.first()?, *icmp.get(1)?);
+        let ours = |m: &[u8]| m.get(4..8) == Some(&[self.id.to_be_bytes(), self.seq.to_be_bytes()].concat()[..]);
+        match t {
+            0 if ours(icmp) => Some(Echo::Reply {
+                from,
+                rtt: start.elapsed(),
+            }),
+            3 | 11 | 12 => {
+                let inner = icmp.get(8..)?;
+                let ihl2 = usize::from(inner.first()? & 0x0f) * 4;
+                let q = inner.get(ihl2..)?;
+                (q.first() == Some(&8) && ours(q)).then_some(Echo::Error {
+                    from,
+                    icmp_type: t,
+                    code,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// `count` echoes; the round-trip times of those answered.
+    pub fn ping(&mut self, dst: Ipv4Addr, count: usize, timeout: Duration) -> io::Result<Vec<Duration>> {
+        let mut rtts = Vec::new();
+        for _ in 0..count {
+            if let Echo::Reply { rtt, .. } = self.echo(dst, 64, 56, timeout)? {
+                rtts.push(rtt);
+            }
+        }
+        Ok(rtts)
+    }
+}
+
+/// The median of some durations (zero when empty).
+pub fn median(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}

@@ -1,0 +1,140 @@
+//! The command line: `tapnat run --config FILE` and `tapnat check`, as users'
+//! scripts call them.
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tapnat::lab::{self, Lab, Pinger, SERVER_IP};
+
+fn tapnat() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tapnat"))
+}
+
+/// A config file removed on drop.
+struct TempConfig(PathBuf);
+
+impl TempConfig {
+    fn new(tag: &str, text: &str) -> TempConfig {
+        let p = std::env::temp_dir().join(format!("tapnat-{tag}-{}.toml", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        TempConfig(p)
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn root() -> bool {
+    if lab::is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("this test needs root (CI is set, so it fails instead of skipping)");
+    }
+    eprintln!("skipped: needs root");
+    false
+}
+
+#[test]
+fn check_accepts_the_default_and_rejects_bad_keys_by_name() {
+    let out = tapnat().arg("check").env_remove("TAPNAT_POD__TAP").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (tag, text, key) in [
+        ("cidr", "[pod]\naddress = \"10.244.0.1/33\"\n", "pod.address"),
+        ("unknown", "[pod]\ntapp = \"x\"\n", "pod.tapp"),
+        ("duration", "[nat.timeouts]\nudp = \"5 parsecs\"\n", "nat.timeouts.udp"),
+    ] {
+        let f = TempConfig::new(tag, text);
+        let out = tapnat().args(["check", "--config"]).arg(&f.0).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{tag}: {err}");
+        assert!(err.contains(key), "{tag}: {err}");
+    }
+    let out = tapnat()
+        .arg("check")
+        .env("TAPNAT_NAT__PORTZ", "1-2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TAPNAT_NAT__PORTZ"));
+}
+
+#[test]
+fn bad_config_touches_no_device() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("cli-bad").unwrap();
+    let text = format!(
+        "[pod]\nnetns = \"{}\"\n[uplink]\nnetns = \"{}\"\ngateway = \"198.51.100.1\"\n",
+        lab.pod.path().display(),
+        lab.ext.path().display()
+    );
+    let f = TempConfig::new("bad-gw", &text);
+    let out = tapnat().args(["run", "--config"]).arg(&f.0).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("uplink.gateway"), "{err}");
+    assert!(lab.pod.ip("link show tapnat0").is_err(), "a device was created");
+    assert!(lab.ext.ip("link show tapnat1").is_err(), "a device was created");
+}
+
+#[test]
+fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("cli-run").unwrap();
+    let text = format!(
+        "[pod]\nnetns = \"{}\"\n[uplink]\nnetns = \"{}\"\n[workers]\nthreads = 1\n",
+        lab.pod.path().display(),
+        lab.ext.path().display()
+    );
+    let f = TempConfig::new("run", &text);
+    let mut child = tapnat()
+        .args(["run", "--config"])
+        .arg(&f.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let config = tapnat::control::config::Config::from_toml_str(&text).unwrap();
+    let started = Instant::now();
+    let wired = lab.wire_up(&config);
+    let up_in = started.elapsed();
+    let mut pinger = Pinger::new(&lab.pod).unwrap();
+    let replies = wired
+        .as_ref()
+        .map(|_| pinger.ping(SERVER_IP, 3, Duration::from_secs(2)).unwrap().len());
+    // SIGTERM to the child we started, by PID.
+    let _ = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    wired.unwrap();
+    assert!(up_in < Duration::from_secs(2), "devices took {up_in:?}");
+    assert_eq!(replies.unwrap(), 3, "{err}");
+    let status = status.expect("tapnat exits within 5 s of SIGTERM");
+    assert!(status.success(), "{status}: {err}");
+    assert!(err.contains("in2out_packets"), "{err}");
+    assert!(lab.pod.ip("link show tapnat0").is_err(), "pod TAP left behind");
+    assert!(lab.ext.ip("link show tapnat1").is_err(), "uplink TAP left behind");
+}

@@ -1,0 +1,363 @@
+//! End-to-end tests: the gateway between two network namespaces, with the
+//! kernel's own TCP, UDP, ICMP and ARP on both sides.
+//!
+//! They need root. Without it they print a skip line, except when `CI` is
+//! set: then they fail. Each test builds its own uniquely named namespaces
+//! (removed on drop, also on failure) and only sends traffic between them.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+use tapnat::control::config::Config;
+use tapnat::device::PacketSocket;
+use tapnat::gateway::stats::Counter;
+use tapnat::gateway::Gateway;
+use tapnat::lab::{self, Echo, Lab, Pinger, GATEWAY_POD_IP, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP};
+use tapnat::nat::Proto;
+
+const T: Duration = Duration::from_secs(3);
+
+/// Root or skip; under CI, root or fail.
+fn root() -> bool {
+    if lab::is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("this test needs root (CI is set, so it fails instead of skipping)");
+    }
+    eprintln!("skipped: needs root");
+    false
+}
+
+/// A lab and a gateway on the default config (with a tweak), wired up.
+fn start(tag: &str, tweak: impl FnOnce(&mut Config)) -> (Lab, Gateway) {
+    let lab = Lab::new(tag).expect("namespaces");
+    let mut config = lab.config();
+    config.workers.threads = 2;
+    tweak(&mut config);
+    let gw = Gateway::start(&config).expect("gateway starts");
+    lab.wire_up(&config).expect("wire up");
+    (lab, gw)
+}
+
+fn udp_in(ns: &lab::Netns, addr: SocketAddrV4) -> UdpSocket {
+    let s = ns.run(move || UdpSocket::bind(addr)).unwrap().unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s
+}
+
+fn tcp_listen(ns: &lab::Netns, addr: SocketAddrV4) -> TcpListener {
+    ns.run(move || TcpListener::bind(addr)).unwrap().unwrap()
+}
+
+fn tcp_connect(ns: &lab::Netns, to: SocketAddrV4) -> std::io::Result<TcpStream> {
+    let s = ns.run(move || TcpStream::connect_timeout(&to.into(), T)).unwrap()?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    Ok(s)
+}
+
+#[test]
+fn arp_and_ping_both_gateway_addresses() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("ping-gw", |_| {});
+    let mut pod = Pinger::new(&lab.pod).unwrap();
+    let mut ext = Pinger::new(&lab.ext).unwrap();
+    assert_eq!(pod.ping(GATEWAY_POD_IP, 3, T).unwrap().len(), 3);
+    assert_eq!(ext.ping(GATEWAY_UPLINK_IP, 3, T).unwrap().len(), 3);
+    // The pod can ping the gateway's outside address too, as with a kernel router.
+    assert_eq!(pod.ping(GATEWAY_UPLINK_IP, 1, T).unwrap().len(), 1);
+    // Real ARP: both kernels resolved the gateway to its MACs.
+    let a = gw.addressing();
+    let pod_neigh = lab.pod.ip(&format!("neigh show {GATEWAY_POD_IP}")).unwrap();
+    assert!(pod_neigh.contains(&a.pod_mac.to_string()), "{pod_neigh}");
+    let ext_neigh = lab.ext.ip(&format!("neigh show {GATEWAY_UPLINK_IP}")).unwrap();
+    assert!(ext_neigh.contains(&a.uplink_mac.to_string()), "{ext_neigh}");
+    assert!(gw.stats().get(Counter::LocalStackFrames) >= 8);
+    assert_eq!(gw.stats().get(Counter::In2outPackets), 0);
+}
+
+#[test]
+fn ping_through_the_nat() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("ping-nat", |_| {});
+    let mut pod = Pinger::new(&lab.pod).unwrap();
+    assert_eq!(pod.ping(SERVER_IP, 5, T).unwrap().len(), 5);
+    let flows = gw.flows();
+    let f = flows
+        .iter()
+        .find(|f| f.inside.proto == Proto::Icmp)
+        .expect("an ICMP flow");
+    assert_eq!(f.inside.src, POD_IP);
+    assert_eq!(f.ext_addr, GATEWAY_UPLINK_IP);
+    assert_eq!((f.packets_in2out, f.packets_out2in), (5, 5));
+    let s = gw.stats();
+    assert_eq!(s.get(Counter::In2outPackets), 5);
+    assert_eq!(s.get(Counter::Out2inPackets), 5);
+}
+
+/// A deterministic byte stream to send and verify.
+fn pattern(i: usize) -> u8 {
+    (i.wrapping_mul(2654435761) >> 13) as u8
+}
+
+#[test]
+fn tcp_request_response_and_20_mb_both_ways() {
+    if !root() {
+        return;
+    }
+    const SIZE: usize = 20 << 20;
+    let (lab, gw) = start("tcp", |_| {});
+    let listener = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 8080));
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        // Upload: count and verify every byte.
+        let mut buf = vec![0u8; 65536];
+        let mut got = 0;
+        let mut ok = true;
+        while got < SIZE {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "eof after {got}");
+            ok &= buf[..n].iter().enumerate().all(|(i, b)| *b == pattern(got + i));
+            got += n;
+        }
+        writeln!(s, "{peer} {got} {ok}").unwrap();
+        // Download: send the pattern back.
+        let data: Vec<u8> = (0..SIZE).map(pattern).collect();
+        s.write_all(&data).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut c = tcp_connect(&lab.pod, SocketAddrV4::new(SERVER_IP, 8080)).unwrap();
+    let local = c.local_addr().unwrap();
+    let data: Vec<u8> = (0..SIZE).map(pattern).collect();
+    c.write_all(&data).unwrap();
+    let mut r = BufReader::new(c);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let peer: SocketAddrV4 = words[0].parse().unwrap();
+    assert_eq!(*peer.ip(), GATEWAY_UPLINK_IP, "the server sees the uplink address");
+    assert_eq!(words[1..], [SIZE.to_string().as_str(), "true"]);
+    let mut back = Vec::with_capacity(SIZE);
+    r.read_to_end(&mut back).unwrap();
+    assert_eq!(back.len(), SIZE);
+    assert!(back.iter().enumerate().all(|(i, b)| *b == pattern(i)));
+    server.join().unwrap();
+    // Port preservation: the pod's ephemeral port was free outside.
+    assert_eq!(peer.port(), local.port());
+    let f = gw
+        .flows()
+        .into_iter()
+        .find(|f| f.inside.proto == Proto::Tcp)
+        .expect("tcp flow");
+    assert!(f.replied);
+    assert!(f.bytes_in2out as usize > SIZE && f.bytes_out2in as usize > SIZE);
+    assert_eq!(gw.stats().drops() - gw.stats().get(Counter::DropOtherEthertype), 0, "{:?}", tapnat::report::stats(&gw.stats()));
+}
+
+#[test]
+fn udp_request_response() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("udp", |_| {});
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5353));
+    let cli = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 40000));
+    for i in 0..10u8 {
+        cli.send_to(&[i; 100], SocketAddrV4::new(SERVER_IP, 5353)).unwrap();
+        let mut b = [0u8; 200];
+        let (n, peer) = srv.recv_from(&mut b).unwrap();
+        assert_eq!((&b[..n], peer.ip()), (&[i; 100][..], &std::net::IpAddr::V4(GATEWAY_UPLINK_IP)));
+        assert_eq!(peer.port(), 40000, "port preserved");
+        srv.send_to(&[i + 1; 50], peer).unwrap();
+        let (n, from) = cli.recv_from(&mut b).unwrap();
+        assert_eq!(&b[..n], &[i + 1; 50][..]);
+        assert_eq!(from, SocketAddrV4::new(SERVER_IP, 5353).into());
+    }
+    assert_eq!(gw.stats().get(Counter::FlowsCreated), 1);
+}
+
+#[test]
+fn same_pod_port_to_two_servers_gets_one_outside_port() {
+    if !root() {
+        return;
+    }
+    let (lab, _gw) = start("eim", |_| {});
+    let other = Ipv4Addr::new(198, 51, 100, 11);
+    lab.ext.ip(&format!("addr add {other}/32 dev lo")).unwrap();
+    // UDP: one socket, two destinations.
+    let a = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 7000));
+    let b = udp_in(&lab.ext, SocketAddrV4::new(other, 7001));
+    let cli = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 0));
+    cli.send_to(b"a", SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+    cli.send_to(b"b", SocketAddrV4::new(other, 7001)).unwrap();
+    let mut buf = [0u8; 8];
+    let (_, pa) = a.recv_from(&mut buf).unwrap();
+    let (_, pb) = b.recv_from(&mut buf).unwrap();
+    assert_eq!(pa, pb, "endpoint-independent mapping for UDP");
+    // TCP: two sockets bound to the same pod port (SO_REUSEADDR), two servers.
+    let la = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 7100));
+    let lb = tcp_listen(&lab.ext, SocketAddrV4::new(other, 7101));
+    let port = 45678;
+    let conn = |to: SocketAddrV4| {
+        lab.pod
+            .run(move || {
+                let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+                s.set_reuse_address(true)?;
+                s.bind(&SocketAddrV4::new(POD_IP, port).into())?;
+                s.connect_timeout(&to.into(), T)?;
+                Ok::<_, std::io::Error>(TcpStream::from(s))
+            })
+            .unwrap()
+            .unwrap()
+    };
+    let _c1 = conn(SocketAddrV4::new(SERVER_IP, 7100));
+    let _c2 = conn(SocketAddrV4::new(other, 7101));
+    let (_, p1) = la.accept().unwrap();
+    let (_, p2) = lb.accept().unwrap();
+    assert_eq!(p1, p2, "endpoint-independent mapping for TCP");
+    assert_eq!(p1.port(), port);
+}
+
+#[test]
+fn unsolicited_inbound_is_not_delivered() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("unsolicited", |_| {});
+    let pod_udp = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 9000));
+    pod_udp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let pod_tcp = tcp_listen(&lab.pod, SocketAddrV4::new(POD_IP, 9000));
+    pod_tcp.set_nonblocking(true).unwrap();
+    // To the gateway's outside address, where no flow exists...
+    let ext_udp = udp_in(&lab.ext, SocketAddrV4::new(lab::EXT_ROUTER_IP, 0));
+    ext_udp.send_to(b"x", SocketAddrV4::new(GATEWAY_UPLINK_IP, 9000)).unwrap();
+    let r = lab
+        .ext
+        .run(|| TcpStream::connect_timeout(&SocketAddrV4::new(GATEWAY_UPLINK_IP, 9000).into(), Duration::from_millis(700)))
+        .unwrap();
+    let e = r.expect_err("no connection");
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "no RST from the gateway: {e}");
+    // ...and straight at the pod's address, routed via the gateway.
+    lab.ext.ip(&format!("route add 10.244.0.0/16 via {GATEWAY_UPLINK_IP}")).unwrap();
+    ext_udp.send_to(b"y", SocketAddrV4::new(POD_IP, 9000)).unwrap();
+    let mut b = [0u8; 8];
+    assert!(pod_udp.recv_from(&mut b).is_err(), "nothing reaches the pod");
+    assert!(pod_tcp.accept().is_err());
+    let s = gw.stats();
+    assert!(s.get(Counter::DropNoFlow) >= 2, "{}", tapnat::report::stats(&s));
+    assert!(s.get(Counter::DropNotForUs) >= 1, "{}", tapnat::report::stats(&s));
+    assert_eq!(s.get(Counter::PodTxFrames), 0);
+    assert!(gw.flows().is_empty());
+}
+
+#[test]
+fn spoofed_source_is_not_forwarded() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("spoof", |_| {});
+    let spoofed = Ipv4Addr::new(172, 31, 0, 5);
+    lab.pod.ip(&format!("addr add {spoofed}/32 dev tapnat0")).unwrap();
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5353));
+    srv.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+    let cli = udp_in(&lab.pod, SocketAddrV4::new(spoofed, 0));
+    for _ in 0..3 {
+        cli.send_to(b"spoof", SocketAddrV4::new(SERVER_IP, 5353)).unwrap();
+    }
+    let mut b = [0u8; 16];
+    assert!(srv.recv_from(&mut b).is_err(), "spoofed packet forwarded");
+    assert_eq!(gw.stats().get(Counter::DropSpoofedSource), 3);
+    // A legitimate source still works.
+    let ok = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 0));
+    ok.send_to(b"ok", SocketAddrV4::new(SERVER_IP, 5353)).unwrap();
+    srv.set_read_timeout(Some(T)).unwrap();
+    assert!(srv.recv_from(&mut b).is_ok());
+}
+
+#[test]
+fn ttl_1_gets_time_exceeded_from_the_gateway() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("ttl", |_| {});
+    let mut pod = Pinger::new(&lab.pod).unwrap();
+    // Warm up ARP so the answer is about TTL only.
+    assert_eq!(pod.ping(GATEWAY_POD_IP, 1, T).unwrap().len(), 1);
+    match pod.echo(SERVER_IP, 1, 56, T).unwrap() {
+        Echo::Error { from, icmp_type, code } => {
+            assert_eq!((from, icmp_type, code), (GATEWAY_POD_IP, 11, 0));
+        }
+        other => panic!("expected Time Exceeded, got {other:?}"),
+    }
+    assert_eq!(gw.stats().get(Counter::IcmpErrorsSent), 1);
+    assert_eq!(gw.stats().get(Counter::DropTtlExceeded), 1);
+    // TTL 2 is enough to reach the server one hop beyond the gateway.
+    assert!(matches!(pod.echo(SERVER_IP, 2, 56, T).unwrap(), Echo::Reply { .. }));
+}
+
+#[test]
+fn malformed_frames_are_counted_and_traffic_still_flows() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("malformed", |_| {});
+    let raw = lab.pod.run(|| PacketSocket::open("tapnat0")).unwrap().unwrap();
+    let gw_mac = gw.addressing().pod_mac;
+    let eth = |ethertype: u16, payload: &[u8]| {
+        let mut f = gw_mac.as_bytes().to_vec();
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let good = tapnat::wire::build::udp(
+        &tapnat::wire::build::Endpoints::new(POD_IP, SERVER_IP),
+        1000,
+        53,
+        b"abcd",
+        true,
+    );
+    let ip = &good[14..];
+    let mut bad_ihl = ip.to_vec();
+    bad_ihl[0] = 0x43;
+    let mut bad_len = ip.to_vec();
+    bad_len[2..4].copy_from_slice(&4000u16.to_be_bytes());
+    let mut bad_csum = ip.to_vec();
+    bad_csum[10] ^= 0x55;
+    let mut bad_udp = ip.to_vec();
+    bad_udp[24..26].copy_from_slice(&3u16.to_be_bytes());
+    let frames: Vec<(Vec<u8>, Counter)> = vec![
+        (eth(0x0800, &[]), Counter::DropBadIpHeader),
+        (eth(0x0800, &bad_ihl), Counter::DropBadIpHeader),
+        (eth(0x0800, &bad_len), Counter::DropBadIpHeader),
+        (eth(0x0800, &bad_csum), Counter::DropBadIpChecksum),
+        (eth(0x0800, &bad_udp), Counter::DropBadL4Header),
+        (eth(0x0806, &[0, 1, 8, 0]), Counter::DropBadArp),
+        (eth(0x88b5, &[0xde, 0xad]), Counter::DropOtherEthertype),
+        (gw_mac.as_bytes()[..6].to_vec(), Counter::DropRunt),
+    ];
+    let before = gw.stats();
+    for (f, _) in &frames {
+        raw.send(f).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = gw.stats();
+    for (f, c) in &frames {
+        assert!(after.get(*c) > before.get(*c), "{} not counted for frame {f:02x?}", c.name());
+    }
+    // The gateway is alive and still translating.
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 53));
+    let cli = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 0));
+    cli.send_to(b"still", SocketAddrV4::new(SERVER_IP, 53)).unwrap();
+    let mut b = [0u8; 8];
+    let (n, _) = srv.recv_from(&mut b).unwrap();
+    assert_eq!(&b[..n], b"still");
+    let mut pod = Pinger::new(&lab.pod).unwrap();
+    assert_eq!(pod.ping(SERVER_IP, 2, T).unwrap().len(), 2);
+}
