@@ -43,20 +43,40 @@ pub fn run() -> io::Result<()> {
     );
     println!(
         "gateway on the embedded default config: pod {} {}, uplink {} {} via {}",
-        config.pod.tap, config.pod.address, config.uplink.tap, config.uplink.address, config.uplink.gateway
+        config.pod.tap,
+        config.pod.address,
+        config.uplink.tap,
+        config.uplink.address,
+        config.uplink.gateway
     );
-    let gw = Gateway::start(&config).map_err(|e| io::Error::other(format!("{e}: {:?}", std::error::Error::source(&e))))?;
+    let gw = Gateway::start(&config)
+        .map_err(|e| io::Error::other(format!("{e}: {:?}", std::error::Error::source(&e))))?;
     lab.wire_up(&config)?;
 
     let mut ping = Pinger::new(&lab.pod)?;
-    step(&format!("pod {POD_IP}: ping the gateway {GATEWAY_POD_IP} (ARP, then ICMP echo answered by smoltcp)"));
+    step(&format!(
+        "pod {POD_IP}: ping the gateway {GATEWAY_POD_IP} (ARP, then ICMP echo answered by smoltcp)"
+    ));
     let rtts = ping.ping(GATEWAY_POD_IP, 3, T)?;
-    println!("  {}/3 replies, median rtt {:?}", rtts.len(), lab::median(&rtts));
-    println!("  pod's ARP entry: {}", lab.pod.ip(&format!("neigh show {GATEWAY_POD_IP}"))?.trim());
+    println!(
+        "  {}/3 replies, median rtt {:?}",
+        rtts.len(),
+        lab::median(&rtts)
+    );
+    println!(
+        "  pod's ARP entry: {}",
+        lab.pod.ip(&format!("neigh show {GATEWAY_POD_IP}"))?.trim()
+    );
 
-    step(&format!("pod: ping {SERVER_IP} in the external namespace, through the NAT"));
+    step(&format!(
+        "pod: ping {SERVER_IP} in the external namespace, through the NAT"
+    ));
     let rtts = ping.ping(SERVER_IP, 3, T)?;
-    println!("  {}/3 replies, median rtt {:?}", rtts.len(), lab::median(&rtts));
+    println!(
+        "  {}/3 replies, median rtt {:?}",
+        rtts.len(),
+        lab::median(&rtts)
+    );
 
     step(&format!("pod: TCP request to {SERVER_IP}:8080"));
     let server = tcp_server(&lab)?;
@@ -64,7 +84,11 @@ pub fn run() -> io::Result<()> {
         .pod
         .run(|| TcpStream::connect_timeout(&SocketAddrV4::new(SERVER_IP, 8080).into(), T))??;
     conn.set_read_timeout(Some(T))?;
-    println!("  pod socket: {} -> {}", conn.local_addr()?, conn.peer_addr()?);
+    println!(
+        "  pod socket: {} -> {}",
+        conn.local_addr()?,
+        conn.peer_addr()?
+    );
     writeln!(conn, "hello")?;
     let mut answer = String::new();
     BufReader::new(&conn).read_line(&mut answer)?;
@@ -73,7 +97,9 @@ pub fn run() -> io::Result<()> {
     let _ = server.join();
 
     step(&format!("pod: UDP datagram to {SERVER_IP}:5353"));
-    let usrv = lab.ext.run(|| UdpSocket::bind(SocketAddrV4::new(SERVER_IP, 5353)))??;
+    let usrv = lab
+        .ext
+        .run(|| UdpSocket::bind(SocketAddrV4::new(SERVER_IP, 5353)))??;
     let ucli = lab.pod.run(|| UdpSocket::bind("0.0.0.0:0"))??;
     ucli.set_read_timeout(Some(T))?;
     usrv.set_read_timeout(Some(T))?;
@@ -82,12 +108,21 @@ pub fn run() -> io::Result<()> {
     let (_, peer) = usrv.recv_from(&mut b)?;
     usrv.send_to(format!("you are {peer}").as_bytes(), peer)?;
     let (n, _) = ucli.recv_from(&mut b)?;
-    println!("  pod socket {} got: {}", ucli.local_addr()?, String::from_utf8_lossy(&b[..n]));
+    println!(
+        "  pod socket {} got: {}",
+        ucli.local_addr()?,
+        String::from_utf8_lossy(&b[..n])
+    );
 
-    step(&format!("external: unsolicited TCP to {GATEWAY_UPLINK_IP}:8080 (no flow: dropped, no RST)"));
+    step(&format!(
+        "external: unsolicited TCP to {GATEWAY_UPLINK_IP}:8080 (no flow: dropped, no RST)"
+    ));
     let before = gw.stats().get(Counter::DropToGateway) + gw.stats().get(Counter::DropNoFlow);
     let r = lab.ext.run(|| {
-        TcpStream::connect_timeout(&SocketAddrV4::new(GATEWAY_UPLINK_IP, 8080).into(), Duration::from_millis(500))
+        TcpStream::connect_timeout(
+            &SocketAddrV4::new(GATEWAY_UPLINK_IP, 8080).into(),
+            Duration::from_millis(500),
+        )
     })?;
     let after = gw.stats().get(Counter::DropToGateway) + gw.stats().get(Counter::DropNoFlow);
     println!(

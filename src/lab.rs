@@ -150,7 +150,8 @@ impl Lab {
 
     /// The embedded default config, with the TAPs placed in this lab's namespaces.
     pub fn config(&self) -> Config {
-        let mut c = Config::from_toml_str(DEFAULT_TOML).expect("the embedded default config is valid");
+        let mut c =
+            Config::from_toml_str(DEFAULT_TOML).expect("the embedded default config is valid");
         c.pod.netns = Some(self.pod.path());
         c.uplink.netns = Some(self.ext.path());
         c
@@ -167,10 +168,14 @@ impl Lab {
         self.pod
             .ip(&format!("addr add {POD_IP}/{pod_prefix} dev {pod_tap}"))?;
         self.pod.ip(&format!("link set {pod_tap} up"))?;
-        self.pod
-            .ip(&format!("route add default via {}", config.pod.address.addr))?;
-        self.ext
-            .ip(&format!("addr add {}/{up_prefix} dev {up_tap}", config.uplink.gateway))?;
+        self.pod.ip(&format!(
+            "route add default via {}",
+            config.pod.address.addr
+        ))?;
+        self.ext.ip(&format!(
+            "addr add {}/{up_prefix} dev {up_tap}",
+            config.uplink.gateway
+        ))?;
         self.ext.ip(&format!("link set {up_tap} up"))?;
         self.ext.ip(&format!("addr add {SERVER_IP}/32 dev lo"))?;
         Ok(())
@@ -202,12 +207,19 @@ pub struct Pinger {
 impl Pinger {
     pub fn new(ns: &Netns) -> io::Result<Pinger> {
         let sock = ns.run(|| Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)))??;
-        let id = (std::process::id() as u16) ^ (NEXT.fetch_add(1, Ordering::Relaxed) as u16).rotate_left(8);
+        let id = (std::process::id() as u16)
+            ^ (NEXT.fetch_add(1, Ordering::Relaxed) as u16).rotate_left(8);
         Ok(Pinger { sock, id, seq: 0 })
     }
 
     /// One echo request to `dst` with `ttl`, waiting up to `timeout`.
-    pub fn echo(&mut self, dst: Ipv4Addr, ttl: u32, payload: usize, timeout: Duration) -> io::Result<Echo> {
+    pub fn echo(
+        &mut self,
+        dst: Ipv4Addr,
+        ttl: u32,
+        payload: usize,
+        timeout: Duration,
+    ) -> io::Result<Echo> {
         self.seq = self.seq.wrapping_add(1);
         let mut req = vec![8u8, 0, 0, 0];
         req.extend_from_slice(&self.id.to_be_bytes());
@@ -217,8 +229,7 @@ impl Pinger {
         req[2..4].copy_from_slice(&c.to_be_bytes());
         self.sock.set_ttl_v4(ttl)?;
         let start = Instant::now();
-        self.sock
-            .send_to(&req, &SocketAddrV4::new(dst, 0).into())?;
+        self.sock.send_to(&req, &SocketAddrV4::new(dst, 0).into())?;
         let mut buf = [0u8; 2048];
         loop {
             let left = timeout.saturating_sub(start.elapsed());
@@ -228,7 +239,12 @@ impl Pinger {
             self.sock.set_read_timeout(Some(left))?;
             let n = match (&self.sock).read(&mut buf) {
                 Ok(n) => n,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     return Ok(Echo::Timeout)
                 }
                 Err(e) => return Err(e),
@@ -244,7 +260,9 @@ impl Pinger {
         let from = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
         let icmp = pkt.get(ihl..)?;
         let (t, code) = (*icmp.first()?, *icmp.get(1)?);
-        let ours = |m: &[u8]| m.get(4..8) == Some(&[self.id.to_be_bytes(), self.seq.to_be_bytes()].concat()[..]);
+        let ours = |m: &[u8]| {
+            m.get(4..8) == Some(&[self.id.to_be_bytes(), self.seq.to_be_bytes()].concat()[..])
+        };
         match t {
             0 if ours(icmp) => Some(Echo::Reply {
                 from,
@@ -265,7 +283,12 @@ impl Pinger {
     }
 
     /// `count` echoes; the round-trip times of those answered.
-    pub fn ping(&mut self, dst: Ipv4Addr, count: usize, timeout: Duration) -> io::Result<Vec<Duration>> {
+    pub fn ping(
+        &mut self,
+        dst: Ipv4Addr,
+        count: usize,
+        timeout: Duration,
+    ) -> io::Result<Vec<Duration>> {
         let mut rtts = Vec::new();
         for _ in 0..count {
             if let Echo::Reply { rtt, .. } = self.echo(dst, 64, 56, timeout)? {

@@ -40,15 +40,35 @@ fn root() -> bool {
 
 #[test]
 fn check_accepts_the_default_and_rejects_bad_keys_by_name() {
-    let out = tapnat().arg("check").env_remove("TAPNAT_POD__TAP").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tapnat()
+        .arg("check")
+        .env_remove("TAPNAT_POD__TAP")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for (tag, text, key) in [
-        ("cidr", "[pod]\naddress = \"10.244.0.1/33\"\n", "pod.address"),
+        (
+            "cidr",
+            "[pod]\naddress = \"10.244.0.1/33\"\n",
+            "pod.address",
+        ),
         ("unknown", "[pod]\ntapp = \"x\"\n", "pod.tapp"),
-        ("duration", "[nat.timeouts]\nudp = \"5 parsecs\"\n", "nat.timeouts.udp"),
+        (
+            "duration",
+            "[nat.timeouts]\nudp = \"5 parsecs\"\n",
+            "nat.timeouts.udp",
+        ),
     ] {
         let f = TempConfig::new(tag, text);
-        let out = tapnat().args(["check", "--config"]).arg(&f.0).output().unwrap();
+        let out = tapnat()
+            .args(["check", "--config"])
+            .arg(&f.0)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(78), "{tag}: {err}");
         assert!(err.contains(key), "{tag}: {err}");
@@ -74,12 +94,22 @@ fn bad_config_touches_no_device() {
         lab.ext.path().display()
     );
     let f = TempConfig::new("bad-gw", &text);
-    let out = tapnat().args(["run", "--config"]).arg(&f.0).output().unwrap();
+    let out = tapnat()
+        .args(["run", "--config"])
+        .arg(&f.0)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{err}");
     assert!(err.contains("uplink.gateway"), "{err}");
-    assert!(lab.pod.ip("link show tapnat0").is_err(), "a device was created");
-    assert!(lab.ext.ip("link show tapnat1").is_err(), "a device was created");
+    assert!(
+        lab.pod.ip("link show tapnat0").is_err(),
+        "a device was created"
+    );
+    assert!(
+        lab.ext.ip("link show tapnat1").is_err(),
+        "a device was created"
+    );
 }
 
 #[test]
@@ -106,9 +136,12 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
     let wired = lab.wire_up(&config);
     let up_in = started.elapsed();
     let mut pinger = Pinger::new(&lab.pod).unwrap();
-    let replies = wired
-        .as_ref()
-        .map(|_| pinger.ping(SERVER_IP, 3, Duration::from_secs(2)).unwrap().len());
+    let replies = wired.is_ok().then(|| {
+        pinger
+            .ping(SERVER_IP, 3, Duration::from_secs(2))
+            .unwrap()
+            .len()
+    });
     // SIGTERM to the child we started, by PID.
     let _ = Command::new("sh")
         .args(["-c", &format!("kill -TERM {}", child.id())])
@@ -129,12 +162,20 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
     if let Some(mut e) = child.stderr.take() {
         let _ = std::io::Read::read_to_string(&mut e, &mut err);
     }
-    wired.unwrap();
+    if let Err(e) = wired {
+        panic!("wire up: {e}");
+    }
     assert!(up_in < Duration::from_secs(2), "devices took {up_in:?}");
     assert_eq!(replies.unwrap(), 3, "{err}");
     let status = status.expect("tapnat exits within 5 s of SIGTERM");
     assert!(status.success(), "{status}: {err}");
     assert!(err.contains("in2out_packets"), "{err}");
-    assert!(lab.pod.ip("link show tapnat0").is_err(), "pod TAP left behind");
-    assert!(lab.ext.ip("link show tapnat1").is_err(), "uplink TAP left behind");
+    assert!(
+        lab.pod.ip("link show tapnat0").is_err(),
+        "pod TAP left behind"
+    );
+    assert!(
+        lab.ext.ip("link show tapnat1").is_err(),
+        "uplink TAP left behind"
+    );
 }

@@ -20,8 +20,9 @@ impl PacketSocket {
             // A namespace with only loopback down still lets us make an unbound socket.
             std::net::UdpSocket::bind("127.0.0.1:0")
         })?;
-        let index = sys::if_index(ctl.as_fd(), name)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {name}")))?;
+        let index = sys::if_index(ctl.as_fd(), name)?.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no interface {name}"))
+        })?;
         Ok(PacketSocket {
             fd: sys::packet_socket(index)?,
         })

@@ -235,6 +235,37 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usi
     Ok(n as usize)
 }
 
+/// `socket(AF_PACKET, SOCK_RAW, ETH_P_ALL)` bound to interface `ifindex` of the
+/// calling thread's namespace: sends and receives whole Ethernet frames.
+pub fn packet_socket(ifindex: libc::c_int) -> io::Result<OwnedFd> {
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket takes only integers; it returns a new descriptor or -1.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            libc::c_int::from(proto),
+        )
+    })?;
+    // SAFETY: `fd` was just returned by socket, is open, and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as libc::c_ushort;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex;
+    // SAFETY: `sll` is a valid sockaddr_ll that outlives the call and the length
+    // passed is exactly its size.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    })?;
+    Ok(fd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,35 +322,4 @@ mod tests {
         assert_eq!(read(fd.as_fd(), &mut buf).unwrap(), 8);
         assert_eq!(u64::from_ne_bytes(buf), 2);
     }
-}
-
-/// `socket(AF_PACKET, SOCK_RAW, ETH_P_ALL)` bound to interface `ifindex` of the
-/// calling thread's namespace: sends and receives whole Ethernet frames.
-pub fn packet_socket(ifindex: libc::c_int) -> io::Result<OwnedFd> {
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: socket takes only integers; it returns a new descriptor or -1.
-    let fd = cvt(unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            libc::c_int::from(proto),
-        )
-    })?;
-    // SAFETY: `fd` was just returned by socket, is open, and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as libc::c_ushort;
-    sll.sll_protocol = proto;
-    sll.sll_ifindex = ifindex;
-    // SAFETY: `sll` is a valid sockaddr_ll that outlives the call and the length
-    // passed is exactly its size.
-    cvt(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    })?;
-    Ok(fd)
 }

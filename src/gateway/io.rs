@@ -71,7 +71,10 @@ impl IoLoop {
             now,
             seed ^ 1,
         );
-        let batches = workers.iter().map(|_| Vec::with_capacity(READ_BATCH)).collect();
+        let batches = workers
+            .iter()
+            .map(|_| Vec::with_capacity(READ_BATCH))
+            .collect();
         IoLoop {
             shared,
             c,
@@ -165,7 +168,7 @@ impl IoLoop {
                 }
                 let a = &self.shared.addressing;
                 if a.is_local(view.dst) {
-                    return self.to_local(side, buf, &view);
+                    return self.for_gateway(side, buf, &view);
                 }
                 if view.dst.is_broadcast()
                     || view.dst.is_multicast()
@@ -194,7 +197,7 @@ impl IoLoop {
                     return self.drop_buf(buf, Counter::DropNotForUs);
                 }
                 match view.l4 {
-                    L4::IcmpEcho { request: true, .. } => self.to_local(side, buf, &view),
+                    L4::IcmpEcho { request: true, .. } => self.for_gateway(side, buf, &view),
                     L4::IcmpEcho { request: false, id } => self.dispatch(id, side, buf, view),
                     L4::Tcp { dport, .. } | L4::Udp { dport, .. } => {
                         self.dispatch(dport, side, buf, view)
@@ -237,7 +240,7 @@ impl IoLoop {
 
     /// ICMP echo requests to the gateway's own addresses go to smoltcp;
     /// anything else addressed to the gateway is dropped silently (RFC 5382 REQ-4).
-    fn to_local(&mut self, side: Side, buf: Buf, view: &Ipv4View) {
+    fn for_gateway(&mut self, side: Side, buf: Buf, view: &Ipv4View) {
         match view.l4 {
             L4::IcmpEcho { request: true, .. } if !view.is_fragment => self.local(side, buf),
             _ => self.drop_buf(buf, Counter::DropToGateway),
@@ -282,7 +285,11 @@ impl IoLoop {
         let learnable = net.contains(source_protocol_addr)
             && source_protocol_addr != a.ip(side)
             && source_hardware_addr.is_unicast();
-        if learnable && (ours || operation == ArpOperation::Reply || self.pending.contains_key(&source_protocol_addr)) {
+        if learnable
+            && (ours
+                || operation == ArpOperation::Reply
+                || self.pending.contains_key(&source_protocol_addr))
+        {
             self.learn(source_protocol_addr, source_hardware_addr);
         }
         if ours {
@@ -371,7 +378,8 @@ impl IoLoop {
         }
         for ip in dropped {
             if let Some(p) = self.pending.remove(&ip) {
-                self.c.add(Counter::DropNeighbourUnresolved, p.frames.len() as u64);
+                self.c
+                    .add(Counter::DropNeighbourUnresolved, p.frames.len() as u64);
                 for b in p.frames {
                     self.shared.pool.put(b);
                 }

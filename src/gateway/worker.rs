@@ -155,7 +155,7 @@ impl Worker {
             None => {
                 // Only a SYN or an echo request (or any UDP) starts a flow.
                 match v.l4 {
-                    L4::Tcp { .. } if !(flags.syn && !flags.ack) => {
+                    L4::Tcp { .. } if !flags.syn || flags.ack => {
                         return self.drop_buf(p.buf, Counter::DropTcpNotSyn)
                     }
                     L4::IcmpEcho { request: false, .. } => {
