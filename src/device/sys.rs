@@ -266,6 +266,20 @@ pub fn packet_socket(ifindex: libc::c_int) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Pins the calling thread to CPU `cpu` (`sched_setaffinity(0, ...)`).
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE, checked above, so CPU_SET stays in bounds.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t that outlives the call and the size passed is its size.
+    cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

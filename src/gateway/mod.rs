@@ -1,21 +1,27 @@
-//! The running gateway: devices, the poll loop and the worker threads.
+//! The running gateway: devices, workers and the control thread.
 //!
 //! ```text
-//!  pod TAP ──┐                         ┌─> worker 0: flow shard 0, ports p % N == 0 ─┐
-//!            ├─> io thread: classify ──┼─> ...                                        ├─> write to the egress TAP
-//!  uplink ───┘        │                └─> worker N-1                                 ┘
-//!                     └─> smoltcp (ARP, ICMP echo for the gateway), neighbours, ARP resolution
+//!  pod TAP, queue k ───┐                                         ┌─> pod TAP, queue k
+//!                      ├─> worker k: classify, translate in place ┤
+//!  uplink TAP, queue k ┘   (flow shard k, outside ports p%N == k) └─> uplink TAP, queue k
+//!        │  frames owned by worker j ──crossbeam batch + eventfd──> worker j
+//!        └─ ARP / echo for the gateway, unknown next hops ──> control thread:
+//!              smoltcp (ARP, ICMP echo), neighbour table, ARP resolution
 //! ```
 //!
-//! The io thread reads both devices, classifies each frame once and hands
-//! transit packets in batches to their owning worker over crossbeam
-//! channels: outbound to `inside_port % N`, inbound to `outside_port % N`.
-//! Worker k allocates only outside ports with `port % N == k`, so each worker
-//! owns its flow-table shard outright and no lock is taken per packet.
-//! Workers write translated frames straight to the egress device. A frame
-//! whose next hop has no known MAC goes back to the io thread, which ARPs
-//! for it, holds a few packets, and tells every worker the answer.
-mod io;
+//! Both TAPs are multi-queue (`IFF_MULTI_QUEUE`) with one queue per worker,
+//! and, with offload on, carry a virtio-net header so that 64 KiB TCP
+//! super-frames pass through with one header rewrite (see [`crate::wire::vnet`]).
+//! Worker k reads its own queues and owns the outside ports (and ICMP ids)
+//! with `port % N == k` plus the flows on them: outbound packets belong to
+//! `inside_port % N`, inbound ones to `outside_port % N`. A frame read by its
+//! owner is translated in place and written straight back out; one read by
+//! another worker is handed over in a batch. The kernel's TUN flow steering
+//! sends a flow's frames to the queue its replies were last written on, so
+//! after the first packets nearly every frame is read by its owner. No lock
+//! is taken per packet.
+mod classify;
+mod control;
 mod local;
 pub mod stats;
 mod worker;
@@ -32,6 +38,8 @@ use smoltcp::wire::EthernetAddress;
 use crate::control::config::{Config, Ipv4Net, MasqueradeRule};
 use crate::device::{Tap, TapError, TapOptions, Waker};
 use crate::nat::{Flow, FlowTable, TableConfig, Timeouts};
+use crate::wire::vnet::VNET_HDR_LEN;
+pub use classify::Disposition;
 use stats::{Counters, Snapshot};
 
 /// Which device a frame came from or goes to.
@@ -55,6 +63,20 @@ pub struct Addressing {
 }
 
 impl Addressing {
+    /// The addressing a validated config describes; MACs are derived from the
+    /// addresses so they stay the same across restarts.
+    pub fn from_config(config: &Config) -> Addressing {
+        Addressing {
+            pod_mac: mac_for(config.pod.address.addr, 0),
+            pod_net: config.pod.address,
+            pod_mtu: usize::from(config.pod.mtu),
+            uplink_mac: mac_for(config.uplink.address.addr, 1),
+            uplink_net: config.uplink.address,
+            uplink_gateway: config.uplink.gateway,
+            uplink_mtu: usize::from(config.uplink.mtu),
+            masquerade: config.masquerade.clone(),
+        }
+    }
     pub fn pod_ip(&self) -> Ipv4Addr {
         self.pod_net.addr
     }
@@ -107,43 +129,53 @@ impl Addressing {
     }
 }
 
-/// A frame buffer. Buffers circulate between the io thread and the workers
-/// through [`Pool`], so the steady state allocates nothing per packet.
+/// A frame buffer: `data[..hdr]` is the virtio-net header (when offload is
+/// on), `data[hdr..len]` the Ethernet frame. Buffers circulate through
+/// [`Pool`], so the steady state allocates nothing per packet.
 pub struct Buf {
     data: Box<[u8]>,
     len: usize,
+    hdr: usize,
 }
 
 impl Buf {
     pub fn frame(&self) -> &[u8] {
-        &self.data[..self.len]
+        &self.data[self.hdr..self.len]
     }
     pub fn frame_mut(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
+        &mut self.data[self.hdr..self.len]
+    }
+    /// The virtio-net header bytes (empty without offload).
+    pub fn vnet(&self) -> &[u8] {
+        &self.data[..self.hdr]
+    }
+    pub fn vnet_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.hdr]
+    }
+    /// Header and frame, as the device reads and writes them.
+    fn wire(&self) -> &[u8] {
+        &self.data[..self.len]
     }
 }
 
-/// A bounded free list of buffers shared by all threads.
+/// A bounded free list of buffers shared by all threads; allocates on demand
+/// and keeps at most `keep` spare buffers.
 #[derive(Clone)]
 pub struct Pool {
     free_tx: Sender<Buf>,
     free_rx: Receiver<Buf>,
     size: usize,
+    hdr: usize,
 }
 
 impl Pool {
-    fn new(count: usize, size: usize) -> Pool {
-        let (free_tx, free_rx) = bounded(count);
-        for _ in 0..count {
-            let _ = free_tx.try_send(Buf {
-                data: vec![0; size].into_boxed_slice(),
-                len: 0,
-            });
-        }
+    fn new(keep: usize, size: usize, hdr: usize) -> Pool {
+        let (free_tx, free_rx) = bounded(keep);
         Pool {
             free_tx,
             free_rx,
             size,
+            hdr,
         }
     }
     /// A buffer with its full capacity as length, ready to be read into.
@@ -151,6 +183,7 @@ impl Pool {
         let mut b = self.free_rx.try_recv().unwrap_or_else(|_| Buf {
             data: vec![0; self.size].into_boxed_slice(),
             len: 0,
+            hdr: self.hdr,
         });
         b.len = b.data.len();
         b
@@ -160,15 +193,16 @@ impl Pool {
     }
 }
 
-/// A transit packet handed from the io thread to its owning worker.
+/// A transit packet handed from the worker that read it to its owner.
 pub struct Packet {
     pub buf: Buf,
     pub view: crate::wire::Ipv4View,
     pub from: Side,
 }
 
-/// io thread -> worker.
+/// To a worker.
 pub enum WorkerMsg {
+    /// Packets this worker owns, read by another.
     Packets(Vec<Packet>),
     /// A neighbour was learned or changed.
     Neighbour(Ipv4Addr, EthernetAddress),
@@ -176,8 +210,12 @@ pub enum WorkerMsg {
     Flows(Sender<Vec<Flow>>),
 }
 
-/// worker -> io thread.
+/// To the control thread.
 pub enum CtrlMsg {
+    /// A frame for the gateway's own stack (ARP for it, echo request to it).
+    Local { side: Side, buf: Buf },
+    /// A pod-side (address, MAC) the worker has not seen before.
+    Seen(Ipv4Addr, EthernetAddress),
     /// A translated frame whose next hop's MAC the worker does not know.
     Resolve {
         side: Side,
@@ -186,26 +224,72 @@ pub enum CtrlMsg {
     },
 }
 
-/// What a worker thread and the io thread share.
+/// Performance settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// Open the TAPs with IFF_VNET_HDR and TSO/checksum offload.
+    pub offload: bool,
+    /// Spin this long on empty queues before sleeping in poll(2).
+    pub busy_poll: Duration,
+    /// Pin worker k to CPU k.
+    pub pin: bool,
+}
+
+impl Tuning {
+    fn from_config(_config: &Config) -> Tuning {
+        Tuning {
+            offload: true,
+            busy_poll: Duration::ZERO,
+            pin: false,
+        }
+    }
+}
+
+/// What the workers and the control thread share.
 pub(crate) struct Shared {
     addressing: Addressing,
-    pod: Tap,
-    uplink: Tap,
-    waker: Waker,
+    /// Queue k of each TAP belongs to worker k; the control thread writes on queue 0.
+    pod: Vec<Tap>,
+    uplink: Vec<Tap>,
+    wakers: Vec<Waker>,
+    ctrl_waker: Waker,
     stop: AtomicBool,
     pool: Pool,
     start: Instant,
+    tuning: Tuning,
 }
 
 impl Shared {
     fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
-    fn tap(&self, side: Side) -> &Tap {
+    fn tap(&self, side: Side, queue: usize) -> &Tap {
         match side {
-            Side::Pod => &self.pod,
-            Side::Uplink => &self.uplink,
+            Side::Pod => &self.pod[queue],
+            Side::Uplink => &self.uplink[queue],
         }
+    }
+    fn hdr(&self) -> usize {
+        self.pool.hdr
+    }
+    /// Writes a buffer (header and frame) to `side`'s queue `queue`.
+    fn send_buf(&self, side: Side, queue: usize, buf: &Buf) -> std::io::Result<()> {
+        self.tap(side, queue).send(buf.wire())
+    }
+    /// Writes a frame the gateway made itself (no offload metadata).
+    fn send_frame(&self, side: Side, queue: usize, frame: &[u8]) -> std::io::Result<()> {
+        if self.hdr() == 0 {
+            return self.tap(side, queue).send(frame);
+        }
+        let mut b = [0u8; 2048];
+        let n = VNET_HDR_LEN + frame.len();
+        if n > b.len() {
+            let mut v = vec![0u8; n];
+            v[VNET_HDR_LEN..].copy_from_slice(frame);
+            return self.tap(side, queue).send(&v);
+        }
+        b[VNET_HDR_LEN..n].copy_from_slice(frame);
+        self.tap(side, queue).send(&b[..n])
     }
 }
 
@@ -216,7 +300,9 @@ pub enum GatewayError {
     PodDevice(#[source] TapError),
     #[error("cannot open the uplink device")]
     UplinkDevice(#[source] TapError),
-    #[error("cannot create the wake-up eventfd")]
+    #[error("cannot turn on offloads on the {0} device")]
+    Offload(&'static str, #[source] std::io::Error),
+    #[error("cannot create a wake-up eventfd")]
     Waker(#[source] std::io::Error),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
@@ -248,48 +334,88 @@ fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
+/// Opens `n` queues of one TAP.
+fn open_queues(
+    name: &str,
+    netns: Option<&std::path::Path>,
+    mtu: u16,
+    n: usize,
+    offload: bool,
+) -> Result<Vec<Tap>, TapError> {
+    let opts = TapOptions {
+        multi_queue: true,
+        vnet_hdr: offload,
+    };
+    let first = Tap::open(name, netns, mtu, opts)?;
+    let mut queues = Vec::with_capacity(n);
+    for _ in 1..n {
+        queues.push(first.open_queue()?);
+    }
+    queues.insert(0, first);
+    Ok(queues)
+}
+
+/// TSO for IPv4 and IPv6 (with ECN) plus checksum offload: what we accept
+/// from the kernel. UDP segmentation offload is left off: a UDP super-frame's
+/// datagram boundaries could not be re-cut for a smaller egress MTU.
+const OFFLOADS: u32 = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
+
 impl Gateway {
-    /// Opens both devices and starts the io thread and the workers.
+    /// Opens both devices and starts the workers and the control thread.
     /// The config must have been validated (see `Config::load`).
     pub fn start(config: &Config) -> Result<Gateway, GatewayError> {
-        let opts = TapOptions::default();
-        let pod = Tap::open(
-            &config.pod.tap,
-            config.pod.netns.as_deref(),
-            config.pod.mtu,
-            opts,
-        )
-        .map_err(GatewayError::PodDevice)?;
-        let uplink = Tap::open(
-            &config.uplink.tap,
-            config.uplink.netns.as_deref(),
-            config.uplink.mtu,
-            opts,
-        )
-        .map_err(GatewayError::UplinkDevice)?;
-        let addressing = Addressing {
-            pod_mac: mac_for(config.pod.address.addr, 0),
-            pod_net: config.pod.address,
-            pod_mtu: usize::from(config.pod.mtu),
-            uplink_mac: mac_for(config.uplink.address.addr, 1),
-            uplink_net: config.uplink.address,
-            uplink_gateway: config.uplink.gateway,
-            uplink_mtu: usize::from(config.uplink.mtu),
-            masquerade: config.masquerade.clone(),
-        };
+        let tuning = Tuning::from_config(config);
         let n = match config.workers.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             t => t,
         };
-        let buf_size = (usize::from(config.pod.mtu.max(config.uplink.mtu)) + 64).max(2048);
+        let pod = open_queues(
+            &config.pod.tap,
+            config.pod.netns.as_deref(),
+            config.pod.mtu,
+            n,
+            tuning.offload,
+        )
+        .map_err(GatewayError::PodDevice)?;
+        let uplink = open_queues(
+            &config.uplink.tap,
+            config.uplink.netns.as_deref(),
+            config.uplink.mtu,
+            n,
+            tuning.offload,
+        )
+        .map_err(GatewayError::UplinkDevice)?;
+        if tuning.offload {
+            pod[0]
+                .set_offload(OFFLOADS)
+                .map_err(|e| GatewayError::Offload("pod", e))?;
+            uplink[0]
+                .set_offload(OFFLOADS)
+                .map_err(|e| GatewayError::Offload("uplink", e))?;
+        }
+        let (hdr, buf_size) = if tuning.offload {
+            // A TSO super-frame: up to 64 KiB of IP plus Ethernet and header.
+            (VNET_HDR_LEN, VNET_HDR_LEN + 14 + 65535 + 64)
+        } else {
+            (
+                0,
+                (usize::from(config.pod.mtu.max(config.uplink.mtu)) + 64).max(2048),
+            )
+        };
+        let mut wakers = Vec::with_capacity(n);
+        for _ in 0..n {
+            wakers.push(Waker::new().map_err(GatewayError::Waker)?);
+        }
         let shared = Arc::new(Shared {
-            addressing,
+            addressing: Addressing::from_config(config),
             pod,
             uplink,
-            waker: Waker::new().map_err(GatewayError::Waker)?,
+            wakers,
+            ctrl_waker: Waker::new().map_err(GatewayError::Waker)?,
             stop: AtomicBool::new(false),
-            pool: Pool::new(4096, buf_size),
+            pool: Pool::new(1024, buf_size, hdr),
             start: Instant::now(),
+            tuning,
         });
         let t = &config.nat.timeouts;
         let timeouts = Timeouts {
@@ -300,10 +426,16 @@ impl Gateway {
         };
         let (ctrl_tx, ctrl_rx) = unbounded();
         let mut counters = Vec::new();
-        let mut workers = Vec::new();
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = bounded(1024);
+            senders.push(tx);
+            receivers.push(rx);
+        }
         let mut threads = Vec::new();
         let seed = seed();
-        for k in 0..n {
+        for (k, rx) in receivers.into_iter().enumerate() {
             let table = FlowTable::new(TableConfig {
                 worker: k as u16,
                 workers: n as u16,
@@ -313,9 +445,16 @@ impl Gateway {
                 timeouts,
                 seed: seed.rotate_left(k as u32 * 7) ^ k as u64,
             });
-            let (tx, rx) = bounded(1024);
             let c = Arc::new(Counters::default());
-            let w = worker::Worker::new(table, shared.clone(), c.clone(), rx, ctrl_tx.clone());
+            let w = worker::Worker::new(
+                k,
+                table,
+                shared.clone(),
+                c.clone(),
+                rx,
+                senders.clone(),
+                ctrl_tx.clone(),
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("tapnat-w{k}"))
@@ -323,21 +462,20 @@ impl Gateway {
                     .map_err(GatewayError::Thread)?,
             );
             counters.push(c);
-            workers.push(tx);
         }
         let c = Arc::new(Counters::default());
-        let io = io::IoLoop::new(shared.clone(), c.clone(), workers.clone(), ctrl_rx, seed);
+        let ctl = control::Control::new(shared.clone(), c.clone(), senders.clone(), ctrl_rx, seed);
         threads.push(
             std::thread::Builder::new()
-                .name("tapnat-io".into())
-                .spawn(move || io.run())
+                .name("tapnat-ctl".into())
+                .spawn(move || ctl.run())
                 .map_err(GatewayError::Thread)?,
         );
         counters.push(c);
         Ok(Gateway {
             shared,
             counters,
-            workers,
+            workers: senders,
             threads,
         })
     }
@@ -352,6 +490,11 @@ impl Gateway {
         self.workers.len()
     }
 
+    /// Whether the TAPs carry offloaded (TSO, partial checksum) frames.
+    pub fn offload(&self) -> bool {
+        self.shared.tuning.offload
+    }
+
     /// The sum of every thread's counters now.
     pub fn stats(&self) -> Snapshot {
         Snapshot::sum(self.counters.iter().map(|c| &**c))
@@ -360,9 +503,10 @@ impl Gateway {
     /// A copy of every worker's flow table.
     pub fn flows(&self) -> Vec<Flow> {
         let mut all = Vec::new();
-        for w in &self.workers {
+        for (k, w) in self.workers.iter().enumerate() {
             let (tx, rx) = bounded(1);
             if w.send(WorkerMsg::Flows(tx)).is_ok() {
+                self.shared.wakers[k].wake();
                 if let Ok(mut f) = rx.recv_timeout(Duration::from_secs(2)) {
                     all.append(&mut f);
                 }
@@ -372,14 +516,17 @@ impl Gateway {
     }
 
     /// Stops every thread and closes the devices (a TAP the gateway created
-    /// disappears with its last fd).
+    /// disappears with its last queue).
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.waker.wake();
+        for w in &self.shared.wakers {
+            w.wake();
+        }
+        self.shared.ctrl_waker.wake();
         self.workers.clear();
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -42,6 +42,8 @@ counters! {
     In2outPackets = "in2out_packets",
     /// Replies reverse-translated uplink -> pod.
     Out2inPackets = "out2in_packets",
+    /// TCP segmentation-offload super-frames translated (each up to 64 KiB).
+    GsoFrames = "gso_frames",
     /// Flows created.
     FlowsCreated = "flows_created",
     /// ARP and ICMP echo frames handed to the gateway's own stack.
@@ -97,6 +99,8 @@ counters! {
     DropPortsExhausted = "drop_ports_exhausted",
     /// The next hop did not answer ARP in time.
     DropNeighbourUnresolved = "drop_neighbour_unresolved",
+    /// The owning worker's hand-off queue was full.
+    DropHandoffFull = "drop_handoff_full",
     /// Too many packets already waiting for one next hop.
     DropNeighbourQueueFull = "drop_neighbour_queue_full",
 }

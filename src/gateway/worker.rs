@@ -1,30 +1,48 @@
-//! A worker: owns one flow-table shard and the outside ports `p % N == k`,
-//! translates the packets the io thread hands it and writes them out.
+//! A worker: reads its own queue of each TAP, owns one flow-table shard and
+//! the outside ports `p % N == k`, translates in place and writes out.
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use hashbrown::HashMap;
 use smoltcp::wire::EthernetAddress;
 
-use super::io::tx_counter;
+use super::classify::{classify, Disposition};
+use super::control::tx_counter;
 use super::stats::{Counter, Counters};
 use super::{Buf, CtrlMsg, Packet, Shared, Side, WorkerMsg};
+use crate::device::Poller;
 use crate::nat::{CreateError, Direction, FlowTable, InKey, OutKey, Proto, TcpFlags};
-use crate::wire::{self, End, IcmpErrorKind, L4};
+use crate::wire::vnet::VnetHdr;
+use crate::wire::{self, End, IcmpErrorKind, Ipv4View, L4Csum, L4};
 
 /// Flow slots examined for expiry per wake-up: bounded work, never a stall.
 const EXPIRE_BUDGET: usize = 256;
+/// Frames read from one queue before looking at the other.
+const READ_BURST: usize = 64;
+/// Sleep at most this long in poll(2), so expiry keeps running when idle.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 pub(super) struct Worker {
+    k: usize,
     table: FlowTable,
     shared: Arc<Shared>,
     c: Arc<Counters>,
     rx: Receiver<WorkerMsg>,
+    peers: Vec<Sender<WorkerMsg>>,
     ctrl: Sender<CtrlMsg>,
+    /// Next-hop MACs, as the control thread announces them.
     neighbours: HashMap<Ipv4Addr, EthernetAddress>,
+    /// Pod (address, MAC) pairs already reported to the control thread.
+    reported: HashMap<Ipv4Addr, EthernetAddress>,
+    /// Packets read here that other workers own, sent at the end of a burst.
+    handoff: Vec<Vec<Packet>>,
+    wake_ctrl: bool,
+    /// A buffer to read the next frame into.
+    spare: Option<Buf>,
 }
 
 fn tcp_flags(flags: u8) -> TcpFlags {
@@ -47,45 +65,80 @@ fn proto(l4: &L4) -> Option<Proto> {
 
 impl Worker {
     pub(super) fn new(
+        k: usize,
         table: FlowTable,
         shared: Arc<Shared>,
         c: Arc<Counters>,
         rx: Receiver<WorkerMsg>,
+        peers: Vec<Sender<WorkerMsg>>,
         ctrl: Sender<CtrlMsg>,
     ) -> Worker {
+        let handoff = peers.iter().map(|_| Vec::new()).collect();
         Worker {
+            k,
             table,
             shared,
             c,
             rx,
+            peers,
             ctrl,
             neighbours: HashMap::new(),
+            reported: HashMap::new(),
+            handoff,
+            wake_ctrl: false,
+            spare: None,
         }
     }
 
     pub(super) fn run(mut self) {
-        loop {
-            match self.rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(msg) => self.handle(msg),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+        if self.shared.tuning.pin {
+            // Best effort: a CPU that is not there just leaves the thread unpinned.
+            let _ = crate::device::sys::pin_current_thread(self.k);
+        }
+        let mut poller = Poller::new();
+        let pod = poller.add(self.shared.pod[self.k].as_raw_fd());
+        let uplink = poller.add(self.shared.uplink[self.k].as_raw_fd());
+        let wake = poller.add(self.shared.wakers[self.k].as_raw_fd());
+        let busy = self.shared.tuning.busy_poll;
+        let mut spin_until = Instant::now();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let timeout = if !busy.is_zero() && Instant::now() < spin_until {
+                Duration::ZERO
+            } else {
+                IDLE_WAIT
+            };
+            if poller.wait(Some(timeout)).is_err() {
+                continue;
             }
-            if self.shared.stop.load(Ordering::Relaxed) {
-                return;
+            let mut work = 0;
+            if poller.readable(wake) {
+                self.shared.wakers[self.k].drain();
+                while let Ok(msg) = self.rx.try_recv() {
+                    work += 1;
+                    self.message(msg);
+                }
             }
-            let now = self.shared.now_ms();
-            self.table.expire(now, EXPIRE_BUDGET);
+            if poller.readable(pod) {
+                work += self.read_burst(Side::Pod);
+            }
+            if poller.readable(uplink) {
+                work += self.read_burst(Side::Uplink);
+            }
+            self.flush();
+            if work > 0 && !busy.is_zero() {
+                spin_until = Instant::now() + busy;
+            }
+            self.table.expire(self.shared.now_ms(), EXPIRE_BUDGET);
         }
     }
 
-    fn handle(&mut self, msg: WorkerMsg) {
+    fn message(&mut self, msg: WorkerMsg) {
         match msg {
             WorkerMsg::Packets(batch) => {
                 let now = self.shared.now_ms();
                 for p in batch {
-                    match p.from {
-                        Side::Pod => self.in2out(p, now),
-                        Side::Uplink => self.out2in(p, now),
+                    if let Some(b) = self.transit(p.from, p.buf, p.view, now) {
+                        self.shared.pool.put(b);
                     }
                 }
             }
@@ -98,47 +151,176 @@ impl Worker {
         }
     }
 
-    fn drop_buf(&self, buf: Buf, why: Counter) {
-        self.c.inc(why);
-        self.shared.pool.put(buf);
+    /// Reads up to [`READ_BURST`] frames from our queue of `side`.
+    fn read_burst(&mut self, side: Side) -> usize {
+        let now = self.shared.now_ms();
+        for n in 0..READ_BURST {
+            let mut buf = self.spare.take().unwrap_or_else(|| self.shared.pool.get());
+            buf.len = buf.data.len();
+            match self.shared.tap(side, self.k).recv(&mut buf.data) {
+                Ok(len) if len >= buf.hdr => {
+                    buf.len = len;
+                    self.c.inc(match side {
+                        Side::Pod => Counter::PodRxFrames,
+                        Side::Uplink => Counter::UplinkRxFrames,
+                    });
+                    self.spare = self.frame(side, buf, now);
+                }
+                Ok(_) => {
+                    self.c.inc(Counter::DropRunt);
+                    self.spare = Some(buf);
+                }
+                Err(e) => {
+                    self.spare = Some(buf);
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) {
+                        self.c.inc(Counter::TapReadFails);
+                    }
+                    return n;
+                }
+            }
+        }
+        READ_BURST
+    }
+
+    /// One received frame. Returns the buffer when it can be reused.
+    fn frame(&mut self, side: Side, buf: Buf, now: u64) -> Option<Buf> {
+        let (disposition, seen) = classify(&self.shared.addressing, side, buf.frame());
+        if let Some((ip, mac)) = seen {
+            if self.reported.get(&ip) != Some(&mac) {
+                self.reported.insert(ip, mac);
+                let _ = self.ctrl.send(CtrlMsg::Seen(ip, mac));
+                self.wake_ctrl = true;
+            }
+        }
+        match disposition {
+            Disposition::Drop(why) => {
+                self.c.inc(why);
+                Some(buf)
+            }
+            Disposition::Local => {
+                let _ = self.ctrl.send(CtrlMsg::Local { side, buf });
+                self.wake_ctrl = true;
+                None
+            }
+            Disposition::Transit { port, view } => {
+                let owner = usize::from(port) % self.peers.len();
+                if owner == self.k {
+                    self.transit(side, buf, view, now)
+                } else {
+                    self.handoff[owner].push(Packet {
+                        buf,
+                        view,
+                        from: side,
+                    });
+                    None
+                }
+            }
+        }
+    }
+
+    /// Sends the handed-off batches and wakes whoever has news.
+    fn flush(&mut self) {
+        for j in 0..self.handoff.len() {
+            if self.handoff[j].is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(&mut self.handoff[j]);
+            match self.peers[j].try_send(WorkerMsg::Packets(batch)) {
+                Ok(()) => self.shared.wakers[j].wake(),
+                Err(e) => {
+                    if let WorkerMsg::Packets(b) = e.into_inner() {
+                        self.c.add(Counter::DropHandoffFull, b.len() as u64);
+                        for p in b {
+                            self.shared.pool.put(p.buf);
+                        }
+                    }
+                }
+            }
+        }
+        if std::mem::take(&mut self.wake_ctrl) {
+            self.shared.ctrl_waker.wake();
+        }
+    }
+
+    fn transit(&mut self, side: Side, buf: Buf, view: Ipv4View, now: u64) -> Option<Buf> {
+        match side {
+            Side::Pod => self.in2out(buf, view, now),
+            Side::Uplink => self.out2in(buf, view, now),
+        }
     }
 
     /// Time Exceeded back to where the packet came from, from our address on that side.
-    fn ttl_exceeded(&self, p: Packet) {
+    fn ttl_exceeded(&self, from: Side, buf: Buf, view: &Ipv4View) -> Option<Buf> {
         let a = &self.shared.addressing;
-        if wire::may_send_icmp_error(&p.view) {
+        if wire::may_send_icmp_error(view) {
             let mut out = [0u8; 640];
             let n = wire::build_icmp_error(
                 &mut out,
-                p.buf.frame(),
-                &p.view,
-                a.mac(p.from),
-                a.ip(p.from),
+                buf.frame(),
+                view,
+                a.mac(from),
+                a.ip(from),
                 IcmpErrorKind::TTL_EXCEEDED,
             );
-            match self.shared.tap(p.from).send(&out[..n]) {
+            match self.shared.send_frame(from, self.k, &out[..n]) {
                 Ok(()) => {
                     self.c.inc(Counter::IcmpErrorsSent);
-                    self.c.inc(tx_counter(p.from));
+                    self.c.inc(tx_counter(from));
                 }
                 Err(_) => self.c.inc(Counter::TapWriteFails),
             }
         }
-        self.drop_buf(p.buf, Counter::DropTtlExceeded);
+        self.c.inc(Counter::DropTtlExceeded);
+        Some(buf)
     }
 
-    fn in2out(&mut self, mut p: Packet, now: u64) {
-        let v = p.view;
+    /// Checks the egress MTU. A TSO super-frame is let through with its
+    /// segment size cut to fit (TCP may be segmented anywhere); any other
+    /// packet must fit as it is. Returns the checksum form of the L4 field.
+    fn offload_fit(&self, buf: &mut Buf, view: &Ipv4View, mtu: usize) -> Result<L4Csum, Counter> {
+        let hdr = VnetHdr::parse(buf.vnet()).unwrap_or_default();
+        if hdr.is_gso() {
+            let L4::Tcp { .. } = view.l4 else {
+                return Err(Counter::DropUnsupportedProtocol);
+            };
+            self.c.inc(Counter::GsoFrames);
+            let l4 = view.l4_offset();
+            let tcp_hdr = usize::from(buf.frame()[l4 + 12] >> 4) * 4;
+            let max_seg = mtu.saturating_sub(view.ihl + tcp_hdr);
+            if usize::from(hdr.gso_size) > max_seg {
+                let mut h = hdr;
+                h.gso_size = max_seg as u16;
+                h.write(buf.vnet_mut());
+            }
+        } else if view.total_len > mtu {
+            return Err(Counter::DropTooBig);
+        }
+        Ok(if hdr.partial_csum_at(view.l4_offset()) {
+            L4Csum::Partial
+        } else {
+            L4Csum::Full
+        })
+    }
+
+    fn in2out(&mut self, mut buf: Buf, v: Ipv4View, now: u64) -> Option<Buf> {
         let (Some(proto), Some((sport, dport))) = (proto(&v.l4), v.ports()) else {
-            return self.drop_buf(p.buf, Counter::DropUnsupportedProtocol);
+            self.c.inc(Counter::DropUnsupportedProtocol);
+            return Some(buf);
         };
         if v.ttl <= 1 {
-            return self.ttl_exceeded(p);
+            return self.ttl_exceeded(Side::Pod, buf, &v);
         }
         let a = &self.shared.addressing;
-        if v.total_len > a.uplink_mtu {
-            return self.drop_buf(p.buf, Counter::DropTooBig);
-        }
+        let l4csum = match self.offload_fit(&mut buf, &v, a.uplink_mtu) {
+            Ok(c) => c,
+            Err(why) => {
+                self.c.inc(why);
+                return Some(buf);
+            }
+        };
         let key = InKey {
             proto,
             src: v.src,
@@ -153,26 +335,27 @@ impl Worker {
         let id = match self.table.lookup_in2out(&key, now) {
             Some(id) => id,
             None => {
-                // Only a SYN or an echo request (or any UDP) starts a flow.
-                match v.l4 {
-                    L4::Tcp { .. } if !flags.syn || flags.ack => {
-                        return self.drop_buf(p.buf, Counter::DropTcpNotSyn)
-                    }
-                    L4::IcmpEcho { request: false, .. } => {
-                        return self.drop_buf(p.buf, Counter::DropIcmpNoFlow)
-                    }
-                    _ => {}
+                // Only a SYN, an echo request or a UDP datagram starts a flow.
+                let refused = match v.l4 {
+                    L4::Tcp { .. } if !flags.syn || flags.ack => Some(Counter::DropTcpNotSyn),
+                    L4::IcmpEcho { request: false, .. } => Some(Counter::DropIcmpNoFlow),
+                    _ => None,
+                };
+                if let Some(why) = refused {
+                    self.c.inc(why);
+                    return Some(buf);
                 }
                 match self.table.create(&key, a.uplink_ip(), now) {
                     Ok(id) => {
                         self.c.inc(Counter::FlowsCreated);
                         id
                     }
-                    Err(CreateError::TableFull) => {
-                        return self.drop_buf(p.buf, Counter::DropTableFull)
-                    }
-                    Err(CreateError::PortsExhausted) => {
-                        return self.drop_buf(p.buf, Counter::DropPortsExhausted)
+                    Err(e) => {
+                        self.c.inc(match e {
+                            CreateError::TableFull => Counter::DropTableFull,
+                            CreateError::PortsExhausted => Counter::DropPortsExhausted,
+                        });
+                        return Some(buf);
                     }
                 }
             }
@@ -181,16 +364,16 @@ impl Worker {
             .account(id, Direction::In2Out, flags, v.total_len, now);
         let f = self.table.get(id);
         let (ext_addr, ext_port) = (f.ext_addr, f.ext_port);
-        wire::translate(p.buf.frame_mut(), &v, End::Src, ext_addr, ext_port);
+        wire::translate(buf.frame_mut(), &v, End::Src, ext_addr, ext_port, l4csum);
         self.c.inc(Counter::In2outPackets);
-        let next_hop = a.uplink_next_hop(v.dst);
-        self.emit(Side::Uplink, next_hop, p.buf);
+        let next_hop = self.shared.addressing.uplink_next_hop(v.dst);
+        self.emit(Side::Uplink, next_hop, buf)
     }
 
-    fn out2in(&mut self, mut p: Packet, now: u64) {
-        let v = p.view;
+    fn out2in(&mut self, mut buf: Buf, v: Ipv4View, now: u64) -> Option<Buf> {
         let (Some(proto), Some((sport, dport))) = (proto(&v.l4), v.ports()) else {
-            return self.drop_buf(p.buf, Counter::DropUnsupportedProtocol);
+            self.c.inc(Counter::DropUnsupportedProtocol);
+            return Some(buf);
         };
         let key = match v.l4 {
             L4::IcmpEcho { id, .. } => OutKey {
@@ -209,14 +392,19 @@ impl Worker {
             },
         };
         let Some(id) = self.table.lookup_out2in(&key, now) else {
-            return self.drop_buf(p.buf, Counter::DropNoFlow);
+            self.c.inc(Counter::DropNoFlow);
+            return Some(buf);
         };
         if v.ttl <= 1 {
-            return self.ttl_exceeded(p);
+            return self.ttl_exceeded(Side::Uplink, buf, &v);
         }
-        if v.total_len > self.shared.addressing.pod_mtu {
-            return self.drop_buf(p.buf, Counter::DropTooBig);
-        }
+        let l4csum = match self.offload_fit(&mut buf, &v, self.shared.addressing.pod_mtu) {
+            Ok(c) => c,
+            Err(why) => {
+                self.c.inc(why);
+                return Some(buf);
+            }
+        };
         let flags = match v.l4 {
             L4::Tcp { flags, .. } => tcp_flags(flags),
             _ => TcpFlags::default(),
@@ -224,33 +412,35 @@ impl Worker {
         self.table
             .account(id, Direction::Out2In, flags, v.total_len, now);
         let inside = self.table.get(id).inside;
-        wire::translate(p.buf.frame_mut(), &v, End::Dst, inside.src, inside.sport);
+        wire::translate(
+            buf.frame_mut(),
+            &v,
+            End::Dst,
+            inside.src,
+            inside.sport,
+            l4csum,
+        );
         self.c.inc(Counter::Out2inPackets);
-        self.emit(Side::Pod, inside.src, p.buf);
+        self.emit(Side::Pod, inside.src, buf)
     }
 
-    /// Writes a translated frame to `side`, or asks the io thread to resolve
-    /// the next hop first.
-    fn emit(&self, side: Side, next_hop: Ipv4Addr, mut buf: Buf) {
+    /// Writes a translated frame to our queue of `side`, or hands it to the
+    /// control thread to resolve the next hop first.
+    fn emit(&mut self, side: Side, next_hop: Ipv4Addr, mut buf: Buf) -> Option<Buf> {
         let Some(&mac) = self.neighbours.get(&next_hop) else {
-            if self
-                .ctrl
-                .send(CtrlMsg::Resolve {
-                    side,
-                    next_hop,
-                    buf,
-                })
-                .is_ok()
-            {
-                self.shared.waker.wake();
-            }
-            return;
+            let _ = self.ctrl.send(CtrlMsg::Resolve {
+                side,
+                next_hop,
+                buf,
+            });
+            self.wake_ctrl = true;
+            return None;
         };
         wire::set_macs(buf.frame_mut(), mac, self.shared.addressing.mac(side));
-        match self.shared.tap(side).send(buf.frame()) {
+        match self.shared.send_buf(side, self.k, &buf) {
             Ok(()) => self.c.inc(tx_counter(side)),
             Err(_) => self.c.inc(Counter::TapWriteFails),
         }
-        self.shared.pool.put(buf);
+        Some(buf)
     }
 }

@@ -11,5 +11,6 @@
 pub mod build;
 pub mod csum;
 mod packet;
+pub mod vnet;
 
 pub use packet::*;

@@ -245,13 +245,31 @@ pub enum End {
     Dst,
 }
 
+/// What the transport checksum field holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4Csum {
+    /// A complete checksum (or zero for "no UDP checksum").
+    Full,
+    /// Only the pseudo-header sum, not complemented: checksum offload
+    /// (virtio `NEEDS_CSUM`, Linux `CHECKSUM_PARTIAL`) will finish it. An
+    /// address change is applied to it; a port change must not be.
+    Partial,
+}
+
 /// Rewrites one end's address and port (for ICMP echo: the identifier) of the
 /// packet in `frame`, decrements the TTL, and patches the IPv4 and transport
 /// checksums incrementally. The caller has checked `view.ttl > 1`.
 ///
 /// A zero UDP checksum means "none" (RFC 768) and stays zero; a computed zero
 /// is sent as 0xffff.
-pub fn translate(frame: &mut [u8], view: &Ipv4View, end: End, addr: Ipv4Addr, port: u16) {
+pub fn translate(
+    frame: &mut [u8],
+    view: &Ipv4View,
+    end: End,
+    addr: Ipv4Addr,
+    port: u16,
+    l4csum: L4Csum,
+) {
     let l4 = view.l4_offset();
     let (addr_at, port_at) = match end {
         End::Src => (IP + 12, l4),
@@ -271,6 +289,19 @@ pub fn translate(frame: &mut [u8], view: &Ipv4View, end: End, addr: Ipv4Addr, po
     frame[IP + 10..IP + 12].copy_from_slice(&ip_csum.to_be_bytes());
 
     match view.l4 {
+        L4::Tcp { .. } | L4::Udp { .. } if l4csum == L4Csum::Partial => {
+            let at = l4
+                + if matches!(view.l4, L4::Tcp { .. }) {
+                    16
+                } else {
+                    6
+                };
+            // A plain sum: subtracting the old address and adding the new one is
+            // the complemented form of the RFC 1624 update.
+            let c = !csum::update32(!be16(frame, at), old_addr, new_addr);
+            frame[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
+            frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        }
         L4::Tcp { .. } => {
             let at = l4 + 16;
             let mut c = be16(frame, at);

@@ -16,7 +16,7 @@ fn view(frame: &[u8]) -> Ipv4View {
 fn round_trip(mut out: Vec<u8>, mut reply: Vec<u8>, ext_port: u16) {
     let v = view(&out);
     let (sport, _) = v.ports().unwrap();
-    translate(&mut out, &v, End::Src, EXT, ext_port);
+    translate(&mut out, &v, End::Src, EXT, ext_port, L4Csum::Full);
     assert!(build::checksums_ok(&out), "in2out checksum");
     let t = view(&out);
     assert_eq!(t.src, EXT);
@@ -26,7 +26,7 @@ fn round_trip(mut out: Vec<u8>, mut reply: Vec<u8>, ext_port: u16) {
 
     // The reply comes to EXT:ext_port and must be restored to POD:sport.
     let rv = view(&reply);
-    translate(&mut reply, &rv, End::Dst, POD, sport);
+    translate(&mut reply, &rv, End::Dst, POD, sport, L4Csum::Full);
     assert!(build::checksums_ok(&reply), "out2in checksum");
     let r = view(&reply);
     assert_eq!(r.dst, POD);
@@ -60,7 +60,7 @@ fn udp_translates_both_ways_with_valid_checksums() {
 fn udp_without_checksum_stays_without() {
     let mut out = build::udp(&Endpoints::new(POD, REMOTE), 5353, 53, b"q", false);
     let v = view(&out);
-    translate(&mut out, &v, End::Src, EXT, 7000);
+    translate(&mut out, &v, End::Src, EXT, 7000, L4Csum::Full);
     let l4 = v.l4_offset();
     assert_eq!(&out[l4 + 6..l4 + 8], &[0, 0]);
     assert!(build::checksums_ok(&out));
@@ -73,7 +73,7 @@ fn udp_checksum_that_becomes_zero_is_sent_as_ffff() {
     let v = view(&out);
     let hit = (0..=u16::MAX).find_map(|p| {
         let mut f = out.clone();
-        translate(&mut f, &v, End::Src, EXT, p);
+        translate(&mut f, &v, End::Src, EXT, p, L4Csum::Full);
         let l4 = v.l4_offset();
         (f[l4 + 6..l4 + 8] == [0xff, 0xff]).then_some(f)
     });
@@ -94,7 +94,7 @@ fn ttl_word_decrements_with_valid_header_checksum() {
     ep.ttl = 2;
     let mut f = build::udp(&ep, 1, 2, b"", true);
     let v = view(&f);
-    translate(&mut f, &v, End::Src, EXT, 1);
+    translate(&mut f, &v, End::Src, EXT, 1, L4Csum::Full);
     assert_eq!(view(&f).ttl, 1);
 }
 
@@ -152,7 +152,7 @@ fn padding_after_total_length_is_ignored() {
     f.resize(60, 0xee);
     let v = view(&f);
     assert_eq!(v.total_len, 28);
-    translate(&mut f, &v, End::Src, EXT, 9);
+    translate(&mut f, &v, End::Src, EXT, 9, L4Csum::Full);
     assert!(build::checksums_ok(&f));
 }
 
@@ -237,8 +237,33 @@ fn random_bytes_never_panic() {
         f.truncate(cut);
         if let Ok(Classified::Ipv4(v)) = classify(&f) {
             if v.ttl > 1 {
-                translate(&mut f, &v, End::Src, EXT, 5);
+                translate(&mut f, &v, End::Src, EXT, 5, L4Csum::Full);
             }
         }
+    }
+}
+
+#[test]
+fn partial_checksum_gets_only_the_address_delta() {
+    for udp in [false, true] {
+        let ep = Endpoints::new(POD, REMOTE);
+        let mut f = if udp {
+            build::udp(&ep, 40000, 53, b"payload", true)
+        } else {
+            build::tcp(&ep, 40000, 80, TCP_ACK, b"payload")
+        };
+        let l4 = 34;
+        let at = l4 + if udp { 6 } else { 16 };
+        let proto = if udp { PROTO_UDP } else { PROTO_TCP };
+        // As the kernel hands it over with checksum offload: the plain pseudo-header sum.
+        let ph = csum::pseudo_header(POD.octets(), REMOTE.octets(), proto, (f.len() - l4) as u16);
+        f[at..at + 2].copy_from_slice(&(ph as u16).to_be_bytes());
+        let v = view(&f);
+        translate(&mut f, &v, End::Src, EXT, 61000, L4Csum::Partial);
+        // Finish it as the offload engine would: sum from csum_start, complement.
+        let c = csum::checksum(&f[l4..]);
+        f[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        assert!(build::checksums_ok(&f), "udp={udp}");
+        assert_eq!(view(&f).ports(), Some((61000, if udp { 53 } else { 80 })));
     }
 }

@@ -1,0 +1,284 @@
+//! Where a frame goes: decided once per frame, from its headers and the
+//! gateway's addressing alone (pure, so it is unit-tested without devices).
+use smoltcp::wire::{ArpRepr, EthernetAddress};
+
+use super::stats::Counter;
+use super::{Addressing, Side};
+use crate::wire::{self, Classified, Ipv4View, L4};
+
+/// The fate of one received frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Count and drop.
+    Drop(Counter),
+    /// ARP for one of the gateway's addresses, or an ICMP echo request to
+    /// one: for the gateway's own stack.
+    Local,
+    /// Transit IPv4, to be translated by the worker owning `port`
+    /// (`port % workers`): outbound by inside source port (or echo id),
+    /// inbound by outside destination port (or echo id).
+    Transit { port: u16, view: Ipv4View },
+}
+
+/// A (pod address, MAC) pair seen in a frame from the pod side.
+pub type Sighting = Option<(std::net::Ipv4Addr, EthernetAddress)>;
+
+/// Decides what to do with `frame`, received on `side`.
+pub fn classify(a: &Addressing, side: Side, frame: &[u8]) -> (Disposition, Sighting) {
+    use Disposition::*;
+    let view = match wire::classify(frame) {
+        Err(m) => return (Drop(Counter::malformed(m)), None),
+        Ok(Classified::OtherEthertype(_)) => return (Drop(Counter::DropOtherEthertype), None),
+        Ok(Classified::Arp(repr)) => return arp(a, side, repr),
+        Ok(Classified::Ipv4(v)) => v,
+    };
+    let (dst_mac, src_mac) = wire::macs(frame);
+    if dst_mac != a.mac(side) && !dst_mac.is_broadcast() {
+        return (Drop(Counter::DropNotForUs), None);
+    }
+    match side {
+        Side::Pod => {
+            let seen = (a.pod_net.contains(view.src) && view.src != a.pod_ip())
+                .then_some((view.src, src_mac));
+            (pod(a, view), seen)
+        }
+        Side::Uplink => (uplink(a, view), None),
+    }
+}
+
+fn for_gateway(view: &Ipv4View) -> Disposition {
+    match view.l4 {
+        L4::IcmpEcho { request: true, .. } if !view.is_fragment => Disposition::Local,
+        // RFC 5382 REQ-4: no RST, no port unreachable from the gateway itself.
+        _ => Disposition::Drop(Counter::DropToGateway),
+    }
+}
+
+fn pod(a: &Addressing, view: Ipv4View) -> Disposition {
+    use Disposition::*;
+    if a.is_local(view.dst) {
+        return for_gateway(&view);
+    }
+    if view.dst.is_broadcast() || view.dst.is_multicast() || view.dst == a.pod_net.broadcast() {
+        return Drop(Counter::DropNoRoute);
+    }
+    match a.masquerades(view.src, view.dst) {
+        None => return Drop(Counter::DropSpoofedSource),
+        Some(false) => return Drop(Counter::DropNoRoute),
+        Some(true) => {}
+    }
+    match view.l4 {
+        L4::Tcp { sport: port, .. }
+        | L4::Udp { sport: port, .. }
+        | L4::IcmpEcho { id: port, .. } => Transit { port, view },
+        L4::Fragment => Drop(Counter::DropFragment),
+        L4::IcmpError { .. } | L4::IcmpOther { .. } | L4::Other => {
+            Drop(Counter::DropUnsupportedProtocol)
+        }
+    }
+}
+
+fn uplink(a: &Addressing, view: Ipv4View) -> Disposition {
+    use Disposition::*;
+    if view.dst != a.uplink_ip() {
+        return Drop(Counter::DropNotForUs);
+    }
+    match view.l4 {
+        L4::IcmpEcho { request: true, .. } => for_gateway(&view),
+        L4::IcmpEcho {
+            request: false,
+            id: port,
+        }
+        | L4::Tcp { dport: port, .. }
+        | L4::Udp { dport: port, .. } => Transit { port, view },
+        L4::Fragment => Drop(Counter::DropFragment),
+        L4::IcmpError { .. } => Drop(Counter::DropIcmpError),
+        L4::IcmpOther { .. } | L4::Other => Drop(Counter::DropToGateway),
+    }
+}
+
+fn arp(a: &Addressing, side: Side, repr: ArpRepr) -> (Disposition, Sighting) {
+    let ArpRepr::EthernetIpv4 {
+        source_hardware_addr: mac,
+        source_protocol_addr: ip,
+        target_protocol_addr: target,
+        ..
+    } = repr
+    else {
+        return (Disposition::Drop(Counter::DropBadArp), None);
+    };
+    let ours = target == a.ip(side) || (side == Side::Pod && target == a.uplink_ip());
+    let seen =
+        (a.net(side).contains(ip) && ip != a.ip(side) && mac.is_unicast()).then_some((ip, mac));
+    if ours {
+        (Disposition::Local, seen)
+    } else {
+        // ARP replies to our own requests are addressed to us, so `ours` holds
+        // for them; anything else is somebody else's conversation.
+        (Disposition::Drop(Counter::DropArpIgnored), None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::control::config::{Config, DEFAULT_TOML};
+    use crate::wire::build::{self, Endpoints};
+
+    fn addressing() -> Addressing {
+        Addressing::from_config(&Config::from_toml_str(DEFAULT_TOML).unwrap())
+    }
+
+    fn ep(a: &Addressing, side: Side, src: [u8; 4], dst: [u8; 4]) -> Endpoints {
+        let mut e = Endpoints::new(Ipv4Addr::from(src), Ipv4Addr::from(dst));
+        e.dst_mac = a.mac(side);
+        e
+    }
+
+    #[test]
+    fn outbound_goes_to_the_owner_of_the_inside_port() {
+        let a = addressing();
+        let f = build::tcp(
+            &ep(&a, Side::Pod, [10, 244, 0, 2], [198, 51, 100, 10]),
+            4242,
+            80,
+            2,
+            b"",
+        );
+        let (d, seen) = classify(&a, Side::Pod, &f);
+        assert!(
+            matches!(d, Disposition::Transit { port: 4242, .. }),
+            "{d:?}"
+        );
+        assert_eq!(seen.map(|s| s.0), Some(Ipv4Addr::new(10, 244, 0, 2)));
+    }
+
+    #[test]
+    fn inbound_goes_to_the_owner_of_the_outside_port() {
+        let a = addressing();
+        let f = build::udp(
+            &ep(&a, Side::Uplink, [198, 51, 100, 10], [203, 0, 113, 10]),
+            53,
+            31337,
+            b"x",
+            true,
+        );
+        assert!(matches!(
+            classify(&a, Side::Uplink, &f).0,
+            Disposition::Transit { port: 31337, .. }
+        ));
+        let e = build::icmp_echo(
+            &ep(&a, Side::Uplink, [198, 51, 100, 10], [203, 0, 113, 10]),
+            false,
+            77,
+            1,
+            b"",
+        );
+        assert!(matches!(
+            classify(&a, Side::Uplink, &e).0,
+            Disposition::Transit { port: 77, .. }
+        ));
+    }
+
+    #[test]
+    fn echo_requests_to_the_gateway_are_local_other_traffic_is_dropped_silently() {
+        let a = addressing();
+        let ping = build::icmp_echo(
+            &ep(&a, Side::Uplink, [198, 51, 100, 10], [203, 0, 113, 10]),
+            true,
+            1,
+            1,
+            b"",
+        );
+        assert_eq!(classify(&a, Side::Uplink, &ping).0, Disposition::Local);
+        let ping = build::icmp_echo(
+            &ep(&a, Side::Pod, [10, 244, 0, 2], [10, 244, 0, 1]),
+            true,
+            1,
+            1,
+            b"",
+        );
+        assert_eq!(classify(&a, Side::Pod, &ping).0, Disposition::Local);
+        let syn = build::tcp(
+            &ep(&a, Side::Pod, [10, 244, 0, 2], [10, 244, 0, 1]),
+            1,
+            22,
+            2,
+            b"",
+        );
+        assert_eq!(
+            classify(&a, Side::Pod, &syn).0,
+            Disposition::Drop(Counter::DropToGateway)
+        );
+    }
+
+    #[test]
+    fn spoofed_excluded_foreign_and_broadcast_are_dropped() {
+        let a = addressing();
+        let cases = [
+            (
+                Side::Pod,
+                [172, 31, 0, 5],
+                [198, 51, 100, 10],
+                Counter::DropSpoofedSource,
+            ),
+            (
+                Side::Pod,
+                [10, 244, 0, 2],
+                [10, 244, 0, 3],
+                Counter::DropNoRoute,
+            ),
+            (
+                Side::Pod,
+                [10, 244, 0, 2],
+                [255, 255, 255, 255],
+                Counter::DropNoRoute,
+            ),
+            (
+                Side::Uplink,
+                [198, 51, 100, 10],
+                [10, 244, 0, 2],
+                Counter::DropNotForUs,
+            ),
+        ];
+        for (side, src, dst, want) in cases {
+            let f = build::udp(&ep(&a, side, src, dst), 1, 2, b"", true);
+            assert_eq!(
+                classify(&a, side, &f).0,
+                Disposition::Drop(want),
+                "{src:?} -> {dst:?}"
+            );
+        }
+        let mut other_mac = ep(&a, Side::Pod, [10, 244, 0, 2], [198, 51, 100, 10]);
+        other_mac.dst_mac = EthernetAddress([2, 1, 1, 1, 1, 1]);
+        let f = build::udp(&other_mac, 1, 2, b"", true);
+        assert_eq!(
+            classify(&a, Side::Pod, &f).0,
+            Disposition::Drop(Counter::DropNotForUs)
+        );
+    }
+
+    #[test]
+    fn arp_for_the_gateway_is_local_and_teaches_the_sender() {
+        let a = addressing();
+        let mut out = [0u8; 64];
+        let pod_mac = EthernetAddress([2, 0, 0, 0, 0, 9]);
+        let n =
+            wire::build_arp_request(&mut out, pod_mac, Ipv4Addr::new(10, 244, 0, 2), a.pod_ip());
+        let (d, seen) = classify(&a, Side::Pod, &out[..n]);
+        assert_eq!(d, Disposition::Local);
+        assert_eq!(seen, Some((Ipv4Addr::new(10, 244, 0, 2), pod_mac)));
+        let n = wire::build_arp_request(
+            &mut out,
+            pod_mac,
+            Ipv4Addr::new(10, 244, 0, 2),
+            Ipv4Addr::new(10, 244, 0, 3),
+        );
+        assert_eq!(
+            classify(&a, Side::Pod, &out[..n]).0,
+            Disposition::Drop(Counter::DropArpIgnored)
+        );
+    }
+}

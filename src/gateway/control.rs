@@ -1,0 +1,250 @@
+//! The control thread: the gateway's own stack (smoltcp answers ARP and ICMP
+//! echo), the authoritative neighbour table, and ARP resolution with a few
+//! packets held per unresolved next hop. Nothing here is per transit packet.
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use hashbrown::HashMap;
+use smoltcp::wire::EthernetAddress;
+
+use super::local::LocalStack;
+use super::stats::{Counter, Counters};
+use super::{Buf, CtrlMsg, Shared, Side, WorkerMsg};
+use crate::device::Poller;
+use crate::wire;
+
+/// Packets held per unresolved next hop (the kernel's unres_qlen is similar).
+const PENDING_MAX: usize = 32;
+/// ARP retry interval and attempts before the held packets are dropped.
+const ARP_RETRY_MS: u64 = 1000;
+const ARP_TRIES: u32 = 3;
+/// The control thread writes on queue 0 of each device.
+const QUEUE: usize = 0;
+
+struct Pending {
+    side: Side,
+    frames: VecDeque<Buf>,
+    last_request_ms: u64,
+    tries: u32,
+}
+
+pub(super) struct Control {
+    shared: Arc<Shared>,
+    c: Arc<Counters>,
+    workers: Vec<Sender<WorkerMsg>>,
+    rx: Receiver<CtrlMsg>,
+    pod_stack: LocalStack,
+    uplink_stack: LocalStack,
+    neighbours: HashMap<Ipv4Addr, EthernetAddress>,
+    pending: HashMap<Ipv4Addr, Pending>,
+}
+
+pub(super) fn tx_counter(side: Side) -> Counter {
+    match side {
+        Side::Pod => Counter::PodTxFrames,
+        Side::Uplink => Counter::UplinkTxFrames,
+    }
+}
+
+impl Control {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        c: Arc<Counters>,
+        workers: Vec<Sender<WorkerMsg>>,
+        rx: Receiver<CtrlMsg>,
+        seed: u64,
+    ) -> Control {
+        let a = &shared.addressing;
+        let now = shared.now_ms();
+        let pod_stack = LocalStack::new(
+            a.pod_mac,
+            &[(a.pod_ip(), a.pod_net.prefix_len), (a.uplink_ip(), 32)],
+            None,
+            a.pod_mtu,
+            now,
+            seed,
+        );
+        let uplink_stack = LocalStack::new(
+            a.uplink_mac,
+            &[(a.uplink_ip(), a.uplink_net.prefix_len)],
+            Some(a.uplink_gateway),
+            a.uplink_mtu,
+            now,
+            seed ^ 1,
+        );
+        Control {
+            shared,
+            c,
+            workers,
+            rx,
+            pod_stack,
+            uplink_stack,
+            neighbours: HashMap::new(),
+            pending: HashMap::new(),
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let mut poller = Poller::new();
+        let wake = poller.add(self.shared.ctrl_waker.as_raw_fd());
+        // Ask for the next hop's MAC at once, so the first packet out does not wait.
+        let gw = self.shared.addressing.uplink_gateway;
+        self.send_arp_request(Side::Uplink, gw);
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let _ = poller.wait(Some(Duration::from_millis(250)));
+            if poller.readable(wake) {
+                self.shared.ctrl_waker.drain();
+            }
+            while let Ok(msg) = self.rx.try_recv() {
+                self.handle(msg);
+            }
+            self.retry_pending();
+        }
+    }
+
+    fn handle(&mut self, msg: CtrlMsg) {
+        match msg {
+            CtrlMsg::Local { side, buf } => self.local(side, buf),
+            CtrlMsg::Seen(ip, mac) => self.learn(ip, mac),
+            CtrlMsg::Resolve {
+                side,
+                next_hop,
+                buf,
+            } => self.resolve(side, next_hop, buf),
+        }
+    }
+
+    /// Feeds an ARP or echo frame to smoltcp; learns the ARP sender.
+    fn local(&mut self, side: Side, buf: Buf) {
+        if let Ok(wire::Classified::Arp(repr)) = wire::classify(buf.frame()) {
+            if let smoltcp::wire::ArpRepr::EthernetIpv4 {
+                source_hardware_addr: mac,
+                source_protocol_addr: ip,
+                ..
+            } = repr
+            {
+                let a = &self.shared.addressing;
+                if a.net(side).contains(ip) && ip != a.ip(side) && mac.is_unicast() {
+                    self.learn(ip, mac);
+                }
+            }
+        }
+        self.c.inc(Counter::LocalStackFrames);
+        let now = self.shared.now_ms();
+        let stack = match side {
+            Side::Pod => &mut self.pod_stack,
+            Side::Uplink => &mut self.uplink_stack,
+        };
+        let mut sent = 0;
+        for out in stack.input(buf.frame(), now) {
+            match self.shared.send_frame(side, QUEUE, &out) {
+                Ok(()) => sent += 1,
+                Err(_) => self.c.inc(Counter::TapWriteFails),
+            }
+        }
+        self.c.add(tx_counter(side), sent);
+        self.shared.pool.put(buf);
+    }
+
+    /// Records a neighbour; on news, tells every worker and releases held packets.
+    fn learn(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
+        if self.neighbours.get(&ip) == Some(&mac) {
+            return;
+        }
+        self.neighbours.insert(ip, mac);
+        self.c.inc(Counter::NeighboursLearned);
+        for (k, w) in self.workers.iter().enumerate() {
+            if w.send(WorkerMsg::Neighbour(ip, mac)).is_ok() {
+                self.shared.wakers[k].wake();
+            }
+        }
+        if let Some(p) = self.pending.remove(&ip) {
+            for buf in p.frames {
+                self.send_to(p.side, mac, buf);
+            }
+        }
+    }
+
+    fn send_to(&self, side: Side, mac: EthernetAddress, mut buf: Buf) {
+        wire::set_macs(buf.frame_mut(), mac, self.shared.addressing.mac(side));
+        match self.shared.send_buf(side, QUEUE, &buf) {
+            Ok(()) => self.c.inc(tx_counter(side)),
+            Err(_) => self.c.inc(Counter::TapWriteFails),
+        }
+        self.shared.pool.put(buf);
+    }
+
+    fn resolve(&mut self, side: Side, next_hop: Ipv4Addr, buf: Buf) {
+        if let Some(&mac) = self.neighbours.get(&next_hop) {
+            return self.send_to(side, mac, buf);
+        }
+        let now = self.shared.now_ms();
+        let p = self.pending.entry(next_hop).or_insert_with(|| Pending {
+            side,
+            frames: VecDeque::new(),
+            last_request_ms: 0,
+            tries: 0,
+        });
+        if p.frames.len() >= PENDING_MAX {
+            self.c.inc(Counter::DropNeighbourQueueFull);
+            self.shared.pool.put(buf);
+        } else {
+            p.frames.push_back(buf);
+        }
+        if p.tries == 0 {
+            p.tries = 1;
+            p.last_request_ms = now;
+            self.send_arp_request(side, next_hop);
+        }
+    }
+
+    fn retry_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let now = self.shared.now_ms();
+        let mut ask = Vec::new();
+        let mut dropped = Vec::new();
+        for (ip, p) in self.pending.iter_mut() {
+            if now.saturating_sub(p.last_request_ms) < ARP_RETRY_MS {
+                continue;
+            }
+            if p.tries >= ARP_TRIES {
+                dropped.push(*ip);
+            } else {
+                p.tries += 1;
+                p.last_request_ms = now;
+                ask.push((p.side, *ip));
+            }
+        }
+        for ip in dropped {
+            if let Some(p) = self.pending.remove(&ip) {
+                self.c
+                    .add(Counter::DropNeighbourUnresolved, p.frames.len() as u64);
+                for b in p.frames {
+                    self.shared.pool.put(b);
+                }
+            }
+        }
+        for (side, ip) in ask {
+            self.send_arp_request(side, ip);
+        }
+    }
+
+    fn send_arp_request(&self, side: Side, target: Ipv4Addr) {
+        let a = &self.shared.addressing;
+        let mut out = [0u8; 64];
+        let n = wire::build_arp_request(&mut out, a.mac(side), a.ip(side), target);
+        match self.shared.send_frame(side, QUEUE, &out[..n]) {
+            Ok(()) => {
+                self.c.inc(Counter::ArpRequestsSent);
+                self.c.inc(tx_counter(side));
+            }
+            Err(_) => self.c.inc(Counter::TapWriteFails),
+        }
+    }
+}
