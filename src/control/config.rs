@@ -46,14 +46,31 @@ const ENV_STRING_KEYS: &[&str] = &[
     "uplink.gateway",
     "uplink.netns",
     "nat.ports",
+    "nat.filtering",
     "nat.timeouts.tcp_established",
     "nat.timeouts.tcp_transitory",
     "nat.timeouts.udp",
     "nat.timeouts.icmp",
+    "nat.timeouts.fragment",
+    "workers.busy_poll",
 ];
 
 /// Keys that may be set from the environment and are numbers.
-const ENV_NUMBER_KEYS: &[&str] = &["pod.mtu", "uplink.mtu", "nat.max_flows", "workers.threads"];
+const ENV_NUMBER_KEYS: &[&str] = &[
+    "pod.mtu",
+    "uplink.mtu",
+    "nat.max_flows",
+    "nat.icmp_errors_per_sec",
+    "nat.icmp_errors_burst",
+    "nat.fragments_max",
+    "workers.threads",
+];
+
+/// Keys that may be set from the environment and are booleans.
+///
+/// Taken as strings like [`ENV_STRING_KEYS`], so that only `true` and
+/// `false` are accepted ([`Bool`]), not `TRUE`, `1` or `yes`.
+const ENV_BOOL_KEYS: &[&str] = &["workers.offload", "workers.pin"];
 
 /// Smallest MTU accepted: the IPv4 minimum datagram every host must accept
 /// (RFC 791, "Every internet destination must be able to receive a datagram
@@ -67,6 +84,12 @@ pub const MAX_FLOWS_LIMIT: usize = 100_000_000;
 pub const MAX_THREADS: usize = 256;
 /// Longest interface name Linux accepts (`IFNAMSIZ` - 1).
 pub const MAX_TAP_NAME_LEN: usize = 15;
+/// Most datagrams accepted in `nat.fragments_max`.
+pub const MAX_FRAGMENTS_LIMIT: usize = 1_000_000;
+/// Longest `workers.busy_poll` accepted.
+pub const MAX_BUSY_POLL: Duration = Duration::from_secs(1);
+/// Most addresses in one `[[snat]]` pool (`snat[i].to`).
+pub const MAX_SNAT_POOL: u32 = 256;
 
 /// RFC minimum idle timeouts; below them `Config::warnings` complains.
 const RFC_MIN_TCP_ESTABLISHED: Duration = Duration::from_secs(7440);
@@ -212,6 +235,29 @@ pub struct PortRange {
     pub last: u16,
 }
 
+impl PortRange {
+    /// Whether `port` is inside the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// Whether the two ranges share any port.
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+/// `8080` or `8000-8099`, as written in the file.
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
 /// The `[pod]` table: the inside.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodConfig {
@@ -242,6 +288,54 @@ pub struct MasqueradeRule {
     pub exclude: Vec<Ipv4Net>,
 }
 
+/// One `[[snat]]` rule: traffic from `source` to anywhere outside every
+/// `exclude` prefix is translated to an address of the pool
+/// `to_first..=to_last` (at most [`MAX_SNAT_POOL`] addresses, all host
+/// addresses of the uplink subnet other than the uplink address and
+/// gateway).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnatRule {
+    pub source: Ipv4Net,
+    pub to_first: Ipv4Addr,
+    pub to_last: Ipv4Addr,
+    pub exclude: Vec<Ipv4Net>,
+}
+
+/// The transport protocol of a `[[forward]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardProtocol {
+    Tcp,
+    Udp,
+}
+
+/// One `[[forward]]` (DNAT): `protocol` traffic to the uplink address on a
+/// port in `ports` goes to `to_addr`, port `to_port + (port - ports.first)`.
+///
+/// Validated: `to_addr` is a host address of the pod subnet other than the
+/// gateway's own; the target range ends at most at 65535; `ports` is
+/// outside `nat.ports` and outside every other forward of the same protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forward {
+    pub protocol: ForwardProtocol,
+    pub ports: PortRange,
+    pub to_addr: Ipv4Addr,
+    /// The target port of `ports.first`.
+    pub to_port: u16,
+}
+
+/// `nat.filtering`: which inbound packets a mapping lets through (RFC 4787
+/// section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filtering {
+    /// `"endpoint-independent"`: from any outside address and port.
+    EndpointIndependent,
+    /// `"address"`: from an outside address the inside endpoint has sent to.
+    Address,
+    /// `"address-and-port"`: from an outside address and port the inside
+    /// endpoint has sent to.
+    AddressAndPort,
+}
+
 /// The `[nat.timeouts]` table: idle times after which a flow is forgotten.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Timeouts {
@@ -249,6 +343,8 @@ pub struct Timeouts {
     pub tcp_transitory: Duration,
     pub udp: Duration,
     pub icmp: Duration,
+    /// How long a datagram's fragments are tracked after its first one.
+    pub fragment: Duration,
 }
 
 /// The `[nat]` table.
@@ -257,6 +353,14 @@ pub struct NatConfig {
     pub ports: PortRange,
     pub max_flows: usize,
     pub timeouts: Timeouts,
+    pub filtering: Filtering,
+    /// ICMP errors the gateway itself sends, per second; 0 = unlimited.
+    pub icmp_errors_per_sec: u32,
+    /// Burst of such errors allowed above the rate; at least 1 when the rate
+    /// is limited.
+    pub icmp_errors_burst: u32,
+    /// Datagrams tracked while fragmented at once; 0 = fragments are dropped.
+    pub fragments_max: usize,
 }
 
 /// The `[workers]` table.
@@ -264,6 +368,13 @@ pub struct NatConfig {
 pub struct WorkersConfig {
     /// 0 = one per core; resolved when the workers start.
     pub threads: usize,
+    /// Spin this long on empty reads before sleeping in poll; zero = never
+    /// spin. At most [`MAX_BUSY_POLL`].
+    pub busy_poll: Duration,
+    /// Use `IFF_VNET_HDR` with TSO and checksum offload on the TAPs.
+    pub offload: bool,
+    /// Pin worker k to CPU k.
+    pub pin: bool,
 }
 
 /// A complete, validated configuration.
@@ -272,6 +383,8 @@ pub struct Config {
     pub pod: PodConfig,
     pub uplink: UplinkConfig,
     pub masquerade: Vec<MasqueradeRule>,
+    pub snat: Vec<SnatRule>,
+    pub forward: Vec<Forward>,
     pub nat: NatConfig,
     pub workers: WorkersConfig,
 }
@@ -313,8 +426,8 @@ impl Config {
     }
 
     /// Human-readable warnings about a valid but questionable configuration:
-    /// timeouts below the RFC minimums, no masquerade rule, a rule that no
-    /// pod traffic can match.
+    /// timeouts below the RFC minimums, no masquerade rule, a masquerade or
+    /// SNAT rule that no pod traffic can match.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         let t = &self.nat.timeouts;
@@ -343,9 +456,9 @@ impl Config {
                 ));
             }
         }
-        if self.masquerade.is_empty() {
+        if self.masquerade.is_empty() && self.snat.is_empty() {
             out.push(
-                "config key `masquerade`: no masquerade rule, so no pod traffic will be translated"
+                "config key `masquerade`: no masquerade rule and no snat rule, so no pod traffic will be translated"
                     .to_string(),
             );
         }
@@ -353,6 +466,14 @@ impl Config {
             if !rule.source.overlaps(&self.pod.address) {
                 out.push(format!(
                     "config key `masquerade[{i}].source`: {} does not overlap the pod subnet {}, so the rule matches no pod traffic",
+                    rule.source, self.pod.address
+                ));
+            }
+        }
+        for (i, rule) in self.snat.iter().enumerate() {
+            if !rule.source.overlaps(&self.pod.address) {
+                out.push(format!(
+                    "config key `snat[{i}].source`: {} does not overlap the pod subnet {}, so the rule matches no pod traffic",
                     rule.source, self.pod.address
                 ));
             }
@@ -373,7 +494,7 @@ fn build(text: &str, origin: &str, env: &[(&str, &str)]) -> Result<Config, Confi
             continue;
         };
         let key = rest.replace("__", ".");
-        if ENV_STRING_KEYS.contains(&key.as_str()) {
+        if ENV_STRING_KEYS.contains(&key.as_str()) || ENV_BOOL_KEYS.contains(&key.as_str()) {
             strings.insert(var.to_string(), value.to_string());
         } else if ENV_NUMBER_KEYS.contains(&key.as_str()) {
             numbers.insert(var.to_string(), value.to_string());
@@ -514,6 +635,8 @@ struct RawConfig {
     pod: RawPod,
     uplink: RawUplink,
     masquerade: Vec<RawMasquerade>,
+    snat: Vec<RawSnat>,
+    forward: Vec<RawForward>,
     nat: RawNat,
     workers: RawWorkers,
 }
@@ -527,6 +650,8 @@ impl Default for RawConfig {
                 source: "10.244.0.0/16".into(),
                 exclude: vec!["10.244.0.0/16".into()],
             }],
+            snat: Vec::new(),
+            forward: Vec::new(),
             nat: RawNat::default(),
             workers: RawWorkers::default(),
         }
@@ -586,11 +711,34 @@ struct RawMasquerade {
     exclude: Vec<String>,
 }
 
+/// `source` and `to` have no default: a rule without them means nothing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSnat {
+    source: String,
+    to: String,
+    #[serde(default)]
+    exclude: Vec<String>,
+}
+
+/// Every key is required.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    protocol: String,
+    port: PortSpec,
+    to: String,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct RawNat {
     ports: String,
     max_flows: Int,
+    filtering: String,
+    icmp_errors_per_sec: Int,
+    icmp_errors_burst: Int,
+    fragments_max: Int,
     timeouts: RawTimeouts,
 }
 
@@ -599,6 +747,10 @@ impl Default for RawNat {
         RawNat {
             ports: "1024-65535".into(),
             max_flows: Int(262_144),
+            filtering: "address".into(),
+            icmp_errors_per_sec: Int(1000),
+            icmp_errors_burst: Int(50),
+            fragments_max: Int(1024),
             timeouts: RawTimeouts::default(),
         }
     }
@@ -611,6 +763,7 @@ struct RawTimeouts {
     tcp_transitory: String,
     udp: String,
     icmp: String,
+    fragment: String,
 }
 
 impl Default for RawTimeouts {
@@ -620,15 +773,85 @@ impl Default for RawTimeouts {
             tcp_transitory: "240s".into(),
             udp: "300s".into(),
             icmp: "60s".into(),
+            fragment: "2s".into(),
         }
     }
 }
 
-/// Default `threads = 0`: one per core.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct RawWorkers {
     threads: Int,
+    busy_poll: String,
+    offload: Bool,
+    pin: Bool,
+}
+
+impl Default for RawWorkers {
+    fn default() -> Self {
+        RawWorkers {
+            threads: Int(0),
+            busy_poll: "0s".into(),
+            offload: Bool(true),
+            pin: Bool(false),
+        }
+    }
+}
+
+/// A boolean key. The `config` crate would take `1`, `"yes"` or `"on"` as
+/// true; this accepts only booleans, and the strings `true` and `false`
+/// (from the environment).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Bool(bool);
+
+impl<'de> Deserialize<'de> for Bool {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Bool;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true or false")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Bool, E> {
+                Ok(Bool(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Bool, E> {
+                match v {
+                    "true" => Ok(Bool(true)),
+                    "false" => Ok(Bool(false)),
+                    _ => Err(E::invalid_type(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `forward[i].port`: an integer or a `"FIRST-LAST"` string, kept as text
+/// for [`port_range`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PortSpec(String);
+
+impl<'de> Deserialize<'de> for PortSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PortSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port number or a \"FIRST-LAST\" string")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortSpec, E> {
+                Ok(PortSpec(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortSpec, E> {
+                Ok(PortSpec(v.to_string()))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortSpec, E> {
+                Ok(PortSpec(v.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// An integer key. The `config` crate would round a float (`mtu = 1500.7`)
@@ -774,6 +997,8 @@ impl RawConfig {
             masquerade.push(MasqueradeRule { source, exclude });
         }
 
+        let snat = snat_rules(self.snat, &uplink)?;
+
         let ports = port_range("nat.ports", &self.nat.ports)?;
         let max_flows = match usize::try_from(self.nat.max_flows.0) {
             Ok(n) if (1..=MAX_FLOWS_LIMIT).contains(&n) => n,
@@ -793,7 +1018,44 @@ impl RawConfig {
             tcp_transitory: duration("nat.timeouts.tcp_transitory", &t.tcp_transitory)?,
             udp: duration("nat.timeouts.udp", &t.udp)?,
             icmp: duration("nat.timeouts.icmp", &t.icmp)?,
+            fragment: duration("nat.timeouts.fragment", &t.fragment)?,
         };
+        let filtering = match self.nat.filtering.as_str() {
+            "endpoint-independent" => Filtering::EndpointIndependent,
+            "address" => Filtering::Address,
+            "address-and-port" => Filtering::AddressAndPort,
+            other => {
+                return Err(ConfigError::invalid(
+                    "nat.filtering",
+                    format!(
+                        "unknown filtering {other:?}; expected \"endpoint-independent\", \"address\" or \"address-and-port\""
+                    ),
+                ))
+            }
+        };
+        let icmp_errors_per_sec =
+            u32_key("nat.icmp_errors_per_sec", self.nat.icmp_errors_per_sec.0)?;
+        let icmp_errors_burst = u32_key("nat.icmp_errors_burst", self.nat.icmp_errors_burst.0)?;
+        if icmp_errors_per_sec != 0 && icmp_errors_burst == 0 {
+            return Err(ConfigError::invalid(
+                "nat.icmp_errors_burst",
+                "0 would let no ICMP error through while nat.icmp_errors_per_sec limits the rate; \
+                 use at least 1, or nat.icmp_errors_per_sec = 0 for no limit",
+            ));
+        }
+        let fragments_max = match usize::try_from(self.nat.fragments_max.0) {
+            Ok(n) if n <= MAX_FRAGMENTS_LIMIT => n,
+            _ => {
+                return Err(ConfigError::invalid(
+                    "nat.fragments_max",
+                    format!(
+                        "{} is out of range; must be 0 (fragments are dropped) to {MAX_FRAGMENTS_LIMIT}",
+                        self.nat.fragments_max.0
+                    ),
+                ))
+            }
+        };
+        let forward = forwards(self.forward, &pod, ports)?;
         let threads = match usize::try_from(self.workers.threads.0) {
             Ok(n) if n <= MAX_THREADS => n,
             _ => {
@@ -806,18 +1068,279 @@ impl RawConfig {
                 ))
             }
         };
+        let busy_poll = duration_or_zero("workers.busy_poll", &self.workers.busy_poll)?;
+        if busy_poll > MAX_BUSY_POLL {
+            return Err(ConfigError::invalid(
+                "workers.busy_poll",
+                format!(
+                    "{} is too long; must be at most {}",
+                    format_duration(busy_poll),
+                    format_duration(MAX_BUSY_POLL)
+                ),
+            ));
+        }
         Ok(Config {
             pod,
             uplink,
             masquerade,
+            snat,
+            forward,
             nat: NatConfig {
                 ports,
                 max_flows,
                 timeouts,
+                filtering,
+                icmp_errors_per_sec,
+                icmp_errors_burst,
+                fragments_max,
             },
-            workers: WorkersConfig { threads },
+            workers: WorkersConfig {
+                threads,
+                busy_poll,
+                offload: self.workers.offload.0,
+                pin: self.workers.pin.0,
+            },
         })
     }
+}
+
+/// The `[[snat]]` list, checked against the uplink and against each other.
+fn snat_rules(raw: Vec<RawSnat>, uplink: &UplinkConfig) -> Result<Vec<SnatRule>, ConfigError> {
+    let mut out: Vec<SnatRule> = Vec::with_capacity(raw.len());
+    for (i, rule) in raw.into_iter().enumerate() {
+        let key = format!("snat[{i}].source");
+        let source = cidr(&key, &rule.source)?;
+        if source.contains(uplink.address.addr) {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "{source} contains the uplink address {}; translated replies would match the rule again",
+                    uplink.address.addr
+                ),
+            ));
+        }
+        let key = format!("snat[{i}].to");
+        let (to_first, to_last) = snat_pool(&key, &rule.to, uplink)?;
+        for (j, other) in out.iter().enumerate() {
+            if to_first <= other.to_last && other.to_first <= to_last {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!(
+                        "pool {:?} overlaps the pool of snat[{j}].to ({}-{}); an address belongs to one rule",
+                        rule.to, other.to_first, other.to_last
+                    ),
+                ));
+            }
+        }
+        let exclude = rule
+            .exclude
+            .iter()
+            .enumerate()
+            .map(|(j, s)| cidr(&format!("snat[{i}].exclude[{j}]"), s))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(SnatRule {
+            source,
+            to_first,
+            to_last,
+            exclude,
+        });
+    }
+    Ok(out)
+}
+
+/// `snat[i].to`: `"A"` or `"A-B"`, at most [`MAX_SNAT_POOL`] host addresses
+/// of the uplink subnet, not the uplink address or gateway.
+fn snat_pool(
+    key: &str,
+    s: &str,
+    uplink: &UplinkConfig,
+) -> Result<(Ipv4Addr, Ipv4Addr), ConfigError> {
+    let addr = |a: &str| -> Result<Ipv4Addr, ConfigError> {
+        a.trim().parse().map_err(|_| {
+            ConfigError::invalid(
+                key,
+                format!(
+                    "{s:?}: {:?} is not an IPv4 address (write ADDRESS or FIRST-LAST)",
+                    a.trim()
+                ),
+            )
+        })
+    };
+    let (first, last) = match s.split_once('-') {
+        Some((a, b)) => (addr(a)?, addr(b)?),
+        None => {
+            let a = addr(s)?;
+            (a, a)
+        }
+    };
+    if first > last {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{s:?}: first address {first} is above last address {last}"),
+        ));
+    }
+    let count = u64::from(u32::from(last) - u32::from(first)) + 1;
+    if count > u64::from(MAX_SNAT_POOL) {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{s:?} has {count} addresses; a pool has at most {MAX_SNAT_POOL}"),
+        ));
+    }
+    let subnet = net_of(&uplink.address);
+    if !subnet.contains(first) || !subnet.contains(last) {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{s:?} is outside the uplink subnet {subnet}"),
+        ));
+    }
+    let mut reserved = vec![
+        (uplink.address.addr, "the gateway's own uplink.address"),
+        (uplink.gateway, "uplink.gateway"),
+    ];
+    // /31 has no network or broadcast address (RFC 3021).
+    if subnet.prefix_len < 31 {
+        reserved.push((subnet.network(), "the network address of the uplink subnet"));
+        reserved.push((
+            subnet.broadcast(),
+            "the broadcast address of the uplink subnet",
+        ));
+    }
+    for (a, what) in reserved {
+        if (first..=last).contains(&a) {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{s:?} includes {a}, {what}"),
+            ));
+        }
+    }
+    Ok((first, last))
+}
+
+/// The `[[forward]]` list, checked against the pod subnet, `nat.ports` and
+/// each other.
+fn forwards(
+    raw: Vec<RawForward>,
+    pod: &PodConfig,
+    nat_ports: PortRange,
+) -> Result<Vec<Forward>, ConfigError> {
+    let mut out: Vec<Forward> = Vec::with_capacity(raw.len());
+    for (i, f) in raw.into_iter().enumerate() {
+        let protocol = match f.protocol.as_str() {
+            "tcp" => ForwardProtocol::Tcp,
+            "udp" => ForwardProtocol::Udp,
+            other => {
+                return Err(ConfigError::invalid(
+                    format!("forward[{i}].protocol"),
+                    format!("unknown protocol {other:?}; expected \"tcp\" or \"udp\""),
+                ))
+            }
+        };
+        let port_key = format!("forward[{i}].port");
+        let ports = port_range(&port_key, &f.port.0)?;
+        if ports.overlaps(&nat_ports) {
+            return Err(ConfigError::invalid(
+                port_key,
+                format!(
+                    "{ports} overlaps nat.ports {nat_ports}; the NAT could hand a forwarded port to a \
+                     translated flow. Shrink nat.ports to leave the forwarded ports out"
+                ),
+            ));
+        }
+        for (j, other) in out.iter().enumerate() {
+            if other.protocol == protocol && other.ports.overlaps(&ports) {
+                return Err(ConfigError::invalid(
+                    port_key,
+                    format!(
+                        "{ports} overlaps forward[{j}].port {} of the same protocol",
+                        other.ports
+                    ),
+                ));
+            }
+        }
+        let to_key = format!("forward[{i}].to");
+        let (to_addr, to_port) = forward_target(&to_key, &f.to, ports)?;
+        let subnet = net_of(&pod.address);
+        if !subnet.contains(to_addr) {
+            return Err(ConfigError::invalid(
+                to_key,
+                format!("{to_addr} is outside the pod subnet {subnet}"),
+            ));
+        }
+        if to_addr == pod.address.addr {
+            return Err(ConfigError::invalid(
+                to_key,
+                format!("{to_addr} is the gateway's own pod.address"),
+            ));
+        }
+        let host = Ipv4Net {
+            addr: to_addr,
+            prefix_len: subnet.prefix_len,
+        };
+        if !host.is_host_address() {
+            return Err(ConfigError::invalid(
+                to_key,
+                format!("{to_addr} is the network or broadcast address of {subnet}"),
+            ));
+        }
+        let to_last = u32::from(to_port) + u32::from(ports.last - ports.first);
+        if to_last > u32::from(u16::MAX) {
+            return Err(ConfigError::invalid(
+                to_key,
+                format!(
+                    "{ports} ({} ports) from target port {to_port} would run to port {to_last}, past 65535",
+                    u32::from(ports.last - ports.first) + 1
+                ),
+            ));
+        }
+        out.push(Forward {
+            protocol,
+            ports,
+            to_addr,
+            to_port,
+        });
+    }
+    Ok(out)
+}
+
+/// `forward[i].to`: `"ADDRESS:PORT"` (the target of `ports.first`), or
+/// `"ADDRESS"` to keep the same ports.
+fn forward_target(key: &str, s: &str, ports: PortRange) -> Result<(Ipv4Addr, u16), ConfigError> {
+    let (addr, port) = match s.split_once(':') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let addr: Ipv4Addr = addr.parse().map_err(|_| {
+        ConfigError::invalid(
+            key,
+            format!("{s:?}: {addr:?} is not an IPv4 address (write ADDRESS:PORT or ADDRESS)"),
+        )
+    })?;
+    let port = match port {
+        None => ports.first,
+        Some(p) => {
+            let r = port_range(key, p)?;
+            if r.first != r.last {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!(
+                        "{s:?}: give one target port, the one forward port {} maps to",
+                        ports.first
+                    ),
+                ));
+            }
+            r.first
+        }
+    };
+    Ok((addr, port))
+}
+
+fn u32_key(key: &str, value: i64) -> Result<u32, ConfigError> {
+    u32::try_from(value).map_err(|_| {
+        ConfigError::invalid(
+            key,
+            format!("{value} is out of range; must be 0 to {}", u32::MAX),
+        )
+    })
 }
 
 /// `net` with the host bits cleared, for messages.
@@ -937,15 +1460,9 @@ fn port_range(key: &str, s: &str) -> Result<PortRange, ConfigError> {
     Ok(PortRange { first, last })
 }
 
+/// A duration above zero.
 fn duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
-    let d = parse_duration(s).map_err(|p| {
-        ConfigError::invalid(
-            key,
-            format!(
-                "invalid duration {s:?}: {p} (write e.g. \"300s\", \"5m\", \"2h4m\", \"1500ms\")"
-            ),
-        )
-    })?;
+    let d = duration_or_zero(key, s)?;
     if d.is_zero() {
         return Err(ConfigError::invalid(
             key,
@@ -955,8 +1472,20 @@ fn duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
     Ok(d)
 }
 
-/// Parse `2h4m`, `300s`, `1500ms`: numbers each followed by a unit (h, m, s,
-/// ms), units in decreasing order, each at most once.
+/// A duration that may be zero (`"0s"`).
+fn duration_or_zero(key: &str, s: &str) -> Result<Duration, ConfigError> {
+    parse_duration(s).map_err(|p| {
+        ConfigError::invalid(
+            key,
+            format!(
+                "invalid duration {s:?}: {p} (write e.g. \"300s\", \"5m\", \"2h4m\", \"1500ms\")"
+            ),
+        )
+    })
+}
+
+/// Parse `2h4m`, `300s`, `1500ms`, `50us`: numbers each followed by a unit
+/// (h, m, s, ms, us), units in decreasing order, each at most once.
 fn parse_duration(s: &str) -> Result<Duration, &'static str> {
     if s.is_empty() {
         return Err("empty");
@@ -971,18 +1500,20 @@ fn parse_duration(s: &str) -> Result<Duration, &'static str> {
         }
         let n: u64 = rest[..digits].parse().map_err(|_| "number too large")?;
         rest = &rest[digits..];
-        let (unit, rank, len) = if rest.starts_with("ms") {
-            (Duration::from_millis(1), 0, 2)
+        let (unit, rank, len) = if rest.starts_with("us") {
+            (Duration::from_micros(1), 0, 2)
+        } else if rest.starts_with("ms") {
+            (Duration::from_millis(1), 1, 2)
         } else if rest.starts_with('s') {
-            (Duration::from_secs(1), 1, 1)
+            (Duration::from_secs(1), 2, 1)
         } else if rest.starts_with('m') {
-            (Duration::from_secs(60), 2, 1)
+            (Duration::from_secs(60), 3, 1)
         } else if rest.starts_with('h') {
-            (Duration::from_secs(3600), 3, 1)
+            (Duration::from_secs(3600), 4, 1)
         } else if rest.is_empty() {
-            return Err("missing unit (ms, s, m or h)");
+            return Err("missing unit (us, ms, s, m or h)");
         } else {
-            return Err("unknown unit; use ms, s, m or h");
+            return Err("unknown unit; use us, ms, s, m or h");
         };
         if rank >= last_rank {
             return Err("units must go from largest to smallest, each once");
@@ -1000,6 +1531,9 @@ fn parse_duration(s: &str) -> Result<Duration, &'static str> {
 
 /// `7440s` -> `2h4m`, for messages.
 fn format_duration(d: Duration) -> String {
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return format!("{}us", d.as_micros());
+    }
     if d.subsec_millis() != 0 || d.as_secs() == 0 {
         return format!("{}ms", d.as_millis());
     }
@@ -1041,6 +1575,8 @@ mod tests {
                 source: net("10.244.0.0/16"),
                 exclude: vec![net("10.244.0.0/16")],
             }],
+            snat: vec![],
+            forward: vec![],
             nat: NatConfig {
                 ports: PortRange {
                     first: 1024,
@@ -1052,10 +1588,35 @@ mod tests {
                     tcp_transitory: Duration::from_secs(240),
                     udp: Duration::from_secs(300),
                     icmp: Duration::from_secs(60),
+                    fragment: Duration::from_secs(2),
                 },
+                filtering: Filtering::Address,
+                icmp_errors_per_sec: 1000,
+                icmp_errors_burst: 50,
+                fragments_max: 1024,
             },
-            workers: WorkersConfig { threads: 0 },
+            workers: WorkersConfig {
+                threads: 0,
+                busy_poll: Duration::ZERO,
+                offload: true,
+                pin: false,
+            },
         }
+    }
+
+    /// `nat.ports` shrunk so that forwards below 10000 are allowed.
+    const FWD: &str = "[nat]\nports = \"10000-65535\"\n";
+
+    /// The error message for a config with `FWD` and one `[[forward]]`.
+    fn fwd_err(protocol: &str, port: &str, to: &str) -> String {
+        err(&format!(
+            "{FWD}[[forward]]\nprotocol = \"{protocol}\"\nport = {port}\nto = \"{to}\"\n"
+        ))
+    }
+
+    /// The error message for a config with one `[[snat]]`.
+    fn snat_err(source: &str, to: &str) -> String {
+        err(&format!("[[snat]]\nsource = \"{source}\"\nto = \"{to}\"\n"))
     }
 
     /// The error message for `toml`, which must fail.
@@ -1228,6 +1789,124 @@ mod tests {
         }
         assert_eq!(format_duration(Duration::from_secs(7440)), "2h4m");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(parse_duration("50us"), Ok(Duration::from_micros(50)));
+        assert_eq!(parse_duration("1ms500us"), Ok(Duration::from_micros(1500)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(format_duration(Duration::from_micros(1500)), "1500us");
+        assert_eq!(format_duration(Duration::ZERO), "0ms");
+        assert!(parse_duration("5us1ms").is_err());
+    }
+
+    #[test]
+    fn new_nat_and_workers_keys_from_file() {
+        let c = Config::from_toml_str(
+            "[nat]\nfiltering = \"endpoint-independent\"\nicmp_errors_per_sec = 0\nicmp_errors_burst = 0\nfragments_max = 0\n[nat.timeouts]\nfragment = \"15s\"\n[workers]\nbusy_poll = \"1s\"\noffload = false\npin = true\n",
+        )
+        .unwrap();
+        let mut want = expected_default();
+        want.nat.filtering = Filtering::EndpointIndependent;
+        want.nat.icmp_errors_per_sec = 0;
+        want.nat.icmp_errors_burst = 0;
+        want.nat.fragments_max = 0;
+        want.nat.timeouts.fragment = Duration::from_secs(15);
+        want.workers.busy_poll = Duration::from_secs(1);
+        want.workers.offload = false;
+        want.workers.pin = true;
+        assert_eq!(c, want);
+        assert!(c.warnings().is_empty());
+        let c = Config::from_toml_str(
+            "[nat]\nfiltering = \"address-and-port\"\nicmp_errors_per_sec = 4294967295\n[workers]\nbusy_poll = \"50us\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.nat.filtering, Filtering::AddressAndPort);
+        assert_eq!(c.nat.icmp_errors_per_sec, u32::MAX);
+        assert_eq!(c.workers.busy_poll, Duration::from_micros(50));
+    }
+
+    #[test]
+    fn forwards_parse() {
+        let c = Config::from_toml_str(&format!(
+            "{FWD}[[forward]]\nprotocol = \"tcp\"\nport = 8080\nto = \"10.244.0.2:80\"\n\
+             [[forward]]\nprotocol = \"udp\"\nport = \"8000-8099\"\nto = \"10.244.3.4\"\n\
+             [[forward]]\nprotocol = \"tcp\"\nport = \"8000-8079\"\nto = \"10.244.0.3:65456\"\n\
+             [[forward]]\nprotocol = \"udp\"\nport = \"9999\"\nto = \"10.244.0.3:53\"\n"
+        ))
+        .unwrap();
+        let range = |first, last| PortRange { first, last };
+        assert_eq!(
+            c.forward,
+            vec![
+                Forward {
+                    protocol: ForwardProtocol::Tcp,
+                    ports: range(8080, 8080),
+                    to_addr: Ipv4Addr::new(10, 244, 0, 2),
+                    to_port: 80,
+                },
+                Forward {
+                    protocol: ForwardProtocol::Udp,
+                    ports: range(8000, 8099),
+                    to_addr: Ipv4Addr::new(10, 244, 3, 4),
+                    to_port: 8000,
+                },
+                Forward {
+                    protocol: ForwardProtocol::Tcp,
+                    ports: range(8000, 8079),
+                    to_addr: Ipv4Addr::new(10, 244, 0, 3),
+                    to_port: 65456,
+                },
+                Forward {
+                    protocol: ForwardProtocol::Udp,
+                    ports: range(9999, 9999),
+                    to_addr: Ipv4Addr::new(10, 244, 0, 3),
+                    to_port: 53,
+                },
+            ]
+        );
+        assert_eq!(c.forward[1].ports.to_string(), "8000-8099");
+        assert!(c.forward[1].ports.contains(8099));
+        assert!(!c.forward[1].ports.contains(8100));
+        assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn snat_rules_parse() {
+        let c = Config::from_toml_str(
+            "[[snat]]\nsource = \"10.244.1.0/24\"\nto = \"203.0.113.20-203.0.113.29\"\nexclude = [\"10.244.0.0/16\"]\n\
+             [[snat]]\nsource = \"10.244.2.0/24\"\nto = \"203.0.113.30\"\n\
+             [[snat]]\nsource = \"10.244.3.0/24\"\nto = \"203.0.113.2-203.0.113.9\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.snat,
+            vec![
+                SnatRule {
+                    source: net("10.244.1.0/24"),
+                    to_first: Ipv4Addr::new(203, 0, 113, 20),
+                    to_last: Ipv4Addr::new(203, 0, 113, 29),
+                    exclude: vec![net("10.244.0.0/16")],
+                },
+                SnatRule {
+                    source: net("10.244.2.0/24"),
+                    to_first: Ipv4Addr::new(203, 0, 113, 30),
+                    to_last: Ipv4Addr::new(203, 0, 113, 30),
+                    exclude: vec![],
+                },
+                SnatRule {
+                    source: net("10.244.3.0/24"),
+                    to_first: Ipv4Addr::new(203, 0, 113, 2),
+                    to_last: Ipv4Addr::new(203, 0, 113, 9),
+                    exclude: vec![],
+                },
+            ]
+        );
+        assert_eq!(c.masquerade, expected_default().masquerade);
+        assert!(c.warnings().is_empty());
+        // A full 256-address pool on a wider uplink.
+        let c = Config::from_toml_str(
+            "[uplink]\naddress = \"198.51.100.10/22\"\ngateway = \"198.51.100.1\"\n[[snat]]\nsource = \"10.244.0.0/16\"\nto = \"198.51.101.0-198.51.101.255\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.snat[0].to_last, Ipv4Addr::new(198, 51, 101, 255));
     }
 
     // ---- environment ----
@@ -1314,12 +1993,23 @@ mod tests {
             ("nat.timeouts.tcp_transitory", "5m"),
             ("nat.timeouts.udp", "10m"),
             ("nat.timeouts.icmp", "2m"),
+            ("nat.timeouts.fragment", "5s"),
+            ("nat.filtering", "address-and-port"),
+            ("workers.busy_poll", "50us"),
             ("pod.mtu", "1400"),
             ("uplink.mtu", "1400"),
             ("nat.max_flows", "10"),
+            ("nat.icmp_errors_per_sec", "0"),
+            ("nat.icmp_errors_burst", "7"),
+            ("nat.fragments_max", "0"),
             ("workers.threads", "3"),
+            ("workers.offload", "false"),
+            ("workers.pin", "true"),
         ];
-        assert_eq!(vals.len(), ENV_STRING_KEYS.len() + ENV_NUMBER_KEYS.len());
+        assert_eq!(
+            vals.len(),
+            ENV_STRING_KEYS.len() + ENV_NUMBER_KEYS.len() + ENV_BOOL_KEYS.len()
+        );
         let names: Vec<String> = vals
             .iter()
             .map(|(k, _)| format!("TAPNAT_{}", k.replace('.', "__").to_uppercase()))
@@ -1337,6 +2027,30 @@ mod tests {
         assert_ne!(c.nat.max_flows, d.nat.max_flows);
         assert_ne!(c.workers, d.workers);
         assert_eq!(c.nat.timeouts.icmp, Duration::from_secs(120));
+        assert_eq!(c.nat.timeouts.fragment, Duration::from_secs(5));
+        assert_eq!(c.nat.filtering, Filtering::AddressAndPort);
+        assert_eq!(c.nat.icmp_errors_per_sec, 0);
+        assert_eq!(c.nat.icmp_errors_burst, 7);
+        assert_eq!(c.nat.fragments_max, 0);
+        assert_eq!(
+            c.workers,
+            WorkersConfig {
+                threads: 3,
+                busy_poll: Duration::from_micros(50),
+                offload: false,
+                pin: true,
+            }
+        );
+    }
+
+    #[test]
+    fn env_bools_are_exactly_true_or_false() {
+        for bad in ["TRUE", "1", "yes", "on", ""] {
+            let msg = env_err(&[("TAPNAT_WORKERS__PIN", bad)]);
+            assert_mentions(&msg, &["workers.pin", "true or false"]);
+        }
+        let c = Config::load_with_env(None, &[("TAPNAT_WORKERS__OFFLOAD", "false")]).unwrap();
+        assert!(!c.workers.offload);
     }
 
     #[test]
@@ -1360,6 +2074,35 @@ mod tests {
     }
 
     // ---- shape errors ----
+
+    #[test]
+    fn rejects_forward_and_snat_missing_keys() {
+        let msg = err("[[forward]]\nprotocol = \"tcp\"\nport = 80\n");
+        assert_mentions(&msg, &["forward[0].to", "missing"]);
+        let msg = err("[[snat]]\nsource = \"10.244.0.0/16\"\n");
+        assert_mentions(&msg, &["snat[0].to", "missing"]);
+        let msg = err("[[snat]]\nsource = \"10.244.0.0/16\"\nto = \"203.0.113.20\"\nexclud = []\n");
+        assert_mentions(&msg, &["snat[0].exclud", "unknown key"]);
+    }
+
+    #[test]
+    fn rejects_non_boolean() {
+        for bad in ["1", "\"yes\"", "\"TRUE\""] {
+            let msg = err(&format!("[workers]\noffload = {bad}\n"));
+            assert_mentions(
+                &msg,
+                &["`workers.offload`", "invalid type", "true or false"],
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_bad_forward_port_type() {
+        let msg = err(&format!(
+            "{FWD}[[forward]]\nprotocol = \"tcp\"\nport = 80.5\nto = \"10.244.0.2\"\n"
+        ));
+        assert_mentions(&msg, &["forward[0].port", "invalid type"]);
+    }
 
     #[test]
     fn rejects_bad_toml_syntax() {
@@ -1555,6 +2298,218 @@ mod tests {
     }
 
     #[test]
+    fn rejects_bad_filtering() {
+        for bad in ["", "endpoint_independent", "Address", "port"] {
+            let msg = err(&format!("[nat]\nfiltering = \"{bad}\"\n"));
+            assert_mentions(&msg, &["nat.filtering", "address-and-port"]);
+        }
+        let msg = env_err(&[("TAPNAT_NAT__FILTERING", "none")]);
+        assert_mentions(&msg, &["nat.filtering", "none"]);
+    }
+
+    #[test]
+    fn rejects_bad_icmp_error_limits() {
+        for key in ["icmp_errors_per_sec", "icmp_errors_burst"] {
+            for bad in ["-1", "4294967296"] {
+                let msg = err(&format!("[nat]\n{key} = {bad}\n"));
+                assert_mentions(&msg, &[&format!("nat.{key}"), "0 to 4294967295"]);
+            }
+        }
+        let msg = err("[nat]\nicmp_errors_burst = 0\n");
+        assert_mentions(&msg, &["nat.icmp_errors_burst", "nat.icmp_errors_per_sec"]);
+    }
+
+    #[test]
+    fn rejects_bad_fragments_max() {
+        for bad in ["-1", "1000001"] {
+            let msg = err(&format!("[nat]\nfragments_max = {bad}\n"));
+            assert_mentions(&msg, &["nat.fragments_max", "1000000"]);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_fragment_timeout() {
+        for bad in ["0s", "2", ""] {
+            let msg = err(&format!("[nat.timeouts]\nfragment = \"{bad}\"\n"));
+            assert_mentions(&msg, &["nat.timeouts.fragment", "duration"]);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_busy_poll() {
+        for bad in ["1s1us", "2s", "1m"] {
+            let msg = err(&format!("[workers]\nbusy_poll = \"{bad}\"\n"));
+            assert_mentions(&msg, &["workers.busy_poll", "at most 1s"]);
+        }
+        for bad in ["0", "-1s", "5x"] {
+            let msg = err(&format!("[workers]\nbusy_poll = \"{bad}\"\n"));
+            assert_mentions(&msg, &["workers.busy_poll", "invalid duration"]);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_forward_protocol() {
+        let msg = fwd_err("icmp", "80", "10.244.0.2");
+        assert_mentions(&msg, &["forward[0].protocol", "icmp"]);
+        let msg = fwd_err("TCP", "80", "10.244.0.2");
+        assert_mentions(&msg, &["forward[0].protocol", "\"tcp\""]);
+    }
+
+    #[test]
+    fn rejects_bad_forward_port() {
+        for bad in ["0", "70000", "-5", "\"9000-8000\"", "\"a\"", "\"\""] {
+            let msg = fwd_err("tcp", bad, "10.244.0.2");
+            assert_mentions(&msg, &["forward[0].port"]);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_forward_target() {
+        for bad in [
+            "nope",
+            "10.244.0.2:",
+            "10.244.0.2:0",
+            "10.244.0.2:x",
+            "10.244.0.2:80-90",
+            ":80",
+        ] {
+            let msg = fwd_err("tcp", "80", bad);
+            assert_mentions(&msg, &["forward[0].to"]);
+        }
+    }
+
+    #[test]
+    fn rejects_forward_target_outside_pod_subnet() {
+        let msg = fwd_err("tcp", "80", "10.245.0.2:80");
+        assert_mentions(
+            &msg,
+            &["forward[0].to", "outside the pod subnet", "10.244.0.0/16"],
+        );
+        let msg = fwd_err("tcp", "80", "203.0.113.10:80");
+        assert_mentions(&msg, &["forward[0].to", "outside the pod subnet"]);
+    }
+
+    #[test]
+    fn rejects_forward_to_gateway_pod_address() {
+        let msg = fwd_err("udp", "53", "10.244.0.1:53");
+        assert_mentions(&msg, &["forward[0].to", "pod.address"]);
+        let msg = fwd_err("udp", "53", "10.244.255.255");
+        assert_mentions(&msg, &["forward[0].to", "broadcast"]);
+        let msg = fwd_err("udp", "53", "10.244.0.0");
+        assert_mentions(&msg, &["forward[0].to", "network"]);
+    }
+
+    #[test]
+    fn rejects_forward_target_range_past_65535() {
+        let msg = fwd_err("tcp", "\"8000-8099\"", "10.244.0.2:65500");
+        assert_mentions(&msg, &["forward[0].to", "65535", "65599"]);
+        // Keeping the same ports always fits.
+        assert!(Config::from_toml_str(
+            "[nat]\nports = \"1024-2047\"\n[[forward]]\nprotocol = \"tcp\"\nport = \"60000-65535\"\nto = \"10.244.0.2\"\n"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn rejects_overlapping_forwards_of_one_protocol() {
+        let two = |p1: &str, p2: &str, proto2: &str| {
+            Config::from_toml_str(&format!(
+                "{FWD}[[forward]]\nprotocol = \"tcp\"\nport = {p1}\nto = \"10.244.0.2\"\n\
+                 [[forward]]\nprotocol = \"{proto2}\"\nport = {p2}\nto = \"10.244.0.3\"\n"
+            ))
+        };
+        let msg = two("\"8000-8099\"", "8099", "tcp").unwrap_err().to_string();
+        assert_mentions(&msg, &["forward[1].port", "forward[0].port", "8000-8099"]);
+        let msg = two("443", "443", "tcp").unwrap_err().to_string();
+        assert_mentions(&msg, &["forward[1].port", "forward[0].port"]);
+        // Different protocols may share a port; adjacent ranges are fine.
+        assert!(two("443", "443", "udp").is_ok());
+        assert!(two("\"8000-8099\"", "\"8100-8199\"", "tcp").is_ok());
+    }
+
+    #[test]
+    fn rejects_forward_inside_nat_ports() {
+        let msg = err("[[forward]]\nprotocol = \"tcp\"\nport = 8080\nto = \"10.244.0.2:80\"\n");
+        assert_mentions(&msg, &["forward[0].port", "nat.ports", "1024-65535"]);
+        let msg = fwd_err("udp", "\"9990-10000\"", "10.244.0.2");
+        assert_mentions(&msg, &["forward[0].port", "nat.ports", "10000-65535"]);
+    }
+
+    #[test]
+    fn rejects_bad_snat_source() {
+        let msg = snat_err("10.244.1.0/33", "203.0.113.20");
+        assert_mentions(&msg, &["snat[0].source", "invalid CIDR"]);
+        let msg = snat_err("0.0.0.0/0", "203.0.113.20");
+        assert_mentions(&msg, &["snat[0].source", "203.0.113.10"]);
+        let msg = err(
+            "[[snat]]\nsource = \"10.244.1.0/24\"\nto = \"203.0.113.20\"\nexclude = [\"nope\"]\n",
+        );
+        assert_mentions(&msg, &["snat[0].exclude[0]", "nope"]);
+    }
+
+    #[test]
+    fn rejects_bad_snat_pool_syntax() {
+        for bad in [
+            "",
+            "nope",
+            "203.0.113.20-",
+            "203.0.113.20/30",
+            "203.0.113.20-x",
+        ] {
+            let msg = snat_err("10.244.1.0/24", bad);
+            assert_mentions(&msg, &["snat[0].to", "not an IPv4 address"]);
+        }
+    }
+
+    #[test]
+    fn rejects_unordered_snat_pool() {
+        let msg = snat_err("10.244.1.0/24", "203.0.113.29-203.0.113.20");
+        assert_mentions(&msg, &["snat[0].to", "above"]);
+    }
+
+    #[test]
+    fn rejects_snat_pool_over_256() {
+        let msg = err(
+            "[uplink]\naddress = \"198.51.100.10/22\"\ngateway = \"198.51.100.1\"\n[[snat]]\nsource = \"10.244.0.0/16\"\nto = \"198.51.101.0-198.51.102.0\"\n",
+        );
+        assert_mentions(&msg, &["snat[0].to", "257 addresses", "256"]);
+    }
+
+    #[test]
+    fn rejects_snat_pool_outside_uplink_subnet() {
+        let msg = snat_err("10.244.1.0/24", "198.51.100.7");
+        assert_mentions(&msg, &["snat[0].to", "outside", "203.0.113.0/24"]);
+        let msg = snat_err("10.244.1.0/24", "203.0.113.250-203.0.114.3");
+        assert_mentions(&msg, &["snat[0].to", "outside"]);
+    }
+
+    #[test]
+    fn rejects_snat_pool_with_reserved_address() {
+        for (pool, what) in [
+            ("203.0.113.5-203.0.113.15", "uplink.address"),
+            ("203.0.113.10", "uplink.address"),
+            ("203.0.113.1-203.0.113.4", "uplink.gateway"),
+            ("203.0.113.0", "network address"),
+            ("203.0.113.250-203.0.113.255", "broadcast address"),
+        ] {
+            let msg = snat_err("10.244.1.0/24", pool);
+            assert_mentions(&msg, &["snat[0].to", what]);
+        }
+    }
+
+    #[test]
+    fn rejects_overlapping_snat_pools() {
+        let msg = err(
+            "[[snat]]\nsource = \"10.244.1.0/24\"\nto = \"203.0.113.20-203.0.113.29\"\n\
+             [[snat]]\nsource = \"10.244.2.0/24\"\nto = \"203.0.113.29-203.0.113.40\"\n",
+        );
+        assert_mentions(
+            &msg,
+            &["snat[1].to", "snat[0].to", "203.0.113.20-203.0.113.29"],
+        );
+    }
+
+    #[test]
     fn rejects_unreadable_file() {
         let e =
             Config::load_with_env(Some(Path::new("/nonexistent/tapnat.toml")), &[]).unwrap_err();
@@ -1570,6 +2525,17 @@ mod tests {
         let w = c.warnings();
         assert_eq!(w.len(), 1, "{w:?}");
         assert_mentions(&w[0], &["udp", "RFC 4787"]);
+    }
+
+    #[test]
+    fn warns_stray_snat_rule_and_not_for_snat_only() {
+        let c = Config::from_toml_str(
+            "masquerade = []\n[[snat]]\nsource = \"192.168.0.0/16\"\nto = \"203.0.113.20\"\n",
+        )
+        .unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_mentions(&w[0], &["snat[0].source", "matches no pod traffic"]);
     }
 
     #[test]
