@@ -113,11 +113,24 @@ fn pattern(i: usize) -> u8 {
 
 #[test]
 fn tcp_request_response_and_20_mb_both_ways() {
-    if !root() {
-        return;
+    if root() {
+        tcp_transfer("tcp", |_| {});
     }
+}
+
+#[test]
+fn tcp_20_mb_without_offload_and_one_worker() {
+    if root() {
+        tcp_transfer("tcp-plain", |c| {
+            c.workers.offload = false;
+            c.workers.threads = 1;
+        });
+    }
+}
+
+fn tcp_transfer(tag: &str, tweak: impl FnOnce(&mut Config)) {
     const SIZE: usize = 20 << 20;
-    let (lab, gw) = start("tcp", |_| {});
+    let (lab, gw) = start(tag, tweak);
     let listener = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 8080));
     let server = std::thread::spawn(move || {
         let (mut s, peer) = listener.accept().unwrap();
@@ -173,6 +186,8 @@ fn tcp_request_response_and_20_mb_both_ways() {
     if gw.offload() {
         // The kernel handed over TSO super-frames and they went through whole.
         assert!(gw.stats().get(Counter::GsoFrames) > 0);
+    } else {
+        assert_eq!(gw.stats().get(Counter::GsoFrames), 0);
     }
     assert_eq!(
         gw.stats().drops() - gw.stats().get(Counter::DropOtherEthertype),

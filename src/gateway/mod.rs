@@ -236,11 +236,11 @@ pub struct Tuning {
 }
 
 impl Tuning {
-    fn from_config(_config: &Config) -> Tuning {
+    fn from_config(config: &Config) -> Tuning {
         Tuning {
-            offload: true,
-            busy_poll: Duration::ZERO,
-            pin: false,
+            offload: config.workers.offload,
+            busy_poll: config.workers.busy_poll,
+            pin: config.workers.pin,
         }
     }
 }
