@@ -10,7 +10,12 @@
 //! view that [`classify`] returned for it; they never panic on such a pair.
 pub mod build;
 pub mod csum;
+pub mod icmp;
 mod packet;
 pub mod vnet;
 
+pub use icmp::{
+    parse_embedded, translate_error, BadIcmpError, EmbeddedL4, EmbeddedView, ErrorDir,
+    IcmpRateLimit,
+};
 pub use packet::*;
