@@ -4,7 +4,7 @@ use smoltcp::wire::{ArpRepr, EthernetAddress};
 
 use super::stats::Counter;
 use super::{Addressing, Side};
-use crate::wire::{self, Classified, Ipv4View, L4};
+use crate::wire::{self, icmp, Classified, Ipv4View, L4};
 
 /// The fate of one received frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,9 +40,9 @@ pub fn classify(a: &Addressing, side: Side, frame: &[u8]) -> (Disposition, Sight
         Side::Pod => {
             let seen = (a.pod_net.contains(view.src) && view.src != a.pod_ip())
                 .then_some((view.src, src_mac));
-            (pod(a, view), seen)
+            (pod(a, view, frame), seen)
         }
-        Side::Uplink => (uplink(a, view), None),
+        Side::Uplink => (uplink(a, view, frame), None),
     }
 }
 
@@ -54,7 +54,22 @@ fn for_gateway(view: &Ipv4View) -> Disposition {
     }
 }
 
-fn pod(a: &Addressing, view: Ipv4View) -> Disposition {
+/// An ICMP error goes to the owner of the flow it quotes: `port` picks the
+/// quoted port that the owner is chosen by.
+fn icmp_error(frame: &[u8], view: Ipv4View, quoted_src_port: bool) -> Disposition {
+    match icmp::parse_embedded(frame, &view) {
+        Ok(emb) => {
+            let (s, d) = emb.ports();
+            Disposition::Transit {
+                port: if quoted_src_port { s } else { d },
+                view,
+            }
+        }
+        Err(_) => Disposition::Drop(Counter::DropBadIcmpError),
+    }
+}
+
+fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     use Disposition::*;
     if a.is_local(view.dst) {
         return for_gateway(&view);
@@ -72,13 +87,14 @@ fn pod(a: &Addressing, view: Ipv4View) -> Disposition {
         | L4::Udp { sport: port, .. }
         | L4::IcmpEcho { id: port, .. } => Transit { port, view },
         L4::Fragment => Drop(Counter::DropFragment),
-        L4::IcmpError { .. } | L4::IcmpOther { .. } | L4::Other => {
-            Drop(Counter::DropUnsupportedProtocol)
-        }
+        // About a packet that came in to the pod: the quoted destination is
+        // the pod's port, which has the same owner as its outside port.
+        L4::IcmpError { .. } => icmp_error(frame, view, false),
+        L4::IcmpOther { .. } | L4::Other => Drop(Counter::DropUnsupportedProtocol),
     }
 }
 
-fn uplink(a: &Addressing, view: Ipv4View) -> Disposition {
+fn uplink(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     use Disposition::*;
     if view.dst != a.uplink_ip() {
         return Drop(Counter::DropNotForUs);
@@ -92,7 +108,8 @@ fn uplink(a: &Addressing, view: Ipv4View) -> Disposition {
         | L4::Tcp { dport: port, .. }
         | L4::Udp { dport: port, .. } => Transit { port, view },
         L4::Fragment => Drop(Counter::DropFragment),
-        L4::IcmpError { .. } => Drop(Counter::DropIcmpError),
+        // About a packet we sent: the quoted source is our outside port.
+        L4::IcmpError { .. } => icmp_error(frame, view, true),
         L4::IcmpOther { .. } | L4::Other => Drop(Counter::DropToGateway),
     }
 }

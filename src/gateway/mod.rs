@@ -38,6 +38,7 @@ use smoltcp::wire::EthernetAddress;
 use crate::control::config::{Config, Ipv4Net, MasqueradeRule};
 use crate::device::{Tap, TapError, TapOptions, Waker};
 use crate::nat::{Flow, FlowTable, TableConfig, Timeouts};
+use crate::wire::icmp::IcmpRateLimit;
 use crate::wire::vnet::VNET_HDR_LEN;
 pub use classify::Disposition;
 use stats::{Counters, Snapshot};
@@ -446,9 +447,15 @@ impl Gateway {
                 seed: seed.rotate_left(k as u32 * 7) ^ k as u64,
             });
             let c = Arc::new(Counters::default());
+            let per_sec = config.nat.icmp_errors_per_sec;
+            let icmp_limit = (per_sec > 0).then(|| {
+                let share = |v: u32| (v / n as u32).max(1);
+                IcmpRateLimit::new(share(per_sec), share(config.nat.icmp_errors_burst))
+            });
             let w = worker::Worker::new(
                 k,
                 table,
+                icmp_limit,
                 shared.clone(),
                 c.clone(),
                 rx,

@@ -44,6 +44,8 @@ counters! {
     Out2inPackets = "out2in_packets",
     /// TCP segmentation-offload super-frames translated (each up to 64 KiB).
     GsoFrames = "gso_frames",
+    /// ICMP errors about a flow, translated (both directions).
+    IcmpErrorsTranslated = "icmp_errors_translated",
     /// Flows created.
     FlowsCreated = "flows_created",
     /// ARP and ICMP echo frames handed to the gateway's own stack.
@@ -87,8 +89,12 @@ counters! {
     DropTcpNotSyn = "drop_tcp_not_syn",
     /// Outbound ICMP echo reply or other ICMP with no flow.
     DropIcmpNoFlow = "drop_icmp_no_flow",
-    /// An ICMP error from outside (not translated yet).
-    DropIcmpError = "drop_icmp_error",
+    /// An ICMP error whose quoted packet matches no flow.
+    DropIcmpErrorNoFlow = "drop_icmp_error_no_flow",
+    /// An ICMP error with a bad checksum or an unusable quoted packet.
+    DropBadIcmpError = "drop_bad_icmp_error",
+    /// An ICMP error the gateway would have sent, held back by the rate limit.
+    IcmpErrorsRateLimited = "icmp_errors_rate_limited",
     /// TTL ran out here.
     DropTtlExceeded = "drop_ttl_exceeded",
     /// Larger than the egress MTU.

@@ -16,6 +16,7 @@ use super::stats::{Counter, Counters};
 use super::{Buf, CtrlMsg, Packet, Shared, Side, WorkerMsg};
 use crate::device::Poller;
 use crate::nat::{CreateError, Direction, FlowTable, InKey, OutKey, Proto, TcpFlags};
+use crate::wire::icmp::{self, EmbeddedL4, ErrorDir, IcmpRateLimit};
 use crate::wire::vnet::VnetHdr;
 use crate::wire::{self, End, IcmpErrorKind, Ipv4View, L4Csum, L4};
 
@@ -43,6 +44,8 @@ pub(super) struct Worker {
     wake_ctrl: bool,
     /// A buffer to read the next frame into.
     spare: Option<Buf>,
+    /// This worker's share of the gateway's ICMP error budget.
+    icmp_limit: Option<IcmpRateLimit>,
 }
 
 fn tcp_flags(flags: u8) -> TcpFlags {
@@ -64,9 +67,11 @@ fn proto(l4: &L4) -> Option<Proto> {
 }
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         k: usize,
         table: FlowTable,
+        icmp_limit: Option<IcmpRateLimit>,
         shared: Arc<Shared>,
         c: Arc<Counters>,
         rx: Receiver<WorkerMsg>,
@@ -87,6 +92,7 @@ impl Worker {
             handoff,
             wake_ctrl: false,
             spare: None,
+            icmp_limit,
         }
     }
 
@@ -246,41 +252,129 @@ impl Worker {
     }
 
     fn transit(&mut self, side: Side, buf: Buf, view: Ipv4View, now: u64) -> Option<Buf> {
-        match side {
-            Side::Pod => self.in2out(buf, view, now),
-            Side::Uplink => self.out2in(buf, view, now),
+        match (side, view.l4) {
+            (_, L4::IcmpError { .. }) => self.icmp_error(side, buf, view, now),
+            (Side::Pod, _) => self.in2out(buf, view, now),
+            (Side::Uplink, _) => self.out2in(buf, view, now),
         }
     }
 
-    /// Time Exceeded back to where the packet came from, from our address on that side.
-    fn ttl_exceeded(&self, from: Side, buf: Buf, view: &Ipv4View) -> Option<Buf> {
-        let a = &self.shared.addressing;
-        if wire::may_send_icmp_error(view) {
-            let mut out = [0u8; 640];
-            let n = wire::build_icmp_error(
-                &mut out,
-                buf.frame(),
-                view,
-                a.mac(from),
-                a.ip(from),
-                IcmpErrorKind::TTL_EXCEEDED,
-            );
-            match self.shared.send_frame(from, self.k, &out[..n]) {
-                Ok(()) => {
-                    self.c.inc(Counter::IcmpErrorsSent);
-                    self.c.inc(tx_counter(from));
-                }
-                Err(_) => self.c.inc(Counter::TapWriteFails),
+    /// Sends an ICMP error of `kind` about `buf` back where it came from, from
+    /// our address on that side, within the rate limit; then drops `buf`
+    /// counting `why`.
+    fn reject(
+        &mut self,
+        from: Side,
+        buf: Buf,
+        view: &Ipv4View,
+        kind: IcmpErrorKind,
+        why: Counter,
+    ) -> Option<Buf> {
+        self.c.inc(why);
+        if !wire::may_send_icmp_error(view) {
+            return Some(buf);
+        }
+        if let Some(limit) = &mut self.icmp_limit {
+            if IcmpRateLimit::applies_to(kind) && !limit.allow(self.shared.now_ms()) {
+                self.c.inc(Counter::IcmpErrorsRateLimited);
+                return Some(buf);
             }
         }
-        self.c.inc(Counter::DropTtlExceeded);
+        let a = &self.shared.addressing;
+        let mut out = [0u8; 640];
+        let n = wire::build_icmp_error(&mut out, buf.frame(), view, a.mac(from), a.ip(from), kind);
+        match self.shared.send_frame(from, self.k, &out[..n]) {
+            Ok(()) => {
+                self.c.inc(Counter::IcmpErrorsSent);
+                self.c.inc(tx_counter(from));
+            }
+            Err(_) => self.c.inc(Counter::TapWriteFails),
+        }
         Some(buf)
+    }
+
+    /// An ICMP error about a flow (RFC 5508 REQ-3..5): from outside about a
+    /// packet we masqueraded, or from a pod about a packet it was sent. The
+    /// quoted packet finds the flow; the outer and quoted headers are both
+    /// rewritten. Errors neither refresh nor end a flow (RFC 5508 REQ-6).
+    fn icmp_error(&mut self, side: Side, mut buf: Buf, v: Ipv4View, now: u64) -> Option<Buf> {
+        let Ok(emb) = icmp::parse_embedded(buf.frame(), &v) else {
+            self.c.inc(Counter::DropBadIcmpError);
+            return Some(buf);
+        };
+        if v.ttl <= 1 {
+            // Never an error about an error.
+            self.c.inc(Counter::DropTtlExceeded);
+            return Some(buf);
+        }
+        let (proto, icmp) = match emb.l4 {
+            EmbeddedL4::Tcp { .. } => (Proto::Tcp, false),
+            EmbeddedL4::Udp { .. } => (Proto::Udp, false),
+            EmbeddedL4::IcmpEcho { .. } => (Proto::Icmp, true),
+        };
+        let (qs, qd) = emb.ports();
+        let (dir, egress, next_hop) = match side {
+            Side::Uplink => {
+                // We sent ext:qs -> remote:qd; the error comes back to ext.
+                let key = OutKey {
+                    proto,
+                    remote: emb.dst,
+                    rport: if icmp { 0 } else { qd },
+                    ext: emb.src,
+                    eport: qs,
+                };
+                let Some(id) = self.table.lookup_out2in(&key, now) else {
+                    self.c.inc(Counter::DropIcmpErrorNoFlow);
+                    return Some(buf);
+                };
+                let inside = self.table.get(id).inside;
+                let dir = ErrorDir::Out2In {
+                    new_outer_dst: inside.src,
+                    new_inner_src: inside.src,
+                    new_inner_sport: inside.sport,
+                };
+                (dir, Side::Pod, inside.src)
+            }
+            Side::Pod => {
+                // The pod was sent remote:qs -> pod:qd and complains about it.
+                let key = InKey {
+                    proto,
+                    src: emb.dst,
+                    sport: qd,
+                    dst: emb.src,
+                    dport: if icmp { 0 } else { qs },
+                };
+                let Some(id) = self.table.lookup_in2out(&key, now) else {
+                    self.c.inc(Counter::DropIcmpErrorNoFlow);
+                    return Some(buf);
+                };
+                let f = self.table.get(id);
+                let dir = ErrorDir::In2Out {
+                    new_outer_src: f.ext_addr,
+                    new_inner_dst: f.ext_addr,
+                    new_inner_dport: f.ext_port,
+                };
+                (
+                    dir,
+                    Side::Uplink,
+                    self.shared.addressing.uplink_next_hop(v.dst),
+                )
+            }
+        };
+        icmp::translate_error(buf.frame_mut(), &v, &emb, dir);
+        self.c.inc(Counter::IcmpErrorsTranslated);
+        self.emit(egress, next_hop, buf)
     }
 
     /// Checks the egress MTU. A TSO super-frame is let through with its
     /// segment size cut to fit (TCP may be segmented anywhere); any other
     /// packet must fit as it is. Returns the checksum form of the L4 field.
-    fn offload_fit(&self, buf: &mut Buf, view: &Ipv4View, mtu: usize) -> Result<L4Csum, Counter> {
+    fn offload_fit(
+        &mut self,
+        buf: &mut Buf,
+        view: &Ipv4View,
+        mtu: usize,
+    ) -> Result<L4Csum, Counter> {
         let hdr = VnetHdr::parse(buf.vnet()).unwrap_or_default();
         if hdr.is_gso() {
             let L4::Tcp { .. } = view.l4 else {
@@ -305,22 +399,44 @@ impl Worker {
         })
     }
 
+    /// A packet that does not fit the egress MTU: with DF set, Fragmentation
+    /// Needed with the MTU goes back (RFC 1191, RFC 4787 REQ-13).
+    fn too_big(
+        &mut self,
+        from: Side,
+        buf: Buf,
+        v: &Ipv4View,
+        mtu: usize,
+        why: Counter,
+    ) -> Option<Buf> {
+        if why == Counter::DropTooBig && v.dont_frag {
+            let kind = IcmpErrorKind::frag_needed(mtu as u16);
+            return self.reject(from, buf, v, kind, why);
+        }
+        self.c.inc(why);
+        Some(buf)
+    }
+
     fn in2out(&mut self, mut buf: Buf, v: Ipv4View, now: u64) -> Option<Buf> {
         let (Some(proto), Some((sport, dport))) = (proto(&v.l4), v.ports()) else {
             self.c.inc(Counter::DropUnsupportedProtocol);
             return Some(buf);
         };
         if v.ttl <= 1 {
-            return self.ttl_exceeded(Side::Pod, buf, &v);
+            return self.reject(
+                Side::Pod,
+                buf,
+                &v,
+                IcmpErrorKind::TTL_EXCEEDED,
+                Counter::DropTtlExceeded,
+            );
         }
-        let a = &self.shared.addressing;
-        let l4csum = match self.offload_fit(&mut buf, &v, a.uplink_mtu) {
+        let mtu = self.shared.addressing.uplink_mtu;
+        let l4csum = match self.offload_fit(&mut buf, &v, mtu) {
             Ok(c) => c,
-            Err(why) => {
-                self.c.inc(why);
-                return Some(buf);
-            }
+            Err(why) => return self.too_big(Side::Pod, buf, &v, mtu, why),
         };
+        let a = &self.shared.addressing;
         let key = InKey {
             proto,
             src: v.src,
@@ -396,14 +512,18 @@ impl Worker {
             return Some(buf);
         };
         if v.ttl <= 1 {
-            return self.ttl_exceeded(Side::Uplink, buf, &v);
+            return self.reject(
+                Side::Uplink,
+                buf,
+                &v,
+                IcmpErrorKind::TTL_EXCEEDED,
+                Counter::DropTtlExceeded,
+            );
         }
-        let l4csum = match self.offload_fit(&mut buf, &v, self.shared.addressing.pod_mtu) {
+        let mtu = self.shared.addressing.pod_mtu;
+        let l4csum = match self.offload_fit(&mut buf, &v, mtu) {
             Ok(c) => c,
-            Err(why) => {
-                self.c.inc(why);
-                return Some(buf);
-            }
+            Err(why) => return self.too_big(Side::Uplink, buf, &v, mtu, why),
         };
         let flags = match v.l4 {
             L4::Tcp { flags, .. } => tcp_flags(flags),

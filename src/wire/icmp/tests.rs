@@ -2,7 +2,9 @@ use smoltcp::wire::EthernetAddress;
 
 use super::*;
 use crate::wire::build::{self, Endpoints};
-use crate::wire::{build_icmp_error, classify, translate, Classified, End, TCP_ACK, TCP_SYN};
+use crate::wire::{
+    build_icmp_error, classify, translate, Classified, End, L4Csum, TCP_ACK, TCP_SYN,
+};
 
 const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
@@ -99,7 +101,7 @@ fn outbound(inner: Inner) -> (Vec<u8>, Vec<u8>) {
     let orig = packet(inner, POD, REMOTE, POD_PORT, 80);
     let mut sent = orig.clone();
     let v = view(&sent);
-    translate(&mut sent, &v, End::Src, EXT, EXT_PORT);
+    translate(&mut sent, &v, End::Src, EXT, EXT_PORT, L4Csum::Full);
     (orig, sent)
 }
 
@@ -109,7 +111,7 @@ fn inbound(inner: Inner) -> (Vec<u8>, Vec<u8>) {
     let orig = packet(inner, REMOTE, EXT, REMOTE_PORT, EXT_PORT);
     let mut fwd = orig.clone();
     let v = view(&fwd);
-    translate(&mut fwd, &v, End::Dst, POD, POD_PORT);
+    translate(&mut fwd, &v, End::Dst, POD, POD_PORT, L4Csum::Full);
     (orig, fwd)
 }
 
