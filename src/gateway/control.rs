@@ -120,17 +120,15 @@ impl Control {
 
     /// Feeds an ARP or echo frame to smoltcp; learns the ARP sender.
     fn local(&mut self, side: Side, buf: Buf) {
-        if let Ok(wire::Classified::Arp(repr)) = wire::classify(buf.frame()) {
-            if let smoltcp::wire::ArpRepr::EthernetIpv4 {
-                source_hardware_addr: mac,
-                source_protocol_addr: ip,
-                ..
-            } = repr
-            {
-                let a = &self.shared.addressing;
-                if a.net(side).contains(ip) && ip != a.ip(side) && mac.is_unicast() {
-                    self.learn(ip, mac);
-                }
+        if let Ok(wire::Classified::Arp(smoltcp::wire::ArpRepr::EthernetIpv4 {
+            source_hardware_addr: mac,
+            source_protocol_addr: ip,
+            ..
+        })) = wire::classify(buf.frame())
+        {
+            let a = &self.shared.addressing;
+            if a.net(side).contains(ip) && ip != a.ip(side) && mac.is_unicast() {
+                self.learn(ip, mac);
             }
         }
         self.c.inc(Counter::LocalStackFrames);

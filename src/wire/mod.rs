@@ -10,6 +10,7 @@
 //! view that [`classify`] returned for it; they never panic on such a pair.
 pub mod build;
 pub mod csum;
+pub mod fragment;
 pub mod icmp;
 mod packet;
 pub mod vnet;
