@@ -4,7 +4,8 @@ use smoltcp::wire::{ArpRepr, EthernetAddress};
 
 use super::stats::Counter;
 use super::{Addressing, Side};
-use crate::wire::{self, icmp, Classified, Ipv4View, L4};
+use crate::nat::frag::FragKey;
+use crate::wire::{self, fragment, icmp, Classified, Ipv4View, L4};
 
 /// The fate of one received frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +19,28 @@ pub enum Disposition {
     /// (`port % workers`): outbound by inside source port (or echo id),
     /// inbound by outside destination port (or echo id).
     Transit { port: u16, view: Ipv4View },
+}
+
+/// The worker that tracks a fragmented datagram is `frag_port(key) % N`:
+/// non-first fragments carry no ports, so they are steered by their
+/// datagram's identity instead (RFC 791: source, destination, protocol, id).
+pub fn frag_port(key: &FragKey) -> u16 {
+    let x = u64::from(u32::from(key.src))
+        ^ u64::from(u32::from(key.dst)).rotate_left(29)
+        ^ (u64::from(key.id) << 8)
+        ^ u64::from(key.proto);
+    let h = x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> 48) as u16
+}
+
+/// The fragment key of an IPv4 packet, read before any rewrite.
+pub fn frag_key(frame: &[u8], view: &Ipv4View) -> FragKey {
+    FragKey {
+        src: view.src,
+        dst: view.dst,
+        proto: view.proto,
+        id: fragment::frag_info(frame).map_or(0, |f| f.id),
+    }
 }
 
 /// A (pod address, MAC) pair seen in a frame from the pod side.
@@ -43,6 +66,14 @@ pub fn classify(a: &Addressing, side: Side, frame: &[u8]) -> (Disposition, Sight
             (pod(a, view, frame), seen)
         }
         Side::Uplink => (uplink(a, view, frame), None),
+    }
+}
+
+/// A non-first fragment goes to the worker tracking its datagram.
+fn later_fragment(frame: &[u8], view: Ipv4View) -> Disposition {
+    Disposition::Transit {
+        port: frag_port(&frag_key(frame, &view)),
+        view,
     }
 }
 
@@ -86,7 +117,7 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
         L4::Tcp { sport: port, .. }
         | L4::Udp { sport: port, .. }
         | L4::IcmpEcho { id: port, .. } => Transit { port, view },
-        L4::Fragment => Drop(Counter::DropFragment),
+        L4::Fragment => later_fragment(frame, view),
         // About a packet that came in to the pod: the quoted destination is
         // the pod's port, which has the same owner as its outside port.
         L4::IcmpError { .. } => icmp_error(frame, view, false),
@@ -107,7 +138,7 @@ fn uplink(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
         }
         | L4::Tcp { dport: port, .. }
         | L4::Udp { dport: port, .. } => Transit { port, view },
-        L4::Fragment => Drop(Counter::DropFragment),
+        L4::Fragment => later_fragment(frame, view),
         // About a packet we sent: the quoted source is our outside port.
         L4::IcmpError { .. } => icmp_error(frame, view, true),
         L4::IcmpOther { .. } | L4::Other => Drop(Counter::DropToGateway),

@@ -37,6 +37,7 @@ use smoltcp::wire::EthernetAddress;
 
 use crate::control::config::{Config, Ipv4Net, MasqueradeRule};
 use crate::device::{Tap, TapError, TapOptions, Waker};
+use crate::nat::frag::{FragCache, FragCacheConfig};
 use crate::nat::{Flow, FlowTable, TableConfig, Timeouts};
 use crate::wire::icmp::IcmpRateLimit;
 use crate::wire::vnet::VNET_HDR_LEN;
@@ -159,6 +160,12 @@ impl Buf {
     }
 }
 
+impl AsRef<[u8]> for Buf {
+    fn as_ref(&self) -> &[u8] {
+        self.wire()
+    }
+}
+
 /// A bounded free list of buffers shared by all threads; allocates on demand
 /// and keeps at most `keep` spare buffers.
 #[derive(Clone)]
@@ -209,6 +216,19 @@ pub enum WorkerMsg {
     Neighbour(Ipv4Addr, EthernetAddress),
     /// Send a copy of the flow table.
     Flows(Sender<Vec<Flow>>),
+    /// The first fragment of a datagram this worker tracks was translated:
+    /// apply the same rewrite to its other fragments.
+    FragTranslation(crate::nat::frag::FragKey, FragRewrite),
+}
+
+/// How the non-first fragments of a datagram are rewritten: the address at
+/// one end (they carry no ports), and where they go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FragRewrite {
+    pub end: crate::wire::End,
+    pub addr: Ipv4Addr,
+    pub egress: Side,
+    pub next_hop: Ipv4Addr,
 }
 
 /// To the control thread.
@@ -452,9 +472,18 @@ impl Gateway {
                 let share = |v: u32| (v / n as u32).max(1);
                 IcmpRateLimit::new(share(per_sec), share(config.nat.icmp_errors_burst))
             });
+            let frags = (config.nat.fragments_max > 0).then(|| {
+                FragCache::new(FragCacheConfig {
+                    max_datagrams: config.nat.fragments_max.div_ceil(n),
+                    max_held_fragments: 256,
+                    max_held_bytes: 4 << 20,
+                    timeout_ms: ms(config.nat.timeouts.fragment),
+                })
+            });
             let w = worker::Worker::new(
                 k,
                 table,
+                frags,
                 icmp_limit,
                 shared.clone(),
                 c.clone(),

@@ -46,6 +46,12 @@ counters! {
     GsoFrames = "gso_frames",
     /// ICMP errors about a flow, translated (both directions).
     IcmpErrorsTranslated = "icmp_errors_translated",
+    /// Non-first fragments rewritten like their datagram's first fragment.
+    FragmentsTranslated = "fragments_translated",
+    /// Non-first fragments held until their first fragment arrived.
+    FragmentsHeld = "fragments_held",
+    /// Fragments the gateway made from packets too big for the egress MTU.
+    FragmentsCreated = "fragments_created",
     /// Flows created.
     FlowsCreated = "flows_created",
     /// ARP and ICMP echo frames handed to the gateway's own stack.
@@ -78,8 +84,12 @@ counters! {
     DropNoRoute = "drop_no_route",
     /// A transport the NAT does not translate (not TCP, UDP or ICMP echo).
     DropUnsupportedProtocol = "drop_unsupported_protocol",
-    /// An IPv4 fragment (not translated yet).
+    /// A fragment while fragment handling is off (`nat.fragments_max = 0`).
     DropFragment = "drop_fragment",
+    /// A held fragment whose first fragment never came (timeout or eviction).
+    DropFragmentTimeout = "drop_fragment_timeout",
+    /// A fragment refused because the fragment cache was full.
+    DropFragmentCacheFull = "drop_fragment_cache_full",
     /// TCP, UDP or other traffic to the gateway's own address with no flow
     /// (RFC 5382 REQ-4: no RST, no port unreachable).
     DropToGateway = "drop_to_gateway",

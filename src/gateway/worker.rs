@@ -10,15 +10,16 @@ use crossbeam_channel::{Receiver, Sender};
 use hashbrown::HashMap;
 use smoltcp::wire::EthernetAddress;
 
-use super::classify::{classify, Disposition};
+use super::classify::{classify, frag_key, frag_port, Disposition};
 use super::control::tx_counter;
 use super::stats::{Counter, Counters};
-use super::{Buf, CtrlMsg, Packet, Shared, Side, WorkerMsg};
+use super::{Buf, CtrlMsg, FragRewrite, Packet, Shared, Side, WorkerMsg};
 use crate::device::Poller;
+use crate::nat::frag::{FragCache, FragKey, Later, Release};
 use crate::nat::{CreateError, Direction, FlowTable, InKey, OutKey, Proto, TcpFlags};
 use crate::wire::icmp::{self, EmbeddedL4, ErrorDir, IcmpRateLimit};
 use crate::wire::vnet::VnetHdr;
-use crate::wire::{self, End, IcmpErrorKind, Ipv4View, L4Csum, L4};
+use crate::wire::{self, csum, fragment, End, IcmpErrorKind, Ipv4View, L4Csum, L4};
 
 /// Flow slots examined for expiry per wake-up: bounded work, never a stall.
 const EXPIRE_BUDGET: usize = 256;
@@ -46,6 +47,13 @@ pub(super) struct Worker {
     spare: Option<Buf>,
     /// This worker's share of the gateway's ICMP error budget.
     icmp_limit: Option<IcmpRateLimit>,
+    /// Datagrams whose fragments this worker tracks (`frag_port % N == k`);
+    /// None when fragment handling is off.
+    frags: Option<FragCache<FragRewrite, Buf>>,
+    /// Buffers the fragment cache handed back, processed after each call.
+    released: Vec<(Buf, Release)>,
+    /// First-fragment rewrites for other workers, sent at the end of a burst.
+    frag_news: Vec<(usize, FragKey, FragRewrite)>,
 }
 
 fn tcp_flags(flags: u8) -> TcpFlags {
@@ -71,6 +79,7 @@ impl Worker {
     pub(super) fn new(
         k: usize,
         table: FlowTable,
+        frags: Option<FragCache<FragRewrite, Buf>>,
         icmp_limit: Option<IcmpRateLimit>,
         shared: Arc<Shared>,
         c: Arc<Counters>,
@@ -93,6 +102,9 @@ impl Worker {
             wake_ctrl: false,
             spare: None,
             icmp_limit,
+            frags,
+            released: Vec::new(),
+            frag_news: Vec::new(),
         }
     }
 
@@ -134,7 +146,13 @@ impl Worker {
             if work > 0 && !busy.is_zero() {
                 spin_until = Instant::now() + busy;
             }
-            self.table.expire(self.shared.now_ms(), EXPIRE_BUDGET);
+            let now = self.shared.now_ms();
+            self.table.expire(now, EXPIRE_BUDGET);
+            if let Some(frags) = &mut self.frags {
+                let released = &mut self.released;
+                frags.expire(now, &mut |b, r| released.push((b, r)));
+                self.drain_released(None);
+            }
         }
     }
 
@@ -154,7 +172,140 @@ impl Worker {
             WorkerMsg::Flows(reply) => {
                 let _ = reply.send(self.table.iter().copied().collect());
             }
+            WorkerMsg::FragTranslation(key, rewrite) => {
+                self.first_fragment_seen(key, rewrite, self.shared.now_ms());
+            }
         }
+    }
+
+    /// Records how a datagram's first fragment was rewritten and sends the
+    /// fragments that arrived before it.
+    fn first_fragment_seen(&mut self, key: FragKey, rewrite: FragRewrite, now: u64) {
+        if let Some(frags) = &mut self.frags {
+            let released = &mut self.released;
+            frags.first_seen(key, rewrite, now, &mut |b, r| released.push((b, r)));
+            self.drain_released(Some(rewrite));
+        }
+    }
+
+    /// Handles buffers the fragment cache gave back: held fragments whose
+    /// first fragment has now been seen go out rewritten like it; the others
+    /// are dropped.
+    fn drain_released(&mut self, rewrite: Option<FragRewrite>) {
+        while let Some((buf, why)) = self.released.pop() {
+            let back = match (why, rewrite) {
+                (Release::Translate, Some(r)) => match wire::classify(buf.frame()) {
+                    Ok(wire::Classified::Ipv4(view)) => self.rewrite_fragment(buf, &view, r),
+                    _ => Some(buf),
+                },
+                _ => {
+                    self.c.inc(Counter::DropFragmentTimeout);
+                    Some(buf)
+                }
+            };
+            if let Some(b) = back {
+                self.shared.pool.put(b);
+            }
+        }
+    }
+
+    /// A non-first fragment: it follows its datagram's first fragment.
+    fn later_fragment(&mut self, buf: Buf, view: Ipv4View, now: u64) -> Option<Buf> {
+        let Some(frags) = &mut self.frags else {
+            self.c.inc(Counter::DropFragment);
+            return Some(buf);
+        };
+        let key = frag_key(buf.frame(), &view);
+        let released = &mut self.released;
+        let answer = frags.later(key, buf, now, &mut |b, r| released.push((b, r)));
+        self.drain_released(None);
+        match answer {
+            Later::Translate(rewrite, buf) => self.rewrite_fragment(buf, &view, rewrite),
+            Later::Held => {
+                self.c.inc(Counter::FragmentsHeld);
+                None
+            }
+            Later::Refused(buf, _) => {
+                self.c.inc(Counter::DropFragmentCacheFull);
+                Some(buf)
+            }
+        }
+    }
+
+    fn rewrite_fragment(&mut self, mut buf: Buf, view: &Ipv4View, r: FragRewrite) -> Option<Buf> {
+        if view.ttl <= 1 {
+            // No ICMP error about a non-first fragment (RFC 1812 §4.3.2.7).
+            self.c.inc(Counter::DropTtlExceeded);
+            return Some(buf);
+        }
+        wire::translate(buf.frame_mut(), view, r.end, r.addr, 0, L4Csum::Full);
+        self.c.inc(Counter::FragmentsTranslated);
+        let mtu = self.shared.addressing.mtu(r.egress);
+        if view.total_len > mtu {
+            return self.emit_fragmented(r.egress, r.next_hop, buf, mtu);
+        }
+        self.emit(r.egress, r.next_hop, buf)
+    }
+
+    /// After the first fragment of a datagram was translated: tell the
+    /// worker that tracks the datagram how its other fragments are rewritten.
+    fn first_fragment_done(&mut self, key: FragKey, rewrite: FragRewrite, now: u64) {
+        if self.frags.is_none() {
+            return;
+        }
+        let owner = usize::from(frag_port(&key)) % self.peers.len();
+        if owner == self.k {
+            self.first_fragment_seen(key, rewrite, now);
+        } else {
+            self.frag_news.push((owner, key, rewrite));
+        }
+    }
+
+    /// Splits a translated packet that does not fit the egress MTU (DF clear)
+    /// into fragments (RFC 791), finishing an offloaded checksum first.
+    fn emit_fragmented(
+        &mut self,
+        side: Side,
+        next_hop: Ipv4Addr,
+        mut buf: Buf,
+        mtu: usize,
+    ) -> Option<Buf> {
+        if let Ok(wire::Classified::Ipv4(v)) = wire::classify(buf.frame()) {
+            let hdr = VnetHdr::parse(buf.vnet()).unwrap_or_default();
+            if hdr.partial_csum_at(v.l4_offset()) {
+                let at = usize::from(hdr.csum_start) + usize::from(hdr.csum_offset);
+                let end = wire::ETH_HLEN + v.total_len;
+                let frame = buf.frame_mut();
+                if at + 2 <= end {
+                    let c = csum::checksum(&frame[v.l4_offset()..end]);
+                    frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
+                }
+            }
+        }
+        let mut pieces = Vec::new();
+        let pool = &self.shared.pool;
+        let result = fragment::fragment(buf.frame(), mtu, &mut |piece: &[u8]| {
+            let mut b = pool.get();
+            b.data[..b.hdr].fill(0);
+            let end = b.hdr + piece.len();
+            b.data[b.hdr..end].copy_from_slice(piece);
+            b.len = end;
+            pieces.push(b);
+        });
+        if result.is_err() {
+            self.c.inc(Counter::DropTooBig);
+            for p in pieces {
+                self.shared.pool.put(p);
+            }
+            return Some(buf);
+        }
+        self.c.add(Counter::FragmentsCreated, pieces.len() as u64);
+        for p in pieces {
+            if let Some(b) = self.emit(side, next_hop, p) {
+                self.shared.pool.put(b);
+            }
+        }
+        Some(buf)
     }
 
     /// Reads up to [`READ_BURST`] frames from our queue of `side`.
@@ -246,6 +397,14 @@ impl Worker {
                 }
             }
         }
+        for (j, key, rewrite) in std::mem::take(&mut self.frag_news) {
+            if self.peers[j]
+                .try_send(WorkerMsg::FragTranslation(key, rewrite))
+                .is_ok()
+            {
+                self.shared.wakers[j].wake();
+            }
+        }
         if std::mem::take(&mut self.wake_ctrl) {
             self.shared.ctrl_waker.wake();
         }
@@ -254,6 +413,7 @@ impl Worker {
     fn transit(&mut self, side: Side, buf: Buf, view: Ipv4View, now: u64) -> Option<Buf> {
         match (side, view.l4) {
             (_, L4::IcmpError { .. }) => self.icmp_error(side, buf, view, now),
+            (_, L4::Fragment) => self.later_fragment(buf, view, now),
             (Side::Pod, _) => self.in2out(buf, view, now),
             (Side::Uplink, _) => self.out2in(buf, view, now),
         }
@@ -367,14 +527,15 @@ impl Worker {
     }
 
     /// Checks the egress MTU. A TSO super-frame is let through with its
-    /// segment size cut to fit (TCP may be segmented anywhere); any other
-    /// packet must fit as it is. Returns the checksum form of the L4 field.
+    /// segment size cut to fit (TCP may be segmented anywhere); a packet with
+    /// DF set must fit as it is; one without DF will be fragmented. Returns
+    /// the checksum form of the L4 field and whether to fragment.
     fn offload_fit(
         &mut self,
         buf: &mut Buf,
         view: &Ipv4View,
         mtu: usize,
-    ) -> Result<L4Csum, Counter> {
+    ) -> Result<(L4Csum, bool), Counter> {
         let hdr = VnetHdr::parse(buf.vnet()).unwrap_or_default();
         if hdr.is_gso() {
             let L4::Tcp { .. } = view.l4 else {
@@ -389,14 +550,15 @@ impl Worker {
                 h.gso_size = max_seg as u16;
                 h.write(buf.vnet_mut());
             }
-        } else if view.total_len > mtu {
+        } else if view.total_len > mtu && view.dont_frag {
             return Err(Counter::DropTooBig);
         }
-        Ok(if hdr.partial_csum_at(view.l4_offset()) {
+        let csum = if hdr.partial_csum_at(view.l4_offset()) {
             L4Csum::Partial
         } else {
             L4Csum::Full
-        })
+        };
+        Ok((csum, !hdr.is_gso() && view.total_len > mtu))
     }
 
     /// A packet that does not fit the egress MTU: with DF set, Fragmentation
@@ -432,7 +594,7 @@ impl Worker {
             );
         }
         let mtu = self.shared.addressing.uplink_mtu;
-        let l4csum = match self.offload_fit(&mut buf, &v, mtu) {
+        let (l4csum, split) = match self.offload_fit(&mut buf, &v, mtu) {
             Ok(c) => c,
             Err(why) => return self.too_big(Side::Pod, buf, &v, mtu, why),
         };
@@ -480,9 +642,21 @@ impl Worker {
             .account(id, Direction::In2Out, flags, v.total_len, now);
         let f = self.table.get(id);
         let (ext_addr, ext_port) = (f.ext_addr, f.ext_port);
+        let next_hop = self.shared.addressing.uplink_next_hop(v.dst);
+        if v.is_fragment {
+            let rewrite = FragRewrite {
+                end: End::Src,
+                addr: ext_addr,
+                egress: Side::Uplink,
+                next_hop,
+            };
+            self.first_fragment_done(frag_key(buf.frame(), &v), rewrite, now);
+        }
         wire::translate(buf.frame_mut(), &v, End::Src, ext_addr, ext_port, l4csum);
         self.c.inc(Counter::In2outPackets);
-        let next_hop = self.shared.addressing.uplink_next_hop(v.dst);
+        if split {
+            return self.emit_fragmented(Side::Uplink, next_hop, buf, mtu);
+        }
         self.emit(Side::Uplink, next_hop, buf)
     }
 
@@ -521,7 +695,7 @@ impl Worker {
             );
         }
         let mtu = self.shared.addressing.pod_mtu;
-        let l4csum = match self.offload_fit(&mut buf, &v, mtu) {
+        let (l4csum, split) = match self.offload_fit(&mut buf, &v, mtu) {
             Ok(c) => c,
             Err(why) => return self.too_big(Side::Uplink, buf, &v, mtu, why),
         };
@@ -532,6 +706,15 @@ impl Worker {
         self.table
             .account(id, Direction::Out2In, flags, v.total_len, now);
         let inside = self.table.get(id).inside;
+        if v.is_fragment {
+            let rewrite = FragRewrite {
+                end: End::Dst,
+                addr: inside.src,
+                egress: Side::Pod,
+                next_hop: inside.src,
+            };
+            self.first_fragment_done(frag_key(buf.frame(), &v), rewrite, now);
+        }
         wire::translate(
             buf.frame_mut(),
             &v,
@@ -541,6 +724,9 @@ impl Worker {
             l4csum,
         );
         self.c.inc(Counter::Out2inPackets);
+        if split {
+            return self.emit_fragmented(Side::Pod, inside.src, buf, mtu);
+        }
         self.emit(Side::Pod, inside.src, buf)
     }
 
