@@ -31,6 +31,11 @@ pub const EXT_ROUTER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// traffic to it uses the next hop.
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 
+/// The far host, one router beyond the external namespace.
+pub const FAR_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// The external namespace's address towards the far host.
+pub const FAR_ROUTER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Runs `ip ARGS`, returning stdout or an error carrying stderr.
@@ -138,6 +143,8 @@ impl Drop for Netns {
 pub struct Lab {
     pub pod: Netns,
     pub ext: Netns,
+    /// A host beyond the external namespace, after [`Lab::add_far`].
+    pub far: Option<Netns>,
 }
 
 impl Lab {
@@ -145,7 +152,45 @@ impl Lab {
         Ok(Lab {
             pod: Netns::new(&format!("{tag}-pod"))?,
             ext: Netns::new(&format!("{tag}-ext"))?,
+            far: None,
         })
+    }
+
+    /// Makes the external namespace a router to a far host over a link of
+    /// `link_mtu` (for traceroute and path-MTU tests):
+    ///
+    /// ```text
+    ///  ... tapnat ── ext ns (203.0.113.1, forwarding) ══ mtu ══ far ns 192.0.2.2
+    /// ```
+    pub fn add_far(&mut self, tag: &str, link_mtu: u16) -> io::Result<()> {
+        let far = Netns::new(&format!("{tag}-far"))?;
+        self.ext.ip(&format!(
+            "link add tofar mtu {link_mtu} type veth peer name toext mtu {link_mtu} netns {}",
+            far.name()
+        ))?;
+        self.ext
+            .ip(&format!("addr add {FAR_ROUTER_IP}/24 dev tofar"))?;
+        self.ext.ip("link set tofar up")?;
+        far.ip(&format!("addr add {FAR_IP}/24 dev toext"))?;
+        far.ip("link set toext up")?;
+        // The far host advertises the MSS of a 1500-byte MTU, as a host whose
+        // own link is wider than the path would: the small link is in the middle.
+        far.ip(&format!(
+            "route add default via {FAR_ROUTER_IP} advmss 1460"
+        ))?;
+        // Forwarding inside the external namespace only (a process there writes it).
+        let status = self
+            .ext
+            .command("sh")
+            .args(["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
+            .status()?;
+        if !status.success() {
+            return Err(io::Error::other(
+                "cannot enable forwarding in the external namespace",
+            ));
+        }
+        self.far = Some(far);
+        Ok(())
     }
 
     /// The embedded default config, with the TAPs placed in this lab's namespaces.
@@ -297,6 +342,95 @@ impl Pinger {
         }
         Ok(rtts)
     }
+}
+
+/// An ICMP error seen by an [`IcmpListener`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IcmpSeen {
+    pub from: Ipv4Addr,
+    pub icmp_type: u8,
+    pub code: u8,
+    /// The second header word (the next-hop MTU of Fragmentation Needed).
+    pub rest: u32,
+    /// The quoted packet's source and destination.
+    pub quoted_src: Ipv4Addr,
+    pub quoted_dst: Ipv4Addr,
+}
+
+/// Receives every ICMP message arriving in a namespace (a raw socket), to
+/// see the errors that probes from ordinary sockets provoke.
+pub struct IcmpListener {
+    sock: Socket,
+}
+
+impl IcmpListener {
+    pub fn new(ns: &Netns) -> io::Result<IcmpListener> {
+        let sock = ns.run(|| Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)))??;
+        Ok(IcmpListener { sock })
+    }
+
+    /// Waits for an ICMP error quoting a `proto` packet with these ports
+    /// (for ICMP echo, `sport` is the identifier and `dport` is ignored).
+    pub fn error_for(
+        &self,
+        proto: u8,
+        sport: u16,
+        dport: u16,
+        timeout: Duration,
+    ) -> io::Result<Option<IcmpSeen>> {
+        let start = Instant::now();
+        let mut buf = [0u8; 2048];
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.sock.set_read_timeout(Some(left))?;
+            let n = match (&self.sock).read(&mut buf) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(seen) = parse_error(&buf[..n], proto, sport, dport) {
+                return Ok(Some(seen));
+            }
+        }
+    }
+}
+
+fn parse_error(pkt: &[u8], proto: u8, sport: u16, dport: u16) -> Option<IcmpSeen> {
+    let ihl = usize::from(pkt.first()? & 0x0f) * 4;
+    let icmp = pkt.get(ihl..)?;
+    if !matches!(icmp.first()?, 3 | 11 | 12) {
+        return None;
+    }
+    let inner = icmp.get(8..)?;
+    let ihl2 = usize::from(inner.first()? & 0x0f) * 4;
+    if *inner.get(9)? != proto {
+        return None;
+    }
+    let l4 = inner.get(ihl2..ihl2 + 8)?;
+    let be = |i: usize| u16::from_be_bytes([l4[i], l4[i + 1]]);
+    let ours = if proto == 1 {
+        be(4) == sport
+    } else {
+        be(0) == sport && be(2) == dport
+    };
+    ours.then(|| IcmpSeen {
+        from: Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]),
+        icmp_type: icmp[0],
+        code: icmp[1],
+        rest: u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+        quoted_src: Ipv4Addr::new(inner[12], inner[13], inner[14], inner[15]),
+        quoted_dst: Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]),
+    })
 }
 
 /// The median of some durations (zero when empty).

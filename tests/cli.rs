@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tapnat::lab::{self, Lab, Pinger, SERVER_IP};
+use tapnat::lab::{Lab, Pinger, SERVER_IP};
+
+mod common;
+use common::root;
 
 fn tapnat() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tapnat"))
@@ -25,17 +28,6 @@ impl Drop for TempConfig {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-fn root() -> bool {
-    if lab::is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("this test needs root (CI is set, so it fails instead of skipping)");
-    }
-    eprintln!("skipped: needs root");
-    false
 }
 
 #[test]

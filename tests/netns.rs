@@ -5,59 +5,18 @@
 //! set: then they fail. Each test builds its own uniquely named namespaces
 //! (removed on drop, also on failure) and only sends traffic between them.
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream};
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 use tapnat::control::config::Config;
 use tapnat::device::PacketSocket;
 use tapnat::gateway::stats::Counter;
-use tapnat::gateway::Gateway;
-use tapnat::lab::{self, Echo, Lab, Pinger, GATEWAY_POD_IP, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP};
+use tapnat::lab::{self, Echo, Pinger, GATEWAY_POD_IP, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP};
 use tapnat::nat::Proto;
 
-const T: Duration = Duration::from_secs(3);
-
-/// Root or skip; under CI, root or fail.
-fn root() -> bool {
-    if lab::is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("this test needs root (CI is set, so it fails instead of skipping)");
-    }
-    eprintln!("skipped: needs root");
-    false
-}
-
-/// A lab and a gateway on the default config (with a tweak), wired up.
-fn start(tag: &str, tweak: impl FnOnce(&mut Config)) -> (Lab, Gateway) {
-    let lab = Lab::new(tag).expect("namespaces");
-    let mut config = lab.config();
-    config.workers.threads = 2;
-    tweak(&mut config);
-    let gw = Gateway::start(&config).expect("gateway starts");
-    lab.wire_up(&config).expect("wire up");
-    (lab, gw)
-}
-
-fn udp_in(ns: &lab::Netns, addr: SocketAddrV4) -> UdpSocket {
-    let s = ns.run(move || UdpSocket::bind(addr)).unwrap().unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    s
-}
-
-fn tcp_listen(ns: &lab::Netns, addr: SocketAddrV4) -> TcpListener {
-    ns.run(move || TcpListener::bind(addr)).unwrap().unwrap()
-}
-
-fn tcp_connect(ns: &lab::Netns, to: SocketAddrV4) -> std::io::Result<TcpStream> {
-    let s = ns
-        .run(move || TcpStream::connect_timeout(&to.into(), T))
-        .unwrap()?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    Ok(s)
-}
+mod common;
+use common::*;
 
 #[test]
 fn arp_and_ping_both_gateway_addresses() {

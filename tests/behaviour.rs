@@ -1,0 +1,293 @@
+//! NAT behaviour beyond the basics (RFC 5508 ICMP errors, path MTU,
+//! fragments), end to end with kernel peers, in a two-router topology:
+//!
+//! ```text
+//!  pod ── tapnat ── ext (router 203.0.113.1, forwarding) ══ link MTU ══ far 192.0.2.2
+//! ```
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+use tapnat::control::config::Config;
+use tapnat::gateway::stats::Counter;
+use tapnat::gateway::Gateway;
+use tapnat::lab::{
+    Echo, IcmpListener, Lab, Pinger, EXT_ROUTER_IP, FAR_IP, GATEWAY_POD_IP, GATEWAY_UPLINK_IP,
+    POD_IP, SERVER_IP,
+};
+
+mod common;
+use common::*;
+
+/// A lab whose external namespace routes to a far host over a `link_mtu` link.
+fn start_far(tag: &str, link_mtu: u16, tweak: impl FnOnce(&mut Config)) -> (Lab, Gateway) {
+    let mut lab = Lab::new(tag).expect("namespaces");
+    lab.add_far(tag, link_mtu).expect("far host");
+    let mut config = lab.config();
+    config.workers.threads = 2;
+    tweak(&mut config);
+    let gw = Gateway::start(&config).expect("gateway starts");
+    lab.wire_up(&config).expect("wire up");
+    (lab, gw)
+}
+
+/// One traceroute probe of `mode` with `ttl` from the pod: who answered.
+fn probe(lab: &Lab, icmp: &IcmpListener, mode: &str, ttl: u32, seq: u16) -> Option<Ipv4Addr> {
+    let dport = 33434 + seq;
+    match mode {
+        "udp" => {
+            let s = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 0));
+            s.set_ttl(ttl).unwrap();
+            let sport = s.local_addr().unwrap().port();
+            s.send_to(b"trace", SocketAddrV4::new(FAR_IP, dport))
+                .unwrap();
+            icmp.error_for(17, sport, dport, T).unwrap().map(|e| e.from)
+        }
+        "tcp" => {
+            let to = SocketAddrV4::new(FAR_IP, 7777);
+            let r = lab
+                .pod
+                .run(move || {
+                    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+                    s.set_ttl_v4(ttl)?;
+                    s.bind(&SocketAddrV4::new(POD_IP, 0).into())?;
+                    let sport = s.local_addr()?.as_socket_ipv4().map_or(0, |a| a.port());
+                    Ok::<_, std::io::Error>((
+                        s.connect_timeout(&to.into(), Duration::from_millis(800)),
+                        sport,
+                    ))
+                })
+                .unwrap()
+                .unwrap();
+            match r {
+                (Ok(()), _) => Some(FAR_IP),
+                (Err(_), sport) => icmp.error_for(6, sport, 7777, T).unwrap().map(|e| e.from),
+            }
+        }
+        _ => {
+            let mut p = Pinger::new(&lab.pod).unwrap();
+            match p.echo(FAR_IP, ttl, 32, T).unwrap() {
+                Echo::Reply { from, .. } | Echo::Error { from, .. } => Some(from),
+                Echo::Timeout => None,
+            }
+        }
+    }
+}
+
+#[test]
+fn traceroute_udp_icmp_and_tcp_through_the_gateway() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start_far("trace", 1500, |_| {});
+    let far = lab.far.as_ref().unwrap();
+    let _listener = common::tcp_listen(far, SocketAddrV4::new(FAR_IP, 7777));
+    let icmp = IcmpListener::new(&lab.pod).unwrap();
+    let want = [Some(GATEWAY_POD_IP), Some(EXT_ROUTER_IP), Some(FAR_IP)];
+    let mut seq = 0;
+    for mode in ["udp", "icmp", "tcp"] {
+        let hops: Vec<_> = (1..=3)
+            .map(|ttl| {
+                seq += 1;
+                probe(&lab, &icmp, mode, ttl, seq)
+            })
+            .collect();
+        assert_eq!(
+            hops,
+            want,
+            "traceroute -{mode}: {}",
+            tapnat::report::stats(&gw.stats())
+        );
+    }
+    let s = gw.stats();
+    // Hop 2 for each mode and the far host's port unreachable came back translated.
+    assert!(
+        s.get(Counter::IcmpErrorsTranslated) >= 4,
+        "{}",
+        tapnat::report::stats(&s)
+    );
+    assert!(s.get(Counter::IcmpErrorsSent) >= 3);
+}
+
+#[test]
+fn icmp_error_for_no_flow_is_dropped() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("icmp-noflow", |_| {});
+    // The external host pings the gateway, then sends it a forged port
+    // unreachable quoting a UDP packet from 203.0.113.10:4444 it never sent.
+    let mut p = Pinger::new(&lab.ext).unwrap();
+    assert_eq!(p.ping(GATEWAY_UPLINK_IP, 1, T).unwrap().len(), 1);
+    let quoted = tapnat::wire::build::udp(
+        &tapnat::wire::build::Endpoints::new(GATEWAY_UPLINK_IP, SERVER_IP),
+        4444,
+        53,
+        b"x",
+        true,
+    );
+    let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted[14..14 + 28]);
+    let c = tapnat::wire::csum::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let raw = lab
+        .ext
+        .run(|| Socket::new(Domain::IPV4, Type::RAW, Some(socket2::Protocol::ICMPV4)))
+        .unwrap()
+        .unwrap();
+    raw.send_to(&icmp, &SocketAddrV4::new(GATEWAY_UPLINK_IP, 0).into())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(gw.stats().get(Counter::DropIcmpErrorNoFlow), 1);
+    assert_eq!(gw.stats().get(Counter::PodTxFrames), 0);
+}
+
+#[test]
+fn path_mtu_discovery_through_the_gateway() {
+    if !root() {
+        return;
+    }
+    // The ext -> far link has MTU 1280; the pod's is 1500.
+    let (lab, gw) = start_far("pmtu", 1280, |_| {});
+    let far = lab.far.as_ref().unwrap();
+    let listener = common::tcp_listen(far, SocketAddrV4::new(FAR_IP, 9000));
+    const SIZE: usize = 4 << 20;
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut got = 0;
+        let mut buf = vec![0u8; 65536];
+        while got < SIZE {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got += n;
+        }
+        s.write_all(b"ok").unwrap();
+        got
+    });
+    let mut c = tcp_connect(&lab.pod, SocketAddrV4::new(FAR_IP, 9000)).unwrap();
+    c.write_all(&vec![7u8; SIZE]).unwrap();
+    let mut ok = [0u8; 2];
+    c.read_exact(&mut ok).unwrap();
+    assert_eq!(server.join().unwrap(), SIZE);
+    // The router's Fragmentation Needed reached the pod, translated.
+    let s = gw.stats();
+    assert!(
+        s.get(Counter::IcmpErrorsTranslated) >= 1,
+        "{}",
+        tapnat::report::stats(&s)
+    );
+    let route = lab.pod.ip(&format!("route get {FAR_IP}")).unwrap();
+    assert!(
+        route.contains("mtu 1280"),
+        "pod learned the path MTU: {route}"
+    );
+}
+
+#[test]
+fn gateway_sends_fragmentation_needed_for_df_packets_too_big_for_the_uplink() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("fragneeded", |c| c.uplink.mtu = 1280);
+    let icmp = IcmpListener::new(&lab.pod).unwrap();
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5000));
+    let cli = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 41000));
+    // Linux sets DF on UDP by default (IP_PMTUDISC_WANT).
+    cli.send_to(&[1u8; 1400], SocketAddrV4::new(SERVER_IP, 5000))
+        .unwrap();
+    let e = icmp
+        .error_for(17, 41000, 5000, T)
+        .unwrap()
+        .expect("an ICMP error");
+    assert_eq!(
+        (e.from, e.icmp_type, e.code, e.rest & 0xffff),
+        (GATEWAY_POD_IP, 3, 4, 1280)
+    );
+    assert!(gw.stats().get(Counter::DropTooBig) >= 1);
+    // The pod's kernel now knows; a datagram that fits still goes through.
+    cli.send_to(&[2u8; 1000], SocketAddrV4::new(SERVER_IP, 5000))
+        .unwrap();
+    let mut b = [0u8; 2000];
+    let (n, _) = srv.recv_from(&mut b).unwrap();
+    assert_eq!(n, 1000);
+}
+
+#[test]
+fn gateway_fragments_packets_without_df_for_a_smaller_uplink() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("fragment", |c| c.uplink.mtu = 1280);
+    // A locked route MTU makes the pod's kernel clear DF (RFC 1191 opt-out).
+    lab.pod
+        .ip("route replace default via 10.244.0.1 mtu lock 1500")
+        .unwrap();
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5000));
+    let cli = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 0));
+    let data: Vec<u8> = (0..1400u32).map(|i| i as u8).collect();
+    cli.send_to(&data, SocketAddrV4::new(SERVER_IP, 5000))
+        .unwrap();
+    let mut b = [0u8; 2000];
+    let (n, peer) = srv.recv_from(&mut b).unwrap();
+    assert_eq!(&b[..n], &data[..]);
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(GATEWAY_UPLINK_IP));
+    assert!(gw.stats().get(Counter::FragmentsCreated) >= 2);
+}
+
+#[test]
+fn fragmented_udp_both_ways() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("frags", |_| {});
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 6000));
+    let cli = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 0));
+    for round in 0..5u8 {
+        // 6000 bytes: the kernels fragment it on both sides (MTU 1500).
+        let data: Vec<u8> = (0..6000u32).map(|i| (i as u8) ^ round).collect();
+        cli.send_to(&data, SocketAddrV4::new(SERVER_IP, 6000))
+            .unwrap();
+        let mut b = vec![0u8; 9000];
+        let (n, peer) = srv.recv_from(&mut b).unwrap();
+        assert_eq!(&b[..n], &data[..], "round {round} outbound");
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(GATEWAY_UPLINK_IP));
+        srv.send_to(&data, peer).unwrap();
+        let (n, _) = cli.recv_from(&mut b).unwrap();
+        assert_eq!(&b[..n], &data[..], "round {round} inbound");
+    }
+    let s = gw.stats();
+    assert!(
+        s.get(Counter::FragmentsTranslated) >= 40,
+        "{}",
+        tapnat::report::stats(&s)
+    );
+    assert_eq!(s.get(Counter::DropFragmentTimeout), 0);
+}
+
+#[test]
+fn gateway_icmp_errors_are_rate_limited() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("ratelimit", |c| {
+        c.nat.icmp_errors_per_sec = 2;
+        c.nat.icmp_errors_burst = 2;
+        c.workers.threads = 1;
+    });
+    let mut p = Pinger::new(&lab.pod).unwrap();
+    let mut answered = 0;
+    for _ in 0..20 {
+        if let Echo::Error { .. } = p.echo(SERVER_IP, 1, 8, Duration::from_millis(50)).unwrap() {
+            answered += 1;
+        }
+    }
+    let s = gw.stats();
+    assert!(answered <= 4, "{answered} Time Exceeded answers");
+    assert!(
+        s.get(Counter::IcmpErrorsRateLimited) >= 15,
+        "{}",
+        tapnat::report::stats(&s)
+    );
+}
