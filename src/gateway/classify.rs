@@ -3,7 +3,7 @@
 use smoltcp::wire::{ArpRepr, EthernetAddress};
 
 use super::stats::Counter;
-use super::{Addressing, Side};
+use super::{Addressing, Egress, Side};
 use crate::nat::frag::FragKey;
 use crate::wire::{self, fragment, icmp, Classified, Ipv4View, L4};
 
@@ -102,16 +102,19 @@ fn icmp_error(frame: &[u8], view: Ipv4View, quoted_src_port: bool) -> Dispositio
 
 fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     use Disposition::*;
-    if a.is_local(view.dst) {
+    if view.dst == a.pod_ip() {
         return for_gateway(&view);
     }
     if view.dst.is_broadcast() || view.dst.is_multicast() || view.dst == a.pod_net.broadcast() {
         return Drop(Counter::DropNoRoute);
     }
-    match a.masquerades(view.src, view.dst) {
-        None => return Drop(Counter::DropSpoofedSource),
-        Some(false) => return Drop(Counter::DropNoRoute),
-        Some(true) => {}
+    if a.egress(view.src, view.dst) == Egress::Refuse {
+        return Drop(Counter::DropSpoofedSource);
+    }
+    // Echo to the uplink address is the gateway's; TCP and UDP to an outside
+    // address are hairpinned by the worker.
+    if view.dst == a.uplink_ip() && matches!(view.l4, L4::IcmpEcho { request: true, .. }) {
+        return Local;
     }
     match view.l4 {
         L4::Tcp { sport: port, .. }
@@ -127,15 +130,14 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
 
 fn uplink(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     use Disposition::*;
-    if view.dst != a.uplink_ip() {
+    let routed_back = !a.is_outside(view.dst) && a.egress(view.dst, view.src) == Egress::Route;
+    if !a.is_outside(view.dst) && !routed_back {
         return Drop(Counter::DropNotForUs);
     }
     match view.l4 {
-        L4::IcmpEcho { request: true, .. } => for_gateway(&view),
-        L4::IcmpEcho {
-            request: false,
-            id: port,
-        }
+        L4::IcmpEcho { request: true, .. } if view.dst == a.uplink_ip() => for_gateway(&view),
+        L4::IcmpEcho { request: true, .. } if !routed_back => Drop(Counter::DropToGateway),
+        L4::IcmpEcho { id: port, .. }
         | L4::Tcp { dport: port, .. }
         | L4::Udp { dport: port, .. } => Transit { port, view },
         L4::Fragment => later_fragment(frame, view),
@@ -155,7 +157,10 @@ fn arp(a: &Addressing, side: Side, repr: ArpRepr) -> (Disposition, Sighting) {
     else {
         return (Disposition::Drop(Counter::DropBadArp), None);
     };
-    let ours = target == a.ip(side) || (side == Side::Pod && target == a.uplink_ip());
+    let ours = match side {
+        Side::Pod => target == a.pod_ip() || target == a.uplink_ip(),
+        Side::Uplink => a.is_outside(target),
+    };
     let seen =
         (a.net(side).contains(ip) && ip != a.ip(side) && mac.is_unicast()).then_some((ip, mac));
     if ours {
@@ -275,12 +280,6 @@ mod tests {
             (
                 Side::Pod,
                 [10, 244, 0, 2],
-                [10, 244, 0, 3],
-                Counter::DropNoRoute,
-            ),
-            (
-                Side::Pod,
-                [10, 244, 0, 2],
                 [255, 255, 255, 255],
                 Counter::DropNoRoute,
             ),
@@ -305,6 +304,66 @@ mod tests {
         assert_eq!(
             classify(&a, Side::Pod, &f).0,
             Disposition::Drop(Counter::DropNotForUs)
+        );
+    }
+
+    #[test]
+    fn excluded_destinations_are_routed_by_the_worker() {
+        let a = addressing();
+        let f = build::udp(
+            &ep(&a, Side::Pod, [10, 244, 0, 2], [10, 244, 0, 3]),
+            5,
+            6,
+            b"",
+            true,
+        );
+        assert!(matches!(
+            classify(&a, Side::Pod, &f).0,
+            Disposition::Transit { port: 5, .. }
+        ));
+        assert_eq!(
+            a.egress(Ipv4Addr::new(10, 244, 0, 2), Ipv4Addr::new(10, 244, 0, 3)),
+            Egress::Route
+        );
+        assert_eq!(
+            a.egress(Ipv4Addr::new(10, 244, 0, 2), Ipv4Addr::new(198, 51, 100, 1)),
+            Egress::Nat(a.uplink_ip())
+        );
+        assert_eq!(
+            a.egress(Ipv4Addr::new(172, 16, 0, 2), Ipv4Addr::new(198, 51, 100, 1)),
+            Egress::Refuse
+        );
+    }
+
+    #[test]
+    fn snat_rules_come_first_and_pair_each_pod_with_one_pool_address() {
+        let toml = format!(
+            "{DEFAULT_TOML}\n[[snat]]\nsource = \"10.244.1.0/24\"\nto = \"203.0.113.20-203.0.113.23\"\n"
+        );
+        let a = Addressing::from_config(&Config::from_toml_str(&toml).unwrap());
+        let remote = Ipv4Addr::new(198, 51, 100, 1);
+        let mut used = std::collections::HashSet::new();
+        for host in 1..=200u8 {
+            let pod = Ipv4Addr::new(10, 244, 1, host);
+            let Egress::Nat(addr) = a.egress(pod, remote) else {
+                panic!("not translated")
+            };
+            assert!(
+                (Ipv4Addr::new(203, 0, 113, 20)..=Ipv4Addr::new(203, 0, 113, 23)).contains(&addr)
+            );
+            assert_eq!(
+                a.egress(pod, Ipv4Addr::new(192, 0, 2, 9)),
+                Egress::Nat(addr),
+                "paired"
+            );
+            assert!(a.is_outside(addr));
+            used.insert(addr);
+        }
+        assert_eq!(used.len(), 4, "the pool is used whole");
+        // Other pods still masquerade.
+        assert_eq!(
+            a.egress(Ipv4Addr::new(10, 244, 0, 2), remote),
+            Egress::Nat(a.uplink_ip())
         );
     }
 

@@ -118,17 +118,35 @@ impl Control {
         }
     }
 
-    /// Feeds an ARP or echo frame to smoltcp; learns the ARP sender.
+    /// Feeds an ARP or echo frame to smoltcp; learns the ARP sender. ARP for
+    /// a SNAT pool address (which smoltcp does not hold) is answered here.
     fn local(&mut self, side: Side, buf: Buf) {
         if let Ok(wire::Classified::Arp(smoltcp::wire::ArpRepr::EthernetIpv4 {
+            operation,
             source_hardware_addr: mac,
             source_protocol_addr: ip,
+            target_protocol_addr: target,
             ..
         })) = wire::classify(buf.frame())
         {
             let a = &self.shared.addressing;
-            if a.net(side).contains(ip) && ip != a.ip(side) && mac.is_unicast() {
+            let learnable = a.net(side).contains(ip) && ip != a.ip(side) && mac.is_unicast();
+            if learnable {
                 self.learn(ip, mac);
+            }
+            let a = &self.shared.addressing;
+            if side == Side::Uplink && target != a.uplink_ip() {
+                if operation == smoltcp::wire::ArpOperation::Request && learnable {
+                    let mut out = [0u8; 64];
+                    let n = wire::build_arp_reply(&mut out, a.uplink_mac, target, mac, ip);
+                    match self.shared.send_frame(side, QUEUE, &out[..n]) {
+                        Ok(()) => self.c.inc(tx_counter(side)),
+                        Err(_) => self.c.inc(Counter::TapWriteFails),
+                    }
+                }
+                self.c.inc(Counter::LocalStackFrames);
+                self.shared.pool.put(buf);
+                return;
             }
         }
         self.c.inc(Counter::LocalStackFrames);

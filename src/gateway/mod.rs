@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use smoltcp::wire::EthernetAddress;
 
-use crate::control::config::{Config, Ipv4Net, MasqueradeRule};
+use crate::control::config::{Config, Ipv4Net, MasqueradeRule, SnatRule};
 use crate::device::{Tap, TapError, TapOptions, Waker};
 use crate::nat::frag::{FragCache, FragCacheConfig};
 use crate::nat::{Flow, FlowTable, TableConfig, Timeouts};
@@ -62,6 +62,18 @@ pub struct Addressing {
     pub uplink_gateway: Ipv4Addr,
     pub uplink_mtu: usize,
     pub masquerade: Vec<MasqueradeRule>,
+    pub snat: Vec<SnatRule>,
+}
+
+/// What happens to a pod-side packet, by source and destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// Translate the source to this outside address.
+    Nat(Ipv4Addr),
+    /// A NAT source going to an excluded destination: route it untranslated.
+    Route,
+    /// The source is no NAT source: not forwarded (anti-spoofing).
+    Refuse,
 }
 
 impl Addressing {
@@ -77,6 +89,7 @@ impl Addressing {
             uplink_gateway: config.uplink.gateway,
             uplink_mtu: usize::from(config.uplink.mtu),
             masquerade: config.masquerade.clone(),
+            snat: config.snat.clone(),
         }
     }
     pub fn pod_ip(&self) -> Ipv4Addr {
@@ -109,18 +122,40 @@ impl Addressing {
             Side::Uplink => self.uplink_mtu,
         }
     }
-    /// Whether an address is one of the gateway's own.
+    /// Whether an address is one of the gateway's own (it answers ping on these).
     pub fn is_local(&self, ip: Ipv4Addr) -> bool {
         ip == self.pod_ip() || ip == self.uplink_ip()
     }
-    /// Whether a pod-side packet from `src` to `dst` is masqueraded
-    /// (first matching source wins; its excludes apply).
-    pub fn masquerades(&self, src: Ipv4Addr, dst: Ipv4Addr) -> Option<bool> {
-        self.masquerade
-            .iter()
-            .find(|r| r.source.contains(src))
-            .map(|r| !r.exclude.iter().any(|e| e.contains(dst)))
+
+    /// Whether an address is one the NAT translates to: the uplink address
+    /// or an address of a SNAT pool. The gateway answers ARP for all of them.
+    pub fn is_outside(&self, ip: Ipv4Addr) -> bool {
+        ip == self.uplink_ip()
+            || self
+                .snat
+                .iter()
+                .any(|r| (r.to_first..=r.to_last).contains(&ip))
     }
+
+    /// What to do with a pod-side packet from `src` to `dst`. SNAT rules are
+    /// tried first, then masquerade rules; the first rule whose source
+    /// matches decides, its excludes included (like an iptables chain with
+    /// the SNAT rules above the MASQUERADE ones).
+    pub fn egress(&self, src: Ipv4Addr, dst: Ipv4Addr) -> Egress {
+        let excluded = |ex: &[Ipv4Net]| ex.iter().any(|e| e.contains(dst));
+        if let Some(r) = self.snat.iter().find(|r| r.source.contains(src)) {
+            if excluded(&r.exclude) {
+                return Egress::Route;
+            }
+            return Egress::Nat(paired_address(r, src));
+        }
+        match self.masquerade.iter().find(|r| r.source.contains(src)) {
+            Some(r) if excluded(&r.exclude) => Egress::Route,
+            Some(_) => Egress::Nat(self.uplink_ip()),
+            None => Egress::Refuse,
+        }
+    }
+
     /// The next hop on the uplink for `dst`.
     pub fn uplink_next_hop(&self, dst: Ipv4Addr) -> Ipv4Addr {
         if self.uplink_net.contains(dst) {
@@ -129,6 +164,15 @@ impl Addressing {
             self.uplink_gateway
         }
     }
+}
+
+/// The pool address a pod address always gets ("paired" pooling, RFC 4787
+/// REQ-2): a fixed hash of the pod address, so it also survives restarts.
+pub fn paired_address(rule: &SnatRule, src: Ipv4Addr) -> Ipv4Addr {
+    let first = u32::from(rule.to_first);
+    let size = u32::from(rule.to_last) - first + 1;
+    let h = (u64::from(u32::from(src)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32;
+    Ipv4Addr::from(first + h % size)
 }
 
 /// A frame buffer: `data[..hdr]` is the virtio-net header (when offload is

@@ -52,6 +52,10 @@ counters! {
     FragmentsHeld = "fragments_held",
     /// Fragments the gateway made from packets too big for the egress MTU.
     FragmentsCreated = "fragments_created",
+    /// Pod packets to an outside address, turned around (hairpinning).
+    Hairpinned = "hairpinned",
+    /// Packets routed untranslated (excluded destinations and their replies).
+    RoutedPackets = "routed_packets",
     /// Flows created.
     FlowsCreated = "flows_created",
     /// ARP and ICMP echo frames handed to the gateway's own stack.

@@ -13,7 +13,7 @@ use smoltcp::wire::EthernetAddress;
 use super::classify::{classify, frag_key, frag_port, Disposition};
 use super::control::tx_counter;
 use super::stats::{Counter, Counters};
-use super::{Buf, CtrlMsg, FragRewrite, Packet, Shared, Side, WorkerMsg};
+use super::{Buf, CtrlMsg, Egress, FragRewrite, Packet, Shared, Side, WorkerMsg};
 use crate::device::Poller;
 use crate::nat::frag::{FragCache, FragKey, Later, Release};
 use crate::nat::{CreateError, Direction, FlowTable, InKey, OutKey, Proto, TcpFlags};
@@ -54,7 +54,14 @@ pub(super) struct Worker {
     released: Vec<(Buf, Release)>,
     /// First-fragment rewrites for other workers, sent at the end of a burst.
     frag_news: Vec<(usize, FragKey, FragRewrite)>,
+    /// Routed (untranslated, excluded-destination) sessions, by their pod-side
+    /// key, with the time last seen: only replies to these come back in.
+    routed: HashMap<InKey, u64>,
+    routed_swept_ms: u64,
 }
+
+/// At most this many routed sessions per worker.
+const ROUTED_MAX: usize = 65536;
 
 fn tcp_flags(flags: u8) -> TcpFlags {
     TcpFlags {
@@ -105,6 +112,8 @@ impl Worker {
             frags,
             released: Vec::new(),
             frag_news: Vec::new(),
+            routed: HashMap::new(),
+            routed_swept_ms: 0,
         }
     }
 
@@ -148,6 +157,7 @@ impl Worker {
             }
             let now = self.shared.now_ms();
             self.table.expire(now, EXPIRE_BUDGET);
+            self.sweep_routed(now);
             if let Some(frags) = &mut self.frags {
                 let released = &mut self.released;
                 frags.expire(now, &mut |b, r| released.push((b, r)));
@@ -593,12 +603,19 @@ impl Worker {
                 Counter::DropTtlExceeded,
             );
         }
+        let ext_addr = match self.shared.addressing.egress(v.src, v.dst) {
+            Egress::Nat(addr) => addr,
+            Egress::Route => return self.route_out(buf, v, proto, (sport, dport), now),
+            Egress::Refuse => {
+                self.c.inc(Counter::DropSpoofedSource);
+                return Some(buf);
+            }
+        };
         let mtu = self.shared.addressing.uplink_mtu;
         let (l4csum, split) = match self.offload_fit(&mut buf, &v, mtu) {
             Ok(c) => c,
             Err(why) => return self.too_big(Side::Pod, buf, &v, mtu, why),
         };
-        let a = &self.shared.addressing;
         let key = InKey {
             proto,
             src: v.src,
@@ -623,7 +640,7 @@ impl Worker {
                     self.c.inc(why);
                     return Some(buf);
                 }
-                match self.table.create(&key, a.uplink_ip(), now) {
+                match self.table.create(&key, ext_addr, now) {
                     Ok(id) => {
                         self.c.inc(Counter::FlowsCreated);
                         id
@@ -654,6 +671,9 @@ impl Worker {
         }
         wire::translate(buf.frame_mut(), &v, End::Src, ext_addr, ext_port, l4csum);
         self.c.inc(Counter::In2outPackets);
+        if self.shared.addressing.is_outside(v.dst) {
+            return self.hairpin(buf, now);
+        }
         if split {
             return self.emit_fragmented(Side::Uplink, next_hop, buf, mtu);
         }
@@ -682,6 +702,9 @@ impl Worker {
             },
         };
         let Some(id) = self.table.lookup_out2in(&key, now) else {
+            if !self.shared.addressing.is_outside(v.dst) {
+                return self.route_in(buf, v, proto, (sport, dport), now);
+            }
             self.c.inc(Counter::DropNoFlow);
             return Some(buf);
         };
@@ -728,6 +751,127 @@ impl Worker {
             return self.emit_fragmented(Side::Pod, inside.src, buf, mtu);
         }
         self.emit(Side::Pod, inside.src, buf)
+    }
+
+    /// A pod's packet to an outside address (its own or another pod's
+    /// mapping, or a forward), already translated like any outbound packet:
+    /// it turns around here as if it had arrived on the uplink (RFC 4787
+    /// REQ-9, RFC 5382 REQ-8), with the TTL decremented once in all.
+    fn hairpin(&mut self, mut buf: Buf, now: u64) -> Option<Buf> {
+        self.c.inc(Counter::Hairpinned);
+        let a = &self.shared.addressing;
+        let (uplink_mac, pod_mac) = (a.uplink_mac, a.pod_mac);
+        wire::set_macs(buf.frame_mut(), uplink_mac, pod_mac);
+        wire::restore_ttl(buf.frame_mut());
+        self.frame(Side::Uplink, buf, now)
+    }
+
+    /// Forwards a pod's packet to an excluded destination untranslated, as a
+    /// router would, remembering the session so that its replies come back.
+    fn route_out(
+        &mut self,
+        mut buf: Buf,
+        v: Ipv4View,
+        proto: Proto,
+        ports: (u16, u16),
+        now: u64,
+    ) -> Option<Buf> {
+        let a = &self.shared.addressing;
+        let (egress, next_hop) = if a.pod_net.contains(v.dst) {
+            (Side::Pod, v.dst)
+        } else {
+            (Side::Uplink, a.uplink_next_hop(v.dst))
+        };
+        let mtu = a.mtu(egress);
+        let (l4csum, split) = match self.offload_fit(&mut buf, &v, mtu) {
+            Ok(c) => c,
+            Err(why) => return self.too_big(Side::Pod, buf, &v, mtu, why),
+        };
+        if egress == Side::Uplink {
+            let key = InKey {
+                proto,
+                src: v.src,
+                sport: ports.0,
+                dst: v.dst,
+                dport: ports.1,
+            };
+            if self.routed.len() >= ROUTED_MAX && !self.routed.contains_key(&key) {
+                self.c.inc(Counter::DropTableFull);
+                return Some(buf);
+            }
+            self.routed.insert(key, now);
+        }
+        // Same address and port: only the TTL (and its checksum) change.
+        wire::translate(buf.frame_mut(), &v, End::Src, v.src, ports.0, l4csum);
+        self.c.inc(Counter::RoutedPackets);
+        if split {
+            return self.emit_fragmented(egress, next_hop, buf, mtu);
+        }
+        self.emit(egress, next_hop, buf)
+    }
+
+    /// A reply to a routed session, coming back in untranslated.
+    fn route_in(
+        &mut self,
+        mut buf: Buf,
+        v: Ipv4View,
+        proto: Proto,
+        ports: (u16, u16),
+        now: u64,
+    ) -> Option<Buf> {
+        let (sport, dport) = match v.l4 {
+            L4::IcmpEcho { id, .. } => (0, id),
+            _ => ports,
+        };
+        let key = InKey {
+            proto,
+            src: v.dst,
+            sport: dport,
+            dst: v.src,
+            dport: sport,
+        };
+        let Some(seen) = self.routed.get_mut(&key) else {
+            self.c.inc(Counter::DropNoFlow);
+            return Some(buf);
+        };
+        *seen = now;
+        if v.ttl <= 1 {
+            return self.reject(
+                Side::Uplink,
+                buf,
+                &v,
+                IcmpErrorKind::TTL_EXCEEDED,
+                Counter::DropTtlExceeded,
+            );
+        }
+        let mtu = self.shared.addressing.pod_mtu;
+        let (l4csum, split) = match self.offload_fit(&mut buf, &v, mtu) {
+            Ok(c) => c,
+            Err(why) => return self.too_big(Side::Uplink, buf, &v, mtu, why),
+        };
+        wire::translate(buf.frame_mut(), &v, End::Dst, v.dst, ports.1, l4csum);
+        self.c.inc(Counter::RoutedPackets);
+        if split {
+            return self.emit_fragmented(Side::Pod, v.dst, buf, mtu);
+        }
+        self.emit(Side::Pod, v.dst, buf)
+    }
+
+    /// Forgets idle routed sessions, once a second.
+    fn sweep_routed(&mut self, now: u64) {
+        if self.routed.is_empty() || now < self.routed_swept_ms + 1000 {
+            return;
+        }
+        self.routed_swept_ms = now;
+        let t = self.table.config().timeouts;
+        self.routed.retain(|k, seen| {
+            let idle = match k.proto {
+                Proto::Tcp => t.tcp_established_ms,
+                Proto::Udp => t.udp_ms,
+                Proto::Icmp => t.icmp_ms,
+            };
+            now < *seen + idle
+        });
     }
 
     /// Writes a translated frame to our queue of `side`, or hands it to the

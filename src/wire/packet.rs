@@ -429,5 +429,42 @@ pub fn build_arp_request(
     len
 }
 
+/// Writes an ARP reply "`our_ip` is at `our_mac`" to `to_mac`/`to_ip` into
+/// `out` (at least 42 bytes) and returns its length.
+pub fn build_arp_reply(
+    out: &mut [u8],
+    our_mac: EthernetAddress,
+    our_ip: Ipv4Addr,
+    to_mac: EthernetAddress,
+    to_ip: Ipv4Addr,
+) -> usize {
+    let len = ETH_HLEN + 28;
+    set_macs(out, to_mac, our_mac);
+    out[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: our_mac,
+        source_protocol_addr: our_ip,
+        target_hardware_addr: to_mac,
+        target_protocol_addr: to_ip,
+    };
+    repr.emit(&mut ArpPacket::new_unchecked(&mut out[ETH_HLEN..len]));
+    len
+}
+
+/// Adds one to the TTL, patching the header checksum: undoes the decrement
+/// of [`translate`] for a packet that is translated twice on one pass
+/// through the gateway (hairpinning), so the TTL drops by one in all.
+pub fn restore_ttl(frame: &mut [u8]) {
+    let word = be16(frame, IP + 8);
+    if word >> 8 == 0xff {
+        return;
+    }
+    let new = word + 0x0100;
+    let c = csum::update16(be16(frame, IP + 10), word, new);
+    frame[IP + 8..IP + 10].copy_from_slice(&new.to_be_bytes());
+    frame[IP + 10..IP + 12].copy_from_slice(&c.to_be_bytes());
+}
+
 #[cfg(test)]
 mod tests;

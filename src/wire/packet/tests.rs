@@ -267,3 +267,39 @@ fn partial_checksum_gets_only_the_address_delta() {
         assert_eq!(view(&f).ports(), Some((61000, if udp { 53 } else { 80 })));
     }
 }
+
+#[test]
+fn restore_ttl_undoes_a_translation_decrement() {
+    let mut f = build::udp(&Endpoints::new(POD, REMOTE), 1, 2, b"x", true);
+    let v = view(&f);
+    translate(&mut f, &v, End::Src, EXT, 3, L4Csum::Full);
+    restore_ttl(&mut f);
+    let t = view(&f);
+    assert_eq!(t.ttl, v.ttl);
+    assert!(build::checksums_ok(&f));
+}
+
+#[test]
+fn arp_reply_round_trips() {
+    let mut out = [0u8; 64];
+    let (mac, to) = (
+        EthernetAddress([2, 1, 2, 3, 4, 5]),
+        EthernetAddress([2, 9, 9, 9, 9, 9]),
+    );
+    let n = build_arp_reply(&mut out, mac, EXT, to, REMOTE);
+    match classify(&out[..n]) {
+        Ok(Classified::Arp(ArpRepr::EthernetIpv4 {
+            operation,
+            source_protocol_addr,
+            target_hardware_addr,
+            ..
+        })) => {
+            assert_eq!(
+                (operation, source_protocol_addr, target_hardware_addr),
+                (ArpOperation::Reply, EXT, to)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(&out[0..6], to.as_bytes());
+}
