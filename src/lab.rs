@@ -145,7 +145,12 @@ pub struct Lab {
     pub ext: Netns,
     /// A host beyond the external namespace, after [`Lab::add_far`].
     pub far: Option<Netns>,
+    /// A second pod on the pod segment, after [`Lab::add_pod2`].
+    pub pod2: Option<Netns>,
 }
+
+/// The second pod's address.
+pub const POD2_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
 
 impl Lab {
     pub fn new(tag: &str) -> io::Result<Lab> {
@@ -153,7 +158,33 @@ impl Lab {
             pod: Netns::new(&format!("{tag}-pod"))?,
             ext: Netns::new(&format!("{tag}-ext"))?,
             far: None,
+            pod2: None,
         })
+    }
+
+    /// Puts a second pod on the pod segment: a bridge in the pod namespace
+    /// joins the gateway's TAP and a veth to the second pod, whose address is
+    /// [`POD2_IP`]. Call after [`Lab::wire_up`].
+    pub fn add_pod2(&mut self, tag: &str, pod_tap: &str) -> io::Result<()> {
+        let pod2 = Netns::new(&format!("{tag}-pod2"))?;
+        let p = &self.pod;
+        p.ip("link add br0 type bridge")?;
+        p.ip(&format!(
+            "link add topod2 type veth peer name eth0 netns {}",
+            pod2.name()
+        ))?;
+        p.ip(&format!("addr flush dev {pod_tap}"))?;
+        p.ip(&format!("link set {pod_tap} master br0"))?;
+        p.ip("link set topod2 master br0")?;
+        p.ip("link set topod2 up")?;
+        p.ip("link set br0 up")?;
+        p.ip(&format!("addr add {POD_IP}/16 dev br0"))?;
+        p.ip(&format!("route replace default via {GATEWAY_POD_IP}"))?;
+        pod2.ip(&format!("addr add {POD2_IP}/16 dev eth0"))?;
+        pod2.ip("link set eth0 up")?;
+        pod2.ip(&format!("route add default via {GATEWAY_POD_IP}"))?;
+        self.pod2 = Some(pod2);
+        Ok(())
     }
 
     /// Makes the external namespace a router to a far host over a link of

@@ -291,3 +291,124 @@ fn gateway_icmp_errors_are_rate_limited() {
         tapnat::report::stats(&s)
     );
 }
+
+#[test]
+fn snat_pool_gives_each_pod_its_paired_address() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("snat", |c| {
+        let toml = format!(
+            "{}\n[[snat]]\nsource = \"10.244.0.0/24\"\nto = \"203.0.113.20-203.0.113.23\"\n",
+            tapnat::control::config::DEFAULT_TOML
+        );
+        let snat = Config::from_toml_str(&toml).unwrap().snat;
+        c.snat = snat;
+    });
+    let want = tapnat::gateway::paired_address(&gw.addressing().snat[0], POD_IP);
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5000));
+    let cli = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 0));
+    for i in 0..3u8 {
+        cli.send_to(&[i], SocketAddrV4::new(SERVER_IP, 5000))
+            .unwrap();
+        let mut b = [0u8; 8];
+        let (_, peer) = srv.recv_from(&mut b).unwrap();
+        assert_eq!(
+            peer.ip(),
+            std::net::IpAddr::V4(want),
+            "the pod's paired pool address"
+        );
+        // The external kernel ARPs for the pool address to answer.
+        srv.send_to(b"back", peer).unwrap();
+        let r = cli.recv_from(&mut b);
+        assert!(
+            r.is_ok(),
+            "{} {:?}",
+            tapnat::report::stats(&gw.stats()),
+            lab.ext.ip("neigh show")
+        );
+        assert_eq!(&b[..r.unwrap().0], b"back");
+    }
+    let neigh = lab.ext.ip(&format!("neigh show {want}")).unwrap();
+    let mac = gw.addressing().uplink_mac.to_string().replace('-', ":");
+    assert!(neigh.contains(&mac), "{neigh}");
+}
+
+#[test]
+fn excluded_destinations_are_routed_untranslated_with_replies() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("route", |c| {
+        c.masquerade[0]
+            .exclude
+            .push("198.51.100.0/24".parse().unwrap());
+    });
+    lab.ext
+        .ip(&format!("route add 10.244.0.0/16 via {GATEWAY_UPLINK_IP}"))
+        .unwrap();
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5000));
+    let cli = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 40123));
+    cli.send_to(b"hi", SocketAddrV4::new(SERVER_IP, 5000))
+        .unwrap();
+    let mut b = [0u8; 8];
+    let (_, peer) = srv.recv_from(&mut b).unwrap();
+    assert_eq!(
+        peer,
+        SocketAddrV4::new(POD_IP, 40123).into(),
+        "not translated"
+    );
+    srv.send_to(b"back", peer).unwrap();
+    let (n, _) = cli.recv_from(&mut b).unwrap();
+    assert_eq!(&b[..n], b"back");
+    // Unsolicited traffic to the pod from there is still not let in.
+    let other = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5001));
+    other
+        .send_to(b"sneak", SocketAddrV4::new(POD_IP, 40123))
+        .unwrap();
+    cli.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    assert!(cli.recv_from(&mut b).is_err());
+    let s = gw.stats();
+    assert_eq!(
+        s.get(Counter::RoutedPackets),
+        2,
+        "{}",
+        tapnat::report::stats(&s)
+    );
+    assert_eq!(s.get(Counter::FlowsCreated), 0);
+    assert!(s.get(Counter::DropNoFlow) >= 1);
+}
+
+#[test]
+fn pod_to_pod_through_the_gateway_is_routed_back_out_of_the_pod_side() {
+    if !root() {
+        return;
+    }
+    let (mut lab, gw) = start("pod2pod", |_| {});
+    lab.add_pod2("pod2pod", "tapnat0").unwrap();
+    let pod2 = lab.pod2.as_ref().unwrap();
+    // Each pod reaches the other through the gateway, as with /32 pod routes.
+    lab.pod
+        .ip(&format!(
+            "route add {}/32 via {GATEWAY_POD_IP}",
+            tapnat::lab::POD2_IP
+        ))
+        .unwrap();
+    pod2.ip(&format!("route add {POD_IP}/32 via {GATEWAY_POD_IP}"))
+        .unwrap();
+    let a = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 7000));
+    let b = udp_in(pod2, SocketAddrV4::new(tapnat::lab::POD2_IP, 7000));
+    a.send_to(b"ping", SocketAddrV4::new(tapnat::lab::POD2_IP, 7000))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    let (n, peer) = b.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        (&buf[..n], peer),
+        (&b"ping"[..], SocketAddrV4::new(POD_IP, 7000).into())
+    );
+    b.send_to(b"pong", peer).unwrap();
+    let (n, _) = a.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"pong");
+    assert_eq!(gw.stats().get(Counter::RoutedPackets), 2);
+}

@@ -118,8 +118,13 @@ impl Control {
         }
     }
 
-    /// Feeds an ARP or echo frame to smoltcp; learns the ARP sender. ARP for
-    /// a SNAT pool address (which smoltcp does not hold) is answered here.
+    /// Feeds an ARP or echo frame to smoltcp; learns the ARP sender.
+    ///
+    /// smoltcp answers ARP only from senders inside the interface's subnet
+    /// and knows nothing of SNAT pool addresses, while Linux answers any
+    /// request for a local address (`arp_ignore = 0`), and a kernel next hop
+    /// asks with whatever source address its packet has (a server's loopback
+    /// address, say). Those requests are answered here.
     fn local(&mut self, side: Side, buf: Buf) {
         if let Ok(wire::Classified::Arp(smoltcp::wire::ArpRepr::EthernetIpv4 {
             operation,
@@ -130,15 +135,17 @@ impl Control {
         })) = wire::classify(buf.frame())
         {
             let a = &self.shared.addressing;
-            let learnable = a.net(side).contains(ip) && ip != a.ip(side) && mac.is_unicast();
-            if learnable {
+            let on_link = a.net(side).contains(ip) && ip != a.ip(side);
+            if on_link && mac.is_unicast() {
                 self.learn(ip, mac);
             }
             let a = &self.shared.addressing;
-            if side == Side::Uplink && target != a.uplink_ip() {
-                if operation == smoltcp::wire::ArpOperation::Request && learnable {
+            let smoltcp_has =
+                target == a.ip(side) || (side == Side::Pod && target == a.uplink_ip());
+            if !(on_link && smoltcp_has) {
+                if operation == smoltcp::wire::ArpOperation::Request && mac.is_unicast() {
                     let mut out = [0u8; 64];
-                    let n = wire::build_arp_reply(&mut out, a.uplink_mac, target, mac, ip);
+                    let n = wire::build_arp_reply(&mut out, a.mac(side), target, mac, ip);
                     match self.shared.send_frame(side, QUEUE, &out[..n]) {
                         Ok(()) => self.c.inc(tx_counter(side)),
                         Err(_) => self.c.inc(Counter::TapWriteFails),
