@@ -306,29 +306,10 @@ impl Pinger {
         self.sock.set_ttl_v4(ttl)?;
         let start = Instant::now();
         self.sock.send_to(&req, &SocketAddrV4::new(dst, 0).into())?;
-        let mut buf = [0u8; 2048];
-        loop {
-            let left = timeout.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                return Ok(Echo::Timeout);
-            }
-            self.sock.set_read_timeout(Some(left))?;
-            let n = match (&self.sock).read(&mut buf) {
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(Echo::Timeout)
-                }
-                Err(e) => return Err(e),
-            };
-            if let Some(e) = self.parse(&buf[..n], start) {
-                return Ok(e);
-            }
-        }
+        Ok(
+            recv_matching(&self.sock, timeout, |pkt| self.parse(pkt, start))?
+                .unwrap_or(Echo::Timeout),
+        )
     }
 
     fn parse(&self, pkt: &[u8], start: Instant) -> Option<Echo> {
@@ -409,30 +390,9 @@ impl IcmpListener {
         dport: u16,
         timeout: Duration,
     ) -> io::Result<Option<IcmpSeen>> {
-        let start = Instant::now();
-        let mut buf = [0u8; 2048];
-        loop {
-            let left = timeout.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            self.sock.set_read_timeout(Some(left))?;
-            let n = match (&self.sock).read(&mut buf) {
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(None)
-                }
-                Err(e) => return Err(e),
-            };
-            if let Some(seen) = parse_error(&buf[..n], proto, sport, dport) {
-                return Ok(Some(seen));
-            }
-        }
+        recv_matching(&self.sock, timeout, |pkt| {
+            parse_error(pkt, proto, sport, dport)
+        })
     }
 }
 
@@ -462,6 +422,39 @@ fn parse_error(pkt: &[u8], proto: u8, sport: u16, dport: u16) -> Option<IcmpSeen
         quoted_src: Ipv4Addr::new(inner[12], inner[13], inner[14], inner[15]),
         quoted_dst: Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]),
     })
+}
+
+/// Reads datagrams from `sock` until `parse` accepts one or `timeout`
+/// passes (then None).
+fn recv_matching<T>(
+    sock: &Socket,
+    timeout: Duration,
+    mut parse: impl FnMut(&[u8]) -> Option<T>,
+) -> io::Result<Option<T>> {
+    let start = Instant::now();
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        sock.set_read_timeout(Some(left))?;
+        let n = match (&*sock).read(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(t) = parse(&buf[..n]) {
+            return Ok(Some(t));
+        }
+    }
 }
 
 /// The median of some durations (zero when empty).

@@ -24,12 +24,7 @@ use common::*;
 fn start_far(tag: &str, link_mtu: u16, tweak: impl FnOnce(&mut Config)) -> (Lab, Gateway) {
     let mut lab = Lab::new(tag).expect("namespaces");
     lab.add_far(tag, link_mtu).expect("far host");
-    let mut config = lab.config();
-    config.workers.threads = 2;
-    tweak(&mut config);
-    let gw = Gateway::start(&config).expect("gateway starts");
-    lab.wire_up(&config).expect("wire up");
-    (lab, gw)
+    start_in(lab, tweak)
 }
 
 /// One traceroute probe of `mode` with `ttl` from the pod: who answered.
@@ -361,6 +356,9 @@ fn excluded_destinations_are_routed_untranslated_with_replies() {
     srv.send_to(b"back", peer).unwrap();
     let (n, _) = cli.recv_from(&mut b).unwrap();
     assert_eq!(&b[..n], b"back");
+    // ICMP echo is routed too, its identifier untouched.
+    let mut p = Pinger::new(&lab.pod).unwrap();
+    assert_eq!(p.ping(SERVER_IP, 2, T).unwrap().len(), 2);
     // Unsolicited traffic to the pod from there is still not let in.
     let other = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5001));
     other
@@ -372,7 +370,7 @@ fn excluded_destinations_are_routed_untranslated_with_replies() {
     let s = gw.stats();
     assert_eq!(
         s.get(Counter::RoutedPackets),
-        2,
+        6,
         "{}",
         tapnat::report::stats(&s)
     );

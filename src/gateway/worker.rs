@@ -60,6 +60,16 @@ pub(super) struct Worker {
     routed_swept_ms: u64,
 }
 
+/// What the router checks decided about a packet to forward.
+#[derive(Debug, Clone, Copy)]
+struct Fit {
+    /// The form of the transport checksum (offloaded or complete).
+    csum: L4Csum,
+    /// Larger than the egress MTU without DF: fragment it.
+    split: bool,
+    mtu: usize,
+}
+
 /// At most this many routed sessions per worker.
 const ROUTED_MAX: usize = 65536;
 
@@ -571,6 +581,40 @@ impl Worker {
         Ok((csum, !hdr.is_gso() && view.total_len > mtu))
     }
 
+    /// The router's checks before a packet is forwarded to `egress`: TTL
+    /// (Time Exceeded back to `from`), then the egress MTU. On refusal, the
+    /// buffer to reuse (if any) is the error.
+    fn forwardable(
+        &mut self,
+        from: Side,
+        egress: Side,
+        mut buf: Buf,
+        v: &Ipv4View,
+    ) -> Result<(Buf, Fit), Option<Buf>> {
+        if v.ttl <= 1 {
+            return Err(self.reject(
+                from,
+                buf,
+                v,
+                IcmpErrorKind::TTL_EXCEEDED,
+                Counter::DropTtlExceeded,
+            ));
+        }
+        let mtu = self.shared.addressing.mtu(egress);
+        match self.offload_fit(&mut buf, v, mtu) {
+            Ok((csum, split)) => Ok((buf, Fit { csum, split, mtu })),
+            Err(why) => Err(self.too_big(from, buf, v, mtu, why)),
+        }
+    }
+
+    /// Sends a translated packet, fragmenting it first when it must be.
+    fn send_on(&mut self, side: Side, next_hop: Ipv4Addr, buf: Buf, fit: Fit) -> Option<Buf> {
+        if fit.split {
+            return self.emit_fragmented(side, next_hop, buf, fit.mtu);
+        }
+        self.emit(side, next_hop, buf)
+    }
+
     /// A packet that does not fit the egress MTU: with DF set, Fragmentation
     /// Needed with the MTU goes back (RFC 1191, RFC 4787 REQ-13).
     fn too_big(
@@ -589,20 +633,11 @@ impl Worker {
         Some(buf)
     }
 
-    fn in2out(&mut self, mut buf: Buf, v: Ipv4View, now: u64) -> Option<Buf> {
+    fn in2out(&mut self, buf: Buf, v: Ipv4View, now: u64) -> Option<Buf> {
         let (Some(proto), Some((sport, dport))) = (proto(&v.l4), v.ports()) else {
             self.c.inc(Counter::DropUnsupportedProtocol);
             return Some(buf);
         };
-        if v.ttl <= 1 {
-            return self.reject(
-                Side::Pod,
-                buf,
-                &v,
-                IcmpErrorKind::TTL_EXCEEDED,
-                Counter::DropTtlExceeded,
-            );
-        }
         let ext_addr = match self.shared.addressing.egress(v.src, v.dst) {
             Egress::Nat(addr) => addr,
             Egress::Route => return self.route_out(buf, v, proto, (sport, dport), now),
@@ -611,10 +646,9 @@ impl Worker {
                 return Some(buf);
             }
         };
-        let mtu = self.shared.addressing.uplink_mtu;
-        let (l4csum, split) = match self.offload_fit(&mut buf, &v, mtu) {
-            Ok(c) => c,
-            Err(why) => return self.too_big(Side::Pod, buf, &v, mtu, why),
+        let (mut buf, fit) = match self.forwardable(Side::Pod, Side::Uplink, buf, &v) {
+            Ok(x) => x,
+            Err(back) => return back,
         };
         let key = InKey {
             proto,
@@ -669,18 +703,15 @@ impl Worker {
             };
             self.first_fragment_done(frag_key(buf.frame(), &v), rewrite, now);
         }
-        wire::translate(buf.frame_mut(), &v, End::Src, ext_addr, ext_port, l4csum);
+        wire::translate(buf.frame_mut(), &v, End::Src, ext_addr, ext_port, fit.csum);
         self.c.inc(Counter::In2outPackets);
         if self.shared.addressing.is_outside(v.dst) {
             return self.hairpin(buf, now);
         }
-        if split {
-            return self.emit_fragmented(Side::Uplink, next_hop, buf, mtu);
-        }
-        self.emit(Side::Uplink, next_hop, buf)
+        self.send_on(Side::Uplink, next_hop, buf, fit)
     }
 
-    fn out2in(&mut self, mut buf: Buf, v: Ipv4View, now: u64) -> Option<Buf> {
+    fn out2in(&mut self, buf: Buf, v: Ipv4View, now: u64) -> Option<Buf> {
         let (Some(proto), Some((sport, dport))) = (proto(&v.l4), v.ports()) else {
             self.c.inc(Counter::DropUnsupportedProtocol);
             return Some(buf);
@@ -708,19 +739,9 @@ impl Worker {
             self.c.inc(Counter::DropNoFlow);
             return Some(buf);
         };
-        if v.ttl <= 1 {
-            return self.reject(
-                Side::Uplink,
-                buf,
-                &v,
-                IcmpErrorKind::TTL_EXCEEDED,
-                Counter::DropTtlExceeded,
-            );
-        }
-        let mtu = self.shared.addressing.pod_mtu;
-        let (l4csum, split) = match self.offload_fit(&mut buf, &v, mtu) {
-            Ok(c) => c,
-            Err(why) => return self.too_big(Side::Uplink, buf, &v, mtu, why),
+        let (mut buf, fit) = match self.forwardable(Side::Uplink, Side::Pod, buf, &v) {
+            Ok(x) => x,
+            Err(back) => return back,
         };
         let flags = match v.l4 {
             L4::Tcp { flags, .. } => tcp_flags(flags),
@@ -744,13 +765,10 @@ impl Worker {
             End::Dst,
             inside.src,
             inside.sport,
-            l4csum,
+            fit.csum,
         );
         self.c.inc(Counter::Out2inPackets);
-        if split {
-            return self.emit_fragmented(Side::Pod, inside.src, buf, mtu);
-        }
-        self.emit(Side::Pod, inside.src, buf)
+        self.send_on(Side::Pod, inside.src, buf, fit)
     }
 
     /// A pod's packet to an outside address (its own or another pod's
@@ -770,7 +788,7 @@ impl Worker {
     /// router would, remembering the session so that its replies come back.
     fn route_out(
         &mut self,
-        mut buf: Buf,
+        buf: Buf,
         v: Ipv4View,
         proto: Proto,
         ports: (u16, u16),
@@ -782,10 +800,9 @@ impl Worker {
         } else {
             (Side::Uplink, a.uplink_next_hop(v.dst))
         };
-        let mtu = a.mtu(egress);
-        let (l4csum, split) = match self.offload_fit(&mut buf, &v, mtu) {
-            Ok(c) => c,
-            Err(why) => return self.too_big(Side::Pod, buf, &v, mtu, why),
+        let (mut buf, fit) = match self.forwardable(Side::Pod, egress, buf, &v) {
+            Ok(x) => x,
+            Err(back) => return back,
         };
         if egress == Side::Uplink {
             let key = InKey {
@@ -802,18 +819,15 @@ impl Worker {
             self.routed.insert(key, now);
         }
         // Same address and port: only the TTL (and its checksum) change.
-        wire::translate(buf.frame_mut(), &v, End::Src, v.src, ports.0, l4csum);
+        wire::translate(buf.frame_mut(), &v, End::Src, v.src, ports.0, fit.csum);
         self.c.inc(Counter::RoutedPackets);
-        if split {
-            return self.emit_fragmented(egress, next_hop, buf, mtu);
-        }
-        self.emit(egress, next_hop, buf)
+        self.send_on(egress, next_hop, buf, fit)
     }
 
     /// A reply to a routed session, coming back in untranslated.
     fn route_in(
         &mut self,
-        mut buf: Buf,
+        buf: Buf,
         v: Ipv4View,
         proto: Proto,
         ports: (u16, u16),
@@ -835,26 +849,14 @@ impl Worker {
             return Some(buf);
         };
         *seen = now;
-        if v.ttl <= 1 {
-            return self.reject(
-                Side::Uplink,
-                buf,
-                &v,
-                IcmpErrorKind::TTL_EXCEEDED,
-                Counter::DropTtlExceeded,
-            );
-        }
-        let mtu = self.shared.addressing.pod_mtu;
-        let (l4csum, split) = match self.offload_fit(&mut buf, &v, mtu) {
-            Ok(c) => c,
-            Err(why) => return self.too_big(Side::Uplink, buf, &v, mtu, why),
+        let (mut buf, fit) = match self.forwardable(Side::Uplink, Side::Pod, buf, &v) {
+            Ok(x) => x,
+            Err(back) => return back,
         };
-        wire::translate(buf.frame_mut(), &v, End::Dst, v.dst, ports.1, l4csum);
+        // Same address and port (or echo id): only the TTL changes.
+        wire::translate(buf.frame_mut(), &v, End::Dst, v.dst, dport, fit.csum);
         self.c.inc(Counter::RoutedPackets);
-        if split {
-            return self.emit_fragmented(Side::Pod, v.dst, buf, mtu);
-        }
-        self.emit(Side::Pod, v.dst, buf)
+        self.send_on(Side::Pod, v.dst, buf, fit)
     }
 
     /// Forgets idle routed sessions, once a second.

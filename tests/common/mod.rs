@@ -23,7 +23,11 @@ pub fn root() -> bool {
 
 /// A lab and a gateway on the default config (two workers, then `tweak`), wired up.
 pub fn start(tag: &str, tweak: impl FnOnce(&mut Config)) -> (Lab, Gateway) {
-    let lab = Lab::new(tag).expect("namespaces");
+    start_in(Lab::new(tag).expect("namespaces"), tweak)
+}
+
+/// A gateway on `lab`'s default config (two workers, then `tweak`), wired up.
+pub fn start_in(lab: Lab, tweak: impl FnOnce(&mut Config)) -> (Lab, Gateway) {
     let mut config = lab.config();
     config.workers.threads = 2;
     tweak(&mut config);
