@@ -31,7 +31,7 @@ use smoltcp::wire::EthernetAddress;
 
 use crate::control::config::{Config, Ipv4Net, MasqueradeRule};
 use crate::device::{Tap, TapError, TapOptions, Waker};
-use crate::nat::{Flow, FlowTable, TableConfig, Timeouts};
+use crate::nat::{Filtering, Flow, FlowTable, TableConfig, Timeouts};
 use stats::{Counters, Snapshot};
 
 /// Which device a frame came from or goes to.
@@ -312,6 +312,9 @@ impl Gateway {
                 max_flows: config.nat.max_flows.div_ceil(n),
                 timeouts,
                 seed: seed.rotate_left(k as u32 * 7) ^ k as u64,
+                // Today's behaviour until the config maps its own settings.
+                filtering: Filtering::AddressAndPort,
+                port_reuse_delay_ms: 0,
             });
             let (tx, rx) = bounded(1024);
             let c = Arc::new(Counters::default());

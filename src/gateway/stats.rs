@@ -83,6 +83,8 @@ counters! {
     DropNoFlow = "drop_no_flow",
     /// Outbound TCP without a flow that is not a SYN.
     DropTcpNotSyn = "drop_tcp_not_syn",
+    /// A TCP RST outside the receiver's window (the flow is unchanged).
+    DropInvalidRst = "drop_invalid_rst",
     /// Outbound ICMP echo reply or other ICMP with no flow.
     DropIcmpNoFlow = "drop_icmp_no_flow",
     /// An ICMP error from outside (not translated yet).

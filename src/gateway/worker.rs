@@ -12,7 +12,9 @@ use smoltcp::wire::EthernetAddress;
 use super::io::tx_counter;
 use super::stats::{Counter, Counters};
 use super::{Buf, CtrlMsg, Packet, Shared, Side, WorkerMsg};
-use crate::nat::{CreateError, Direction, FlowTable, InKey, OutKey, Proto, TcpFlags};
+use crate::nat::{
+    CreateError, Direction, FlowTable, InKey, OutKey, Proto, TcpFlags, TcpSeg, Verdict,
+};
 use crate::wire::{self, End, IcmpErrorKind, L4};
 
 /// Flow slots examined for expiry per wake-up: bounded work, never a stall.
@@ -33,6 +35,20 @@ fn tcp_flags(flags: u8) -> TcpFlags {
         ack: flags & wire::TCP_ACK != 0,
         fin: flags & wire::TCP_FIN != 0,
         rst: flags & wire::TCP_RST != 0,
+    }
+}
+
+/// The TCP fields the flow table tracks (`classify` checked the header).
+fn tcp_seg(frame: &[u8], v: &wire::Ipv4View, flags: TcpFlags) -> TcpSeg {
+    let l4 = &frame[v.l4_offset()..];
+    let be32 = |at: usize| u32::from_be_bytes([l4[at], l4[at + 1], l4[at + 2], l4[at + 3]]);
+    let hlen = usize::from(l4[12] >> 4) * 4;
+    TcpSeg {
+        flags,
+        seq: be32(4),
+        ack: be32(8),
+        window: u16::from_be_bytes([l4[14], l4[15]]),
+        payload_len: v.total_len.saturating_sub(v.ihl + hlen) as u32,
     }
 }
 
@@ -177,8 +193,17 @@ impl Worker {
                 }
             }
         };
-        self.table
-            .account(id, Direction::In2Out, flags, v.total_len, now);
+        let seg = match v.l4 {
+            L4::Tcp { .. } => tcp_seg(p.buf.frame(), &v, flags),
+            _ => TcpSeg::NONE,
+        };
+        if self
+            .table
+            .account(id, Direction::In2Out, seg, v.total_len, now)
+            == Verdict::DropInvalidRst
+        {
+            return self.drop_buf(p.buf, Counter::DropInvalidRst);
+        }
         let f = self.table.get(id);
         let (ext_addr, ext_port) = (f.ext_addr, f.ext_port);
         wire::translate(p.buf.frame_mut(), &v, End::Src, ext_addr, ext_port);
@@ -217,12 +242,17 @@ impl Worker {
         if v.total_len > self.shared.addressing.pod_mtu {
             return self.drop_buf(p.buf, Counter::DropTooBig);
         }
-        let flags = match v.l4 {
-            L4::Tcp { flags, .. } => tcp_flags(flags),
-            _ => TcpFlags::default(),
+        let seg = match v.l4 {
+            L4::Tcp { flags, .. } => tcp_seg(p.buf.frame(), &v, tcp_flags(flags)),
+            _ => TcpSeg::NONE,
         };
-        self.table
-            .account(id, Direction::Out2In, flags, v.total_len, now);
+        if self
+            .table
+            .account(id, Direction::Out2In, seg, v.total_len, now)
+            == Verdict::DropInvalidRst
+        {
+            return self.drop_buf(p.buf, Counter::DropInvalidRst);
+        }
         let inside = self.table.get(id).inside;
         wire::translate(p.buf.frame_mut(), &v, End::Dst, inside.src, inside.sport);
         self.c.inc(Counter::Out2inPackets);
