@@ -6,7 +6,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
-use tapnat::nat::{FlowTable, InKey, OutKey, Proto, TableConfig, Timeouts};
+use tapnat::nat::{Filtering, FlowTable, InKey, OutKey, Proto, TableConfig, Timeouts};
 
 const EXT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const TIMEOUTS: Timeouts = Timeouts {
@@ -27,6 +27,8 @@ fn config(max_flows: usize) -> TableConfig {
         max_flows,
         timeouts: TIMEOUTS,
         seed: 1,
+        filtering: Filtering::EndpointIndependent,
+        port_reuse_delay_ms: 0,
     }
 }
 

@@ -5,6 +5,7 @@ use smoltcp::wire::{ArpRepr, EthernetAddress};
 use super::stats::Counter;
 use super::{Addressing, Egress, Side};
 use crate::nat::frag::FragKey;
+use crate::nat::Proto;
 use crate::wire::{self, fragment, icmp, Classified, Ipv4View, L4};
 
 /// The fate of one received frame.
@@ -85,17 +86,14 @@ fn for_gateway(view: &Ipv4View) -> Disposition {
     }
 }
 
-/// An ICMP error goes to the owner of the flow it quotes: `port` picks the
-/// quoted port that the owner is chosen by.
-fn icmp_error(frame: &[u8], view: Ipv4View, quoted_src_port: bool) -> Disposition {
+/// An ICMP error from outside goes to the owner of the flow it quotes: the
+/// quoted source port is our outside port.
+fn icmp_error_in(frame: &[u8], view: Ipv4View) -> Disposition {
     match icmp::parse_embedded(frame, &view) {
-        Ok(emb) => {
-            let (s, d) = emb.ports();
-            Disposition::Transit {
-                port: if quoted_src_port { s } else { d },
-                view,
-            }
-        }
+        Ok(emb) => Disposition::Transit {
+            port: emb.ports().0,
+            view,
+        },
         Err(_) => Disposition::Drop(Counter::DropBadIcmpError),
     }
 }
@@ -117,13 +115,31 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
         return Local;
     }
     match view.l4 {
-        L4::Tcp { sport: port, .. }
-        | L4::Udp { sport: port, .. }
-        | L4::IcmpEcho { id: port, .. } => Transit { port, view },
+        L4::Tcp { sport, .. } => Transit {
+            port: a.steer(Proto::Tcp, view.src, sport),
+            view,
+        },
+        L4::Udp { sport, .. } => Transit {
+            port: a.steer(Proto::Udp, view.src, sport),
+            view,
+        },
+        L4::IcmpEcho { id: port, .. } => Transit { port, view },
         L4::Fragment => later_fragment(frame, view),
         // About a packet that came in to the pod: the quoted destination is
-        // the pod's port, which has the same owner as its outside port.
-        L4::IcmpError { .. } => icmp_error(frame, view, false),
+        // the pod's port, which has the same owner as its outside port (or
+        // is a forward's target, steered like the forward).
+        L4::IcmpError { .. } => match icmp::parse_embedded(frame, &view) {
+            Ok(emb) => {
+                let (_, port) = emb.ports();
+                let port = match emb.l4 {
+                    icmp::EmbeddedL4::Tcp { .. } => a.steer(Proto::Tcp, emb.dst, port),
+                    icmp::EmbeddedL4::Udp { .. } => a.steer(Proto::Udp, emb.dst, port),
+                    icmp::EmbeddedL4::IcmpEcho { .. } => port,
+                };
+                Transit { port, view }
+            }
+            Err(_) => Drop(Counter::DropBadIcmpError),
+        },
         L4::IcmpOther { .. } | L4::Other => Drop(Counter::DropUnsupportedProtocol),
     }
 }
@@ -142,7 +158,7 @@ fn uplink(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
         | L4::Udp { dport: port, .. } => Transit { port, view },
         L4::Fragment => later_fragment(frame, view),
         // About a packet we sent: the quoted source is our outside port.
-        L4::IcmpError { .. } => icmp_error(frame, view, true),
+        L4::IcmpError { .. } => icmp_error_in(frame, view),
         L4::IcmpOther { .. } | L4::Other => Drop(Counter::DropToGateway),
     }
 }

@@ -35,10 +35,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use smoltcp::wire::EthernetAddress;
 
-use crate::control::config::{Config, Ipv4Net, MasqueradeRule, SnatRule};
+use crate::control::config::{self, Config, ForwardProtocol, Ipv4Net, MasqueradeRule, SnatRule};
 use crate::device::{Tap, TapError, TapOptions, Waker};
 use crate::nat::frag::{FragCache, FragCacheConfig};
-use crate::nat::{Flow, FlowTable, TableConfig, Timeouts};
+use crate::nat::{Filtering, Flow, FlowTable, Proto, TableConfig, Timeouts};
 use crate::wire::icmp::IcmpRateLimit;
 use crate::wire::vnet::VNET_HDR_LEN;
 pub use classify::Disposition;
@@ -63,6 +63,10 @@ pub struct Addressing {
     pub uplink_mtu: usize,
     pub masquerade: Vec<MasqueradeRule>,
     pub snat: Vec<SnatRule>,
+    /// Port forwards' targets: (protocol, pod address, pod port) -> outside
+    /// port. A pod-side packet from a target is steered to the worker that
+    /// owns the outside port, where its forward's sessions live.
+    pub forward_targets: hashbrown::HashMap<(Proto, Ipv4Addr, u16), u16>,
 }
 
 /// What happens to a pod-side packet, by source and destination.
@@ -90,6 +94,9 @@ impl Addressing {
             uplink_mtu: usize::from(config.uplink.mtu),
             masquerade: config.masquerade.clone(),
             snat: config.snat.clone(),
+            forward_targets: forwarded_ports(config)
+                .map(|(proto, ext, to, to_port)| ((proto, to, to_port), ext))
+                .collect(),
         }
     }
     pub fn pod_ip(&self) -> Ipv4Addr {
@@ -156,6 +163,18 @@ impl Addressing {
         }
     }
 
+    /// The port whose owner handles a pod-side packet from `src:port`: the
+    /// outside port of a forward when `src:port` is its target, else `port`.
+    pub fn steer(&self, proto: Proto, src: Ipv4Addr, port: u16) -> u16 {
+        if self.forward_targets.is_empty() {
+            return port;
+        }
+        self.forward_targets
+            .get(&(proto, src, port))
+            .copied()
+            .unwrap_or(port)
+    }
+
     /// The next hop on the uplink for `dst`.
     pub fn uplink_next_hop(&self, dst: Ipv4Addr) -> Ipv4Addr {
         if self.uplink_net.contains(dst) {
@@ -164,6 +183,18 @@ impl Addressing {
             self.uplink_gateway
         }
     }
+}
+
+/// Every forwarded port: (protocol, outside port, target address, target port).
+fn forwarded_ports(config: &Config) -> impl Iterator<Item = (Proto, u16, Ipv4Addr, u16)> + '_ {
+    config.forward.iter().flat_map(|f| {
+        let proto = match f.protocol {
+            ForwardProtocol::Tcp => Proto::Tcp,
+            ForwardProtocol::Udp => Proto::Udp,
+        };
+        (f.ports.first..=f.ports.last)
+            .map(move |p| (proto, p, f.to_addr, f.to_port + (p - f.ports.first)))
+    })
 }
 
 /// The pool address a pod address always gets ("paired" pooling, RFC 4787
@@ -371,7 +402,13 @@ pub enum GatewayError {
     Waker(#[source] std::io::Error),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    #[error("cannot set up the forward of port {0}")]
+    Forward(u16, #[source] crate::nat::ForwardError),
 }
+
+/// A freed outside port is not handed out again for this long (RFC 6888
+/// REQ-8), so a remote host cannot mistake a new mapping for an old one.
+const PORT_REUSE_DELAY_MS: u64 = 120_000;
 
 /// A running gateway. Dropping it stops it.
 pub struct Gateway {
@@ -509,7 +546,21 @@ impl Gateway {
                 max_flows: config.nat.max_flows.div_ceil(n),
                 timeouts,
                 seed: seed.rotate_left(k as u32 * 7) ^ k as u64,
+                filtering: match config.nat.filtering {
+                    config::Filtering::EndpointIndependent => Filtering::EndpointIndependent,
+                    config::Filtering::Address => Filtering::Address,
+                    config::Filtering::AddressAndPort => Filtering::AddressAndPort,
+                },
+                port_reuse_delay_ms: PORT_REUSE_DELAY_MS,
             });
+            let mut table = table;
+            for (proto, ext, to, to_port) in forwarded_ports(config) {
+                if usize::from(ext) % n == k {
+                    table
+                        .add_forward(proto, config.uplink.address.addr, ext, to, to_port)
+                        .map_err(|e| GatewayError::Forward(ext, e))?;
+                }
+            }
             let c = Arc::new(Counters::default());
             let per_sec = config.nat.icmp_errors_per_sec;
             let icmp_limit = (per_sec > 0).then(|| {

@@ -97,10 +97,14 @@ counters! {
     /// TCP, UDP or other traffic to the gateway's own address with no flow
     /// (RFC 5382 REQ-4: no RST, no port unreachable).
     DropToGateway = "drop_to_gateway",
+    /// Inbound to a mapping from a remote the filtering does not let in.
+    DropFiltered = "drop_filtered",
     /// Inbound with no flow (unsolicited).
     DropNoFlow = "drop_no_flow",
     /// Outbound TCP without a flow that is not a SYN.
     DropTcpNotSyn = "drop_tcp_not_syn",
+    /// A TCP RST outside the receiver's window (the flow is unchanged).
+    DropInvalidRst = "drop_invalid_rst",
     /// Outbound ICMP echo reply or other ICMP with no flow.
     DropIcmpNoFlow = "drop_icmp_no_flow",
     /// An ICMP error whose quoted packet matches no flow.

@@ -16,7 +16,10 @@ use super::stats::{Counter, Counters};
 use super::{Buf, CtrlMsg, Egress, FragRewrite, Packet, Shared, Side, WorkerMsg};
 use crate::device::Poller;
 use crate::nat::frag::{FragCache, FragKey, Later, Release};
-use crate::nat::{CreateError, Direction, FlowTable, InKey, OutKey, Proto, TcpFlags};
+use crate::nat::{
+    CreateError, Direction, FlowTable, InKey, InboundError, OutKey, Proto, TcpFlags, TcpSeg,
+    Verdict,
+};
 use crate::wire::icmp::{self, EmbeddedL4, ErrorDir, IcmpRateLimit};
 use crate::wire::vnet::VnetHdr;
 use crate::wire::{self, csum, fragment, End, IcmpErrorKind, Ipv4View, L4Csum, L4};
@@ -79,6 +82,23 @@ fn tcp_flags(flags: u8) -> TcpFlags {
         ack: flags & wire::TCP_ACK != 0,
         fin: flags & wire::TCP_FIN != 0,
         rst: flags & wire::TCP_RST != 0,
+    }
+}
+
+/// The TCP fields the flow table tracks (`classify` checked the header).
+fn tcp_seg(frame: &[u8], v: &Ipv4View) -> TcpSeg {
+    let L4::Tcp { flags, .. } = v.l4 else {
+        return TcpSeg::NONE;
+    };
+    let l4 = &frame[v.l4_offset()..];
+    let be32 = |at: usize| u32::from_be_bytes([l4[at], l4[at + 1], l4[at + 2], l4[at + 3]]);
+    let hlen = usize::from(l4[12] >> 4) * 4;
+    TcpSeg {
+        flags: tcp_flags(flags),
+        seq: be32(4),
+        ack: be32(8),
+        window: u16::from_be_bytes([l4[14], l4[15]]),
+        payload_len: v.total_len.saturating_sub(v.ihl + hlen) as u32,
     }
 }
 
@@ -689,8 +709,17 @@ impl Worker {
                 }
             }
         };
-        self.table
-            .account(id, Direction::In2Out, flags, v.total_len, now);
+        if self.table.account(
+            id,
+            Direction::In2Out,
+            tcp_seg(buf.frame(), &v),
+            v.total_len,
+            now,
+        ) == Verdict::DropInvalidRst
+        {
+            self.c.inc(Counter::DropInvalidRst);
+            return Some(buf);
+        }
         let f = self.table.get(id);
         let (ext_addr, ext_port) = (f.ext_addr, f.ext_port);
         let next_hop = self.shared.addressing.uplink_next_hop(v.dst);
@@ -732,23 +761,47 @@ impl Worker {
                 eport: dport,
             },
         };
-        let Some(id) = self.table.lookup_out2in(&key, now) else {
-            if !self.shared.addressing.is_outside(v.dst) {
+        let flags = match v.l4 {
+            L4::Tcp { flags, .. } => tcp_flags(flags),
+            _ => TcpFlags::default(),
+        };
+        let id = match self.table.lookup_out2in(&key, now) {
+            Some(id) => id,
+            None if !self.shared.addressing.is_outside(v.dst) => {
                 return self.route_in(buf, v, proto, (sport, dport), now);
             }
-            self.c.inc(Counter::DropNoFlow);
-            return Some(buf);
+            // No session: a forward, or a mapping that the filtering lets
+            // this remote reach (RFC 4787 REQ-8, RFC 5382 REQ-3), opens one.
+            None => match self.table.inbound(&key, flags, now) {
+                Ok(id) => {
+                    self.c.inc(Counter::FlowsCreated);
+                    id
+                }
+                Err(e) => {
+                    self.c.inc(match e {
+                        InboundError::NoMapping | InboundError::NotSyn => Counter::DropNoFlow,
+                        InboundError::Filtered => Counter::DropFiltered,
+                        InboundError::TableFull => Counter::DropTableFull,
+                    });
+                    return Some(buf);
+                }
+            },
         };
         let (mut buf, fit) = match self.forwardable(Side::Uplink, Side::Pod, buf, &v) {
             Ok(x) => x,
             Err(back) => return back,
         };
-        let flags = match v.l4 {
-            L4::Tcp { flags, .. } => tcp_flags(flags),
-            _ => TcpFlags::default(),
-        };
-        self.table
-            .account(id, Direction::Out2In, flags, v.total_len, now);
+        if self.table.account(
+            id,
+            Direction::Out2In,
+            tcp_seg(buf.frame(), &v),
+            v.total_len,
+            now,
+        ) == Verdict::DropInvalidRst
+        {
+            self.c.inc(Counter::DropInvalidRst);
+            return Some(buf);
+        }
         let inside = self.table.get(id).inside;
         if v.is_fragment {
             let rewrite = FragRewrite {

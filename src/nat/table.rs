@@ -1,18 +1,19 @@
-//! The flow table of one worker: masquerading sessions, their outside ports
-//! and their expiry.
+//! The flow table of one worker: masquerading sessions, their outside ports,
+//! static forwards, inbound filtering and expiry.
 //!
 //! # Contract
 //!
 //! * One `FlowTable` per worker thread, no locks. Worker `k` of `N` owns the
 //!   outside ports (and ICMP echo ids) `p` with `p % N == k`; this table only
-//!   ever hands out such ports.
+//!   ever hands out such ports, and only accepts forwards on them.
 //! * Pure: no fds, threads or clocks. Every time-dependent call takes
 //!   `now_ms`, milliseconds since an arbitrary start; it must not go backwards.
 //! * A [`FlowId`] is the index of a slab slot and is reused after its flow is
 //!   removed. An id is valid until the next call that may remove flows:
 //!   [`FlowTable::lookup_in2out`], [`FlowTable::lookup_out2in`] (they drop an
-//!   expired flow they hit), [`FlowTable::create`] (early drop),
-//!   [`FlowTable::expire`], [`FlowTable::remove`] and [`FlowTable::clear`].
+//!   expired flow they hit), [`FlowTable::create`] and
+//!   [`FlowTable::inbound`] (early drop), [`FlowTable::expire`],
+//!   [`FlowTable::remove`] and [`FlowTable::clear`].
 //!   [`FlowTable::get`] and [`FlowTable::account`] panic on an out-of-range
 //!   id; a stale in-range id is a caller bug (checked in debug builds only).
 //!
@@ -30,43 +31,84 @@
 //!   configured range has no port >= 1024 for this worker.
 //! * No port overloading (RFC 4787 REQ-3, RFC 5382 REQ-7): an outside port
 //!   maps to at most one inside endpoint per protocol.
-//! * Not done yet: quarantine of freed ports (RFC 6888 REQ-8 asks 120 s); a
-//!   freed port is a candidate again at once (the random start makes quick
-//!   reuse unlikely while the range is not nearly full).
+//! * Port quarantine (RFC 6888 REQ-8): with `port_reuse_delay_ms > 0`, a TCP
+//!   or UDP port released by its mapping stays unusable — for every inside
+//!   endpoint, its previous owner included — for that long. Released ports
+//!   wait in a FIFO (release order = expiry order, as the delay is fixed)
+//!   that is drained at allocation and sweep time; while they wait their bit
+//!   stays set in the port set, so if only quarantined ports are left the
+//!   create fails with [`CreateError::PortsExhausted`]. ICMP ids are reused
+//!   at once (echo ids carry no connection state worth protecting).
+//!
+//! # Inbound packets without a session: filtering and forwards
+//!
+//! The fast path is [`FlowTable::lookup_out2in`] (exact 5-tuple). On a miss
+//! the caller asks [`FlowTable::inbound`], which may create a session whose
+//! initiator is the remote host:
+//!
+//! * A static forward ([`FlowTable::add_forward`], DNAT) on `(proto, ext
+//!   addr, ext port)` always opens a session towards its inside target.
+//! * Otherwise a live mapping on `(proto, ext addr, ext port)` is needed
+//!   and [`Filtering`] (RFC 4787 REQ-8, RFC 5382 REQ-3) decides: endpoint
+//!   independent = any remote; address dependent = a remote address the
+//!   mapping already has a session with; address and port dependent = never
+//!   (a session would have matched the 5-tuple).
+//! * TCP needs a SYN without ACK; nothing else ever creates a session
+//!   (RFC 5382 REQ-4 leaves an unsolicited SYN unanswered, the caller drops
+//!   it). ICMP never creates inbound sessions.
+//!
+//! A mapping is "live" while it has flows that are not yet removed; a flow
+//! that has timed out but not been swept yet still counts (the sweep cursor
+//! removes it within one lap). The address-dependent check uses a counter
+//! per `(proto, ext port, remote address)`, kept only in that mode.
+//!
+//! A forward is a permanent mapping of its target endpoint: its port is
+//! reserved (never allocated dynamically, never released, kept by
+//! [`FlowTable::clear`]) and outbound flows of the target that miss get it
+//! too, with the forward's address (so replies to a new connection keep the
+//! forwarded port, RFC 4787 REQ-1); [`FlowTable::forward_for_inside`]
+//! exposes it for the caller's steering.
 //!
 //! # Limits
 //!
 //! `max_flows` is a hard bound. When it is reached, [`FlowTable::create`]
-//! scans [`EARLY_DROP_SCAN`] slots from the sweep cursor: the first expired
-//! flow found is removed (counted as expired), else the least recently seen
-//! unreplied flow is evicted (`early_dropped`, like conntrack's `early_drop`
-//! of non-assured entries); replied flows are never evicted for a new one.
-//! Otherwise the create fails with [`CreateError::TableFull`].
+//! and [`FlowTable::inbound`] scan [`EARLY_DROP_SCAN`] slots from the sweep
+//! cursor: the first expired flow found is removed (counted as expired),
+//! else the least recently seen unreplied flow is evicted (`early_dropped`,
+//! like conntrack's `early_drop` of non-assured entries); replied flows are
+//! never evicted for a new one. Otherwise the create fails with
+//! [`CreateError::TableFull`] and `table_full` counts it. "Replied" means
+//! the responder (the side that did not open the flow) has sent a packet,
+//! so a SYN flood from either side only ever evicts its own kind.
 //!
 //! # TCP state machine
 //!
-//! Driven only by the SYN/ACK/FIN/RST flags of segments; sequence numbers are
-//! not tracked, so an out-of-window RST does close the flow (it then lives
-//! for the transitory timeout, not forever; RFC 5382 REQ-5 / RFC 7857 §2.2
-//! keep the mapping that long after a RST anyway).
+//! Driven by the SYN/ACK/FIN/RST flags of segments, from the initiator's
+//! point of view (the inside host for [`FlowTable::create`], the remote one
+//! for [`FlowTable::inbound`]). RSTs are validated against the tracked
+//! sequence space first (see the `tcp` submodule's docs): an out-of-window
+//! RST gets [`Verdict::DropInvalidRst`] and changes nothing. A valid one
+//! closes the flow, which then lives for the transitory timeout
+//! (RFC 5382 REQ-5 / RFC 7857 §2.2 keep the mapping that long after a RST).
 //!
 //! ```text
-//!                     create()
+//!                     create() / inbound()
 //!                        |
 //!                        v
-//!   +----------------> SynSent --SYN or SYN+ACK out2in--> SynReceived
-//!   |  SYN in2out        |                                  |
-//!   |  (reopen)          | ACK out2in, no SYN seen          | ACK w/o SYN either way,
-//!   |                    | (mid-stream pickup)              | or SYN+ACK both ways
-//!   |                    v                                  | (simultaneous open)
-//!   |               Established <---------------------------+
+//!   +----------------> SynSent --SYN or SYN+ACK from--> SynReceived
+//!   |  SYN from          |           responder           |
+//!   |  initiator         | ACK from responder,           | ACK w/o SYN either way,
+//!   |  (reopen)          | no SYN seen                   | or SYN+ACK both ways
+//!   |                    | (mid-stream pickup)           | (simultaneous open)
+//!   |                    v                               |
+//!   |               Established <------------------------+
 //!   |                    |
 //!   |                    | FIN one way (also from SynReceived)
 //!   |                    v
 //!   |                 FinWait --FIN the other way--> Closing
 //!   |                                                  |
 //!   +--------------------------------------------------+
-//!   +-- Closed <-- RST either way, from any state
+//!   +-- Closed <-- valid RST either way, from any state
 //! ```
 //!
 //! Timeouts, counted from `last_seen_ms`: Established uses
@@ -78,17 +120,29 @@
 //!
 //! # Memory
 //!
-//! A [`Flow`] is 64 bytes; each slot adds a 1-byte tag (liveness and TCP
-//! flag history). Each index entry is a 20-byte `(key, u32)` bucket plus a
-//! 1-byte control byte, so a live flow costs about 64 + 1 + 2 x 21 = 107
-//! bytes, plus the hash tables' slack (load factor <= 7/8, power-of-two
-//! bucket counts) and, per inside endpoint, one 17-byte mapping bucket. The
-//! slab never shrinks: its length is the high-water mark of live flows.
+//! A [`Flow`] is 64 bytes; each slot adds a 1-byte tag (liveness, TCP flag
+//! history, who opened the flow) and a 24-byte sequence record (kept apart
+//! so the lookup path touches one cache line per flow). Each index entry is
+//! a 20-byte `(key, u32)` bucket plus a 1-byte control byte, so a live flow
+//! costs about 64 + 1 + 24 + 2 x 21 = 131 bytes, plus the hash tables'
+//! slack (load factor <= 7/8, power-of-two bucket counts) and, per inside
+//! endpoint, one 21-byte mapping bucket. The reverse index (outside port ->
+//! mapping) is a dense array of 8 bytes per owned port and protocol,
+//! `3 x 8 x 65536 / workers` bytes reserved up front (pages are committed
+//! as ports get used); a release writes nothing to it.
+//! Address-dependent filtering adds one 13-byte bucket per distinct
+//! (mapping, remote address). The slab never shrinks: its length is the
+//! high-water mark of live flows. The quarantine FIFO holds at most
+//! one 16-byte entry per TCP/UDP port.
+
+mod tcp;
 
 use hashbrown::hash_map::Entry;
 use hashbrown::HashMap;
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::Ipv4Addr;
+use tcp::SeqTrack;
 
 /// IP protocol of a flow; the discriminant is the IP protocol number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -121,7 +175,7 @@ pub struct InKey {
     pub dport: u16,
 }
 
-/// A flow as the uplink sees an inbound reply: remote source -> outside
+/// A flow as the uplink sees an inbound packet: remote source -> outside
 /// (ext) destination. For ICMP, `rport` = 0, `eport` = mapped id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OutKey {
@@ -143,24 +197,27 @@ impl FlowId {
     }
 }
 
-/// Direction of a packet: from the pod side out, or a reply coming in.
+/// Direction of a packet: from the pod side out, or from the uplink in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     In2Out,
     Out2In,
 }
 
-/// TCP connection state as seen from the flags only (see the module docs).
+/// TCP connection state as seen from the flags, named from the initiator's
+/// point of view (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TcpState {
+    /// The initiator's SYN (or nothing yet) seen.
     SynSent,
+    /// The responder answered with a SYN.
     SynReceived,
     Established,
     /// One side sent FIN.
     FinWait,
     /// Both sides sent FIN.
     Closing,
-    /// RST seen.
+    /// A valid RST seen.
     Closed,
 }
 
@@ -179,6 +236,63 @@ pub struct TcpFlags {
     pub ack: bool,
     pub fin: bool,
     pub rst: bool,
+}
+
+/// What [`FlowTable::account`] needs to know of a TCP segment. For UDP and
+/// ICMP flows it is ignored: pass [`TcpSeg::NONE`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpSeg {
+    pub flags: TcpFlags,
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgment number (meaningful when `flags.ack`).
+    pub ack: u32,
+    /// Raw (unscaled) window field.
+    pub window: u16,
+    /// TCP payload bytes (IP total length - IP header - TCP header).
+    pub payload_len: u32,
+}
+
+impl TcpSeg {
+    /// No TCP segment (UDP, ICMP).
+    pub const NONE: TcpSeg = TcpSeg {
+        flags: TcpFlags {
+            syn: false,
+            ack: false,
+            fin: false,
+            rst: false,
+        },
+        seq: 0,
+        ack: 0,
+        window: 0,
+        payload_len: 0,
+    };
+}
+
+/// What the caller must do with a packet after [`FlowTable::account`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Verdict {
+    /// Translate and forward it.
+    Accept,
+    /// A RST outside the receiver's window: drop it; the flow is unchanged
+    /// (counted in [`TableStats::invalid_rst`]).
+    DropInvalidRst,
+}
+
+/// Filtering of inbound packets that match no session (RFC 4787 §5, REQ-8;
+/// RFC 5382 REQ-3). See the module docs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Filtering {
+    /// Any remote may reach a live mapping (most transparent; RFC 4787
+    /// REQ-8 recommends it).
+    EndpointIndependent,
+    /// Only a remote address the mapping already has a session with.
+    Address,
+    /// Only the exact remote address and port of a session (conntrack's
+    /// behaviour).
+    #[default]
+    AddressAndPort,
 }
 
 /// Idle timeouts in milliseconds, counted from a flow's `last_seen_ms`.
@@ -204,6 +318,11 @@ pub struct TableConfig {
     pub timeouts: Timeouts,
     /// Seed of the port-choice PRNG (deterministic in tests).
     pub seed: u64,
+    /// Inbound packets with no session (module docs).
+    pub filtering: Filtering,
+    /// Quarantine of a released TCP/UDP outside port (RFC 6888 REQ-8 asks
+    /// 120 s); 0 disables it.
+    pub port_reuse_delay_ms: u64,
 }
 
 /// One session: the inside flow and its outside rewrite.
@@ -213,8 +332,10 @@ pub struct Flow {
     pub ext_addr: Ipv4Addr,
     pub ext_port: u16,
     pub state: FlowState,
-    /// Seen a packet Out2In (conntrack's "assured"-ish); unreplied flows are
-    /// evicted first.
+    /// The responder (the side that did not open the flow: the remote host
+    /// for a [`FlowTable::create`]d flow, the inside host for an
+    /// [`FlowTable::inbound`] one) has sent a packet (conntrack's
+    /// "assured"-ish); unreplied flows are evicted first.
     pub replied: bool,
     pub last_seen_ms: u64,
     pub packets_in2out: u64,
@@ -224,7 +345,7 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// The key under which replies to this flow arrive from the uplink.
+    /// The key under which this flow's packets arrive from the uplink.
     #[inline]
     pub fn out_key(&self) -> OutKey {
         OutKey {
@@ -260,24 +381,78 @@ impl Flow {
 pub enum CreateError {
     /// `max_flows` live flows and no expired or unreplied one to evict.
     TableFull,
-    /// No free outside port owned by this worker in the range.
+    /// No free (and not quarantined) outside port owned by this worker in
+    /// the range.
     PortsExhausted,
 }
+
+/// Why [`FlowTable::inbound`] opened no session for an inbound packet; the
+/// caller drops it (and, after RFC 5382 REQ-4's 6 s, may answer with ICMP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundError {
+    /// No live mapping or forward on the packet's `(proto, ext addr, ext
+    /// port)` (or an ICMP packet). Not counted by the table.
+    NoMapping,
+    /// A mapping exists but [`Filtering`] refuses this remote, or the
+    /// session it would open clashes with an existing one
+    /// (`inbound_filtered`).
+    Filtered,
+    /// TCP without SYN, or with SYN+ACK: never opens a session
+    /// (`inbound_filtered`).
+    NotSyn,
+    /// As [`CreateError::TableFull`] (`table_full`).
+    TableFull,
+}
+
+/// Why [`FlowTable::add_forward`] refused a forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardError {
+    /// `ext_port % workers != worker`: another worker's table owns it.
+    NotOwned,
+    /// Only TCP and UDP can be forwarded.
+    Icmp,
+    /// The outside port is used by a mapping or another forward (or is
+    /// quarantined).
+    PortInUse,
+    /// The inside endpoint already has a mapping (live flows) or forward.
+    InsideInUse,
+}
+
+impl fmt::Display for ForwardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ForwardError::NotOwned => "outside port belongs to another worker",
+            ForwardError::Icmp => "only TCP and UDP can be forwarded",
+            ForwardError::PortInUse => "outside port is in use",
+            ForwardError::InsideInUse => "inside endpoint already has a mapping",
+        })
+    }
+}
+
+impl std::error::Error for ForwardError {}
 
 /// Counters of the table's slow-path events.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TableStats {
-    /// Flows created.
+    /// Flows created (by [`FlowTable::create`] or [`FlowTable::inbound`]).
     pub created: u64,
+    /// Of `created`, sessions opened from outside by [`FlowTable::inbound`].
+    pub inbound_created: u64,
     /// Flows removed because they timed out (by a lookup, a sweep, or to
     /// make room in a full table).
     pub expired: u64,
     /// Unreplied flows evicted to make room in a full table.
     pub early_dropped: u64,
-    /// Creates refused with [`CreateError::TableFull`].
+    /// Creates refused with [`CreateError::TableFull`] or
+    /// [`InboundError::TableFull`].
     pub table_full: u64,
     /// Creates refused with [`CreateError::PortsExhausted`].
     pub ports_exhausted: u64,
+    /// Inbound packets to a live mapping refused by filtering or for lack
+    /// of a SYN ([`InboundError::Filtered`], [`InboundError::NotSyn`]).
+    pub inbound_filtered: u64,
+    /// RSTs refused by [`FlowTable::account`] ([`Verdict::DropInvalidRst`]).
+    pub invalid_rst: u64,
 }
 
 /// Slots examined for an expired or unreplied victim when the table is full
@@ -285,14 +460,17 @@ pub struct TableStats {
 pub const EARLY_DROP_SCAN: usize = 128;
 
 /// Per-slot tag bits: liveness plus the TCP flag history the state machine
-/// needs (kept out of [`Flow`] so its public layout stays plain data).
+/// needs (kept out of [`Flow`] so its public layout stays plain data). The
+/// SYN/FIN bits are relative to the initiator.
 mod tag {
     pub const LIVE: u8 = 1 << 0;
-    pub const SYN_IN2OUT: u8 = 1 << 1;
-    pub const SYNACK_IN2OUT: u8 = 1 << 2;
-    pub const SYNACK_OUT2IN: u8 = 1 << 3;
-    pub const FIN_IN2OUT: u8 = 1 << 4;
-    pub const FIN_OUT2IN: u8 = 1 << 5;
+    pub const SYN_INIT: u8 = 1 << 1;
+    pub const SYNACK_INIT: u8 = 1 << 2;
+    pub const SYNACK_RESP: u8 = 1 << 3;
+    pub const FIN_INIT: u8 = 1 << 4;
+    pub const FIN_RESP: u8 = 1 << 5;
+    /// The flow was opened from outside ([`super::FlowTable::inbound`]).
+    pub const ORIGIN_OUT: u8 = 1 << 6;
 }
 
 /// Inside endpoint of an endpoint-independent mapping.
@@ -300,8 +478,21 @@ type MapKey = (Proto, Ipv4Addr, u16);
 
 #[derive(Debug, Clone, Copy)]
 struct Mapping {
+    /// Outside address of the mapping's latest flow (the forward's address
+    /// for a forward): inbound packets must be sent to it.
+    ext_addr: Ipv4Addr,
     ext_port: u16,
     refs: u32,
+    /// A static forward: permanent, never released.
+    forward: bool,
+}
+
+/// A released port in quarantine.
+#[derive(Debug, Clone, Copy)]
+struct Cooling {
+    until_ms: u64,
+    proto: Proto,
+    port: u16,
 }
 
 /// 65536-bit set of outside ports in use for one protocol.
@@ -322,9 +513,6 @@ impl PortSet {
     #[inline]
     fn remove(&mut self, p: u16) {
         self.0[usize::from(p >> 6)] &= !(1 << (p & 63));
-    }
-    fn clear(&mut self) {
-        self.0.fill(0);
     }
 }
 
@@ -359,11 +547,23 @@ pub struct FlowTable {
     cfg: TableConfig,
     flows: Vec<Flow>,
     tags: Vec<u8>,
+    seqs: Vec<SeqTrack>,
     free: Vec<u32>,
     in_index: HashMap<InKey, u32>,
     out_index: HashMap<OutKey, u32>,
     mappings: HashMap<MapKey, Mapping>,
+    /// Reverse index of `mappings`, per protocol: slot `port / workers`
+    /// holds the inside endpoint (`addr << 16 | port`) last given `port`.
+    /// Never cleared: an entry counts only while that endpoint's mapping
+    /// still has the port (see [`owner_of`]), so a release writes nothing.
+    owners: [Vec<u64>; 3],
+    /// Address-dependent filtering only: sessions per (proto, ext port,
+    /// remote address).
+    remotes: HashMap<(Proto, u16, Ipv4Addr), u32>,
     ports: [PortSet; 3],
+    cooling: VecDeque<Cooling>,
+    /// Latest `now_ms` seen (for calls without one, like `remove`).
+    clock_ms: u64,
     cursor: usize,
     live: usize,
     rng: XorShift,
@@ -378,6 +578,7 @@ impl fmt::Debug for FlowTable {
             .field("len", &self.live)
             .field("slots", &self.flows.len())
             .field("mappings", &self.mappings.len())
+            .field("cooling", &self.cooling.len())
             .field("stats", &self.stats)
             .finish()
     }
@@ -405,14 +606,24 @@ impl FlowTable {
             "max_flows must fit in u32"
         );
         let cap = cfg.max_flows.min(INITIAL_CAPACITY_CAP);
+        let map_cap = cap.min(65536);
         FlowTable {
             flows: Vec::with_capacity(cap),
             tags: Vec::with_capacity(cap),
+            seqs: Vec::with_capacity(cap),
             free: Vec::new(),
             in_index: HashMap::with_capacity(cap),
             out_index: HashMap::with_capacity(cap),
-            mappings: HashMap::with_capacity(cap.min(65536)),
+            mappings: HashMap::with_capacity(map_cap),
+            owners: std::array::from_fn(|_| vec![0; 65536 / usize::from(cfg.workers) + 1]),
+            remotes: if cfg.filtering == Filtering::Address {
+                HashMap::with_capacity(map_cap)
+            } else {
+                HashMap::new()
+            },
             ports: [PortSet::new(), PortSet::new(), PortSet::new()],
+            cooling: VecDeque::new(),
+            clock_ms: 0,
             cursor: 0,
             live: 0,
             rng: XorShift::new(cfg.seed),
@@ -431,6 +642,13 @@ impl FlowTable {
         now_ms >= self.flows[i].expires_at_ms(&self.cfg.timeouts)
     }
 
+    #[inline]
+    fn tick(&mut self, now_ms: u64) {
+        if now_ms > self.clock_ms {
+            self.clock_ms = now_ms;
+        }
+    }
+
     /// Find the live flow for an outbound packet; an expired flow is removed
     /// and `None` returned.
     #[inline]
@@ -439,8 +657,9 @@ impl FlowTable {
         self.check_live(i, now_ms)
     }
 
-    /// Find the live flow for an inbound packet; an expired flow is removed
-    /// and `None` returned.
+    /// Find the live flow for an inbound packet (exact 5-tuple); an expired
+    /// flow is removed and `None` returned. On `None` the caller asks
+    /// [`FlowTable::inbound`].
     #[inline]
     pub fn lookup_out2in(&mut self, key: &OutKey, now_ms: u64) -> Option<FlowId> {
         let i = *self.out_index.get(key)? as usize;
@@ -450,6 +669,7 @@ impl FlowTable {
     #[inline]
     fn check_live(&mut self, i: usize, now_ms: u64) -> Option<FlowId> {
         if self.is_expired(i, now_ms) {
+            self.tick(now_ms);
             self.remove_slot(i);
             self.stats.expired += 1;
             None
@@ -465,7 +685,9 @@ impl FlowTable {
     ///
     /// If `key` already has a live flow, its id is returned and nothing is
     /// created. A reused mapping keeps its port but the flow uses the given
-    /// `ext_addr` (so a changed masquerade address takes effect at once).
+    /// `ext_addr` (so a changed masquerade address takes effect at once) —
+    /// except a forward target's mapping, whose flows use the forward's
+    /// address.
     pub fn create(
         &mut self,
         key: &InKey,
@@ -477,16 +699,31 @@ impl FlowTable {
                 return Ok(id);
             }
         }
+        self.tick(now_ms);
         if self.live >= self.cfg.max_flows && !self.make_room(now_ms) {
             self.stats.table_full += 1;
             return Err(CreateError::TableFull);
         }
         let pi = key.proto.index();
-        let ext_port = match self.mappings.entry((key.proto, key.src, key.sport)) {
+        // Quarantines that ended (a cheap front check when none did).
+        if !self.cooling.is_empty() {
+            Self::drain_cooling(
+                &mut self.cooling,
+                &mut self.ports,
+                &self.mappings,
+                &self.owners,
+                self.cfg.workers,
+                now_ms,
+            );
+        }
+        let (ext_addr, ext_port) = match self.mappings.entry((key.proto, key.src, key.sport)) {
             Entry::Occupied(mut e) => {
                 let m = e.get_mut();
                 m.refs += 1;
-                m.ext_port
+                if !m.forward {
+                    m.ext_addr = ext_addr;
+                }
+                (m.ext_addr, m.ext_port)
             }
             Entry::Vacant(e) => {
                 let Some(p) = Self::alloc_port(&self.cfg, &self.ports[pi], &mut self.rng, key)
@@ -496,17 +733,115 @@ impl FlowTable {
                 };
                 self.ports[pi].insert(p);
                 e.insert(Mapping {
+                    ext_addr,
                     ext_port: p,
                     refs: 1,
+                    forward: false,
                 });
-                p
+                set_owner(
+                    &mut self.owners,
+                    self.cfg.workers,
+                    (key.proto, key.src, key.sport),
+                    p,
+                );
+                (ext_addr, p)
             }
         };
+        Ok(self.insert_flow(*key, ext_addr, ext_port, 0, now_ms))
+    }
+
+    /// Find or open the session for an inbound packet that missed
+    /// [`FlowTable::lookup_out2in`] (module docs: filtering and forwards).
+    /// `flags` are the packet's TCP flags (ignored for UDP). A live session
+    /// matching `key` is returned as is. A new session's inside key is
+    /// `(proto, mapping's inside endpoint -> key.remote:key.rport)`; it
+    /// starts in `SynSent` (TCP, initiator = the remote), unreplied; call
+    /// [`FlowTable::account`] for the packet.
+    pub fn inbound(
+        &mut self,
+        key: &OutKey,
+        flags: TcpFlags,
+        now_ms: u64,
+    ) -> Result<FlowId, InboundError> {
+        if let Some(&i) = self.out_index.get(key) {
+            if let Some(id) = self.check_live(i as usize, now_ms) {
+                return Ok(id);
+            }
+        }
+        if key.proto == Proto::Icmp {
+            return Err(InboundError::NoMapping);
+        }
+        let Some(mk) = owner_of(
+            &self.mappings,
+            &self.owners,
+            self.cfg.workers,
+            key.proto,
+            key.eport,
+        ) else {
+            return Err(InboundError::NoMapping);
+        };
+        let m = self.mappings[&mk];
+        if m.ext_addr != key.ext || (m.refs == 0 && !m.forward) {
+            return Err(InboundError::NoMapping);
+        }
+        if !m.forward {
+            let allowed = match self.cfg.filtering {
+                Filtering::EndpointIndependent => true,
+                Filtering::Address => self
+                    .remotes
+                    .contains_key(&(key.proto, key.eport, key.remote)),
+                Filtering::AddressAndPort => false,
+            };
+            if !allowed {
+                self.stats.inbound_filtered += 1;
+                return Err(InboundError::Filtered);
+            }
+        }
+        if key.proto == Proto::Tcp && !(flags.syn && !flags.ack && !flags.rst) {
+            self.stats.inbound_filtered += 1;
+            return Err(InboundError::NotSyn);
+        }
+        let inside = InKey {
+            proto: key.proto,
+            src: mk.1,
+            sport: mk.2,
+            dst: key.remote,
+            dport: key.rport,
+        };
+        if let Some(&i) = self.in_index.get(&inside) {
+            // The inside endpoint already talks to this remote through
+            // another outside address (the masquerade address changed).
+            if self.check_live(i as usize, now_ms).is_some() {
+                self.stats.inbound_filtered += 1;
+                return Err(InboundError::Filtered);
+            }
+        }
+        self.tick(now_ms);
+        // Pin the mapping so that making room cannot release it.
+        self.mappings.get_mut(&mk).expect("mapping").refs += 1;
+        if self.live >= self.cfg.max_flows && !self.make_room(now_ms) {
+            self.unref_mapping(mk);
+            self.stats.table_full += 1;
+            return Err(InboundError::TableFull);
+        }
+        self.stats.inbound_created += 1;
+        Ok(self.insert_flow(inside, m.ext_addr, m.ext_port, tag::ORIGIN_OUT, now_ms))
+    }
+
+    /// Stores a new flow; its mapping already counts it.
+    fn insert_flow(
+        &mut self,
+        inside: InKey,
+        ext_addr: Ipv4Addr,
+        ext_port: u16,
+        origin: u8,
+        now_ms: u64,
+    ) -> FlowId {
         let flow = Flow {
-            inside: *key,
+            inside,
             ext_addr,
             ext_port,
-            state: match key.proto {
+            state: match inside.proto {
                 Proto::Tcp => FlowState::Tcp(TcpState::SynSent),
                 Proto::Udp => FlowState::Udp,
                 Proto::Icmp => FlowState::Icmp,
@@ -518,28 +853,120 @@ impl FlowTable {
             bytes_in2out: 0,
             bytes_out2in: 0,
         };
+        let t = tag::LIVE | origin;
         let i = match self.free.pop() {
             Some(i) => {
                 self.flows[i as usize] = flow;
-                self.tags[i as usize] = tag::LIVE;
+                self.tags[i as usize] = t;
+                self.seqs[i as usize] = SeqTrack::default();
                 i
             }
             None => {
                 let i = self.flows.len() as u32;
                 self.flows.push(flow);
-                self.tags.push(tag::LIVE);
+                self.tags.push(t);
+                self.seqs.push(SeqTrack::default());
                 i
             }
         };
-        let prev_in = self.in_index.insert(*key, i);
+        let prev_in = self.in_index.insert(inside, i);
         let prev_out = self.out_index.insert(flow.out_key(), i);
         // No overloading means out keys are unique: two inside endpoints
         // never share (proto, ext port), and one endpoint's flows differ in
         // (remote, rport).
         debug_assert!(prev_in.is_none() && prev_out.is_none(), "index collision");
+        if self.cfg.filtering == Filtering::Address {
+            *self
+                .remotes
+                .entry((inside.proto, ext_port, inside.dst))
+                .or_insert(0) += 1;
+        }
         self.live += 1;
         self.stats.created += 1;
-        Ok(FlowId(i))
+        FlowId(i)
+    }
+
+    /// Adds a static forward (DNAT): inbound `proto` packets to
+    /// `ext_addr:ext_port` with no session open one towards
+    /// `inside_addr:inside_port` (TCP: on a SYN only), whatever the
+    /// [`Filtering`]. The outside port is reserved for good; it may lie
+    /// outside the dynamic port range. See the module docs.
+    pub fn add_forward(
+        &mut self,
+        proto: Proto,
+        ext_addr: Ipv4Addr,
+        ext_port: u16,
+        inside_addr: Ipv4Addr,
+        inside_port: u16,
+    ) -> Result<(), ForwardError> {
+        if ext_port % self.cfg.workers != self.cfg.worker {
+            return Err(ForwardError::NotOwned);
+        }
+        if proto == Proto::Icmp {
+            return Err(ForwardError::Icmp);
+        }
+        let pi = proto.index();
+        let mk = (proto, inside_addr, inside_port);
+        if self.mappings.contains_key(&mk) {
+            return Err(ForwardError::InsideInUse);
+        }
+        if self.ports[pi].contains(ext_port) {
+            return Err(ForwardError::PortInUse);
+        }
+        self.ports[pi].insert(ext_port);
+        self.mappings.insert(
+            mk,
+            Mapping {
+                ext_addr,
+                ext_port,
+                refs: 0,
+                forward: true,
+            },
+        );
+        set_owner(&mut self.owners, self.cfg.workers, mk, ext_port);
+        Ok(())
+    }
+
+    /// The forward whose target is `inside_addr:inside_port`, as `(ext
+    /// addr, ext port)`: a pod-side packet from it that misses belongs to
+    /// the worker owning that port, and [`FlowTable::create`] there maps it
+    /// onto the forward port.
+    pub fn forward_for_inside(
+        &self,
+        proto: Proto,
+        inside_addr: Ipv4Addr,
+        inside_port: u16,
+    ) -> Option<(Ipv4Addr, u16)> {
+        match self.mappings.get(&(proto, inside_addr, inside_port)) {
+            Some(m) if m.forward => Some((m.ext_addr, m.ext_port)),
+            _ => None,
+        }
+    }
+
+    /// Number of static forwards.
+    pub fn forwards_len(&self) -> usize {
+        self.mappings.values().filter(|m| m.forward).count()
+    }
+
+    /// Releases quarantined ports whose time is up.
+    fn drain_cooling(
+        cooling: &mut VecDeque<Cooling>,
+        ports: &mut [PortSet; 3],
+        mappings: &HashMap<MapKey, Mapping>,
+        owners: &[Vec<u64>; 3],
+        workers: u16,
+        now_ms: u64,
+    ) {
+        while let Some(c) = cooling.front() {
+            if c.until_ms > now_ms {
+                break;
+            }
+            // A forward added meanwhile keeps the port.
+            if owner_of(mappings, owners, workers, c.proto, c.port).is_none() {
+                ports[c.proto.index()].remove(c.port);
+            }
+            cooling.pop_front();
+        }
     }
 
     /// Chooses an outside port for a new mapping of `key`'s inside endpoint.
@@ -625,9 +1052,20 @@ impl FlowTable {
         &self.flows[id.0 as usize]
     }
 
-    /// Account a packet of `len` bytes in `dir` at `now_ms`: refresh
-    /// `last_seen_ms`, bump the counters, set `replied` on Out2In, and for
-    /// TCP feed `flags` to the state machine (module docs).
+    /// Whether the flow was opened from outside ([`FlowTable::inbound`]).
+    #[inline]
+    pub fn opened_inbound(&self, id: FlowId) -> bool {
+        self.tags[id.0 as usize] & tag::ORIGIN_OUT != 0
+    }
+
+    /// Account a packet of `len` bytes in `dir` at `now_ms`. For TCP, first
+    /// validate a RST against the tracked sequence space (the `tcp`
+    /// submodule's docs): an invalid one returns
+    /// [`Verdict::DropInvalidRst`], counts `invalid_rst` and changes
+    /// nothing. Otherwise refresh `last_seen_ms`, bump the counters, set
+    /// `replied` on a packet from the responder, and for TCP feed the
+    /// segment to the state machine and the sequence tracking. `seg` is
+    /// ignored for UDP and ICMP flows ([`TcpSeg::NONE`]).
     ///
     /// Callers decide what refreshes: ICMP errors about a flow should not be
     /// accounted (RFC 4787 REQ-12, RFC 5508 REQ-6).
@@ -639,14 +1077,20 @@ impl FlowTable {
         &mut self,
         id: FlowId,
         dir: Direction,
-        flags: TcpFlags,
+        seg: TcpSeg,
         len: usize,
         now_ms: u64,
-    ) {
+    ) -> Verdict {
         let i = id.0 as usize;
         debug_assert!(self.tags[i] & tag::LIVE != 0, "stale FlowId");
         let f = &mut self.flows[i];
+        let is_tcp = matches!(f.state, FlowState::Tcp(_));
+        if is_tcp && seg.flags.rst && !self.seqs[i].rst_acceptable(dir, &seg) {
+            self.stats.invalid_rst += 1;
+            return Verdict::DropInvalidRst;
+        }
         f.last_seen_ms = now_ms;
+        let t = &mut self.tags[i];
         match dir {
             Direction::In2Out => {
                 f.packets_in2out += 1;
@@ -655,18 +1099,41 @@ impl FlowTable {
             Direction::Out2In => {
                 f.packets_out2in += 1;
                 f.bytes_out2in += len as u64;
-                f.replied = true;
             }
         }
-        if let FlowState::Tcp(s) = f.state {
-            f.state = FlowState::Tcp(tcp_next(s, &mut self.tags[i], dir, flags));
+        if (dir == Direction::Out2In) != (*t & tag::ORIGIN_OUT != 0) {
+            f.replied = true;
         }
+        if let FlowState::Tcp(s) = f.state {
+            let (st, reopened) = tcp::next(s, t, dir, seg.flags);
+            f.state = FlowState::Tcp(st);
+            let sq = &mut self.seqs[i];
+            if reopened {
+                *sq = SeqTrack::default();
+            }
+            sq.update(dir, &seg);
+        }
+        if now_ms > self.clock_ms {
+            self.clock_ms = now_ms;
+        }
+        Verdict::Accept
     }
 
     /// Incremental expiry: examine at most `budget` slots (and at most one
     /// full lap) from a sweeping cursor, removing expired flows; returns the
-    /// number removed.
+    /// number removed. Also ends due port quarantines.
     pub fn expire(&mut self, now_ms: u64, budget: usize) -> usize {
+        self.tick(now_ms);
+        if !self.cooling.is_empty() {
+            Self::drain_cooling(
+                &mut self.cooling,
+                &mut self.ports,
+                &self.mappings,
+                &self.owners,
+                self.cfg.workers,
+                now_ms,
+            );
+        }
         let n = self.flows.len();
         if n == 0 {
             return 0;
@@ -689,7 +1156,8 @@ impl FlowTable {
     }
 
     /// Removes a live flow now (e.g. the masquerade address went away),
-    /// releasing its mapping if it was the last flow of it. Not counted as
+    /// releasing its mapping if it was the last flow of it (into quarantine,
+    /// timed from the latest `now_ms` the table has seen). Not counted as
     /// expired.
     ///
     /// # Panics
@@ -699,39 +1167,79 @@ impl FlowTable {
         self.remove_slot(id.0 as usize);
     }
 
-    /// Removes every flow and mapping (link down / address change);
-    /// counters are kept.
+    /// Removes every flow and dynamic mapping (link down / address change);
+    /// their TCP/UDP ports go into quarantine. Forwards and counters are
+    /// kept.
     pub fn clear(&mut self) {
         self.flows.clear();
         self.tags.clear();
+        self.seqs.clear();
         self.free.clear();
         self.in_index.clear();
         self.out_index.clear();
-        self.mappings.clear();
-        for p in &mut self.ports {
-            p.clear();
-        }
+        self.remotes.clear();
+        let delay = self.cfg.port_reuse_delay_ms;
+        let until_ms = self.clock_ms.saturating_add(delay);
+        let (ports, cooling) = (&mut self.ports, &mut self.cooling);
+        self.mappings.retain(|mk, m| {
+            if m.forward {
+                m.refs = 0;
+                return true;
+            }
+            if delay > 0 && mk.0 != Proto::Icmp {
+                cooling.push_back(Cooling {
+                    until_ms,
+                    proto: mk.0,
+                    port: m.ext_port,
+                });
+            } else {
+                ports[mk.0.index()].remove(m.ext_port);
+            }
+            false
+        });
         self.cursor = 0;
         self.live = 0;
+    }
+
+    /// Drops one reference to a mapping, releasing a dynamic one at zero.
+    fn unref_mapping(&mut self, mk: MapKey) {
+        let Entry::Occupied(mut e) = self.mappings.entry(mk) else {
+            debug_assert!(false, "flow without mapping");
+            return;
+        };
+        let m = e.get_mut();
+        m.refs -= 1;
+        if m.refs == 0 && !m.forward {
+            let port = e.remove().ext_port;
+            if self.cfg.port_reuse_delay_ms > 0 && mk.0 != Proto::Icmp {
+                // The delay is fixed, so the FIFO stays sorted by deadline.
+                self.cooling.push_back(Cooling {
+                    until_ms: self.clock_ms.saturating_add(self.cfg.port_reuse_delay_ms),
+                    proto: mk.0,
+                    port,
+                });
+            } else {
+                self.ports[mk.0.index()].remove(port);
+            }
+        }
     }
 
     fn remove_slot(&mut self, i: usize) {
         let f = self.flows[i];
         self.in_index.remove(&f.inside);
         self.out_index.remove(&f.out_key());
-        if let Entry::Occupied(mut e) =
-            self.mappings
-                .entry((f.inside.proto, f.inside.src, f.inside.sport))
-        {
-            let m = e.get_mut();
-            m.refs -= 1;
-            if m.refs == 0 {
-                let port = e.remove().ext_port;
-                self.ports[f.inside.proto.index()].remove(port);
+        if self.cfg.filtering == Filtering::Address {
+            if let Entry::Occupied(mut e) =
+                self.remotes
+                    .entry((f.inside.proto, f.ext_port, f.inside.dst))
+            {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
             }
-        } else {
-            debug_assert!(false, "flow without mapping");
         }
+        self.unref_mapping((f.inside.proto, f.inside.src, f.inside.sport));
         self.tags[i] = 0;
         self.free.push(i as u32);
         self.live -= 1;
@@ -748,9 +1256,15 @@ impl FlowTable {
         self.live == 0
     }
 
-    /// Number of endpoint-independent mappings (= outside ports in use).
+    /// Number of mappings (= outside ports in use, quarantined ones
+    /// excluded), static forwards included.
     pub fn mappings_len(&self) -> usize {
         self.mappings.len()
+    }
+
+    /// Number of outside ports in quarantine.
+    pub fn cooling_len(&self) -> usize {
+        self.cooling.len()
     }
 
     /// Live flows in slab order (including expired ones not yet swept).
@@ -765,6 +1279,31 @@ impl FlowTable {
     /// Snapshot of the counters.
     pub fn stats(&self) -> TableStats {
         self.stats
+    }
+}
+
+/// Records `mk` as the owner of outside `port` (owned by this worker).
+#[inline]
+fn set_owner(owners: &mut [Vec<u64>; 3], workers: u16, mk: MapKey, port: u16) {
+    owners[mk.0.index()][usize::from(port / workers)] =
+        u64::from(u32::from(mk.1)) << 16 | u64::from(mk.2);
+}
+
+/// The inside endpoint whose mapping (or forward) currently holds outside
+/// `port`, if any.
+#[inline]
+fn owner_of(
+    mappings: &HashMap<MapKey, Mapping>,
+    owners: &[Vec<u64>; 3],
+    workers: u16,
+    proto: Proto,
+    port: u16,
+) -> Option<MapKey> {
+    let v = *owners[proto.index()].get(usize::from(port / workers))?;
+    let mk = (proto, Ipv4Addr::from((v >> 16) as u32), v as u16);
+    match mappings.get(&mk) {
+        Some(m) if m.ext_port == port => Some(mk),
+        _ => None,
     }
 }
 
@@ -803,81 +1342,11 @@ fn pick_port(used: &PortSet, rng: &mut XorShift, lo: u32, hi: u32, w: u32, k: u3
     None
 }
 
-/// One step of the TCP state machine; `tags` holds the flag history.
-fn tcp_next(s: TcpState, tags: &mut u8, dir: Direction, fl: TcpFlags) -> TcpState {
-    use TcpState::*;
-    let out2in = dir == Direction::Out2In;
-    if fl.rst {
-        return Closed;
-    }
-    let fin = |tags: &mut u8| {
-        *tags |= if out2in {
-            tag::FIN_OUT2IN
-        } else {
-            tag::FIN_IN2OUT
-        };
-        if *tags & (tag::FIN_IN2OUT | tag::FIN_OUT2IN) == tag::FIN_IN2OUT | tag::FIN_OUT2IN {
-            Closing
-        } else {
-            FinWait
-        }
-    };
-    match s {
-        // A fresh SYN from inside reuses the tuple (like TIME_WAIT reuse).
-        Closed | Closing if fl.syn && !fl.ack && !out2in => {
-            *tags = tag::LIVE | tag::SYN_IN2OUT;
-            SynSent
-        }
-        Closed => Closed,
-        SynSent if fl.syn => {
-            if out2in {
-                // SYN+ACK, or a bare SYN: simultaneous open (RFC 5382 REQ-2).
-                if fl.ack {
-                    *tags |= tag::SYNACK_OUT2IN;
-                }
-                SynReceived
-            } else {
-                *tags |= tag::SYN_IN2OUT;
-                SynSent
-            }
-        }
-        // Flow created mid-stream (no SYN seen): the remote's ACK shows the
-        // connection is alive, like conntrack's tcp_loose pickup.
-        SynSent if out2in && fl.ack && *tags & tag::SYN_IN2OUT == 0 => {
-            if fl.fin {
-                fin(tags)
-            } else {
-                Established
-            }
-        }
-        SynSent => SynSent,
-        SynReceived if fl.syn => {
-            if fl.ack {
-                *tags |= if out2in {
-                    tag::SYNACK_OUT2IN
-                } else {
-                    tag::SYNACK_IN2OUT
-                };
-            }
-            if *tags & (tag::SYNACK_IN2OUT | tag::SYNACK_OUT2IN)
-                == tag::SYNACK_IN2OUT | tag::SYNACK_OUT2IN
-            {
-                Established
-            } else {
-                SynReceived
-            }
-        }
-        SynReceived if fl.fin => fin(tags),
-        SynReceived if fl.ack => Established,
-        SynReceived => SynReceived,
-        Established | FinWait | Closing if fl.fin => fin(tags),
-        Established | FinWait | Closing => s,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod rfc;
 
     const T: Timeouts = Timeouts {
         tcp_established_ms: 7_440_000,
@@ -895,7 +1364,21 @@ mod tests {
             max_flows: max,
             timeouts: T,
             seed: 42,
+            filtering: Filtering::AddressAndPort,
+            port_reuse_delay_ms: 0,
         }
+    }
+
+    fn seg(flags: TcpFlags) -> TcpSeg {
+        TcpSeg {
+            flags,
+            ..TcpSeg::NONE
+        }
+    }
+
+    /// Accounts a segment with zero sequence fields; it must be accepted.
+    fn acc(t: &mut FlowTable, id: FlowId, dir: Direction, flags: TcpFlags, len: usize, now: u64) {
+        assert_eq!(t.account(id, dir, seg(flags), len, now), Verdict::Accept);
     }
 
     fn table() -> FlowTable {
@@ -969,13 +1452,19 @@ mod tests {
         assert_eq!(t.free.len() + t.len(), t.flows.len());
         let mut refs: hashbrown::HashMap<MapKey, u32> = hashbrown::HashMap::new();
         let mut port_owner: hashbrown::HashMap<(Proto, u16), MapKey> = hashbrown::HashMap::new();
+        let mut remotes: hashbrown::HashMap<(Proto, u16, Ipv4Addr), u32> =
+            hashbrown::HashMap::new();
         for &i in &live {
             let f = &t.flows[i];
             assert_eq!(t.in_index[&f.inside], i as u32);
             assert_eq!(t.out_index[&f.out_key()], i as u32);
             let mk = (f.inside.proto, f.inside.src, f.inside.sport);
             *refs.entry(mk).or_default() += 1;
-            assert_eq!(t.mappings[&mk].ext_port, f.ext_port);
+            *remotes
+                .entry((f.inside.proto, f.ext_port, f.inside.dst))
+                .or_default() += 1;
+            let m = t.mappings[&mk];
+            assert_eq!(m.ext_port, f.ext_port);
             // No overloading: one owner per (proto, port).
             let owner = port_owner.entry((f.inside.proto, f.ext_port)).or_insert(mk);
             assert_eq!(*owner, mk, "port overloaded");
@@ -983,21 +1472,53 @@ mod tests {
                 u32::from(f.ext_port) % u32::from(t.cfg.workers),
                 u32::from(t.cfg.worker)
             );
-            if f.inside.proto != Proto::Icmp {
+            if f.inside.proto != Proto::Icmp && !m.forward {
                 assert!((t.cfg.port_first..=t.cfg.port_last).contains(&f.ext_port));
             }
         }
-        assert_eq!(refs.len(), t.mappings.len());
+        let forwards = t.mappings.values().filter(|m| m.forward).count();
+        assert_eq!(forwards, t.forwards_len());
+        for mk in refs.keys() {
+            assert!(t.mappings.contains_key(mk));
+        }
         for (mk, m) in &t.mappings {
-            assert_eq!(refs[mk], m.refs);
+            assert_eq!(refs.get(mk).copied().unwrap_or(0), m.refs);
+            assert!(m.forward || m.refs > 0);
+            assert_eq!(
+                owner_of(&t.mappings, &t.owners, t.cfg.workers, mk.0, m.ext_port),
+                Some(*mk)
+            );
+        }
+        if t.cfg.filtering == Filtering::Address {
+            assert_eq!(remotes, t.remotes);
+        } else {
+            assert!(t.remotes.is_empty());
         }
         for (pi, proto) in [Proto::Icmp, Proto::Tcp, Proto::Udp]
             .into_iter()
             .enumerate()
         {
             let used = (0..=65535u16).filter(|&p| t.ports[pi].contains(p)).count();
-            let expect = t.mappings.keys().filter(|k| k.0 == proto).count();
-            assert_eq!(used, expect, "port set of {proto:?}");
+            let mapped = t.mappings.keys().filter(|k| k.0 == proto).count();
+            let cooling: std::collections::HashSet<u16> = t
+                .cooling
+                .iter()
+                .filter(|c| {
+                    c.proto == proto
+                        && owner_of(&t.mappings, &t.owners, t.cfg.workers, proto, c.port).is_none()
+                })
+                .map(|c| c.port)
+                .collect();
+            for &p in &cooling {
+                assert!(t.ports[pi].contains(p));
+            }
+            assert_eq!(used, mapped + cooling.len(), "port set of {proto:?}");
+        }
+        // The quarantine FIFO is sorted by deadline.
+        let mut last = 0;
+        for c in &t.cooling {
+            assert!(c.until_ms >= last);
+            last = c.until_ms;
         }
         for &i in &t.free {
             assert_eq!(t.tags[i as usize], 0);
@@ -1009,6 +1530,10 @@ mod tests {
         assert_eq!(std::mem::size_of::<InKey>(), 14);
         assert_eq!(std::mem::size_of::<OutKey>(), 14);
         assert_eq!(std::mem::size_of::<Flow>(), 64);
+        assert_eq!(std::mem::size_of::<SeqTrack>(), 24);
+        assert_eq!(std::mem::size_of::<(MapKey, Mapping)>(), 20);
+        assert_eq!(std::mem::size_of::<Cooling>(), 16);
+        assert_eq!(std::mem::size_of::<TcpSeg>(), 20);
         assert_eq!(std::mem::size_of::<(InKey, u32)>(), 20);
         assert_eq!(std::mem::size_of::<(OutKey, u32)>(), 20);
     }
@@ -1052,8 +1577,8 @@ mod tests {
         assert_eq!(t.create(&k, EXT, 2), Ok(id));
         assert_eq!(t.len(), 1);
         assert_eq!(t.stats().created, 1);
-        t.account(id, Direction::In2Out, NONE, 100, 3);
-        t.account(id, Direction::Out2In, NONE, 40, 4);
+        acc(&mut t, id, Direction::In2Out, NONE, 100, 3);
+        acc(&mut t, id, Direction::Out2In, NONE, 40, 4);
         let f = t.get(id);
         assert_eq!(
             (
@@ -1233,7 +1758,7 @@ mod tests {
             assert_eq!(t.lookup_in2out(&k, 1000 + timeout - 1), Some(id));
             assert_eq!(t.lookup_out2in(&ok, 1000 + timeout - 1), Some(id));
             // Refresh moves the deadline.
-            t.account(id, Direction::In2Out, SYN, 60, 2000);
+            acc(&mut t, id, Direction::In2Out, SYN, 60, 2000);
             assert_eq!(t.lookup_out2in(&ok, 2000 + timeout - 1), Some(id));
             assert_eq!(t.lookup_out2in(&ok, 2000 + timeout), None);
             assert_eq!(t.lookup_in2out(&k, 2000 + timeout), None);
@@ -1246,9 +1771,9 @@ mod tests {
         let mut t = table();
         let k = ik(Proto::Tcp, 2, 5000, 9, 443);
         let id = t.create(&k, EXT, 0).unwrap();
-        t.account(id, Direction::In2Out, SYN, 60, 0);
-        t.account(id, Direction::Out2In, SYNACK, 60, 0);
-        t.account(id, Direction::In2Out, ACK, 52, 0);
+        acc(&mut t, id, Direction::In2Out, SYN, 60, 0);
+        acc(&mut t, id, Direction::Out2In, SYNACK, 60, 0);
+        acc(&mut t, id, Direction::In2Out, ACK, 52, 0);
         assert_eq!(tcp_state(&t, id), TcpState::Established);
         assert_eq!(t.lookup_in2out(&k, T.tcp_established_ms - 1), Some(id));
         assert_eq!(t.lookup_in2out(&k, T.tcp_established_ms), None);
@@ -1260,30 +1785,30 @@ mod tests {
         let k = ik(Proto::Tcp, 2, 5000, 9, 443);
         let id = t.create(&k, EXT, 0).unwrap();
         assert_eq!(tcp_state(&t, id), TcpState::SynSent);
-        t.account(id, Direction::In2Out, SYN, 60, 0);
+        acc(&mut t, id, Direction::In2Out, SYN, 60, 0);
         assert_eq!(tcp_state(&t, id), TcpState::SynSent);
-        t.account(id, Direction::In2Out, SYN, 60, 0); // retransmit
+        acc(&mut t, id, Direction::In2Out, SYN, 60, 0); // retransmit
         assert_eq!(tcp_state(&t, id), TcpState::SynSent);
-        t.account(id, Direction::In2Out, ACK, 60, 0); // odd, no effect
+        acc(&mut t, id, Direction::In2Out, ACK, 60, 0); // odd, no effect
         assert_eq!(tcp_state(&t, id), TcpState::SynSent);
-        t.account(id, Direction::Out2In, SYNACK, 60, 0);
+        acc(&mut t, id, Direction::Out2In, SYNACK, 60, 0);
         assert_eq!(tcp_state(&t, id), TcpState::SynReceived);
-        t.account(id, Direction::Out2In, SYNACK, 60, 0); // retransmit
+        acc(&mut t, id, Direction::Out2In, SYNACK, 60, 0); // retransmit
         assert_eq!(tcp_state(&t, id), TcpState::SynReceived);
-        t.account(id, Direction::In2Out, ACK, 52, 0);
+        acc(&mut t, id, Direction::In2Out, ACK, 52, 0);
         assert_eq!(tcp_state(&t, id), TcpState::Established);
-        t.account(id, Direction::Out2In, ACK, 1500, 0);
+        acc(&mut t, id, Direction::Out2In, ACK, 1500, 0);
         assert_eq!(tcp_state(&t, id), TcpState::Established);
-        t.account(id, Direction::In2Out, FINACK, 52, 0);
+        acc(&mut t, id, Direction::In2Out, FINACK, 52, 0);
         assert_eq!(tcp_state(&t, id), TcpState::FinWait);
-        t.account(id, Direction::In2Out, FINACK, 52, 0); // retransmitted FIN
+        acc(&mut t, id, Direction::In2Out, FINACK, 52, 0); // retransmitted FIN
         assert_eq!(tcp_state(&t, id), TcpState::FinWait);
-        t.account(id, Direction::Out2In, ACK, 52, 10);
+        acc(&mut t, id, Direction::Out2In, ACK, 52, 10);
         assert_eq!(tcp_state(&t, id), TcpState::FinWait);
         assert_eq!(t.get(id).expires_at_ms(&T), 10 + T.tcp_transitory_ms);
-        t.account(id, Direction::Out2In, FINACK, 52, 20);
+        acc(&mut t, id, Direction::Out2In, FINACK, 52, 20);
         assert_eq!(tcp_state(&t, id), TcpState::Closing);
-        t.account(id, Direction::In2Out, ACK, 52, 30);
+        acc(&mut t, id, Direction::In2Out, ACK, 52, 30);
         assert_eq!(tcp_state(&t, id), TcpState::Closing);
         // FIN/FIN: transitory timeout.
         assert_eq!(t.lookup_in2out(&k, 30 + T.tcp_transitory_ms - 1), Some(id));
@@ -1294,21 +1819,21 @@ mod tests {
     fn tcp_simultaneous_open() {
         let mut t = table();
         let id = t.create(&ik(Proto::Tcp, 2, 5000, 9, 443), EXT, 0).unwrap();
-        t.account(id, Direction::In2Out, SYN, 60, 0);
-        t.account(id, Direction::Out2In, SYN, 60, 0);
+        acc(&mut t, id, Direction::In2Out, SYN, 60, 0);
+        acc(&mut t, id, Direction::Out2In, SYN, 60, 0);
         assert_eq!(tcp_state(&t, id), TcpState::SynReceived);
-        t.account(id, Direction::In2Out, SYNACK, 60, 0);
+        acc(&mut t, id, Direction::In2Out, SYNACK, 60, 0);
         assert_eq!(tcp_state(&t, id), TcpState::SynReceived);
-        t.account(id, Direction::Out2In, SYNACK, 60, 0);
+        acc(&mut t, id, Direction::Out2In, SYNACK, 60, 0);
         assert_eq!(tcp_state(&t, id), TcpState::Established);
 
         // Variant: the ACK arrives before the second SYN+ACK.
         let id = t.create(&ik(Proto::Tcp, 2, 5001, 9, 443), EXT, 0).unwrap();
-        t.account(id, Direction::In2Out, SYN, 60, 0);
-        t.account(id, Direction::Out2In, SYN, 60, 0);
-        t.account(id, Direction::Out2In, SYNACK, 60, 0);
+        acc(&mut t, id, Direction::In2Out, SYN, 60, 0);
+        acc(&mut t, id, Direction::Out2In, SYN, 60, 0);
+        acc(&mut t, id, Direction::Out2In, SYNACK, 60, 0);
         assert_eq!(tcp_state(&t, id), TcpState::SynReceived);
-        t.account(id, Direction::In2Out, ACK, 60, 0);
+        acc(&mut t, id, Direction::In2Out, ACK, 60, 0);
         assert_eq!(tcp_state(&t, id), TcpState::Established);
     }
 
@@ -1322,13 +1847,13 @@ mod tests {
             (Direction::Out2In, SYNACK),
             (Direction::In2Out, ACK),
         ] {
-            t.account(id, d, f, 60, 0);
+            acc(&mut t, id, d, f, 60, 0);
         }
-        t.account(id, Direction::Out2In, FINACK, 52, 0);
+        acc(&mut t, id, Direction::Out2In, FINACK, 52, 0);
         assert_eq!(tcp_state(&t, id), TcpState::FinWait);
-        t.account(id, Direction::Out2In, FINACK, 52, 0);
+        acc(&mut t, id, Direction::Out2In, FINACK, 52, 0);
         assert_eq!(tcp_state(&t, id), TcpState::FinWait);
-        t.account(id, Direction::In2Out, FINACK, 52, 0);
+        acc(&mut t, id, Direction::In2Out, FINACK, 52, 0);
         assert_eq!(tcp_state(&t, id), TcpState::Closing);
 
         // RST from either side -> Closed with the transitory timeout.
@@ -1346,19 +1871,19 @@ mod tests {
                 (Direction::Out2In, SYNACK),
                 (Direction::In2Out, ACK),
             ] {
-                t.account(id, d, f, 60, 0);
+                acc(&mut t, id, d, f, 60, 0);
             }
             assert_eq!(tcp_state(&t, id), TcpState::Established);
-            t.account(id, dir, RST, 40, 100);
+            acc(&mut t, id, dir, RST, 40, 100);
             assert_eq!(tcp_state(&t, id), TcpState::Closed);
-            t.account(id, Direction::In2Out, ACK, 40, 100);
+            acc(&mut t, id, Direction::In2Out, ACK, 40, 100);
             assert_eq!(tcp_state(&t, id), TcpState::Closed);
             assert_eq!(t.get(id).expires_at_ms(&T), 100 + T.tcp_transitory_ms);
             // A new SYN from inside reopens the tuple.
-            t.account(id, Direction::In2Out, SYN, 60, 100);
+            acc(&mut t, id, Direction::In2Out, SYN, 60, 100);
             assert_eq!(tcp_state(&t, id), TcpState::SynSent);
-            t.account(id, Direction::Out2In, SYNACK, 60, 100);
-            t.account(id, Direction::In2Out, ACK, 60, 100);
+            acc(&mut t, id, Direction::Out2In, SYNACK, 60, 100);
+            acc(&mut t, id, Direction::In2Out, ACK, 60, 100);
             assert_eq!(tcp_state(&t, id), TcpState::Established);
         }
     }
@@ -1367,14 +1892,14 @@ mod tests {
     fn tcp_midstream_pickup() {
         let mut t = table();
         let id = t.create(&ik(Proto::Tcp, 2, 5000, 9, 443), EXT, 0).unwrap();
-        t.account(id, Direction::In2Out, ACK, 60, 0);
+        acc(&mut t, id, Direction::In2Out, ACK, 60, 0);
         assert_eq!(tcp_state(&t, id), TcpState::SynSent);
-        t.account(id, Direction::Out2In, ACK, 60, 0);
+        acc(&mut t, id, Direction::Out2In, ACK, 60, 0);
         assert_eq!(tcp_state(&t, id), TcpState::Established);
         // But not when a SYN was sent (a bare ACK back is not a handshake).
         let id = t.create(&ik(Proto::Tcp, 2, 5001, 9, 443), EXT, 0).unwrap();
-        t.account(id, Direction::In2Out, SYN, 60, 0);
-        t.account(id, Direction::Out2In, ACK, 60, 0);
+        acc(&mut t, id, Direction::In2Out, SYN, 60, 0);
+        acc(&mut t, id, Direction::Out2In, ACK, 60, 0);
         assert_eq!(tcp_state(&t, id), TcpState::SynSent);
     }
 
@@ -1391,7 +1916,7 @@ mod tests {
         // Reply to all but the second one (created at t=1).
         for (n, &id) in ids.iter().enumerate() {
             if n != 1 {
-                t.account(id, Direction::Out2In, NONE, 10, 10);
+                acc(&mut t, id, Direction::Out2In, NONE, 10, 10);
             }
         }
         let k = ik(Proto::Udp, 3, 6000, 9, 53);
@@ -1401,7 +1926,7 @@ mod tests {
         assert_eq!(t.lookup_in2out(&ik(Proto::Udp, 2, 5001, 9, 53), 20), None);
         assert_eq!(t.mappings_len(), 4);
         // Now every flow but the new one is replied; reply to it as well.
-        t.account(id, Direction::Out2In, NONE, 10, 20);
+        acc(&mut t, id, Direction::Out2In, NONE, 10, 20);
         assert_eq!(
             t.create(&ik(Proto::Udp, 4, 6000, 9, 53), EXT, 20),
             Err(CreateError::TableFull)
@@ -1540,11 +2065,29 @@ mod tests {
     #[test]
     fn property_random_ops_keep_indexes_consistent() {
         let mut total = TableStats::default();
-        for (worker, workers) in [(0, 1), (1, 3)] {
+        for (worker, workers, filtering, delay) in [
+            (0, 1, Filtering::AddressAndPort, 0),
+            (1, 3, Filtering::Address, 3_000),
+            (0, 2, Filtering::EndpointIndependent, 500),
+        ] {
             let mut t = FlowTable::new(TableConfig {
                 seed: 7,
+                filtering,
+                port_reuse_delay_ms: delay,
                 ..cfg(worker, workers, 1000, 1120, 150)
             });
+            // A forward inside the dynamic range and one outside it.
+            let fwd = (1000..1003).find(|p| p % workers == worker).unwrap();
+            t.add_forward(Proto::Tcp, EXT, fwd, Ipv4Addr::new(10, 0, 0, 5), 80)
+                .unwrap();
+            t.add_forward(
+                Proto::Udp,
+                EXT,
+                3000 + worker,
+                Ipv4Addr::new(10, 0, 0, 5),
+                53,
+            )
+            .unwrap();
             let mut rng = XorShift::new(99);
             let mut now = 0u64;
             for step in 0..5000 {
@@ -1571,11 +2114,11 @@ mod tests {
                                 syn: true,
                                 ..TcpFlags::default()
                             };
-                            t.account(id, Direction::In2Out, flags, 60, now);
+                            acc(&mut t, id, Direction::In2Out, flags, 60, now);
                             // Most flows get an answer (so the table can be
                             // full of replied flows), some never do.
                             if rng.below(8) != 0 {
-                                t.account(id, Direction::Out2In, SYNACK, 60, now);
+                                acc(&mut t, id, Direction::Out2In, SYNACK, 60, now);
                             }
                         }
                         Err(CreateError::PortsExhausted) => {}
@@ -1583,7 +2126,7 @@ mod tests {
                     },
                     5 => {
                         if let Some(id) = t.lookup_in2out(&k, now) {
-                            t.account(id, Direction::Out2In, SYNACK, 60, now);
+                            acc(&mut t, id, Direction::Out2In, SYNACK, 60, now);
                         }
                     }
                     6 => {
@@ -1593,6 +2136,32 @@ mod tests {
                     }
                     7 => {
                         t.expire(now, rng.below(50) as usize);
+                    }
+                    8 => {
+                        // Inbound to a random port of the slice (or a
+                        // forward) from a random remote.
+                        let eport = match rng.below(4) {
+                            0 => fwd,
+                            1 => 3000 + worker,
+                            _ => 1000 + rng.below(121) as u16,
+                        };
+                        let proto = if rng.below(2) == 0 {
+                            Proto::Tcp
+                        } else {
+                            Proto::Udp
+                        };
+                        let key = OutKey {
+                            proto,
+                            remote: Ipv4Addr::new(203, 0, 113, rng.below(4) as u8),
+                            rport: 80 + rng.below(3) as u16,
+                            ext: EXT,
+                            eport,
+                        };
+                        let flags = if rng.below(2) == 0 { SYN } else { ACK };
+                        if let Ok(id) = t.inbound(&key, flags, now) {
+                            assert_eq!(t.get(id).out_key(), key);
+                            acc(&mut t, id, Direction::Out2In, flags, 60, now);
+                        }
                     }
                     _ => {
                         // Remove a random live flow by slot.
@@ -1622,6 +2191,8 @@ mod tests {
             total.early_dropped += st.early_dropped;
             total.table_full += st.table_full;
             total.ports_exhausted += st.ports_exhausted;
+            total.inbound_created += st.inbound_created;
+            total.inbound_filtered += st.inbound_filtered;
         }
         // The loops reach every slow path.
         let t = total;
@@ -1630,5 +2201,6 @@ mod tests {
             "{t:?}"
         );
         assert!(t.table_full > 0 && t.ports_exhausted > 0, "{t:?}");
+        assert!(t.inbound_created > 0 && t.inbound_filtered > 0, "{t:?}");
     }
 }
