@@ -5,7 +5,7 @@
 //!  pod ── tapnat ── ext (router 203.0.113.1, forwarding) ══ link MTU ══ far 192.0.2.2
 //! ```
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
@@ -409,4 +409,209 @@ fn pod_to_pod_through_the_gateway_is_routed_back_out_of_the_pod_side() {
     let (n, _) = a.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"pong");
     assert_eq!(gw.stats().get(Counter::RoutedPackets), 2);
+}
+
+/// Forward outside TCP 8080 to the pod's port 80 (nat.ports kept clear of it).
+fn with_forward(c: &mut Config) {
+    use tapnat::control::config::{Forward, ForwardProtocol, PortRange};
+    c.nat.ports = PortRange {
+        first: 10000,
+        last: 65535,
+    };
+    c.forward = vec![Forward {
+        protocol: ForwardProtocol::Tcp,
+        ports: PortRange {
+            first: 8080,
+            last: 8080,
+        },
+        to_addr: POD_IP,
+        to_port: 80,
+    }];
+}
+
+#[test]
+fn port_forward_reaches_the_pod_with_the_real_client_address() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("forward", with_forward);
+    let listener = tcp_listen(&lab.pod, SocketAddrV4::new(POD_IP, 80));
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        writeln!(s, "{peer}").unwrap();
+    });
+    let mut c = tcp_connect(&lab.ext, SocketAddrV4::new(GATEWAY_UPLINK_IP, 8080)).unwrap();
+    let mut seen = String::new();
+    c.read_to_string(&mut seen).unwrap();
+    server.join().unwrap();
+    let local = c.local_addr().unwrap();
+    assert_eq!(
+        seen.trim(),
+        local.to_string(),
+        "the pod sees the real client"
+    );
+    // Unforwarded ports stay closed.
+    let closed = lab.ext.run(|| {
+        std::net::TcpStream::connect_timeout(
+            &SocketAddrV4::new(GATEWAY_UPLINK_IP, 8081).into(),
+            Duration::from_millis(500),
+        )
+    });
+    assert!(closed.unwrap().is_err());
+    assert!(gw.stats().get(Counter::FlowsCreated) >= 1);
+}
+
+#[test]
+fn hairpin_to_the_pods_own_forward_uses_its_outside_mapping() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("hairpin", with_forward);
+    let listener = tcp_listen(&lab.pod, SocketAddrV4::new(POD_IP, 80));
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        writeln!(s, "{peer}").unwrap();
+    });
+    // The pod connects to the gateway's public address and forwarded port.
+    let mut c = tcp_connect(&lab.pod, SocketAddrV4::new(GATEWAY_UPLINK_IP, 8080)).unwrap();
+    let mut seen = String::new();
+    c.read_to_string(&mut seen).unwrap();
+    server.join().unwrap();
+    let peer: SocketAddrV4 = seen.trim().parse().unwrap();
+    assert_eq!(
+        *peer.ip(),
+        GATEWAY_UPLINK_IP,
+        "source translated to the outside mapping"
+    );
+    assert!(gw.stats().get(Counter::Hairpinned) >= 3);
+}
+
+/// A pod UDP socket talks to one server; other remotes then try its mapping.
+fn filtering_case(tag: &str, filtering: tapnat::control::config::Filtering) -> (bool, bool) {
+    let (lab, _gw) = start(tag, |c| c.nat.filtering = filtering);
+    let other_ip = Ipv4Addr::new(198, 51, 100, 11);
+    lab.ext
+        .ip(&format!("addr add {other_ip}/32 dev lo"))
+        .unwrap();
+    let pod = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 45000));
+    pod.set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5000));
+    pod.send_to(b"open", SocketAddrV4::new(SERVER_IP, 5000))
+        .unwrap();
+    let mut b = [0u8; 16];
+    let (_, mapping) = srv.recv_from(&mut b).unwrap();
+    let mut reached = |from: SocketAddrV4| {
+        let s = udp_in(&lab.ext, from);
+        s.send_to(b"knock", mapping).unwrap();
+        pod.recv_from(&mut b).is_ok()
+    };
+    (
+        reached(SocketAddrV4::new(SERVER_IP, 5001)),
+        reached(SocketAddrV4::new(other_ip, 5000)),
+    )
+}
+
+#[test]
+fn filtering_modes_let_in_what_they_say() {
+    if !root() {
+        return;
+    }
+    use tapnat::control::config::Filtering::*;
+    // (same address, other port) and (other address), per RFC 4787 §5.
+    assert_eq!(filtering_case("eif", EndpointIndependent), (true, true));
+    assert_eq!(filtering_case("adf", Address), (true, false));
+    assert_eq!(filtering_case("apdf", AddressAndPort), (false, false));
+}
+
+#[test]
+fn an_out_of_window_rst_from_outside_does_not_kill_the_flow() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("rst", |_| {});
+    let listener = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 7000));
+    let mut c = tcp_connect(&lab.pod, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+    let (mut s, peer) = listener.accept().unwrap();
+    let SocketAddr::V4(peer) = peer else {
+        unreachable!()
+    };
+    c.write_all(b"hello").unwrap();
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b).unwrap();
+    // A forged RST from the server's address with a sequence number far
+    // outside the window, sent from the external namespace at the mapping.
+    let mut ep = tapnat::wire::build::Endpoints::new(SERVER_IP, GATEWAY_UPLINK_IP);
+    ep.src_mac = smoltcp::wire::EthernetAddress([2, 0, 0, 0, 0, 0x55]);
+    ep.dst_mac = gw.addressing().uplink_mac;
+    let mut rst = tapnat::wire::build::tcp(&ep, 7000, peer.port(), tapnat::wire::TCP_RST, b"");
+    // Sequence 0x80000000 away from anything sent; fix the checksum after.
+    rst[38..42].copy_from_slice(&0x8000_0000u32.wrapping_add(12345).to_be_bytes());
+    rst[50..52].copy_from_slice(&[0, 0]);
+    let ph =
+        tapnat::wire::csum::pseudo_header(SERVER_IP.octets(), GATEWAY_UPLINK_IP.octets(), 6, 20);
+    let c16 =
+        !(tapnat::wire::csum::fold(u64::from(ph) + u64::from(tapnat::wire::csum::sum(&rst[34..])))
+            as u16);
+    rst[50..52].copy_from_slice(&c16.to_be_bytes());
+    let raw = lab
+        .ext
+        .run(|| tapnat::device::PacketSocket::open("tapnat1"))
+        .unwrap()
+        .unwrap();
+    raw.send(&rst).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(gw.stats().get(Counter::DropInvalidRst), 1);
+    // The connection still works both ways.
+    c.write_all(b"again").unwrap();
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"again");
+    s.write_all(b"reply").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"reply");
+}
+
+#[test]
+fn a_syn_flood_from_a_pod_cannot_push_out_established_flows() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("flood", |c| {
+        c.nat.max_flows = 64;
+        c.workers.threads = 1;
+    });
+    let listener = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 7000));
+    let mut c = tcp_connect(&lab.pod, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+    let (mut s, _) = listener.accept().unwrap();
+    c.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    // 500 SYNs to a port nobody answers from (the ext kernel is told to drop
+    // them), from a raw packet socket in the pod: half-open flows.
+    lab.ext.ip("route add blackhole 198.51.100.99/32").unwrap();
+    let raw = lab
+        .pod
+        .run(|| tapnat::device::PacketSocket::open("tapnat0"))
+        .unwrap()
+        .unwrap();
+    let mut ep = tapnat::wire::build::Endpoints::new(POD_IP, Ipv4Addr::new(198, 51, 100, 99));
+    ep.dst_mac = gw.addressing().pod_mac;
+    for i in 0..500u16 {
+        let syn = tapnat::wire::build::tcp(&ep, 20000 + i, 80, tapnat::wire::TCP_SYN, b"");
+        raw.send(&syn).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let st = gw.stats();
+    // Half-open flows were evicted early to make room for newer ones (the
+    // table never held more than 64), and the connection was never one of them.
+    assert!(
+        st.get(Counter::FlowsCreated) > 64,
+        "{}",
+        tapnat::report::stats(&st)
+    );
+    // The established connection is untouched.
+    c.write_all(b"y").unwrap();
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"y");
+    assert!(gw.flows().len() <= 64);
 }
