@@ -1,0 +1,210 @@
+//! The per-packet hot path without I/O: classification, checksum updates,
+//! in-place translation per protocol and frame size, and the whole
+//! "classify, look up, account, translate" step a worker does for a packet
+//! of an established flow.
+//!
+//! Run: `cargo bench --bench datapath -- --warm-up-time 1 --measurement-time 3`.
+use std::hint::black_box;
+use std::net::Ipv4Addr;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tapnat::nat::{Direction, Filtering, FlowTable, InKey, Proto, TableConfig, TcpSeg, Timeouts};
+use tapnat::wire::build::{self, Endpoints};
+use tapnat::wire::{self, csum, Classified, End, L4Csum};
+
+const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+
+fn frame(proto: &str, size: usize) -> Vec<u8> {
+    let ep = Endpoints::new(POD, REMOTE);
+    let payload = vec![0x5a; size.saturating_sub(14 + 20 + 20)];
+    match proto {
+        "tcp" => build::tcp(&ep, 40000, 443, wire::TCP_ACK, &payload),
+        "udp" => build::udp(&ep, 40000, 53, &payload, true),
+        _ => build::icmp_echo(&ep, true, 40000, 1, &payload),
+    }
+}
+
+fn view(f: &[u8]) -> wire::Ipv4View {
+    match wire::classify(f) {
+        Ok(Classified::Ipv4(v)) => v,
+        _ => unreachable!(),
+    }
+}
+
+fn checksums(c: &mut Criterion) {
+    let mut g = c.benchmark_group("csum");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("update32+update16", |b| {
+        b.iter(|| {
+            let c = csum::update32(
+                black_box(0x1234),
+                black_box([10, 244, 0, 2]),
+                black_box([203, 0, 113, 10]),
+            );
+            csum::update16(c, black_box(40000), black_box(61000))
+        })
+    });
+    for size in [64usize, 1500] {
+        let data = vec![0xa5u8; size];
+        g.bench_with_input(BenchmarkId::new("full", size), &data, |b, d| {
+            b.iter(|| csum::checksum(black_box(d)))
+        });
+    }
+    g.finish();
+}
+
+fn classify(c: &mut Criterion) {
+    let mut g = c.benchmark_group("classify");
+    g.throughput(Throughput::Elements(1));
+    for proto in ["tcp", "udp", "icmp"] {
+        let f = frame(proto, 64);
+        g.bench_with_input(BenchmarkId::new(proto, 64), &f, |b, f| {
+            b.iter(|| wire::classify(black_box(f)))
+        });
+    }
+    g.finish();
+}
+
+fn translate(c: &mut Criterion) {
+    let mut g = c.benchmark_group("translate");
+    g.throughput(Throughput::Elements(1));
+    for proto in ["tcp", "udp", "icmp"] {
+        for size in [64usize, 1500] {
+            let mut f = frame(proto, size);
+            let v = view(&f);
+            // Alternate between two rewrites so the TTL and checksums keep changing
+            // without running out (restore_ttl undoes the decrement).
+            g.bench_function(BenchmarkId::new(proto, size), |b| {
+                b.iter(|| {
+                    wire::translate(black_box(&mut f), &v, End::Src, EXT, 61000, L4Csum::Full);
+                    wire::restore_ttl(&mut f);
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+/// classify + lookup + account + translate for a packet of a live flow, in
+/// a table of `n` flows: the per-packet cost a worker adds to the I/O.
+fn packet(c: &mut Criterion) {
+    let mut g = c.benchmark_group("in2out_packet");
+    g.throughput(Throughput::Elements(1));
+    for n in [10_000u32, 1_000_000] {
+        let mut t = FlowTable::new(TableConfig {
+            worker: 0,
+            workers: 1,
+            port_first: 1024,
+            port_last: 65535,
+            max_flows: n as usize + 10,
+            timeouts: Timeouts {
+                tcp_established_ms: 7_440_000,
+                tcp_transitory_ms: 240_000,
+                udp_ms: 300_000,
+                icmp_ms: 60_000,
+            },
+            seed: 7,
+            filtering: Filtering::AddressAndPort,
+            port_reuse_delay_ms: 0,
+        });
+        // n flows: 4096 inside endpoints, each to many remotes.
+        for i in 0..n {
+            let k = InKey {
+                proto: Proto::Udp,
+                src: Ipv4Addr::from(0x0af4_0000 | (i % 4096)),
+                sport: 40000,
+                dst: Ipv4Addr::from(0xc633_0000 | (i / 4096)),
+                dport: 53,
+            };
+            t.create(&k, EXT, 0).unwrap();
+        }
+        let mut ep = Endpoints::new(
+            Ipv4Addr::from(0x0af4_0000 | 7),
+            Ipv4Addr::from(0xc633_0000 | 3),
+        );
+        ep.ttl = 255;
+        let orig = build::udp(&ep, 40000, 53, &[0u8; 18], true);
+        let mut f = orig.clone();
+        g.bench_function(BenchmarkId::new("udp_64B_flows", n), |b| {
+            b.iter(|| {
+                // A fresh copy of the received frame (a 64-byte copy, as a read would).
+                f.copy_from_slice(&orig);
+                let Ok(Classified::Ipv4(v)) = wire::classify(black_box(&f)) else {
+                    unreachable!()
+                };
+                let key = InKey {
+                    proto: Proto::Udp,
+                    src: v.src,
+                    sport: 40000,
+                    dst: v.dst,
+                    dport: 53,
+                };
+                let id = t.lookup_in2out(&key, 1).unwrap();
+                let _ = t.account(id, Direction::In2Out, TcpSeg::NONE, v.total_len, 1);
+                let fl = t.get(id);
+                let (a, p) = (fl.ext_addr, fl.ext_port);
+                wire::translate(&mut f, &v, End::Src, a, p, L4Csum::Full);
+                black_box(&f);
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Resident memory of this process in bytes (VmRSS).
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Not a timing: prints what one live flow costs in resident memory, with a
+/// table sized for (and filled with) a million flows.
+fn memory(_: &mut Criterion) {
+    const N: u32 = 1_000_000;
+    let before = rss();
+    let mut t = FlowTable::new(TableConfig {
+        worker: 0,
+        workers: 1,
+        port_first: 1024,
+        port_last: 65535,
+        max_flows: N as usize,
+        timeouts: Timeouts {
+            tcp_established_ms: 7_440_000,
+            tcp_transitory_ms: 240_000,
+            udp_ms: 300_000,
+            icmp_ms: 60_000,
+        },
+        seed: 7,
+        filtering: Filtering::Address,
+        port_reuse_delay_ms: 0,
+    });
+    for i in 0..N {
+        let k = InKey {
+            proto: Proto::Tcp,
+            src: Ipv4Addr::from(0x0af4_0000 | (i % 8192)),
+            sport: 40000,
+            dst: Ipv4Addr::from(0xc633_0000 | (i / 8192)),
+            dport: 443,
+        };
+        t.create(&k, EXT, 0).unwrap();
+    }
+    let used = rss().saturating_sub(before);
+    eprintln!(
+        "memory: {} live flows use {:.1} MiB resident: {} bytes per flow",
+        t.len(),
+        used as f64 / (1 << 20) as f64,
+        used / u64::from(N)
+    );
+    black_box(&t);
+}
+
+criterion_group!(benches, memory, checksums, classify, translate, packet);
+criterion_main!(benches);
