@@ -77,6 +77,17 @@ fn accept_n(l: &TcpListener, n: usize, timeout: Duration) -> io::Result<Vec<TcpS
     Ok(v)
 }
 
+/// Names a socket timeout for what it is: no progress for [`STALL`].
+fn stalled(what: &'static str) -> impl Fn(io::Error) -> io::Error {
+    move |e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{what} stalled: no progress for {} s", STALL.as_secs()),
+        ),
+        _ => io::Error::new(e.kind(), format!("{what}: {e}")),
+    }
+}
+
 /// Writes [`TCP_BUF`] buffers for `secs` (and at most a count no link reaches), then FIN.
 fn send_for(mut s: TcpStream, secs: Duration) -> io::Result<u64> {
     s.set_write_timeout(Some(STALL))?;
@@ -88,7 +99,7 @@ fn send_for(mut s: TcpStream, secs: Duration) -> io::Result<u64> {
         if Instant::now() >= deadline {
             break;
         }
-        s.write_all(&buf)?;
+        s.write_all(&buf).map_err(stalled("TCP sender"))?;
         sent += TCP_BUF as u64;
     }
     s.shutdown(Shutdown::Write)?;
@@ -102,7 +113,7 @@ fn recv_all(mut s: TcpStream) -> io::Result<(u64, Instant, Instant)> {
     let mut buf = vec![0u8; TCP_BUF];
     let mut got = 0u64;
     loop {
-        let n = s.read(&mut buf)?;
+        let n = s.read(&mut buf).map_err(stalled("TCP receiver"))?;
         if n == 0 {
             return Ok((got, start, Instant::now()));
         }

@@ -83,6 +83,16 @@ pub fn have(prog: &str) -> bool {
         .is_ok()
 }
 
+/// `PACKAGE VERSION` as dpkg knows it (pasta's own `--version` may say "unknown").
+fn package_version(package: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", package])
+        .output()
+        .ok()?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !v.is_empty()).then(|| format!("{package} {v}"))
+}
+
 /// `apt-get install -y PACKAGE`, announced first.
 pub fn apt_install(package: &str, why: &str) -> io::Result<()> {
     println!("  {why}: installing the Debian package `{package}` (apt-get install -y {package})");
@@ -348,8 +358,17 @@ pub fn tap_copy() -> Result<Setup, NotRun> {
     })
 }
 
-/// `pasta` / `slirp4netns`: a userspace TCP/IP stack translating the pod's
-/// traffic into sockets (placeholder until built; see [`userspace_stack`]).
+/// `pasta` / `slirp4netns`: a userspace TCP/IP stack that terminates the
+/// pod's connections and reopens them as sockets in the namespace it runs in.
+///
+/// For safety that namespace is an "outer" one created here, never the root
+/// namespace: it has a stand-in uplink (203.0.113.10/24, default via
+/// 203.0.113.1, as the host's interface would) and the server 198.51.100.10
+/// on its loopback, so the server sees connections from the stack's sockets.
+/// pasta is told to give the pod 10.244.0.2/16 via 10.244.0.1; slirp4netns
+/// always configures its own subnet (the pod is 10.0.2.100/24 via 10.0.2.2).
+/// Both run at MTU 1500. Both answer the pod's pings through ICMP "ping"
+/// sockets, which `net.ipv4.ping_group_range` inside the outer namespace allows.
 pub fn userspace_stack(name: &str, install: bool) -> Result<Setup, NotRun> {
     let (prog, package) = match name {
         "pasta" => ("pasta", "passt"),
@@ -365,5 +384,89 @@ pub fn userspace_stack(name: &str, install: bool) -> Result<Setup, NotRun> {
             return Err(NotRun::Skipped(format!("installing {package} failed: {e}")));
         }
     }
-    Err(NotRun::Skipped(format!("{name} setup not built yet")))
+    let pod = Netns::new(&format!("bench-{name}-pod"))?;
+    let outer = Netns::new(&format!("bench-{name}-outer"))?;
+    // A veth pair with both ends here stands in for the host's uplink (the
+    // dummy driver may be missing); nothing is ever sent out of it.
+    outer.ip("link add up0 type veth peer name up1")?;
+    outer.ip(&format!("addr add {GATEWAY_UPLINK_IP}/24 dev up0"))?;
+    outer.ip("link set up1 up")?;
+    outer.ip("link set up0 up")?;
+    outer.ip(&format!("route add default via {EXT_ROUTER_IP}"))?;
+    outer.ip(&format!("addr add {SERVER_IP}/32 dev lo"))?;
+    let mut c = outer.command("sysctl");
+    c.args(["-qw", "net.ipv4.ping_group_range=0 2147483647"]);
+    run_cmd(c)?;
+    let log = temp_path(&format!("{name}.log"));
+    let ns_path = pod.path().display().to_string();
+    let mut cmd = outer.command(prog);
+    if name == "pasta" {
+        // `--runas 0`: as root pasta otherwise switches to nobody and can no
+        // longer join a namespace that root's user namespace owns.
+        cmd.args([
+            "-f",
+            "-q",
+            "-4",
+            "--runas",
+            "0",
+            "--config-net",
+            "-m",
+            "1500",
+        ])
+        .args(["-a", &POD_IP.to_string(), "-n", "16"])
+        .args(["-g", &GATEWAY_POD_IP.to_string()])
+        .args(["-t", "none", "-u", "none", "-T", "none", "-U", "none"])
+        .args(["--netns", &ns_path]);
+    } else {
+        cmd.args(["--configure", "--mtu=1500", "--disable-host-loopback"])
+            .args(["--netns-type=path", &ns_path, "tap0"]);
+    }
+    // `ip netns exec` execs the program, so the child's PID is pasta's / slirp4netns's.
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log)?)
+        .spawn()?;
+    let proc = Proc {
+        child,
+        log: Some(log),
+    };
+    // Wait until the stack has configured the pod's interface and route.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pod
+        .ip("route show default")
+        .is_ok_and(|r| r.contains("via"))
+    {
+        if Instant::now() > deadline {
+            let text = proc.log_text();
+            drop(proc);
+            return Err(io::Error::other(format!(
+                "{prog} did not configure the pod namespace in 5 s: {}",
+                text.trim()
+            ))
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let version = package_version(package).unwrap_or_else(|| prog.to_string());
+    let addr = pod
+        .ip("-4 -o addr show scope global")
+        .ok()
+        .and_then(|t| {
+            t.split_whitespace()
+                .skip_while(|w| *w != "inet")
+                .nth(1)
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    Ok(Setup {
+        guard: Some(Box::new(proc)),
+        pod,
+        ext: outer,
+        _more: vec![],
+        server: SERVER_IP,
+        note: format!(
+            "{version}: pod {addr} at MTU 1500, sockets opened in an outer namespace holding the server"
+        ),
+    })
 }
