@@ -6,7 +6,7 @@
 //! path ends a measurement with an error instead of hanging the benchmark.
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -106,31 +106,88 @@ fn send_for(mut s: TcpStream, secs: Duration) -> io::Result<u64> {
     Ok(sent)
 }
 
-/// Reads until EOF: (bytes, when the connection was handed over, when EOF came).
-fn recv_all(mut s: TcpStream) -> io::Result<(u64, Instant, Instant)> {
-    s.set_read_timeout(Some(STALL))?;
+/// How long a receiver waits for the FIN once every sender has finished.
+const FIN_GRACE: Duration = Duration::from_secs(2);
+
+/// What one receiver saw.
+struct Received {
+    bytes: u64,
+    /// When the connection was handed to the receiver.
+    start: Instant,
+    /// When the last data byte arrived.
+    last: Instant,
+    /// Whether the FIN arrived within [`FIN_GRACE`] of the senders finishing.
+    fin: bool,
+}
+
+/// Reads until EOF, or until [`FIN_GRACE`] after `senders_left` reached 0
+/// (a stack that delays the FIN is measured up to its last data byte, not
+/// charged for the wait). No data for [`STALL`] while senders run is an error.
+fn recv_all(mut s: TcpStream, senders_left: &AtomicUsize) -> io::Result<Received> {
+    s.set_read_timeout(Some(Duration::from_millis(100)))?;
     let start = Instant::now();
+    let mut last = start;
+    let mut senders_done: Option<Instant> = None;
     let mut buf = vec![0u8; TCP_BUF];
-    let mut got = 0u64;
+    let mut bytes = 0u64;
     loop {
-        let n = s.read(&mut buf).map_err(stalled("TCP receiver"))?;
-        if n == 0 {
-            return Ok((got, start, Instant::now()));
+        match s.read(&mut buf) {
+            Ok(0) => {
+                return Ok(Received {
+                    bytes,
+                    start,
+                    last,
+                    fin: true,
+                })
+            }
+            Ok(n) => {
+                bytes += n as u64;
+                last = Instant::now();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if senders_left.load(Ordering::Acquire) == 0 {
+                    let t = *senders_done.get_or_insert_with(Instant::now);
+                    if t.elapsed() > FIN_GRACE {
+                        return Ok(Received {
+                            bytes,
+                            start,
+                            last,
+                            fin: false,
+                        });
+                    }
+                } else if last.elapsed() > STALL {
+                    return Err(stalled("TCP receiver")(e));
+                }
+            }
+            Err(e) => return Err(stalled("TCP receiver")(e)),
         }
-        got += n as u64;
     }
 }
 
+/// A bulk TCP result.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpResult {
+    /// All receivers' bytes over the time from the first connection handed
+    /// over to the last data byte, in Gbit/s.
+    pub gbps: f64,
+    /// Streams whose FIN had not arrived [`FIN_GRACE`] after the sender finished.
+    pub late_fins: usize,
+}
+
 /// `streams` parallel TCP connections from the pod to the server, data
-/// flowing in `dir` for `secs`. Returns the receivers' total rate in Gbit/s
-/// (bytes received / time from the first connection handed over to the last EOF).
+/// flowing in `dir` for `secs`.
 pub fn tcp_streams(
     ends: Ends<'_>,
     dir: Dir,
     streams: usize,
     secs: Duration,
     port: u16,
-) -> io::Result<f64> {
+) -> io::Result<TcpResult> {
     let l = listen(ends, port)?;
     let to = SocketAddr::V4(SocketAddrV4::new(ends.server, port));
     let mut clients = Vec::with_capacity(streams);
@@ -145,26 +202,40 @@ pub fn tcp_streams(
         Dir::Up => (clients, servers),
         Dir::Down => (servers, clients),
     };
+    let left = AtomicUsize::new(senders.len());
     let results = std::thread::scope(|sc| {
+        let left = &left;
         let tx: Vec<_> = senders
             .into_iter()
-            .map(|s| sc.spawn(move || send_for(s, secs)))
+            .map(|s| {
+                sc.spawn(move || {
+                    let r = send_for(s, secs);
+                    left.fetch_sub(1, Ordering::Release);
+                    r
+                })
+            })
             .collect();
         let rx: Vec<_> = receivers
             .into_iter()
-            .map(|s| sc.spawn(move || recv_all(s)))
+            .map(|s| sc.spawn(move || recv_all(s, left)))
             .collect();
-        for h in tx {
-            h.join().expect("sender thread")?;
-        }
-        rx.into_iter()
+        let sent: io::Result<Vec<u64>> = tx
+            .into_iter()
+            .map(|h| h.join().expect("sender thread"))
+            .collect();
+        let got = rx
+            .into_iter()
             .map(|h| h.join().expect("receiver thread"))
-            .collect::<io::Result<Vec<_>>>()
+            .collect::<io::Result<Vec<_>>>();
+        sent.and(got)
     })?;
-    let bytes: u64 = results.iter().map(|r| r.0).sum();
-    let start = results.iter().map(|r| r.1).min().expect("one stream");
-    let end = results.iter().map(|r| r.2).max().expect("one stream");
-    Ok(bytes as f64 * 8.0 / end.duration_since(start).as_secs_f64() / 1e9)
+    let bytes: u64 = results.iter().map(|r| r.bytes).sum();
+    let start = results.iter().map(|r| r.start).min().expect("one stream");
+    let end = results.iter().map(|r| r.last).max().expect("one stream");
+    Ok(TcpResult {
+        gbps: bytes as f64 * 8.0 / end.duration_since(start).as_secs_f64() / 1e9,
+        late_fins: results.iter().filter(|r| !r.fin).count(),
+    })
 }
 
 /// UDP packet rate pod -> server.
