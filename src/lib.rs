@@ -5,6 +5,7 @@
 //! `unsafe`), `gateway` runs the poll loop and workers, `control` holds the
 //! configuration. `lab`, `demo` and `report` serve the command line, the
 //! tests and the benchmark.
+pub mod bench;
 pub mod control;
 pub mod demo;
 pub mod device;

@@ -17,6 +17,8 @@ usage:
   tapnat demo                   build a throwaway pod and external namespace, run the gateway
                                 between them and show traffic being translated (needs root)
   tapnat default-config         print the embedded default config
+  tapnat bench [--reps N] [--seconds S] [--only NAME[,NAME]] [--json FILE] [--install]
+                                measure tapnat against kernel MASQUERADE, a bare TAP copy, pasta, slirp4netns (root)
 
 environment: TAPNAT_SECTION__KEY=value overrides a key (e.g. TAPNAT_POD__TAP=tap9)";
 
@@ -108,6 +110,11 @@ fn main() -> ExitCode {
         Some("demo") if args.len() == 1 => {
             tapnat::demo::run().map_err(|e| MainError::Demo(e.to_string()))
         }
+        Some("bench") => tapnat::bench::BenchOptions::from_args(&args[1..])
+            .map_err(MainError::Usage)
+            .and_then(|o| {
+                tapnat::bench::run(o).map_err(|e| MainError::Demo(format!("bench: {e}")))
+            }),
         Some("default-config") => {
             print!("{}", tapnat::control::config::DEFAULT_TOML);
             Ok(())
