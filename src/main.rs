@@ -35,6 +35,8 @@ enum MainError {
     Signals(#[source] std::io::Error),
     #[error("demo failed: {0}")]
     Demo(String),
+    #[error("benchmark failed")]
+    Bench(#[source] std::io::Error),
 }
 
 impl MainError {
@@ -44,7 +46,7 @@ impl MainError {
             MainError::Config(_) => 78,
             MainError::Gateway(_) => 69,
             MainError::Signals(_) => 71,
-            MainError::Demo(_) => 1,
+            MainError::Demo(_) | MainError::Bench(_) => 1,
         })
     }
 }
@@ -112,9 +114,7 @@ fn main() -> ExitCode {
         }
         Some("bench") => tapnat::bench::BenchOptions::from_args(&args[1..])
             .map_err(MainError::Usage)
-            .and_then(|o| {
-                tapnat::bench::run(o).map_err(|e| MainError::Demo(format!("bench: {e}")))
-            }),
+            .and_then(|o| tapnat::bench::run(o).map_err(MainError::Bench)),
         Some("default-config") => {
             print!("{}", tapnat::control::config::DEFAULT_TOML);
             Ok(())

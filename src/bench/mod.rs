@@ -24,7 +24,14 @@ use probe::Dir;
 use setup::{NotRun, Setup};
 
 /// The setups, in the order they run and are printed.
-pub const SETUPS: [&str; 5] = ["kernel", "tapnat", "tap-copy", "pasta", "slirp4netns"];
+pub const SETUPS: [&str; 6] = [
+    "kernel",
+    "tapnat",
+    "tap-copy",
+    "tap-copy-tso",
+    "pasta",
+    "slirp4netns",
+];
 
 /// What `tapnat bench` was asked to do.
 #[derive(Debug, Clone)]
@@ -178,7 +185,8 @@ fn build(name: &str, install: bool) -> Result<Setup, NotRun> {
     match name {
         "kernel" => setup::kernel(),
         "tapnat" => setup::tapnat(),
-        "tap-copy" => setup::tap_copy(),
+        "tap-copy" => setup::tap_copy(false),
+        "tap-copy-tso" => setup::tap_copy(true),
         "pasta" | "slirp4netns" => setup::userspace_stack(name, install),
         _ => Err(NotRun::Skipped(format!("unknown setup {name}"))),
     }
