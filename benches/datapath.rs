@@ -120,11 +120,10 @@ fn packet(c: &mut Criterion) {
             };
             t.create(&k, EXT, 0).unwrap();
         }
-        let mut ep = Endpoints::new(
+        let ep = Endpoints::new(
             Ipv4Addr::from(0x0af4_0000 | 7),
-            Ipv4Addr::from(0xc633_0000 | 3),
+            Ipv4Addr::from(0xc633_0000 | 1),
         );
-        ep.ttl = 255;
         let orig = build::udp(&ep, 40000, 53, &[0u8; 18], true);
         let mut f = orig.clone();
         g.bench_function(BenchmarkId::new("udp_64B_flows", n), |b| {
