@@ -171,3 +171,38 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
         "uplink TAP left behind"
     );
 }
+
+#[test]
+fn bench_runs_tapnat_and_the_copy_ceiling_and_cleans_up() {
+    if !root() {
+        return;
+    }
+    let out = tapnat()
+        .args([
+            "bench",
+            "--only",
+            "tapnat,tap-copy-tso",
+            "--reps",
+            "1",
+            "--seconds",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("| tapnat |"))
+        .unwrap_or_else(|| panic!("no tapnat row in:\n{text}"));
+    // TCP pod->ext throughput is a positive number of Gbit/s.
+    let gbit: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
+    assert!(gbit > 0.1, "{row}");
+    assert!(text.contains("| tapnat ÷ tap-copy-tso |"), "{text}");
+    let left = tapnat::lab::ip(&["netns", "list"]).unwrap();
+    assert!(!left.contains("bench-"), "namespaces left behind: {left}");
+}
