@@ -415,7 +415,10 @@ mod tests {
         assert_eq!(o.only, ["kernel", "tapnat"]);
         assert_eq!(o.json, Some(PathBuf::from("out.json")));
         let d = BenchOptions::from_args(&[]).unwrap();
-        assert_eq!((d.reps, d.seconds.as_secs(), d.only.len()), (3, 3, SETUPS.len()));
+        assert_eq!(
+            (d.reps, d.seconds.as_secs(), d.only.len()),
+            (3, 3, SETUPS.len())
+        );
         for bad in [
             "--reps 0",
             "--reps",

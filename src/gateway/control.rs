@@ -143,6 +143,7 @@ impl Control {
             let smoltcp_has =
                 target == a.ip(side) || (side == Side::Pod && target == a.uplink_ip());
             if !(on_link && smoltcp_has) {
+                self.c.inc(Counter::LocalStackFrames);
                 if operation == smoltcp::wire::ArpOperation::Request && mac.is_unicast() {
                     let mut out = [0u8; 64];
                     let n = wire::build_arp_reply(&mut out, a.mac(side), target, mac, ip);
@@ -151,7 +152,6 @@ impl Control {
                         Err(_) => self.c.inc(Counter::TapWriteFails),
                     }
                 }
-                self.c.inc(Counter::LocalStackFrames);
                 self.shared.pool.put(buf);
                 return;
             }

@@ -483,11 +483,11 @@ impl Worker {
         let a = &self.shared.addressing;
         let mut out = [0u8; 640];
         let n = wire::build_icmp_error(&mut out, buf.frame(), view, a.mac(from), a.ip(from), kind);
+        // Counted before the write makes it visible, so that whoever sees
+        // the error also sees the count.
+        self.c.inc(Counter::IcmpErrorsSent);
         match self.shared.send_frame(from, self.k, &out[..n]) {
-            Ok(()) => {
-                self.c.inc(Counter::IcmpErrorsSent);
-                self.c.inc(tx_counter(from));
-            }
+            Ok(()) => self.c.inc(tx_counter(from)),
             Err(_) => self.c.inc(Counter::TapWriteFails),
         }
         Some(buf)
