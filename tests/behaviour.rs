@@ -615,3 +615,92 @@ fn a_syn_flood_from_a_pod_cannot_push_out_established_flows() {
     assert_eq!(&b, b"y");
     assert!(gw.flows().len() <= 64);
 }
+
+#[test]
+fn udp_forward_range_and_the_pods_port_unreachable_goes_back_translated() {
+    if !root() {
+        return;
+    }
+    use tapnat::control::config::{Forward, ForwardProtocol, PortRange};
+    let (lab, gw) = start("udpfwd", |c| {
+        c.nat.ports = PortRange {
+            first: 10000,
+            last: 65535,
+        };
+        c.forward = vec![Forward {
+            protocol: ForwardProtocol::Udp,
+            ports: PortRange {
+                first: 5300,
+                last: 5309,
+            },
+            to_addr: POD_IP,
+            to_port: 53,
+        }];
+    });
+    // Outside 5301 is the pod's 54 (a range maps to a range).
+    let pod = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 54));
+    let client = udp_in(&lab.ext, SocketAddrV4::new(EXT_ROUTER_IP, 0));
+    client
+        .send_to(b"query", SocketAddrV4::new(GATEWAY_UPLINK_IP, 5301))
+        .unwrap();
+    let mut b = [0u8; 16];
+    let (n, from) = pod.recv_from(&mut b).unwrap();
+    assert_eq!(&b[..n], b"query");
+    assert_eq!(
+        from,
+        client.local_addr().unwrap(),
+        "the pod sees the real client"
+    );
+    pod.send_to(b"answer", from).unwrap();
+    let (n, back) = client.recv_from(&mut b).unwrap();
+    assert_eq!(
+        (&b[..n], back),
+        (
+            &b"answer"[..],
+            SocketAddrV4::new(GATEWAY_UPLINK_IP, 5301).into()
+        )
+    );
+    // Outside 5302 is the pod's 55, where nothing listens: the pod's port
+    // unreachable goes back to the client, translated (RFC 5508 REQ-5).
+    let connected = udp_in(&lab.ext, SocketAddrV4::new(EXT_ROUTER_IP, 0));
+    connected
+        .connect(SocketAddrV4::new(GATEWAY_UPLINK_IP, 5302))
+        .unwrap();
+    connected.send(b"anyone?").unwrap();
+    let e = connected.recv(&mut b).expect_err("port unreachable");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    assert!(gw.stats().get(Counter::IcmpErrorsTranslated) >= 1);
+}
+
+#[test]
+fn hairpin_between_pods_through_a_mapping() {
+    if !root() {
+        return;
+    }
+    let (mut lab, gw) = start("hairpin2", |c| {
+        c.nat.filtering = tapnat::control::config::Filtering::EndpointIndependent;
+    });
+    lab.add_pod2("hairpin2", "tapnat0").unwrap();
+    let pod2 = lab.pod2.as_ref().unwrap();
+    // The pod opens a mapping by talking to a server.
+    let a = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 46000));
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5000));
+    a.send_to(b"open", SocketAddrV4::new(SERVER_IP, 5000))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let (_, mapping) = srv.recv_from(&mut buf).unwrap();
+    // The second pod reaches the first through its public mapping.
+    let b = udp_in(pod2, SocketAddrV4::new(tapnat::lab::POD2_IP, 47000));
+    b.send_to(b"hi", mapping).unwrap();
+    let (n, from) = a.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hi");
+    assert_eq!(
+        from,
+        SocketAddrV4::new(GATEWAY_UPLINK_IP, 47000).into(),
+        "the sender's own mapping"
+    );
+    a.send_to(b"yo", from).unwrap();
+    let (n, back) = b.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], back), (&b"yo"[..], mapping));
+    assert!(gw.stats().get(Counter::Hairpinned) >= 2);
+}
