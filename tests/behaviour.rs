@@ -704,3 +704,43 @@ fn hairpin_between_pods_through_a_mapping() {
     assert_eq!((&buf[..n], back), (&b"yo"[..], mapping));
     assert!(gw.stats().get(Counter::Hairpinned) >= 2);
 }
+
+#[test]
+fn icmp_error_about_a_hairpinned_packet_goes_back_to_the_sender() {
+    if !root() {
+        return;
+    }
+    let (mut lab, gw) = start("hairpin-err", |c| {
+        c.nat.filtering = tapnat::control::config::Filtering::EndpointIndependent;
+    });
+    lab.add_pod2("hairpin-err", "tapnat0").unwrap();
+    let pod2 = lab.pod2.as_ref().unwrap();
+    // The pod opens a mapping, then closes the socket behind it.
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5000));
+    let mapping = {
+        let a = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 46001));
+        a.send_to(b"open", SocketAddrV4::new(SERVER_IP, 5000))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        srv.recv_from(&mut buf).unwrap().1
+    };
+    // The second pod sends to that mapping; the pod's kernel answers port
+    // unreachable, which must come back to the second pod translated twice.
+    let b = udp_in(pod2, SocketAddrV4::new(tapnat::lab::POD2_IP, 0));
+    b.connect(mapping).unwrap();
+    b.send(b"anyone?").unwrap();
+    let mut buf = [0u8; 8];
+    let e = b.recv(&mut buf).expect_err("port unreachable");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let s = gw.stats();
+    assert!(
+        s.get(Counter::Hairpinned) >= 2,
+        "{}",
+        tapnat::report::stats(&s)
+    );
+    assert!(
+        s.get(Counter::IcmpErrorsTranslated) >= 2,
+        "{}",
+        tapnat::report::stats(&s)
+    );
+}

@@ -563,6 +563,11 @@ impl Worker {
         };
         icmp::translate_error(buf.frame_mut(), &v, &emb, dir);
         self.c.inc(Counter::IcmpErrorsTranslated);
+        if side == Side::Pod && self.shared.addressing.is_outside(v.dst) {
+            // About a hairpinned packet: the error goes back to the pod that
+            // sent it, through that pod's mapping (RFC 5508 REQ-7).
+            return self.hairpin(buf, now);
+        }
         self.emit(egress, next_hop, buf)
     }
 
