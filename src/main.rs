@@ -77,7 +77,7 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let gw = Gateway::start(&config)?;
     let a = gw.addressing();
     eprintln!(
-        "tapnat: running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s)",
+        "tapnat: running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s){}",
         config.pod.tap,
         a.pod_net,
         a.pod_mac,
@@ -85,7 +85,12 @@ fn run(args: &[String]) -> Result<(), MainError> {
         a.uplink_net,
         a.uplink_mac,
         a.uplink_gateway,
-        gw.workers()
+        gw.workers(),
+        if gw.workers() > 1 && !gw.steering() {
+            " (no eBPF queue steering: a new flow's first packets may take a hand-off)"
+        } else {
+            ""
+        }
     );
     for sig in signals.forever() {
         if sig == SIGUSR1 {

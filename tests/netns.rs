@@ -419,3 +419,32 @@ fn malformed_frames_are_counted_and_traffic_still_flows() {
     let mut pod = Pinger::new(&lab.pod).unwrap();
     assert_eq!(pod.ping(SERVER_IP, 2, T).unwrap().len(), 2);
 }
+
+#[test]
+fn frames_are_steered_to_their_owners_queue() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start("steer", |_| {});
+    assert!(gw.steering(), "the eBPF steering program was not attached");
+    // Many short UDP flows from different ports: with steering, none of
+    // their first packets needs a hand-off between workers.
+    let srv = udp_in(&lab.ext, std::net::SocketAddrV4::new(SERVER_IP, 5000));
+    for _ in 0..40 {
+        let c = udp_in(&lab.pod, std::net::SocketAddrV4::new(POD_IP, 0));
+        c.send_to(b"x", std::net::SocketAddrV4::new(SERVER_IP, 5000))
+            .unwrap();
+        let mut b = [0u8; 4];
+        let (_, peer) = srv.recv_from(&mut b).unwrap();
+        srv.send_to(b"y", peer).unwrap();
+        c.recv_from(&mut b).unwrap();
+    }
+    let s = gw.stats();
+    assert_eq!(
+        s.get(Counter::HandedOff),
+        0,
+        "{}",
+        tapnat::report::stats(&s)
+    );
+    assert_eq!(s.get(Counter::In2outPackets), 40);
+}

@@ -6,6 +6,7 @@
 pub mod netns;
 pub mod packet;
 pub mod poll;
+pub mod steer;
 pub mod sys;
 pub mod tap;
 

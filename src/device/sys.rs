@@ -280,6 +280,87 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// One eBPF instruction (`struct bpf_insn`, linux/bpf.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BpfInsn {
+    pub code: u8,
+    /// Destination register in the low nibble, source in the high one.
+    pub regs: u8,
+    pub off: i16,
+    pub imm: i32,
+}
+
+/// The `BPF_PROG_LOAD` part of `union bpf_attr` (linux/bpf.h); the kernel
+/// accepts a shorter attr as long as the bytes it knows beyond it are zero.
+#[repr(C)]
+#[derive(Default)]
+struct BpfProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+}
+
+/// `BPF_PROG_LOAD` (linux/bpf.h `enum bpf_cmd`).
+const BPF_PROG_LOAD: libc::c_long = 5;
+/// `BPF_PROG_TYPE_SOCKET_FILTER` (linux/bpf.h `enum bpf_prog_type`): the type
+/// TUN runs as a queue-steering program.
+const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+/// `TUNSETSTEERINGEBPF` = `_IOR('T', 224, int)` (linux/if_tun.h); not in libc.
+const TUNSETSTEERINGEBPF: libc::c_ulong = 0x8004_54e0;
+
+/// Loads a socket-filter eBPF program; the fd owns it.
+pub fn bpf_load_socket_filter(insns: &[BpfInsn]) -> io::Result<OwnedFd> {
+    let license = b"GPL\0";
+    let attr = BpfProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
+        insn_cnt: u32::try_from(insns.len())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a valid, fully initialised prefix of `union bpf_attr`
+    // for BPF_PROG_LOAD whose pointers (`insns`, `license`) point to live
+    // memory of the stated sizes for the whole call; the size passed is its size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &attr as *const BpfProgLoadAttr,
+            std::mem::size_of::<BpfProgLoadAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// `ioctl(tap, TUNSETSTEERINGEBPF, &prog)`: the device's queue for a frame it
+/// hands to userspace becomes the program's return value modulo the number
+/// of queues. The kernel keeps its own reference to the program.
+pub fn tun_set_steering_ebpf(fd: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let prog_fd: libc::c_int = prog.as_raw_fd();
+    // SAFETY: `fd` is live; TUNSETSTEERINGEBPF reads one int through the
+    // pointer, which points to `prog_fd`, alive for the whole call.
+    cvt(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            TUNSETSTEERINGEBPF as _,
+            &prog_fd as *const libc::c_int,
+        )
+    })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,6 +36,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use smoltcp::wire::EthernetAddress;
 
 use crate::control::config::{self, Config, ForwardProtocol, Ipv4Net, MasqueradeRule, SnatRule};
+use crate::device::steer::{self, SteerBy};
 use crate::device::{Tap, TapError, TapOptions, Waker};
 use crate::nat::frag::{FragCache, FragCacheConfig};
 use crate::nat::{Filtering, Flow, FlowTable, Proto, TableConfig, Timeouts};
@@ -353,6 +354,8 @@ pub(crate) struct Shared {
     pool: Pool,
     start: Instant,
     tuning: Tuning,
+    /// Whether the kernel steers frames to their owner's queue (eBPF).
+    steering: bool,
 }
 
 impl Shared {
@@ -487,6 +490,11 @@ impl Gateway {
             tuning.offload,
         )
         .map_err(GatewayError::UplinkDevice)?;
+        // Steer each frame to its owner's queue in the kernel already; only a
+        // hint (a frame on the wrong queue is handed over), so failure is fine.
+        let steering = n > 1
+            && steer::attach(&pod[0], SteerBy::SourcePort).is_ok()
+            && steer::attach(&uplink[0], SteerBy::DestinationPort).is_ok();
         if tuning.offload {
             pod[0]
                 .set_offload(OFFLOADS)
@@ -518,6 +526,7 @@ impl Gateway {
             pool: Pool::new(1024, buf_size, hdr),
             start: Instant::now(),
             tuning,
+            steering,
         });
         let t = &config.nat.timeouts;
         let timeouts = Timeouts {
@@ -619,6 +628,12 @@ impl Gateway {
     /// How many worker threads translate packets.
     pub fn workers(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Whether the kernel steers each frame to its owner's queue (an eBPF
+    /// program on each TAP; needs more than one worker and BPF support).
+    pub fn steering(&self) -> bool {
+        self.shared.steering
     }
 
     /// Whether the TAPs carry offloaded (TSO, partial checksum) frames.

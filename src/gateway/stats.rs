@@ -56,6 +56,8 @@ counters! {
     Hairpinned = "hairpinned",
     /// Packets routed untranslated (excluded destinations and their replies).
     RoutedPackets = "routed_packets",
+    /// Packets read by one worker and handed to the worker that owns them.
+    HandedOff = "handed_off",
     /// Flows created.
     FlowsCreated = "flows_created",
     /// ARP and ICMP echo frames handed to the gateway's own stack.

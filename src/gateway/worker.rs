@@ -407,6 +407,7 @@ impl Worker {
                 if owner == self.k {
                     self.transit(side, buf, view, now)
                 } else {
+                    self.c.inc(Counter::HandedOff);
                     self.handoff[owner].push(Packet {
                         buf,
                         view,
