@@ -562,6 +562,9 @@ pub struct FlowTable {
     /// Randomly seeded (inbound keys are chosen by strangers); hashes the
     /// keys of `in_index` and `remotes`.
     hasher: DefaultHashBuilder,
+    /// `ceil(2^32 / workers)`: `port * owner_div >> 32 == port / workers`
+    /// for every `u16` port (no division on the inbound lookup path).
+    owner_div: u64,
     mappings: HashMap<MapKey, Mapping>,
     /// Reverse index of `mappings`, per protocol: slot `port / workers`
     /// holds the inside endpoint (`addr << 16 | port`) last given `port`.
@@ -631,6 +634,7 @@ impl FlowTable {
             free: Vec::new(),
             in_index: HashTable::with_capacity(cap),
             hasher: DefaultHashBuilder::default(),
+            owner_div: (1u64 << 32).div_ceil(u64::from(cfg.workers)),
             mappings: HashMap::with_capacity(map_cap),
             owners: std::array::from_fn(|_| vec![0; 65536 / usize::from(cfg.workers) + 1]),
             remotes: std::array::from_fn(|_| HashTable::new()),
@@ -699,7 +703,9 @@ impl FlowTable {
     /// different outside addresses).
     #[inline]
     fn find_out(&self, key: &OutKey) -> Option<usize> {
-        let v = *self.owners[key.proto.index()].get(usize::from(key.eport / self.cfg.workers))?;
+        let slot = (u64::from(key.eport) * self.owner_div) >> 32;
+        debug_assert_eq!(slot, u64::from(key.eport / self.cfg.workers));
+        let v = *self.owners[key.proto.index()].get(slot as usize)?;
         let inside = InKey {
             proto: key.proto,
             src: Ipv4Addr::from((v >> 16) as u32),
