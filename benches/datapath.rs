@@ -195,12 +195,15 @@ fn memory(_: &mut Criterion) {
         };
         t.create(&k, EXT, 0).unwrap();
     }
-    let used = rss().saturating_sub(before);
+    let total = rss();
+    let used = total.saturating_sub(before);
     eprintln!(
-        "memory: {} live flows use {:.1} MiB resident: {} bytes per flow",
+        "memory: {} live flows use {:.1} MiB resident: {} bytes per flow \
+         (process: {:.1} MiB)",
         t.len(),
         used as f64 / (1 << 20) as f64,
-        used / u64::from(N)
+        used / u64::from(N),
+        total as f64 / (1 << 20) as f64
     );
     black_box(&t);
 }

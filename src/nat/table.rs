@@ -122,25 +122,30 @@
 //!
 //! A [`Flow`] is 64 bytes; each slot adds a 1-byte tag (liveness, TCP flag
 //! history, who opened the flow) and a 24-byte sequence record (kept apart
-//! so the lookup path touches one cache line per flow). Each index entry is
-//! a 20-byte `(key, u32)` bucket plus a 1-byte control byte, so a live flow
-//! costs about 64 + 1 + 24 + 2 x 21 = 131 bytes, plus the hash tables'
-//! slack (load factor <= 7/8, power-of-two bucket counts) and, per inside
-//! endpoint, one 21-byte mapping bucket. The reverse index (outside port ->
-//! mapping) is a dense array of 8 bytes per owned port and protocol,
-//! `3 x 8 x 65536 / workers` bytes reserved up front (pages are committed
-//! as ports get used); a release writes nothing to it.
-//! Address-dependent filtering adds one 13-byte bucket per distinct
-//! (mapping, remote address). The slab never shrinks: its length is the
-//! high-water mark of live flows. The quarantine FIFO holds at most
-//! one 16-byte entry per TCP/UDP port.
+//! so the lookup path touches one cache line per flow). There is one hash
+//! index, inside key -> slot, whose buckets hold only the 4-byte slot
+//! number (plus hashbrown's control byte; candidates are compared through
+//! the slab), so a live flow costs about 64 + 1 + 24 + 5 = 94 bytes, plus
+//! the index's slack (load factor <= 7/8, power-of-two bucket counts: 5 to
+//! 11.4 bytes per flow in all) and, per inside endpoint, one 21-byte
+//! mapping bucket. Inbound lookups need no second index: the outside port
+//! names the mapping through the reverse index (outside port -> mapping),
+//! which yields the inside key. That reverse index is a dense array of 8
+//! bytes per owned port and protocol, `3 x 8 x 65536 / workers` bytes
+//! reserved up front (pages are committed as ports get used); a release
+//! writes nothing to it. Address-dependent filtering adds one 9-byte bucket
+//! (a packed `u64` and its control byte) per distinct (mapping, remote
+//! address). The slab never shrinks: its length is the high-water mark of
+//! live flows. The quarantine FIFO holds at most one 16-byte entry per
+//! TCP/UDP port.
 
 mod tcp;
 
 use hashbrown::hash_map::Entry;
-use hashbrown::HashMap;
+use hashbrown::{hash_table, DefaultHashBuilder, HashMap, HashTable};
 use std::collections::VecDeque;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::net::Ipv4Addr;
 use tcp::SeqTrack;
 
@@ -549,17 +554,27 @@ pub struct FlowTable {
     tags: Vec<u8>,
     seqs: Vec<SeqTrack>,
     free: Vec<u32>,
-    in_index: HashMap<InKey, u32>,
-    out_index: HashMap<OutKey, u32>,
+    /// Live flows by inside key: slab indices only, compared through the
+    /// slab (`flows[i].inside`). There is no outbound index: an [`OutKey`]
+    /// names its mapping through `owners`, which gives the inside key (see
+    /// [`FlowTable::find_out`]).
+    in_index: HashTable<u32>,
+    /// Randomly seeded (inbound keys are chosen by strangers); hashes the
+    /// keys of `in_index` and `remotes`.
+    hasher: DefaultHashBuilder,
+    /// `ceil(2^32 / workers)`: `port * owner_div >> 32 == port / workers`
+    /// for every `u16` port (no division on the inbound lookup path).
+    owner_div: u64,
     mappings: HashMap<MapKey, Mapping>,
     /// Reverse index of `mappings`, per protocol: slot `port / workers`
     /// holds the inside endpoint (`addr << 16 | port`) last given `port`.
     /// Never cleared: an entry counts only while that endpoint's mapping
     /// still has the port (see [`owner_of`]), so a release writes nothing.
     owners: [Vec<u64>; 3],
-    /// Address-dependent filtering only: sessions per (proto, ext port,
-    /// remote address).
-    remotes: HashMap<(Proto, u16, Ipv4Addr), u32>,
+    /// Address-dependent filtering only: sessions per (ext port, remote
+    /// address), per protocol, packed as `addr << 32 | port << 16 |
+    /// (sessions - 1)` (see [`remote_entry`]).
+    remotes: [HashTable<u64>; 3],
     ports: [PortSet; 3],
     cooling: VecDeque<Cooling>,
     /// Latest `now_ms` seen (for calls without one, like `remove`).
@@ -588,6 +603,11 @@ impl fmt::Debug for FlowTable {
 /// `max_flows` up front.
 const INITIAL_CAPACITY_CAP: usize = 1 << 16;
 
+/// Initial capacity cap of the mappings (one per inside endpoint, usually
+/// far fewer than flows): a 21-byte bucket each, and all of a reserved
+/// table's pages get touched.
+const INITIAL_MAPPINGS_CAP: usize = 1 << 12;
+
 impl FlowTable {
     /// Creates an empty table.
     ///
@@ -606,21 +626,18 @@ impl FlowTable {
             "max_flows must fit in u32"
         );
         let cap = cfg.max_flows.min(INITIAL_CAPACITY_CAP);
-        let map_cap = cap.min(65536);
+        let map_cap = cap.min(INITIAL_MAPPINGS_CAP);
         FlowTable {
             flows: Vec::with_capacity(cap),
             tags: Vec::with_capacity(cap),
             seqs: Vec::with_capacity(cap),
             free: Vec::new(),
-            in_index: HashMap::with_capacity(cap),
-            out_index: HashMap::with_capacity(cap),
+            in_index: HashTable::with_capacity(cap),
+            hasher: DefaultHashBuilder::default(),
+            owner_div: (1u64 << 32).div_ceil(u64::from(cfg.workers)),
             mappings: HashMap::with_capacity(map_cap),
             owners: std::array::from_fn(|_| vec![0; 65536 / usize::from(cfg.workers) + 1]),
-            remotes: if cfg.filtering == Filtering::Address {
-                HashMap::with_capacity(map_cap)
-            } else {
-                HashMap::new()
-            },
+            remotes: std::array::from_fn(|_| HashTable::new()),
             ports: [PortSet::new(), PortSet::new(), PortSet::new()],
             cooling: VecDeque::new(),
             clock_ms: 0,
@@ -653,7 +670,7 @@ impl FlowTable {
     /// and `None` returned.
     #[inline]
     pub fn lookup_in2out(&mut self, key: &InKey, now_ms: u64) -> Option<FlowId> {
-        let i = *self.in_index.get(key)? as usize;
+        let i = self.find_in(key)?;
         self.check_live(i, now_ms)
     }
 
@@ -662,8 +679,43 @@ impl FlowTable {
     /// [`FlowTable::inbound`].
     #[inline]
     pub fn lookup_out2in(&mut self, key: &OutKey, now_ms: u64) -> Option<FlowId> {
-        let i = *self.out_index.get(key)? as usize;
+        let i = self.find_out(key)?;
         self.check_live(i, now_ms)
+    }
+
+    /// Slot of the flow (live or expired but not swept) with inside key
+    /// `key`.
+    #[inline]
+    fn find_in(&self, key: &InKey) -> Option<usize> {
+        let flows = &self.flows;
+        self.in_index
+            .find(in_hash(&self.hasher, key), |&i| {
+                flows[i as usize].inside == *key
+            })
+            .map(|&i| i as usize)
+    }
+
+    /// Slot of the flow whose [`Flow::out_key`] is `key`. The outside port
+    /// names the mapping (`owners`: while a mapping has flows, its port's
+    /// owner slot holds its inside endpoint), which gives the inside key;
+    /// the flow found must then have the key's outside address and port
+    /// (the owner slot may be stale, and flows of one mapping may use
+    /// different outside addresses).
+    #[inline]
+    fn find_out(&self, key: &OutKey) -> Option<usize> {
+        let slot = (u64::from(key.eport) * self.owner_div) >> 32;
+        debug_assert_eq!(slot, u64::from(key.eport / self.cfg.workers));
+        let v = *self.owners[key.proto.index()].get(slot as usize)?;
+        let inside = InKey {
+            proto: key.proto,
+            src: Ipv4Addr::from((v >> 16) as u32),
+            sport: v as u16,
+            dst: key.remote,
+            dport: key.rport,
+        };
+        let i = self.find_in(&inside)?;
+        let f = &self.flows[i];
+        (f.ext_port == key.eport && f.ext_addr == key.ext).then_some(i)
     }
 
     #[inline]
@@ -694,8 +746,8 @@ impl FlowTable {
         ext_addr: Ipv4Addr,
         now_ms: u64,
     ) -> Result<FlowId, CreateError> {
-        if let Some(&i) = self.in_index.get(key) {
-            if let Some(id) = self.check_live(i as usize, now_ms) {
+        if let Some(i) = self.find_in(key) {
+            if let Some(id) = self.check_live(i, now_ms) {
                 return Ok(id);
             }
         }
@@ -763,8 +815,8 @@ impl FlowTable {
         flags: TcpFlags,
         now_ms: u64,
     ) -> Result<FlowId, InboundError> {
-        if let Some(&i) = self.out_index.get(key) {
-            if let Some(id) = self.check_live(i as usize, now_ms) {
+        if let Some(i) = self.find_out(key) {
+            if let Some(id) = self.check_live(i, now_ms) {
                 return Ok(id);
             }
         }
@@ -787,9 +839,7 @@ impl FlowTable {
         if !m.forward {
             let allowed = match self.cfg.filtering {
                 Filtering::EndpointIndependent => true,
-                Filtering::Address => self
-                    .remotes
-                    .contains_key(&(key.proto, key.eport, key.remote)),
+                Filtering::Address => self.has_remote(key.proto, key.eport, key.remote),
                 Filtering::AddressAndPort => false,
             };
             if !allowed {
@@ -808,10 +858,10 @@ impl FlowTable {
             dst: key.remote,
             dport: key.rport,
         };
-        if let Some(&i) = self.in_index.get(&inside) {
+        if let Some(i) = self.find_in(&inside) {
             // The inside endpoint already talks to this remote through
             // another outside address (the masquerade address changed).
-            if self.check_live(i as usize, now_ms).is_some() {
+            if self.check_live(i, now_ms).is_some() {
                 self.stats.inbound_filtered += 1;
                 return Err(InboundError::Filtered);
             }
@@ -854,6 +904,7 @@ impl FlowTable {
             bytes_out2in: 0,
         };
         let t = tag::LIVE | origin;
+        debug_assert!(self.find_in(&inside).is_none(), "index collision");
         let i = match self.free.pop() {
             Some(i) => {
                 self.flows[i as usize] = flow;
@@ -869,17 +920,17 @@ impl FlowTable {
                 i
             }
         };
-        let prev_in = self.in_index.insert(inside, i);
-        let prev_out = self.out_index.insert(flow.out_key(), i);
+        let (hasher, flows) = (&self.hasher, &self.flows);
+        self.in_index
+            .insert_unique(in_hash(hasher, &inside), i, |&j| {
+                in_hash(hasher, &flows[j as usize].inside)
+            });
         // No overloading means out keys are unique: two inside endpoints
         // never share (proto, ext port), and one endpoint's flows differ in
         // (remote, rport).
-        debug_assert!(prev_in.is_none() && prev_out.is_none(), "index collision");
+        debug_assert_eq!(self.find_out(&flow.out_key()), Some(i as usize));
         if self.cfg.filtering == Filtering::Address {
-            *self
-                .remotes
-                .entry((inside.proto, ext_port, inside.dst))
-                .or_insert(0) += 1;
+            self.add_remote(inside.proto, ext_port, inside.dst);
         }
         self.live += 1;
         self.stats.created += 1;
@@ -1176,8 +1227,9 @@ impl FlowTable {
         self.seqs.clear();
         self.free.clear();
         self.in_index.clear();
-        self.out_index.clear();
-        self.remotes.clear();
+        for r in &mut self.remotes {
+            r.clear();
+        }
         let delay = self.cfg.port_reuse_delay_ms;
         let until_ms = self.clock_ms.saturating_add(delay);
         let (ports, cooling) = (&mut self.ports, &mut self.cooling);
@@ -1226,23 +1278,69 @@ impl FlowTable {
 
     fn remove_slot(&mut self, i: usize) {
         let f = self.flows[i];
-        self.in_index.remove(&f.inside);
-        self.out_index.remove(&f.out_key());
-        if self.cfg.filtering == Filtering::Address {
-            if let Entry::Occupied(mut e) =
-                self.remotes
-                    .entry((f.inside.proto, f.ext_port, f.inside.dst))
-            {
-                *e.get_mut() -= 1;
-                if *e.get() == 0 {
-                    e.remove();
-                }
+        match self
+            .in_index
+            .find_entry(in_hash(&self.hasher, &f.inside), |&j| j as usize == i)
+        {
+            Ok(e) => {
+                e.remove();
             }
+            Err(_) => debug_assert!(false, "live flow not indexed"),
+        }
+        if self.cfg.filtering == Filtering::Address {
+            self.sub_remote(f.inside.proto, f.ext_port, f.inside.dst);
         }
         self.unref_mapping((f.inside.proto, f.inside.src, f.inside.sport));
         self.tags[i] = 0;
         self.free.push(i as u32);
         self.live -= 1;
+    }
+
+    /// Whether the mapping on `(proto, port)` has a session with `remote`
+    /// (address-dependent filtering).
+    #[inline]
+    fn has_remote(&self, proto: Proto, port: u16, remote: Ipv4Addr) -> bool {
+        let k = remote_entry(port, remote) >> 16;
+        self.remotes[proto.index()]
+            .find(self.hasher.hash_one(k), |&e| e >> 16 == k)
+            .is_some()
+    }
+
+    /// Counts a session of the mapping on `(proto, port)` with `remote`.
+    fn add_remote(&mut self, proto: Proto, port: u16, remote: Ipv4Addr) {
+        let e = remote_entry(port, remote);
+        let k = e >> 16;
+        let hasher = &self.hasher;
+        match self.remotes[proto.index()].entry(
+            hasher.hash_one(k),
+            |&x| x >> 16 == k,
+            |&x| hasher.hash_one(x >> 16),
+        ) {
+            hash_table::Entry::Occupied(mut o) => {
+                // One mapping's sessions with one remote address differ
+                // only in the remote port: at most 65536 of them.
+                debug_assert!(*o.get() & 0xffff != 0xffff, "remote count overflow");
+                *o.get_mut() += 1;
+            }
+            hash_table::Entry::Vacant(v) => {
+                v.insert(e);
+            }
+        }
+    }
+
+    /// Uncounts a session of the mapping on `(proto, port)` with `remote`.
+    fn sub_remote(&mut self, proto: Proto, port: u16, remote: Ipv4Addr) {
+        let k = remote_entry(port, remote) >> 16;
+        match self.remotes[proto.index()].find_entry(self.hasher.hash_one(k), |&x| x >> 16 == k) {
+            Ok(mut o) => {
+                if *o.get() & 0xffff == 0 {
+                    o.remove();
+                } else {
+                    *o.get_mut() -= 1;
+                }
+            }
+            Err(_) => debug_assert!(false, "uncounted remote"),
+        }
     }
 
     /// Number of live flows (some may be expired but not yet swept).
@@ -1280,6 +1378,25 @@ impl FlowTable {
     pub fn stats(&self) -> TableStats {
         self.stats
     }
+}
+
+/// Hash of an inside key, packed into 104 bits first (one `u128` write).
+#[inline]
+fn in_hash(hasher: &DefaultHashBuilder, k: &InKey) -> u64 {
+    hasher.hash_one(
+        u128::from(k.proto as u8) << 96
+            | u128::from(u32::from(k.src)) << 64
+            | u128::from(k.sport) << 48
+            | u128::from(u32::from(k.dst)) << 16
+            | u128::from(k.dport),
+    )
+}
+
+/// A `remotes` entry for one session: the key is the upper 48 bits, the
+/// low 16 bits count the sessions minus one.
+#[inline]
+fn remote_entry(port: u16, remote: Ipv4Addr) -> u64 {
+    u64::from(u32::from(remote)) << 32 | u64::from(port) << 16
 }
 
 /// Records `mk` as the owner of outside `port` (owned by this worker).
@@ -1448,7 +1565,6 @@ mod tests {
             .collect();
         assert_eq!(live.len(), t.len());
         assert_eq!(t.in_index.len(), t.len());
-        assert_eq!(t.out_index.len(), t.len());
         assert_eq!(t.free.len() + t.len(), t.flows.len());
         let mut refs: hashbrown::HashMap<MapKey, u32> = hashbrown::HashMap::new();
         let mut port_owner: hashbrown::HashMap<(Proto, u16), MapKey> = hashbrown::HashMap::new();
@@ -1456,8 +1572,8 @@ mod tests {
             hashbrown::HashMap::new();
         for &i in &live {
             let f = &t.flows[i];
-            assert_eq!(t.in_index[&f.inside], i as u32);
-            assert_eq!(t.out_index[&f.out_key()], i as u32);
+            assert_eq!(t.find_in(&f.inside), Some(i));
+            assert_eq!(t.find_out(&f.out_key()), Some(i));
             let mk = (f.inside.proto, f.inside.src, f.inside.sport);
             *refs.entry(mk).or_default() += 1;
             *remotes
@@ -1490,9 +1606,9 @@ mod tests {
             );
         }
         if t.cfg.filtering == Filtering::Address {
-            assert_eq!(remotes, t.remotes);
+            assert_eq!(remotes, t.remotes_map());
         } else {
-            assert!(t.remotes.is_empty());
+            assert!(t.remotes_map().is_empty());
         }
         for (pi, proto) in [Proto::Icmp, Proto::Tcp, Proto::Udp]
             .into_iter()
@@ -1522,6 +1638,23 @@ mod tests {
         }
         for &i in &t.free {
             assert_eq!(t.tags[i as usize], 0);
+        }
+    }
+
+    impl FlowTable {
+        /// `remotes` unpacked, as (proto, ext port, remote) -> sessions.
+        fn remotes_map(&self) -> hashbrown::HashMap<(Proto, u16, Ipv4Addr), u32> {
+            let mut m = hashbrown::HashMap::new();
+            for (proto, r) in [Proto::Icmp, Proto::Tcp, Proto::Udp]
+                .into_iter()
+                .zip(&self.remotes)
+            {
+                for &e in r {
+                    let key = (proto, (e >> 16) as u16, Ipv4Addr::from((e >> 32) as u32));
+                    assert!(m.insert(key, (e & 0xffff) as u32 + 1).is_none());
+                }
+            }
+            m
         }
     }
 
