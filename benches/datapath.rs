@@ -16,6 +16,26 @@ const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 
+/// A one-worker table with the default timeouts.
+fn table(max_flows: usize, filtering: Filtering) -> FlowTable {
+    FlowTable::new(TableConfig {
+        worker: 0,
+        workers: 1,
+        port_first: 1024,
+        port_last: 65535,
+        max_flows,
+        timeouts: Timeouts {
+            tcp_established_ms: 7_440_000,
+            tcp_transitory_ms: 240_000,
+            udp_ms: 300_000,
+            icmp_ms: 60_000,
+        },
+        seed: 7,
+        filtering,
+        port_reuse_delay_ms: 0,
+    })
+}
+
 fn frame(proto: &str, size: usize) -> Vec<u8> {
     let ep = Endpoints::new(POD, REMOTE);
     let payload = vec![0x5a; size.saturating_sub(14 + 20 + 20)];
@@ -93,22 +113,7 @@ fn packet(c: &mut Criterion) {
     let mut g = c.benchmark_group("in2out_packet");
     g.throughput(Throughput::Elements(1));
     for n in [10_000u32, 1_000_000] {
-        let mut t = FlowTable::new(TableConfig {
-            worker: 0,
-            workers: 1,
-            port_first: 1024,
-            port_last: 65535,
-            max_flows: n as usize + 10,
-            timeouts: Timeouts {
-                tcp_established_ms: 7_440_000,
-                tcp_transitory_ms: 240_000,
-                udp_ms: 300_000,
-                icmp_ms: 60_000,
-            },
-            seed: 7,
-            filtering: Filtering::AddressAndPort,
-            port_reuse_delay_ms: 0,
-        });
+        let mut t = table(n as usize + 10, Filtering::AddressAndPort);
         // n flows: 4096 inside endpoints, each to many remotes.
         for i in 0..n {
             let k = InKey {
@@ -169,22 +174,7 @@ fn rss() -> u64 {
 fn memory(_: &mut Criterion) {
     const N: u32 = 1_000_000;
     let before = rss();
-    let mut t = FlowTable::new(TableConfig {
-        worker: 0,
-        workers: 1,
-        port_first: 1024,
-        port_last: 65535,
-        max_flows: N as usize,
-        timeouts: Timeouts {
-            tcp_established_ms: 7_440_000,
-            tcp_transitory_ms: 240_000,
-            udp_ms: 300_000,
-            icmp_ms: 60_000,
-        },
-        seed: 7,
-        filtering: Filtering::Address,
-        port_reuse_delay_ms: 0,
-    });
+    let mut t = table(N as usize, Filtering::Address);
     for i in 0..N {
         let k = InKey {
             proto: Proto::Tcp,

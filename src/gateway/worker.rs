@@ -17,8 +17,8 @@ use super::{Buf, CtrlMsg, Egress, FragRewrite, Packet, Shared, Side, WorkerMsg};
 use crate::device::Poller;
 use crate::nat::frag::{FragCache, FragKey, Later, Release};
 use crate::nat::{
-    CreateError, Direction, FlowTable, InKey, InboundError, OutKey, Proto, TcpFlags, TcpSeg,
-    Verdict,
+    CreateError, Direction, FlowId, FlowTable, InKey, InboundError, OutKey, Proto, TcpFlags,
+    TcpSeg, Verdict,
 };
 use crate::wire::icmp::{self, EmbeddedL4, ErrorDir, IcmpRateLimit};
 use crate::wire::vnet::VnetHdr;
@@ -419,6 +419,19 @@ impl Worker {
         }
     }
 
+    /// Accounts a packet to its flow (state, counters, timeout); false when
+    /// the table refuses it (an out-of-window RST), which is counted.
+    fn account(&mut self, id: FlowId, dir: Direction, buf: &Buf, v: &Ipv4View, now: u64) -> bool {
+        let verdict = self
+            .table
+            .account(id, dir, tcp_seg(buf.frame(), v), v.total_len, now);
+        if verdict == Verdict::DropInvalidRst {
+            self.c.inc(Counter::DropInvalidRst);
+            return false;
+        }
+        true
+    }
+
     /// Sends the handed-off batches and wakes whoever has news.
     fn flush(&mut self) {
         for j in 0..self.handoff.len() {
@@ -715,15 +728,7 @@ impl Worker {
                 }
             }
         };
-        if self.table.account(
-            id,
-            Direction::In2Out,
-            tcp_seg(buf.frame(), &v),
-            v.total_len,
-            now,
-        ) == Verdict::DropInvalidRst
-        {
-            self.c.inc(Counter::DropInvalidRst);
+        if !self.account(id, Direction::In2Out, &buf, &v, now) {
             return Some(buf);
         }
         let f = self.table.get(id);
@@ -797,15 +802,7 @@ impl Worker {
             Ok(x) => x,
             Err(back) => return back,
         };
-        if self.table.account(
-            id,
-            Direction::Out2In,
-            tcp_seg(buf.frame(), &v),
-            v.total_len,
-            now,
-        ) == Verdict::DropInvalidRst
-        {
-            self.c.inc(Counter::DropInvalidRst);
+        if !self.account(id, Direction::Out2In, &buf, &v, now) {
             return Some(buf);
         }
         let inside = self.table.get(id).inside;
