@@ -124,9 +124,14 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
         .spawn()
         .unwrap();
     let config = tapnat::control::config::Config::from_toml_str(&text).unwrap();
+    // Both devices exist, inside their namespaces, within a second of start.
     let started = Instant::now();
-    let wired = lab.wire_up(&config);
+    let appeared = lab
+        .pod
+        .wait_for_link("tapnat0", Duration::from_secs(1))
+        .and_then(|_| lab.ext.wait_for_link("tapnat1", Duration::from_secs(1)));
     let up_in = started.elapsed();
+    let wired = appeared.and_then(|_| lab.wire_up(&config));
     let mut pinger = Pinger::new(&lab.pod).unwrap();
     let replies = wired.is_ok().then(|| {
         pinger
@@ -157,7 +162,7 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
     if let Err(e) = wired {
         panic!("wire up: {e}");
     }
-    assert!(up_in < Duration::from_secs(2), "devices took {up_in:?}");
+    assert!(up_in < Duration::from_secs(1), "devices took {up_in:?}");
     assert_eq!(replies.unwrap(), 3, "{err}");
     let status = status.expect("tapnat exits within 5 s of SIGTERM");
     assert!(status.success(), "{status}: {err}");
