@@ -182,7 +182,7 @@ fn bench_runs_tapnat_and_the_copy_ceiling_and_cleans_up() {
     if !root() {
         return;
     }
-    let out = tapnat()
+    let child = tapnat()
         .args([
             "bench",
             "--only",
@@ -192,8 +192,12 @@ fn bench_runs_tapnat_and_the_copy_ceiling_and_cleans_up() {
             "--seconds",
             "1",
         ])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -209,5 +213,12 @@ fn bench_runs_tapnat_and_the_copy_ceiling_and_cleans_up() {
     assert!(gbit > 0.1, "{row}");
     assert!(text.contains("| tapnat ÷ tap-copy-tso |"), "{text}");
     let left = tapnat::lab::ip(&["netns", "list"]).unwrap();
-    assert!(!left.contains("bench-"), "namespaces left behind: {left}");
+    // Its namespaces are named tapnat-bench-…-PID-N.
+    let ours = format!("-{pid}-");
+    assert!(
+        !left
+            .lines()
+            .any(|l| l.starts_with("tapnat-bench-") && l.contains(&ours)),
+        "namespaces left behind: {left}"
+    );
 }
