@@ -11,8 +11,12 @@ const USAGE: &str = "\
 tapnat: a userspace IPv4 masquerading NAT gateway between two TAP devices
 
 usage:
-  tapnat run [--config FILE]    run the gateway in the foreground (no FILE: the embedded default);
-                                SIGINT/SIGTERM stop it, SIGUSR1 prints flows and counters
+  tapnat run [--config FILE] [--control PATH]
+                                run the gateway in the foreground (no FILE: the embedded default);
+                                SIGINT/SIGTERM stop it, SIGUSR1 prints flows and counters; it answers
+                                `tapnat flows|stats` on the control socket PATH (default /run/tapnat.sock)
+  tapnat flows [--control PATH] the running gateway's flow table (like conntrack -L)
+  tapnat stats [--control PATH] the running gateway's counters, drops by reason
   tapnat check [--config FILE]  validate a config and print warnings, touching no device
   tapnat demo                   build a throwaway pod and external namespace, run the gateway
                                 between them and show traffic being translated (needs root)
@@ -37,6 +41,8 @@ enum MainError {
     Demo(String),
     #[error("benchmark failed")]
     Bench(#[source] std::io::Error),
+    #[error("cannot reach the control socket")]
+    Control(#[source] std::io::Error),
 }
 
 impl MainError {
@@ -47,24 +53,45 @@ impl MainError {
             MainError::Gateway(_) => 69,
             MainError::Signals(_) => 71,
             MainError::Demo(_) | MainError::Bench(_) => 1,
+            MainError::Control(_) => 69,
         })
     }
 }
 
-fn config_arg(args: &[String]) -> Result<Option<PathBuf>, MainError> {
-    match args {
-        [] => Ok(None),
-        [flag, file] if flag == "--config" || flag == "-c" => Ok(Some(PathBuf::from(file))),
-        _ => Err(MainError::Usage(format!(
-            "unexpected arguments: {}",
-            args.join(" ")
-        ))),
-    }
+/// `--config FILE` and `--control PATH`, each at most once, when `allowed`.
+#[derive(Default)]
+struct Flags {
+    config: Option<PathBuf>,
+    control: Option<PathBuf>,
 }
 
-fn load(args: &[String]) -> Result<Config, MainError> {
-    let path = config_arg(args)?;
-    let config = Config::load(path.as_deref())?;
+fn flags(args: &[String], allowed: &[&str]) -> Result<Flags, MainError> {
+    let mut f = Flags::default();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let slot = match flag.as_str() {
+            "--config" | "-c" if allowed.contains(&"--config") => &mut f.config,
+            "--control" if allowed.contains(&"--control") => &mut f.control,
+            _ => return Err(MainError::Usage(format!("unexpected argument `{flag}`"))),
+        };
+        let Some(value) = it.next() else {
+            return Err(MainError::Usage(format!("`{flag}` needs a value")));
+        };
+        if slot.replace(PathBuf::from(value)).is_some() {
+            return Err(MainError::Usage(format!("`{flag}` given twice")));
+        }
+    }
+    Ok(f)
+}
+
+fn control_path(f: &Flags) -> PathBuf {
+    f.control
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(tapnat::control::socket::DEFAULT_PATH))
+}
+
+fn load(f: &Flags) -> Result<Config, MainError> {
+    let config = Config::load(f.config.as_deref())?;
     for w in config.warnings() {
         eprintln!("tapnat: warning: {w}");
     }
@@ -72,9 +99,22 @@ fn load(args: &[String]) -> Result<Config, MainError> {
 }
 
 fn run(args: &[String]) -> Result<(), MainError> {
-    let config = load(args)?;
+    let f = flags(args, &["--config", "--control"])?;
+    let config = load(&f)?;
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1]).map_err(MainError::Signals)?;
     let gw = Gateway::start(&config)?;
+    let path = control_path(&f);
+    // The gateway runs without its control socket rather than not at all.
+    let _control = match tapnat::control::socket::ControlSocket::serve(&path, gw.observer()) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!(
+                "tapnat: warning: no control socket at {}: {e}",
+                path.display()
+            );
+            None
+        }
+    };
     let a = gw.addressing();
     eprintln!(
         "tapnat: running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s){}",
@@ -111,8 +151,21 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
-        Some("check") => load(&args[1..]).map(|c| {
-            println!("config ok: {} masquerade rule(s)", c.masquerade.len());
+        Some("check") => flags(&args[1..], &["--config"])
+            .and_then(|f| load(&f))
+            .map(|c| {
+                println!(
+                    "config ok: {} masquerade rule(s), {} snat rule(s), {} forward(s)",
+                    c.masquerade.len(),
+                    c.snat.len(),
+                    c.forward.len()
+                );
+            }),
+        Some(what @ ("flows" | "stats")) => flags(&args[1..], &["--control"]).and_then(|f| {
+            let text = tapnat::control::socket::ask(&control_path(&f), what)
+                .map_err(MainError::Control)?;
+            print!("{text}");
+            Ok(())
         }),
         Some("demo") if args.len() == 1 => {
             tapnat::demo::run().map_err(|e| MainError::Demo(e.to_string()))

@@ -75,6 +75,17 @@ fn check_accepts_the_default_and_rejects_bad_keys_by_name() {
 }
 
 #[test]
+fn flows_without_a_running_gateway_says_so() {
+    let out = tapnat()
+        .args(["flows", "--control", "/nonexistent/tapnat.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("no tapnat answers on /nonexistent/tapnat.sock"));
+}
+
+#[test]
 fn bad_config_touches_no_device() {
     if !root() {
         return;
@@ -116,9 +127,12 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
         lab.ext.path().display()
     );
     let f = TempConfig::new("run", &text);
+    let control = std::env::temp_dir().join(format!("tapnat-cli-{}.sock", std::process::id()));
     let mut child = tapnat()
         .args(["run", "--config"])
         .arg(&f.0)
+        .arg("--control")
+        .arg(&control)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -139,6 +153,16 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
             .unwrap()
             .len()
     });
+    // The control socket answers `tapnat stats` and `tapnat flows`.
+    let ask = |what: &str| {
+        let out = tapnat()
+            .args([what, "--control"])
+            .arg(&control)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (stats, flows) = (ask("stats"), ask("flows"));
     // SIGTERM to the child we started, by PID.
     let _ = Command::new("sh")
         .args(["-c", &format!("kill -TERM {}", child.id())])
@@ -167,6 +191,17 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
     let status = status.expect("tapnat exits within 5 s of SIGTERM");
     assert!(status.success(), "{status}: {err}");
     assert!(err.contains("in2out_packets"), "{err}");
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["in2out_packets", "3"]),
+        "{stats}"
+    );
+    assert!(
+        flows.contains("icmp") && flows.contains("10.244.0.2"),
+        "{flows}"
+    );
+    assert!(!control.exists(), "control socket left behind");
     assert!(
         lab.pod.ip("link show tapnat0").is_err(),
         "pod TAP left behind"

@@ -421,6 +421,37 @@ pub struct Gateway {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// A read-only view of a running gateway (counters and flow table) that
+/// other threads can hold, e.g. the control socket.
+#[derive(Clone)]
+pub struct Observer {
+    shared: Arc<Shared>,
+    counters: Vec<Arc<Counters>>,
+    workers: Vec<Sender<WorkerMsg>>,
+}
+
+impl Observer {
+    /// The sum of every thread's counters now.
+    pub fn stats(&self) -> Snapshot {
+        Snapshot::sum(self.counters.iter().map(|c| &**c))
+    }
+
+    /// A copy of every worker's flow table (empty once the gateway stopped).
+    pub fn flows(&self) -> Vec<Flow> {
+        let mut all = Vec::new();
+        for (k, w) in self.workers.iter().enumerate() {
+            let (tx, rx) = bounded(1);
+            if w.send(WorkerMsg::Flows(tx)).is_ok() {
+                self.shared.wakers[k].wake();
+                if let Ok(mut f) = rx.recv_timeout(Duration::from_secs(2)) {
+                    all.append(&mut f);
+                }
+            }
+        }
+        all
+    }
+}
+
 /// A locally administered MAC derived from an address, so restarts keep it.
 fn mac_for(ip: Ipv4Addr, side: u8) -> EthernetAddress {
     let o = ip.octets();
@@ -643,22 +674,21 @@ impl Gateway {
 
     /// The sum of every thread's counters now.
     pub fn stats(&self) -> Snapshot {
-        Snapshot::sum(self.counters.iter().map(|c| &**c))
+        self.observer().stats()
     }
 
     /// A copy of every worker's flow table.
     pub fn flows(&self) -> Vec<Flow> {
-        let mut all = Vec::new();
-        for (k, w) in self.workers.iter().enumerate() {
-            let (tx, rx) = bounded(1);
-            if w.send(WorkerMsg::Flows(tx)).is_ok() {
-                self.shared.wakers[k].wake();
-                if let Ok(mut f) = rx.recv_timeout(Duration::from_secs(2)) {
-                    all.append(&mut f);
-                }
-            }
+        self.observer().flows()
+    }
+
+    /// A view of the counters and flows for another thread.
+    pub fn observer(&self) -> Observer {
+        Observer {
+            shared: self.shared.clone(),
+            counters: self.counters.clone(),
+            workers: self.workers.clone(),
         }
-        all
     }
 
     /// Stops every thread and closes the devices (a TAP the gateway created
