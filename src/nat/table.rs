@@ -243,6 +243,19 @@ pub struct TcpFlags {
     pub rst: bool,
 }
 
+impl TcpFlags {
+    const fn of(syn: bool, ack: bool, fin: bool, rst: bool) -> TcpFlags {
+        TcpFlags { syn, ack, fin, rst }
+    }
+    pub const NONE: TcpFlags = TcpFlags::of(false, false, false, false);
+    pub const SYN: TcpFlags = TcpFlags::of(true, false, false, false);
+    pub const SYN_ACK: TcpFlags = TcpFlags::of(true, true, false, false);
+    pub const ACK: TcpFlags = TcpFlags::of(false, true, false, false);
+    pub const FIN_ACK: TcpFlags = TcpFlags::of(false, true, true, false);
+    pub const RST: TcpFlags = TcpFlags::of(false, false, false, true);
+    pub const RST_ACK: TcpFlags = TcpFlags::of(false, true, false, true);
+}
+
 /// What [`FlowTable::account`] needs to know of a TCP segment. For UDP and
 /// ICMP flows it is ignored: pass [`TcpSeg::NONE`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -1514,42 +1527,12 @@ mod tests {
         }
     }
 
-    const SYN: TcpFlags = TcpFlags {
-        syn: true,
-        ack: false,
-        fin: false,
-        rst: false,
-    };
-    const SYNACK: TcpFlags = TcpFlags {
-        syn: true,
-        ack: true,
-        fin: false,
-        rst: false,
-    };
-    const ACK: TcpFlags = TcpFlags {
-        syn: false,
-        ack: true,
-        fin: false,
-        rst: false,
-    };
-    const FINACK: TcpFlags = TcpFlags {
-        syn: false,
-        ack: true,
-        fin: true,
-        rst: false,
-    };
-    const RST: TcpFlags = TcpFlags {
-        syn: false,
-        ack: false,
-        fin: false,
-        rst: true,
-    };
-    const NONE: TcpFlags = TcpFlags {
-        syn: false,
-        ack: false,
-        fin: false,
-        rst: false,
-    };
+    const SYN: TcpFlags = TcpFlags::SYN;
+    const SYNACK: TcpFlags = TcpFlags::SYN_ACK;
+    const ACK: TcpFlags = TcpFlags::ACK;
+    const FINACK: TcpFlags = TcpFlags::FIN_ACK;
+    const RST: TcpFlags = TcpFlags::RST;
+    const NONE: TcpFlags = TcpFlags::NONE;
 
     fn tcp_state(t: &FlowTable, id: FlowId) -> TcpState {
         match t.get(id).state {

@@ -230,36 +230,11 @@ mod tests {
         }
     }
 
-    const SYN: TcpFlags = TcpFlags {
-        syn: true,
-        ack: false,
-        fin: false,
-        rst: false,
-    };
-    const SYNACK: TcpFlags = TcpFlags {
-        syn: true,
-        ack: true,
-        fin: false,
-        rst: false,
-    };
-    const ACK: TcpFlags = TcpFlags {
-        syn: false,
-        ack: true,
-        fin: false,
-        rst: false,
-    };
-    const RST: TcpFlags = TcpFlags {
-        syn: false,
-        ack: false,
-        fin: false,
-        rst: true,
-    };
-    const RSTACK: TcpFlags = TcpFlags {
-        syn: false,
-        ack: true,
-        fin: false,
-        rst: true,
-    };
+    const SYN: TcpFlags = TcpFlags::SYN;
+    const SYNACK: TcpFlags = TcpFlags::SYN_ACK;
+    const ACK: TcpFlags = TcpFlags::ACK;
+    const RST: TcpFlags = TcpFlags::RST;
+    const RSTACK: TcpFlags = TcpFlags::RST_ACK;
 
     #[test]
     fn serial_helpers() {

@@ -6,12 +6,7 @@ use super::*;
 const REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const OTHER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const TARGET: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
-const RSTACK: TcpFlags = TcpFlags {
-    syn: false,
-    ack: true,
-    fin: false,
-    rst: true,
-};
+const RSTACK: TcpFlags = TcpFlags::RST_ACK;
 
 fn with(filtering: Filtering, delay: u64, max: usize) -> FlowTable {
     FlowTable::new(TableConfig {
