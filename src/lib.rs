@@ -1,16 +1,24 @@
 //! tapnat: a userspace IPv4 masquerading NAT gateway between two TAP devices.
 //!
-//! Layers point one way: `wire` and `nat` are pure (no fds, threads or clocks),
-//! `device` owns every system call (its `sys` module is the only place with
-//! `unsafe`), `gateway` runs the workers and the control thread, `control`
-//! holds the configuration and the control socket. `lab`, `demo`, `bench` and
-//! `report` serve the command line, the tests and the benchmark.
-pub mod bench;
-pub mod control;
-pub mod demo;
+//! Layers, bottom to top; each uses only the ones above it in this list:
+//!
+//! - [`net`]: plain network types (`Ipv4Net`, `PortRange`).
+//! - [`config`]: the configuration file, environment overrides, validation.
+//! - [`wire`], [`nat`]: pure packet parsing and rewriting, the flow table and
+//!   the fragment cache; no fds, threads or clocks.
+//! - [`device`]: every system call; its `sys` module is the only place with
+//!   `unsafe`.
+//! - [`gateway`]: the workers and the control thread.
+//! - [`ops`]: the control socket and the reports, reading a running gateway.
+//! - [`lab`] (feature `lab`, on by default): throwaway namespaces and
+//!   kernel-socket probes for `tapnat demo`, `tapnat bench` and the tests.
+//!   The product library builds without it (`--no-default-features`).
+pub mod config;
 pub mod device;
 pub mod gateway;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod nat;
-pub mod report;
+pub mod net;
+pub mod ops;
 pub mod wire;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
-use tapnat::control::config::{Config, ConfigError};
+use tapnat::config::{Config, ConfigError};
 use tapnat::gateway::{Gateway, GatewayError};
 
 const USAGE: &str = "\
@@ -37,8 +37,10 @@ enum MainError {
     Gateway(#[from] GatewayError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[cfg(feature = "lab")]
     #[error("demo failed: {0}")]
     Demo(String),
+    #[cfg(feature = "lab")]
     #[error("benchmark failed")]
     Bench(#[source] std::io::Error),
     #[error("cannot reach the control socket")]
@@ -52,6 +54,7 @@ impl MainError {
             MainError::Config(_) => 78,
             MainError::Gateway(_) => 69,
             MainError::Signals(_) => 71,
+            #[cfg(feature = "lab")]
             MainError::Demo(_) | MainError::Bench(_) => 1,
             MainError::Control(_) => 69,
         })
@@ -87,7 +90,7 @@ fn flags(args: &[String], allowed: &[&str]) -> Result<Flags, MainError> {
 fn control_path(f: &Flags) -> PathBuf {
     f.control
         .clone()
-        .unwrap_or_else(|| PathBuf::from(tapnat::control::socket::DEFAULT_PATH))
+        .unwrap_or_else(|| PathBuf::from(tapnat::ops::socket::DEFAULT_PATH))
 }
 
 fn load(f: &Flags) -> Result<Config, MainError> {
@@ -105,7 +108,7 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let gw = Gateway::start(&config)?;
     let path = control_path(&f);
     // The gateway runs without its control socket rather than not at all.
-    let _control = match tapnat::control::socket::ControlSocket::serve(&path, gw.observer()) {
+    let _control = match tapnat::ops::socket::ControlSocket::serve(&path, gw.observer()) {
         Ok(c) => Some(c),
         Err(e) => {
             eprintln!(
@@ -134,15 +137,15 @@ fn run(args: &[String]) -> Result<(), MainError> {
     );
     for sig in signals.forever() {
         if sig == SIGUSR1 {
-            eprint!("{}", tapnat::report::flows(&gw.flows()));
-            eprint!("{}", tapnat::report::stats(&gw.stats()));
+            eprint!("{}", tapnat::ops::report::flows(&gw.flows()));
+            eprint!("{}", tapnat::ops::report::stats(&gw.stats()));
             continue;
         }
         break;
     }
     let stats = gw.stats();
     gw.stop();
-    eprint!("{}", tapnat::report::stats(&stats));
+    eprint!("{}", tapnat::ops::report::stats(&stats));
     eprintln!("tapnat: stopped");
     Ok(())
 }
@@ -162,19 +165,21 @@ fn main() -> ExitCode {
                 );
             }),
         Some(what @ ("flows" | "stats")) => flags(&args[1..], &["--control"]).and_then(|f| {
-            let text = tapnat::control::socket::ask(&control_path(&f), what)
-                .map_err(MainError::Control)?;
+            let text =
+                tapnat::ops::socket::ask(&control_path(&f), what).map_err(MainError::Control)?;
             print!("{text}");
             Ok(())
         }),
+        #[cfg(feature = "lab")]
         Some("demo") if args.len() == 1 => {
-            tapnat::demo::run().map_err(|e| MainError::Demo(e.to_string()))
+            tapnat::lab::demo::run().map_err(|e| MainError::Demo(e.to_string()))
         }
-        Some("bench") => tapnat::bench::BenchOptions::from_args(&args[1..])
+        #[cfg(feature = "lab")]
+        Some("bench") => tapnat::lab::bench::BenchOptions::from_args(&args[1..])
             .map_err(MainError::Usage)
-            .and_then(|o| tapnat::bench::run(o).map_err(MainError::Bench)),
+            .and_then(|o| tapnat::lab::bench::run(o).map_err(MainError::Bench)),
         Some("default-config") => {
-            print!("{}", tapnat::control::config::DEFAULT_TOML);
+            print!("{}", tapnat::config::DEFAULT_TOML);
             Ok(())
         }
         Some("-h" | "--help" | "help") => {

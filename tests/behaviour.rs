@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
-use tapnat::control::config::Config;
+use tapnat::config::Config;
 use tapnat::gateway::stats::Counter;
 use tapnat::gateway::Gateway;
 use tapnat::lab::{
@@ -92,7 +92,7 @@ fn traceroute_udp_icmp_and_tcp_through_the_gateway() {
             hops,
             want,
             "traceroute -{mode}: {}",
-            tapnat::report::stats(&gw.stats())
+            tapnat::ops::report::stats(&gw.stats())
         );
     }
     let s = gw.stats();
@@ -100,7 +100,7 @@ fn traceroute_udp_icmp_and_tcp_through_the_gateway() {
     assert!(
         s.get(Counter::IcmpErrorsTranslated) >= 4,
         "{}",
-        tapnat::report::stats(&s)
+        tapnat::ops::report::stats(&s)
     );
     assert!(s.get(Counter::IcmpErrorsSent) >= 3);
 }
@@ -171,7 +171,7 @@ fn path_mtu_discovery_through_the_gateway() {
     assert!(
         s.get(Counter::IcmpErrorsTranslated) >= 1,
         "{}",
-        tapnat::report::stats(&s)
+        tapnat::ops::report::stats(&s)
     );
     let route = lab.pod.ip(&format!("route get {FAR_IP}")).unwrap();
     assert!(
@@ -256,7 +256,7 @@ fn fragmented_udp_both_ways() {
     assert!(
         s.get(Counter::FragmentsTranslated) >= 40,
         "{}",
-        tapnat::report::stats(&s)
+        tapnat::ops::report::stats(&s)
     );
     assert_eq!(s.get(Counter::DropFragmentTimeout), 0);
 }
@@ -283,7 +283,7 @@ fn gateway_icmp_errors_are_rate_limited() {
     assert!(
         s.get(Counter::IcmpErrorsRateLimited) >= 15,
         "{}",
-        tapnat::report::stats(&s)
+        tapnat::ops::report::stats(&s)
     );
 }
 
@@ -295,7 +295,7 @@ fn snat_pool_gives_each_pod_its_paired_address() {
     let (lab, gw) = start("snat", |c| {
         let toml = format!(
             "{}\n[[snat]]\nsource = \"10.244.0.0/24\"\nto = \"203.0.113.20-203.0.113.23\"\n",
-            tapnat::control::config::DEFAULT_TOML
+            tapnat::config::DEFAULT_TOML
         );
         let snat = Config::from_toml_str(&toml).unwrap().snat;
         c.snat = snat;
@@ -319,7 +319,7 @@ fn snat_pool_gives_each_pod_its_paired_address() {
         assert!(
             r.is_ok(),
             "{} {:?}",
-            tapnat::report::stats(&gw.stats()),
+            tapnat::ops::report::stats(&gw.stats()),
             lab.ext.ip("neigh show")
         );
         assert_eq!(&b[..r.unwrap().0], b"back");
@@ -372,7 +372,7 @@ fn excluded_destinations_are_routed_untranslated_with_replies() {
         s.get(Counter::RoutedPackets),
         6,
         "{}",
-        tapnat::report::stats(&s)
+        tapnat::ops::report::stats(&s)
     );
     assert_eq!(s.get(Counter::FlowsCreated), 0);
     assert!(s.get(Counter::DropNoFlow) >= 1);
@@ -413,7 +413,8 @@ fn pod_to_pod_through_the_gateway_is_routed_back_out_of_the_pod_side() {
 
 /// Forward outside TCP 8080 to the pod's port 80 (nat.ports kept clear of it).
 fn with_forward(c: &mut Config) {
-    use tapnat::control::config::{Forward, ForwardProtocol, PortRange};
+    use tapnat::config::{Forward, ForwardProtocol};
+    use tapnat::net::PortRange;
     c.nat.ports = PortRange {
         first: 10000,
         last: 65535,
@@ -487,7 +488,7 @@ fn hairpin_to_the_pods_own_forward_uses_its_outside_mapping() {
 }
 
 /// A pod UDP socket talks to one server; other remotes then try its mapping.
-fn filtering_case(tag: &str, filtering: tapnat::control::config::Filtering) -> (bool, bool) {
+fn filtering_case(tag: &str, filtering: tapnat::config::Filtering) -> (bool, bool) {
     let (lab, _gw) = start(tag, |c| c.nat.filtering = filtering);
     let other_ip = Ipv4Addr::new(198, 51, 100, 11);
     lab.ext
@@ -517,7 +518,7 @@ fn filtering_modes_let_in_what_they_say() {
     if !root() {
         return;
     }
-    use tapnat::control::config::Filtering::*;
+    use tapnat::config::Filtering::*;
     // (same address, other port) and (other address), per RFC 4787 §5.
     assert_eq!(filtering_case("eif", EndpointIndependent), (true, true));
     assert_eq!(filtering_case("adf", Address), (true, false));
@@ -607,7 +608,7 @@ fn a_syn_flood_from_a_pod_cannot_push_out_established_flows() {
     assert!(
         st.get(Counter::FlowsCreated) > 64,
         "{}",
-        tapnat::report::stats(&st)
+        tapnat::ops::report::stats(&st)
     );
     // The established connection is untouched.
     c.write_all(b"y").unwrap();
@@ -621,7 +622,8 @@ fn udp_forward_range_and_the_pods_port_unreachable_goes_back_translated() {
     if !root() {
         return;
     }
-    use tapnat::control::config::{Forward, ForwardProtocol, PortRange};
+    use tapnat::config::{Forward, ForwardProtocol};
+    use tapnat::net::PortRange;
     let (lab, gw) = start("udpfwd", |c| {
         c.nat.ports = PortRange {
             first: 10000,
@@ -678,7 +680,7 @@ fn hairpin_between_pods_through_a_mapping() {
         return;
     }
     let (mut lab, gw) = start("hairpin2", |c| {
-        c.nat.filtering = tapnat::control::config::Filtering::EndpointIndependent;
+        c.nat.filtering = tapnat::config::Filtering::EndpointIndependent;
     });
     lab.add_pod2("hairpin2", "tapnat0").unwrap();
     let pod2 = lab.pod2.as_ref().unwrap();
@@ -711,7 +713,7 @@ fn icmp_error_about_a_hairpinned_packet_goes_back_to_the_sender() {
         return;
     }
     let (mut lab, gw) = start("hairpin-err", |c| {
-        c.nat.filtering = tapnat::control::config::Filtering::EndpointIndependent;
+        c.nat.filtering = tapnat::config::Filtering::EndpointIndependent;
     });
     lab.add_pod2("hairpin-err", "tapnat0").unwrap();
     let pod2 = lab.pod2.as_ref().unwrap();
@@ -736,11 +738,11 @@ fn icmp_error_about_a_hairpinned_packet_goes_back_to_the_sender() {
     assert!(
         s.get(Counter::Hairpinned) >= 2,
         "{}",
-        tapnat::report::stats(&s)
+        tapnat::ops::report::stats(&s)
     );
     assert!(
         s.get(Counter::IcmpErrorsTranslated) >= 2,
         "{}",
-        tapnat::report::stats(&s)
+        tapnat::ops::report::stats(&s)
     );
 }

@@ -137,7 +137,7 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let config = tapnat::control::config::Config::from_toml_str(&text).unwrap();
+    let config = tapnat::config::Config::from_toml_str(&text).unwrap();
     // Both devices exist, inside their namespaces, within a second of start.
     let started = Instant::now();
     let appeared = lab

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream};
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
-use tapnat::control::config::Config;
+use tapnat::config::Config;
 use tapnat::device::PacketSocket;
 use tapnat::gateway::stats::Counter;
 use tapnat::lab::{self, Echo, Pinger, GATEWAY_POD_IP, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP};
@@ -152,7 +152,7 @@ fn tcp_transfer(tag: &str, tweak: impl FnOnce(&mut Config)) {
         gw.stats().drops() - gw.stats().get(Counter::DropOtherEthertype),
         0,
         "{:?}",
-        tapnat::report::stats(&gw.stats())
+        tapnat::ops::report::stats(&gw.stats())
     );
 }
 
@@ -274,12 +274,12 @@ fn unsolicited_inbound_is_not_delivered() {
     assert!(
         s.get(Counter::DropNoFlow) >= 2,
         "{}",
-        tapnat::report::stats(&s)
+        tapnat::ops::report::stats(&s)
     );
     assert!(
         s.get(Counter::DropNotForUs) >= 1,
         "{}",
-        tapnat::report::stats(&s)
+        tapnat::ops::report::stats(&s)
     );
     assert_eq!(s.get(Counter::PodTxFrames), 0);
     assert!(gw.flows().is_empty());
@@ -444,7 +444,7 @@ fn frames_are_steered_to_their_owners_queue() {
         s.get(Counter::HandedOff),
         0,
         "{}",
-        tapnat::report::stats(&s)
+        tapnat::ops::report::stats(&s)
     );
     assert_eq!(s.get(Counter::In2outPackets), 40);
 }

@@ -4,6 +4,7 @@
 //! allowed to use `unsafe`, and every fd is wrapped in an `OwnedFd`/`File` as soon
 //! as it exists.
 pub mod netns;
+#[cfg(feature = "lab")]
 pub mod packet;
 pub mod poll;
 pub mod steer;
@@ -11,6 +12,7 @@ pub mod sys;
 pub mod tap;
 
 pub use netns::{run_in_netns, run_in_netns_file};
+#[cfg(feature = "lab")]
 pub use packet::PacketSocket;
 pub use poll::{Poller, Waker};
 pub use tap::{Tap, TapError, TapOptions, VNET_HDR_LEN};

@@ -235,6 +235,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usi
     Ok(n as usize)
 }
 
+#[cfg(feature = "lab")]
 /// `socket(AF_PACKET, SOCK_RAW, ETH_P_ALL)` bound to interface `ifindex` of the
 /// calling thread's namespace: sends and receives whole Ethernet frames.
 pub fn packet_socket(ifindex: libc::c_int) -> io::Result<OwnedFd> {

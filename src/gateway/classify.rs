@@ -193,7 +193,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::control::config::{Config, DEFAULT_TOML};
+    use crate::config::{Config, DEFAULT_TOML};
     use crate::wire::build::{self, Endpoints};
 
     fn addressing() -> Addressing {

@@ -35,11 +35,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use smoltcp::wire::EthernetAddress;
 
-use crate::control::config::{self, Config, ForwardProtocol, Ipv4Net, MasqueradeRule, SnatRule};
+use crate::config::{self, Config, ForwardProtocol, MasqueradeRule, SnatRule};
 use crate::device::steer::{self, SteerBy};
 use crate::device::{Tap, TapError, TapOptions, Waker};
 use crate::nat::frag::{FragCache, FragCacheConfig};
 use crate::nat::{Filtering, Flow, FlowTable, Proto, TableConfig, Timeouts};
+use crate::net::Ipv4Net;
 use crate::wire::icmp::IcmpRateLimit;
 use crate::wire::vnet::VNET_HDR_LEN;
 pub use classify::Disposition;

@@ -3,7 +3,7 @@
 use std::net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use tapnat::control::config::Config;
+use tapnat::config::Config;
 use tapnat::gateway::Gateway;
 use tapnat::lab::{self, Lab, Netns};
 

@@ -7,6 +7,9 @@
 //! real kernel sockets opened inside a namespace (see
 //! [`crate::device::run_in_netns`]), so the peers on both sides of the
 //! gateway are the kernel's own TCP, UDP, ICMP and ARP.
+pub mod bench;
+pub mod demo;
+
 use std::io::{self, Read};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::control::config::{Config, DEFAULT_TOML};
+use crate::config::{Config, DEFAULT_TOML};
 use crate::device::run_in_netns;
 
 /// The pod's address in the standard topology.

@@ -135,9 +135,9 @@ pub fn run() -> io::Result<()> {
     );
 
     step("flow table (like conntrack -L)");
-    print!("{}", crate::report::flows(&gw.flows()));
+    print!("{}", crate::ops::report::flows(&gw.flows()));
     step("counters");
-    print!("{}", crate::report::stats(&gw.stats()));
+    print!("{}", crate::ops::report::stats(&gw.stats()));
     gw.stop();
     println!("\ndone: gateway stopped, namespaces removed");
     Ok(())

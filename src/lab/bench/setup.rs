@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::control::config::Config;
+use crate::config::Config;
 use crate::device::{Poller, Tap, TapOptions};
 use crate::lab::{Lab, Netns, EXT_ROUTER_IP, GATEWAY_POD_IP, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP};
 

@@ -53,8 +53,8 @@ fn answer(mut conn: UnixStream, observer: &Observer) -> io::Result<()> {
     let mut line = String::new();
     BufReader::new(&conn).take(64).read_line(&mut line)?;
     let text = match line.trim() {
-        "flows" => crate::report::flows(&observer.flows()),
-        "stats" => crate::report::stats(&observer.stats()),
+        "flows" => crate::ops::report::flows(&observer.flows()),
+        "stats" => crate::ops::report::stats(&observer.stats()),
         other => format!("error: unknown request `{other}` (flows, stats)\n"),
     };
     conn.write_all(text.as_bytes())
