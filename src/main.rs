@@ -6,6 +6,9 @@ use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use tapnat::config::{Config, ConfigError};
 use tapnat::gateway::{Gateway, GatewayError};
+use tapnat::ops::filter::FlowFilter;
+use tapnat::ops::report::{self, Format};
+use tapnat::ops::socket::{self, Access, Request, Response};
 
 const USAGE: &str = "\
 tapnat: a userspace IPv4 masquerading NAT gateway between two TAP devices
@@ -15,8 +18,10 @@ usage:
                                 run the gateway in the foreground (no FILE: the embedded default);
                                 SIGINT/SIGTERM stop it, SIGUSR1 prints flows and counters; it answers
                                 `tapnat flows|stats` on the control socket PATH (default /run/tapnat.sock)
-  tapnat flows [--control PATH] the running gateway's flow table (like conntrack -L)
-  tapnat stats [--control PATH] the running gateway's counters, drops by reason
+  tapnat flows [--proto P] [--src A] [--dst A] [--port N] [--count] [-o json] [--control PATH]
+                                the running gateway's flow table (like conntrack -L)
+  tapnat stats [-o json|prometheus] [--control PATH]
+                                the running gateway's counters, drops by reason
   tapnat check [--config FILE]  validate a config and print warnings, touching no device
   tapnat demo                   build a throwaway pod and external namespace, run the gateway
                                 between them and show traffic being translated (needs root)
@@ -45,6 +50,8 @@ enum MainError {
     Bench(#[source] std::io::Error),
     #[error("cannot reach the control socket")]
     Control(#[source] std::io::Error),
+    #[error("the gateway refused: {0}")]
+    Refused(String),
 }
 
 impl MainError {
@@ -57,31 +64,78 @@ impl MainError {
             #[cfg(feature = "lab")]
             MainError::Demo(_) | MainError::Bench(_) => 1,
             MainError::Control(_) => 69,
+            MainError::Refused(_) => 77,
         })
     }
 }
 
-/// `--config FILE` and `--control PATH`, each at most once, when `allowed`.
+/// The options of a command line, wherever they stand among its words.
 #[derive(Default)]
 struct Flags {
     config: Option<PathBuf>,
     control: Option<PathBuf>,
+    /// `-o text|json|prometheus`.
+    output: Option<Format>,
+    /// `--proto`, `--src`, `--dst`, `--port`.
+    filter: FlowFilter,
+    /// `--count`: only the number of matching flows.
+    count: bool,
 }
 
-fn flags(args: &[String], allowed: &[&str]) -> Result<Flags, MainError> {
+/// Which options a command takes besides `--config`/`--control`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Takes {
+    /// `tapnat run`, `tapnat check`.
+    Config,
+    /// `tapnat stats`: `-o`.
+    Output,
+    /// `tapnat flows`: `-o` and the flow selectors.
+    Flows,
+}
+
+fn flags(args: &[String], takes: Takes) -> Result<Flags, MainError> {
+    let usage = |m: String| MainError::Usage(m);
     let mut f = Flags::default();
-    let mut it = args.iter();
+    let mut it = args.iter().peekable();
     while let Some(flag) = it.next() {
+        let client = takes != Takes::Config;
+        match flag.as_str() {
+            "--count" if takes == Takes::Flows => {
+                f.count = true;
+                continue;
+            }
+            "-o" | "--output" if client => {
+                let v = it
+                    .next()
+                    .ok_or_else(|| usage(format!("`{flag}` needs a value")))?;
+                let format = Format::parse(v)
+                    .filter(|o| *o != Format::Prometheus || takes == Takes::Output)
+                    .ok_or_else(|| usage(format!("`{flag} {v}`: unknown output format")))?;
+                f.output = Some(format);
+                continue;
+            }
+            _ => {}
+        }
+        if takes == Takes::Flows {
+            match f.filter.take(flag, it.peek().copied()) {
+                Ok(true) => {
+                    it.next();
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => return Err(usage(e.to_string())),
+            }
+        }
         let slot = match flag.as_str() {
-            "--config" | "-c" if allowed.contains(&"--config") => &mut f.config,
-            "--control" if allowed.contains(&"--control") => &mut f.control,
-            _ => return Err(MainError::Usage(format!("unexpected argument `{flag}`"))),
+            "--config" | "-c" if !client => &mut f.config,
+            "--control" => &mut f.control,
+            _ => return Err(usage(format!("unexpected argument `{flag}`"))),
         };
         let Some(value) = it.next() else {
-            return Err(MainError::Usage(format!("`{flag}` needs a value")));
+            return Err(usage(format!("`{flag}` needs a value")));
         };
         if slot.replace(PathBuf::from(value)).is_some() {
-            return Err(MainError::Usage(format!("`{flag}` given twice")));
+            return Err(usage(format!("`{flag}` given twice")));
         }
     }
     Ok(f)
@@ -90,7 +144,43 @@ fn flags(args: &[String], allowed: &[&str]) -> Result<Flags, MainError> {
 fn control_path(f: &Flags) -> PathBuf {
     f.control
         .clone()
-        .unwrap_or_else(|| PathBuf::from(tapnat::ops::socket::DEFAULT_PATH))
+        .unwrap_or_else(|| PathBuf::from(socket::DEFAULT_PATH))
+}
+
+/// `tapnat flows` and `tapnat stats`: ask the gateway, print its answer.
+fn client(what: &str, args: &[String]) -> Result<(), MainError> {
+    let takes = if what == "flows" {
+        Takes::Flows
+    } else {
+        Takes::Output
+    };
+    let f = flags(args, takes)?;
+    let request = if what == "flows" {
+        Request::Flows {
+            filter: f.filter.clone(),
+        }
+    } else {
+        Request::Stats
+    };
+    let output = f.output.unwrap_or(Format::Text);
+    let text = match socket::ask(&control_path(&f), &request).map_err(MainError::Control)? {
+        Response::Error(e) => return Err(MainError::Refused(e)),
+        Response::Flows(flows) if f.count => match output {
+            Format::Json => report::json(&serde_json::json!({ "count": flows.len() })),
+            _ => format!("{}\n", flows.len()),
+        },
+        Response::Flows(flows) => match output {
+            Format::Json => report::json(&flows),
+            _ => report::flow_lines(&flows),
+        },
+        Response::Stats(stats) => match output {
+            Format::Json => report::json(&stats),
+            Format::Prometheus => report::stats_prometheus(&stats),
+            Format::Text => report::stats_lines(&stats),
+        },
+    };
+    print!("{text}");
+    Ok(())
 }
 
 fn load(f: &Flags) -> Result<Config, MainError> {
@@ -102,13 +192,13 @@ fn load(f: &Flags) -> Result<Config, MainError> {
 }
 
 fn run(args: &[String]) -> Result<(), MainError> {
-    let f = flags(args, &["--config", "--control"])?;
+    let f = flags(args, Takes::Config)?;
     let config = load(&f)?;
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1]).map_err(MainError::Signals)?;
     let gw = Gateway::start(&config)?;
     let path = control_path(&f);
     // The gateway runs without its control socket rather than not at all.
-    let _control = match tapnat::ops::socket::ControlSocket::serve(&path, gw.observer()) {
+    let _control = match socket::ControlSocket::serve(&path, Access::Owner, gw.observer()) {
         Ok(c) => Some(c),
         Err(e) => {
             eprintln!(
@@ -137,15 +227,15 @@ fn run(args: &[String]) -> Result<(), MainError> {
     );
     for sig in signals.forever() {
         if sig == SIGUSR1 {
-            eprint!("{}", tapnat::ops::report::flows(&gw.flows()));
-            eprint!("{}", tapnat::ops::report::stats(&gw.stats()));
+            eprint!("{}", report::flows(&gw.flows()));
+            eprint!("{}", report::stats(&gw.stats()));
             continue;
         }
         break;
     }
     let stats = gw.stats();
     gw.stop();
-    eprint!("{}", tapnat::ops::report::stats(&stats));
+    eprint!("{}", report::stats(&stats));
     eprintln!("tapnat: stopped");
     Ok(())
 }
@@ -154,7 +244,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
-        Some("check") => flags(&args[1..], &["--config"])
+        Some("check") => flags(&args[1..], Takes::Config)
             .and_then(|f| load(&f))
             .map(|c| {
                 println!(
@@ -164,12 +254,7 @@ fn main() -> ExitCode {
                     c.forward.len()
                 );
             }),
-        Some(what @ ("flows" | "stats")) => flags(&args[1..], &["--control"]).and_then(|f| {
-            let text =
-                tapnat::ops::socket::ask(&control_path(&f), what).map_err(MainError::Control)?;
-            print!("{text}");
-            Ok(())
-        }),
+        Some(what @ ("flows" | "stats")) => client(what, &args[1..]),
         #[cfg(feature = "lab")]
         Some("demo") if args.len() == 1 => {
             tapnat::lab::demo::run().map_err(|e| MainError::Demo(e.to_string()))

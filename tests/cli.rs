@@ -154,15 +154,37 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
             .len()
     });
     // The control socket answers `tapnat stats` and `tapnat flows`.
-    let ask = |what: &str| {
+    let ask = |args: &[&str]| {
         let out = tapnat()
-            .args([what, "--control"])
+            .args(args)
+            .arg("--control")
             .arg(&control)
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let (stats, flows) = (ask("stats"), ask("flows"));
+    // A client that connects and never sends keeps nobody else waiting.
+    let stuck = std::os::unix::net::UnixStream::connect(&control);
+    let (stats, flows) = (ask(&["stats"]), ask(&["flows"]));
+    let stats_json = ask(&["stats", "-o", "json"]);
+    let stats_prom = ask(&["stats", "-o", "prometheus"]);
+    let flows_json = ask(&["flows", "-o", "json", "--src", "10.244.0.2"]);
+    let counts = [
+        ask(&["flows", "--count", "--proto", "icmp"]),
+        ask(&["flows", "--proto", "udp", "--count"]),
+    ];
+    drop(stuck);
+    // The socket is its owner's only, and a peer that gets past the file
+    // mode is still refused by its credentials.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&control).map(|m| m.permissions().mode() & 0o777);
+    let _ = std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o666));
+    let nobody = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_tapnat"))
+        .args(["stats", "--control"])
+        .arg(&control)
+        .output();
     // SIGTERM to the child we started, by PID.
     let _ = Command::new("sh")
         .args(["-c", &format!("kill -TERM {}", child.id())])
@@ -200,6 +222,24 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
     assert!(
         flows.contains("icmp") && flows.contains("10.244.0.2"),
         "{flows}"
+    );
+    let stats_json: serde_json::Value = serde_json::from_str(&stats_json).unwrap();
+    assert_eq!(stats_json["counters"]["in2out_packets"], 3, "{stats_json}");
+    assert!(
+        stats_prom.contains("tapnat_packets_total{direction=\"in2out\"} 3\n"),
+        "{stats_prom}"
+    );
+    let flows_json: serde_json::Value = serde_json::from_str(&flows_json).unwrap();
+    assert_eq!(flows_json[0]["proto"], "icmp", "{flows_json}");
+    assert_eq!(flows_json[0]["src"], "10.244.0.2", "{flows_json}");
+    assert_eq!(flows_json[0]["ext_addr"], "203.0.113.10", "{flows_json}");
+    assert_eq!(counts, ["1\n", "0\n"]);
+    assert_eq!(mode.unwrap(), 0o600);
+    let nobody = nobody.unwrap();
+    assert_eq!(nobody.status.code(), Some(77), "{nobody:?}");
+    assert!(
+        String::from_utf8_lossy(&nobody.stderr).contains("uid 65534 may not use"),
+        "{nobody:?}"
     );
     assert!(!control.exists(), "control socket left behind");
     assert!(

@@ -362,6 +362,37 @@ pub fn tun_set_steering_ebpf(fd: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Re
     Ok(())
 }
 
+/// The credentials (pid, uid, gid) of the process at the other end of a
+/// connected Unix socket, as the kernel recorded them at `connect(2)`
+/// (`SO_PEERCRED`, unix(7)).
+pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and `len` holds the size
+    // of `cred`, so the kernel writes at most that many bytes; `fd` is a live
+    // descriptor borrowed for the call.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(cred)
+}
+
+/// The calling process's effective user id.
+pub fn geteuid() -> u32 {
+    // SAFETY: geteuid(2) takes no arguments, touches no memory and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,24 +8,42 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::wire::Malformed;
 
 macro_rules! counters {
-    ($( $(#[$doc:meta])* $name:ident = $text:literal, )*) => {
-        /// Everything the data path counts. Names ending in a reason are drops.
+    (
+        events { $( $(#[$edoc:meta])* $event:ident = $etext:literal, )* }
+        drops { $( $(#[$ddoc:meta])* $drop:ident = $dtext:literal, )* }
+    ) => {
+        /// Everything the data path counts: events, then drops by reason.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         #[repr(usize)]
-        pub enum Counter { $( $(#[$doc])* $name, )* }
+        pub enum Counter {
+            $( $(#[$edoc])* $event, )*
+            $( $(#[$ddoc])* $drop, )*
+        }
 
         impl Counter {
             /// Every counter, in declaration order.
-            pub const ALL: &'static [Counter] = &[$(Counter::$name,)*];
+            pub const ALL: &'static [Counter] = &[$(Counter::$event,)* $(Counter::$drop,)*];
             /// The counter's stable name, as printed by `tapnat stats`.
             pub fn name(self) -> &'static str {
-                match self { $(Counter::$name => $text,)* }
+                match self {
+                    $(Counter::$event => $etext,)*
+                    $(Counter::$drop => $dtext,)*
+                }
+            }
+            /// Whether this counts packets or frames dropped (the `drops`
+            /// section; each name starts with `drop_`).
+            pub fn is_drop(self) -> bool {
+                match self {
+                    $(Counter::$event => false,)*
+                    $(Counter::$drop => true,)*
+                }
             }
         }
     };
 }
 
 counters! {
+events {
     /// Frames read from the pod TAP.
     PodRxFrames = "pod_rx_frames",
     /// Frames read from the uplink.
@@ -68,6 +86,10 @@ counters! {
     ArpRequestsSent = "arp_requests_sent",
     /// Neighbours (IP -> MAC) learned or changed.
     NeighboursLearned = "neighbours_learned",
+    /// An ICMP error the gateway would have sent, held back by the rate limit.
+    IcmpErrorsRateLimited = "icmp_errors_rate_limited",
+}
+drops {
     /// Shorter than an Ethernet header.
     DropRunt = "drop_runt",
     /// Truncated or non-IPv4 ARP.
@@ -113,8 +135,6 @@ counters! {
     DropIcmpErrorNoFlow = "drop_icmp_error_no_flow",
     /// An ICMP error with a bad checksum or an unusable quoted packet.
     DropBadIcmpError = "drop_bad_icmp_error",
-    /// An ICMP error the gateway would have sent, held back by the rate limit.
-    IcmpErrorsRateLimited = "icmp_errors_rate_limited",
     /// TTL ran out here.
     DropTtlExceeded = "drop_ttl_exceeded",
     /// Larger than the egress MTU.
@@ -129,6 +149,7 @@ counters! {
     DropHandoffFull = "drop_handoff_full",
     /// Too many packets already waiting for one next hop.
     DropNeighbourQueueFull = "drop_neighbour_queue_full",
+}
 }
 
 impl Counter {
@@ -202,7 +223,7 @@ impl Snapshot {
     pub fn drops(&self) -> u64 {
         Counter::ALL
             .iter()
-            .filter(|c| c.name().starts_with("drop_"))
+            .filter(|c| c.is_drop())
             .map(|c| self.get(*c))
             .sum()
     }
@@ -218,6 +239,9 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), Counter::ALL.len());
+        for c in Counter::ALL {
+            assert_eq!(c.is_drop(), c.name().starts_with("drop_"), "{}", c.name());
+        }
         let (a, b) = (Counters::default(), Counters::default());
         a.inc(Counter::DropRunt);
         b.add(Counter::DropRunt, 2);

@@ -1,6 +1,10 @@
 //! Operations: what an operator or a script reads from a running gateway.
 //!
 //! This layer sits above [`crate::gateway`]: the control socket serves its
-//! [`crate::gateway::Observer`], and the reports format its counters and flows.
+//! [`crate::gateway::Observer`], the metrics endpoint its counters, and the
+//! reports format both for people (text) and scripts (JSON, Prometheus).
+pub mod filter;
+pub mod metrics;
+pub mod record;
 pub mod report;
 pub mod socket;

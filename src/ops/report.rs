@@ -1,37 +1,46 @@
-//! Human-readable flow and counter listings (`conntrack -L` and
-//! `iptables -L -v` in spirit).
+//! Listings for people and scripts: flows like `conntrack -L`, counters
+//! like `iptables -L -v`, as text, JSON, or Prometheus text.
 use std::fmt::Write;
 
-use crate::gateway::stats::Snapshot;
-use crate::nat::{Flow, FlowState, Proto};
+use super::metrics;
+use super::record::{FlowRecord, StatsRecord};
+use crate::gateway::stats::{Counter, Counters, Snapshot};
+use crate::nat::Flow;
 
-fn proto_name(p: Proto) -> &'static str {
-    match p {
-        Proto::Tcp => "tcp",
-        Proto::Udp => "udp",
-        Proto::Icmp => "icmp",
+/// The output format a client command asked for with `-o`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+    Prometheus,
+}
+
+impl Format {
+    /// `-o text|json|prometheus`.
+    pub fn parse(s: &str) -> Option<Format> {
+        Some(match s {
+            "text" => Format::Text,
+            "json" => Format::Json,
+            "prometheus" => Format::Prometheus,
+            _ => return None,
+        })
     }
 }
 
 /// One line per flow: the inside tuple, the outside tuple as the remote host
 /// sees it, state and counters.
-pub fn flows(flows: &[Flow]) -> String {
+pub fn flow_lines(flows: &[FlowRecord]) -> String {
     let mut s = format!("flows: {}\n", flows.len());
     for f in flows {
-        let i = &f.inside;
-        let state = match f.state {
-            FlowState::Tcp(t) => format!("{t:?}"),
-            FlowState::Udp | FlowState::Icmp => String::new(),
-        };
         let _ = writeln!(
             s,
             "  {:<4} {:<11} {}:{} -> {}:{}  as {}:{}  packets {}/{} bytes {}/{}{}",
-            proto_name(i.proto),
-            state,
-            i.src,
-            i.sport,
-            i.dst,
-            i.dport,
+            f.proto,
+            f.state,
+            f.src,
+            f.sport,
+            f.dst,
+            f.dport,
             f.ext_addr,
             f.ext_port,
             f.packets_in2out,
@@ -44,11 +53,81 @@ pub fn flows(flows: &[Flow]) -> String {
     s
 }
 
-/// Every non-zero counter, one per line.
-pub fn stats(s: &Snapshot) -> String {
+/// [`flow_lines`] of a gateway's own flows.
+pub fn flows(flows: &[Flow]) -> String {
+    flow_lines(&flows.iter().map(FlowRecord::from).collect::<Vec<_>>())
+}
+
+/// Every non-zero counter, one per line, in declaration order.
+pub fn stats_lines(s: &StatsRecord) -> String {
     let mut out = String::from("counters:\n");
-    for (name, v) in s.nonzero() {
-        let _ = writeln!(out, "  {name:<28} {v}");
+    for c in Counter::ALL {
+        match s.counters.get(c.name()) {
+            Some(&v) if v != 0 => {
+                let _ = writeln!(out, "  {:<28} {v}", c.name());
+            }
+            _ => {}
+        }
     }
     out
+}
+
+/// [`stats_lines`] of a snapshot taken in this process.
+pub fn stats(s: &Snapshot) -> String {
+    stats_lines(&StatsRecord::from(s))
+}
+
+/// A snapshot rebuilt from a record that came over the socket (counters it
+/// does not name stay zero).
+pub fn snapshot_of(s: &StatsRecord) -> Snapshot {
+    let c = Counters::default();
+    for k in Counter::ALL {
+        if let Some(&v) = s.counters.get(k.name()) {
+            c.add(*k, v);
+        }
+    }
+    Snapshot::sum([&c])
+}
+
+/// Counters in the Prometheus text format, as `GET /metrics` serves them.
+pub fn stats_prometheus(s: &StatsRecord) -> String {
+    metrics::exposition(&snapshot_of(s), None)
+}
+
+/// Pretty JSON with a final newline.
+pub fn json<T: serde::Serialize>(v: &T) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_survive_the_record_and_print_in_order() {
+        let c = Counters::default();
+        c.add(Counter::DropNoFlow, 2);
+        c.add(Counter::PodRxFrames, 9);
+        let snap = Snapshot::sum([&c]);
+        let rec = StatsRecord::from(&snap);
+        assert_eq!(rec.counters.len(), Counter::ALL.len());
+        assert_eq!(snapshot_of(&rec), snap);
+        let text = stats(&snap);
+        let rx = text.find("pod_rx_frames").unwrap();
+        let drop = text.find("drop_no_flow").unwrap();
+        assert!(rx < drop, "{text}");
+        assert_eq!(text.lines().count(), 3);
+        let back: StatsRecord = serde_json::from_str(&json(&rec)).unwrap();
+        assert_eq!(back, rec);
+    }
+
+    #[test]
+    fn formats_parse() {
+        assert_eq!(Format::parse("json"), Some(Format::Json));
+        assert_eq!(Format::parse("prometheus"), Some(Format::Prometheus));
+        assert_eq!(Format::parse("text"), Some(Format::Text));
+        assert_eq!(Format::parse("yaml"), None);
+    }
 }

@@ -1,0 +1,323 @@
+//! Prometheus metrics: the text exposition format (version 0.0.4) of the
+//! gateway's counters, and a minimal HTTP listener serving it at
+//! `GET /metrics`.
+//!
+//! Names follow the Prometheus conventions: every counter ends in `_total`,
+//! one metric per meaning with labels for the variants (`side`,
+//! `direction`, `reason`), and the table size mirrors node_exporter's
+//! conntrack collector (`node_nf_conntrack_entries`,
+//! `node_nf_conntrack_entries_limit`).
+//!
+//! The listener is written by hand rather than taken from an HTTP crate: it
+//! serves one read-only path, one request per connection, and needs no
+//! async runtime; each connection gets its own short-lived thread with read
+//! and write timeouts, and at most [`MAX_CLIENTS`] run at once, so a stuck
+//! scraper can neither block another nor pile up threads.
+use std::fmt::Write as _;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::gateway::stats::{Counter, Snapshot};
+
+/// Connections served at once; more are closed at once.
+pub const MAX_CLIENTS: usize = 8;
+/// How long a client may take to send its request or read the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The table size gauges: live flows and the configured bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSize {
+    pub entries: u64,
+    pub limit: u64,
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The `(side, direction)` labels of a frame counter.
+fn frame_labels(c: Counter) -> Option<(&'static str, &'static str)> {
+    Some(match c {
+        Counter::PodRxFrames => ("pod", "rx"),
+        Counter::PodTxFrames => ("pod", "tx"),
+        Counter::UplinkRxFrames => ("uplink", "rx"),
+        Counter::UplinkTxFrames => ("uplink", "tx"),
+        _ => return None,
+    })
+}
+
+/// The `direction` label of a translated-packet counter.
+fn packet_direction(c: Counter) -> Option<&'static str> {
+    match c {
+        Counter::In2outPackets => Some("in2out"),
+        Counter::Out2inPackets => Some("out2in"),
+        _ => None,
+    }
+}
+
+/// The whole exposition: every counter (zeros included, so a series exists
+/// before its first event) and the table gauges when known.
+pub fn exposition(s: &Snapshot, table: Option<TableSize>) -> String {
+    let mut out = String::new();
+    if let Some(t) = table {
+        family(
+            &mut out,
+            "tapnat_conntrack_entries",
+            "gauge",
+            "Live flows in the NAT table.",
+        );
+        let _ = writeln!(out, "tapnat_conntrack_entries {}", t.entries);
+        family(
+            &mut out,
+            "tapnat_conntrack_entries_limit",
+            "gauge",
+            "The flow table's bound (nat.max_flows).",
+        );
+        let _ = writeln!(out, "tapnat_conntrack_entries_limit {}", t.limit);
+    }
+    family(
+        &mut out,
+        "tapnat_frames_total",
+        "counter",
+        "Frames read (rx) and written (tx) per device.",
+    );
+    for c in Counter::ALL {
+        if let Some((side, dir)) = frame_labels(*c) {
+            let _ = writeln!(
+                out,
+                "tapnat_frames_total{{side=\"{side}\",direction=\"{dir}\"}} {}",
+                s.get(*c)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "tapnat_packets_total",
+        "counter",
+        "Packets translated, by direction.",
+    );
+    for c in Counter::ALL {
+        if let Some(dir) = packet_direction(*c) {
+            let _ = writeln!(
+                out,
+                "tapnat_packets_total{{direction=\"{dir}\"}} {}",
+                s.get(*c)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "tapnat_drops_total",
+        "counter",
+        "Frames dropped, by reason.",
+    );
+    for c in Counter::ALL.iter().filter(|c| c.is_drop()) {
+        let reason = c.name().trim_start_matches("drop_");
+        let _ = writeln!(
+            out,
+            "tapnat_drops_total{{reason=\"{reason}\"}} {}",
+            s.get(*c)
+        );
+    }
+    for c in Counter::ALL {
+        if c.is_drop() || frame_labels(*c).is_some() || packet_direction(*c).is_some() {
+            continue;
+        }
+        let name = format!("tapnat_{}_total", c.name());
+        family(
+            &mut out,
+            &name,
+            "counter",
+            &format!("The gateway's {} counter.", c.name()),
+        );
+        let _ = writeln!(out, "{name} {}", s.get(*c));
+    }
+    out
+}
+
+/// A listening metrics endpoint; it serves until the process exits.
+pub struct MetricsServer {
+    addr: SocketAddr,
+}
+
+impl MetricsServer {
+    /// Binds `addr` and serves `GET /metrics` with whatever `render`
+    /// returns at the time of each request.
+    pub fn serve(
+        addr: SocketAddr,
+        render: impl Fn() -> String + Send + Sync + 'static,
+    ) -> io::Result<MetricsServer> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let render = Arc::new(render);
+        let busy = Arc::new(AtomicUsize::new(0));
+        std::thread::Builder::new()
+            .name("tapnat-metrics".into())
+            .spawn(move || {
+                for conn in listener.incoming().flatten() {
+                    if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                        busy.fetch_sub(1, Ordering::AcqRel);
+                        continue; // dropping `conn` closes it
+                    }
+                    let (render, busy) = (render.clone(), busy.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("tapnat-scrape".into())
+                        .spawn(move || {
+                            let _ = answer(conn, &*render);
+                            busy.fetch_sub(1, Ordering::AcqRel);
+                        });
+                    if spawned.is_err() {
+                        // The closure (and its decrement) never ran.
+                        continue;
+                    }
+                }
+            })?;
+        Ok(MetricsServer { addr })
+    }
+
+    /// The bound address (the port, when asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+fn answer(conn: TcpStream, render: &dyn Fn() -> String) -> io::Result<()> {
+    conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut reader = BufReader::new(&conn).take(8192);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    // Read the headers up to the empty line, so the client sees a clean close.
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    let mut parts = request.split_whitespace();
+    let (status, body) = match (parts.next(), parts.next()) {
+        (Some("GET"), Some("/metrics")) => ("200 OK", render()),
+        (Some("GET"), Some(_)) => ("404 Not Found", "only /metrics is served\n".to_string()),
+        _ => ("405 Method Not Allowed", "only GET is served\n".to_string()),
+    };
+    let mut conn = conn;
+    write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::stats::Counters;
+
+    fn snapshot() -> Snapshot {
+        let c = Counters::default();
+        c.add(Counter::PodRxFrames, 7);
+        c.add(Counter::In2outPackets, 5);
+        c.add(Counter::DropBadIpChecksum, 2);
+        c.add(Counter::FlowsCreated, 3);
+        Snapshot::sum([&c])
+    }
+
+    /// Every sample line is `name{labels} value` with a declared family,
+    /// counters end in `_total`, and no family is declared twice.
+    fn check_format(text: &str) {
+        let mut families = std::collections::HashMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(
+                    families
+                        .insert(name.to_string(), kind.to_string())
+                        .is_none(),
+                    "{name} twice"
+                );
+                if kind == "counter" {
+                    assert!(name.ends_with("_total"), "{name}");
+                }
+                continue;
+            }
+            if line.starts_with("# HELP ") {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            value.parse::<f64>().unwrap();
+            let name = series.split('{').next().unwrap();
+            assert!(families.contains_key(name), "{name} has no # TYPE");
+            assert!(
+                name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn exposition_is_well_formed_and_carries_the_values() {
+        let text = exposition(
+            &snapshot(),
+            Some(TableSize {
+                entries: 4,
+                limit: 262144,
+            }),
+        );
+        check_format(&text);
+        for want in [
+            "tapnat_conntrack_entries 4\n",
+            "tapnat_conntrack_entries_limit 262144\n",
+            "tapnat_frames_total{side=\"pod\",direction=\"rx\"} 7\n",
+            "tapnat_frames_total{side=\"uplink\",direction=\"tx\"} 0\n",
+            "tapnat_packets_total{direction=\"in2out\"} 5\n",
+            "tapnat_drops_total{reason=\"bad_ip_checksum\"} 2\n",
+            "tapnat_drops_total{reason=\"runt\"} 0\n",
+            "tapnat_flows_created_total 3\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        let drops = text
+            .lines()
+            .filter(|l| l.starts_with("tapnat_drops_total{"))
+            .count();
+        assert_eq!(drops, Counter::ALL.iter().filter(|c| c.is_drop()).count());
+    }
+
+    #[test]
+    fn served_over_http() {
+        let server = MetricsServer::serve("127.0.0.1:0".parse().unwrap(), || {
+            exposition(&snapshot(), None)
+        })
+        .unwrap();
+        let get = |path: &str| {
+            let mut c = TcpStream::connect(server.local_addr()).unwrap();
+            write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).unwrap();
+            out
+        };
+        let ok = get("/metrics");
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        let body = ok.split_once("\r\n\r\n").unwrap().1;
+        check_format(body);
+        assert!(body.contains("tapnat_flows_created_total 3\n"));
+        assert!(get("/").starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn a_stuck_client_does_not_block_a_scrape() {
+        let server =
+            MetricsServer::serve("127.0.0.1:0".parse().unwrap(), || "x 1\n".into()).unwrap();
+        // Connects and never sends a request.
+        let _stuck = TcpStream::connect(server.local_addr()).unwrap();
+        let mut c = TcpStream::connect(server.local_addr()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        write!(c, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        assert!(out.ends_with("\r\n\r\nx 1\n"), "{out}");
+    }
+}

@@ -1,0 +1,84 @@
+//! What the control socket carries: flows and counters as plain,
+//! serializable records, independent of the flow table's in-memory layout.
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::gateway::stats::{Counter, Snapshot};
+use crate::nat::{Flow, FlowState, Proto};
+
+/// One flow as `tapnat flows -o json` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// `tcp`, `udp` or `icmp`.
+    pub proto: String,
+    /// The TCP state (`Established`, ...); empty for UDP and ICMP.
+    pub state: String,
+    /// Original source (inside address, or the remote client of a forward).
+    pub src: Ipv4Addr,
+    /// Original source port (the echo id for ICMP).
+    pub sport: u16,
+    pub dst: Ipv4Addr,
+    pub dport: u16,
+    /// The outside address and port the remote host sees.
+    pub ext_addr: Ipv4Addr,
+    pub ext_port: u16,
+    /// The responder has answered (unreplied flows are evicted first).
+    pub replied: bool,
+    pub packets_in2out: u64,
+    pub packets_out2in: u64,
+    pub bytes_in2out: u64,
+    pub bytes_out2in: u64,
+}
+
+/// The protocol's name as conntrack and the config spell it.
+pub fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+        Proto::Icmp => "icmp",
+    }
+}
+
+impl From<&Flow> for FlowRecord {
+    fn from(f: &Flow) -> FlowRecord {
+        let i = &f.inside;
+        FlowRecord {
+            proto: proto_name(i.proto).into(),
+            state: match f.state {
+                FlowState::Tcp(t) => format!("{t:?}"),
+                FlowState::Udp | FlowState::Icmp => String::new(),
+            },
+            src: i.src,
+            sport: i.sport,
+            dst: i.dst,
+            dport: i.dport,
+            ext_addr: f.ext_addr,
+            ext_port: f.ext_port,
+            replied: f.replied,
+            packets_in2out: f.packets_in2out,
+            packets_out2in: f.packets_out2in,
+            bytes_in2out: f.bytes_in2out,
+            bytes_out2in: f.bytes_out2in,
+        }
+    }
+}
+
+/// Every counter by its stable name (zeros included), as
+/// `tapnat stats -o json` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsRecord {
+    pub counters: BTreeMap<String, u64>,
+}
+
+impl From<&Snapshot> for StatsRecord {
+    fn from(s: &Snapshot) -> StatsRecord {
+        StatsRecord {
+            counters: Counter::ALL
+                .iter()
+                .map(|c| (c.name().to_string(), s.get(*c)))
+                .collect(),
+        }
+    }
+}
