@@ -2,6 +2,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use sd_notify::NotifyState;
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use tapnat::config::{Config, ConfigError};
@@ -30,6 +31,23 @@ usage:
                                 measure tapnat against kernel MASQUERADE, a bare TAP copy, pasta, slirp4netns (root)
 
 environment: TAPNAT_SECTION__KEY=value overrides a key (e.g. TAPNAT_POD__TAP=tap9)";
+
+/// A line on stderr; a closed or full stderr is ignored, never fatal
+/// (`eprintln!` would panic).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Text on stderr as it is, with the same rule as [`say!`].
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 /// Why tapnat exited unsuccessfully; each maps to its own exit code.
 #[derive(Debug, thiserror::Error)]
@@ -186,7 +204,7 @@ fn client(what: &str, args: &[String]) -> Result<(), MainError> {
 fn load(f: &Flags) -> Result<Config, MainError> {
     let config = Config::load(f.config.as_deref())?;
     for w in config.warnings() {
-        eprintln!("tapnat: warning: {w}");
+        say!("tapnat: warning: {w}");
     }
     Ok(config)
 }
@@ -201,7 +219,7 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let _control = match socket::ControlSocket::serve(&path, Access::Owner, gw.observer()) {
         Ok(c) => Some(c),
         Err(e) => {
-            eprintln!(
+            say!(
                 "tapnat: warning: no control socket at {}: {e}",
                 path.display()
             );
@@ -209,7 +227,7 @@ fn run(args: &[String]) -> Result<(), MainError> {
         }
     };
     let a = gw.addressing();
-    eprintln!(
+    say!(
         "tapnat: running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s){}",
         config.pod.tap,
         a.pod_net,
@@ -225,18 +243,23 @@ fn run(args: &[String]) -> Result<(), MainError> {
             ""
         }
     );
+    // systemd `Type=notify`: ready once the devices are up and the workers
+    // run (a no-op without $NOTIFY_SOCKET).
+    let status = format!("forwarding {} -> {}", a.pod_net, a.uplink_net);
+    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     for sig in signals.forever() {
         if sig == SIGUSR1 {
-            eprint!("{}", report::flows(&gw.flows()));
-            eprint!("{}", report::stats(&gw.stats()));
+            say_raw!("{}", report::flows(&gw.flows()));
+            say_raw!("{}", report::stats(&gw.stats()));
             continue;
         }
         break;
     }
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
     let stats = gw.stats();
     gw.stop();
-    eprint!("{}", report::stats(&stats));
-    eprintln!("tapnat: stopped");
+    say_raw!("{}", report::stats(&stats));
+    say!("tapnat: stopped");
     Ok(())
 }
 
@@ -281,10 +304,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tapnat: error: {e}");
+            say!("tapnat: error: {e}");
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
-                eprintln!("  caused by: {s}");
+                say!("  caused by: {s}");
                 src = s.source();
             }
             e.exit_code()

@@ -128,11 +128,20 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
     );
     let f = TempConfig::new("run", &text);
     let control = std::env::temp_dir().join(format!("tapnat-cli-{}.sock", std::process::id()));
+    // Stands in for systemd's notify socket.
+    let notify_path =
+        std::env::temp_dir().join(format!("tapnat-cli-{}.notify", std::process::id()));
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     let mut child = tapnat()
         .args(["run", "--config"])
         .arg(&f.0)
         .arg("--control")
         .arg(&control)
+        .env("NOTIFY_SOCKET", &notify_path)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -145,6 +154,11 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
         .wait_for_link("tapnat0", Duration::from_secs(1))
         .and_then(|_| lab.ext.wait_for_link("tapnat1", Duration::from_secs(1)));
     let up_in = started.elapsed();
+    let mut ready = [0u8; 256];
+    let ready = notify
+        .recv(&mut ready)
+        .map(|n| String::from_utf8_lossy(&ready[..n]).into_owned());
+    let _ = std::fs::remove_file(&notify_path);
     let wired = appeared.and_then(|_| lab.wire_up(&config));
     let mut pinger = Pinger::new(&lab.pod).unwrap();
     let replies = wired.is_ok().then(|| {
@@ -235,6 +249,8 @@ fn run_forwards_then_sigterm_exits_0_and_removes_devices() {
     assert_eq!(flows_json[0]["ext_addr"], "203.0.113.10", "{flows_json}");
     assert_eq!(counts, ["1\n", "0\n"]);
     assert_eq!(mode.unwrap(), 0o600);
+    let ready = ready.expect("READY=1 on $NOTIFY_SOCKET");
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
     let nobody = nobody.unwrap();
     assert_eq!(nobody.status.code(), Some(77), "{nobody:?}");
     assert!(

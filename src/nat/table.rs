@@ -1087,7 +1087,7 @@ impl FlowTable {
                     return true;
                 }
                 let f = &self.flows[c];
-                if !f.replied && victim.map_or(true, |(_, seen)| f.last_seen_ms < seen) {
+                if !f.replied && victim.is_none_or(|(_, seen)| f.last_seen_ms < seen) {
                     victim = Some((c, f.last_seen_ms));
                 }
             }

@@ -75,12 +75,12 @@ impl FlowFilter {
 
     /// Whether `f` is selected.
     pub fn matches(&self, f: &FlowRecord) -> bool {
-        self.proto.as_deref().map_or(true, |p| p == f.proto)
-            && self.src.map_or(true, |a| a == f.src)
-            && self.dst.map_or(true, |a| a == f.dst)
+        self.proto.as_deref().is_none_or(|p| p == f.proto)
+            && self.src.is_none_or(|a| a == f.src)
+            && self.dst.is_none_or(|a| a == f.dst)
             && self
                 .port
-                .map_or(true, |p| p == f.sport || p == f.dport || p == f.ext_port)
+                .is_none_or(|p| p == f.sport || p == f.dport || p == f.ext_port)
     }
 }
 
