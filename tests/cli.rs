@@ -273,6 +273,9 @@ fn bench_runs_tapnat_and_the_copy_ceiling_and_cleans_up() {
     if !root() {
         return;
     }
+    let tmp = std::env::temp_dir();
+    let json_path = tmp.join(format!("tapnat-bench-{}.json", std::process::id()));
+    let svg_path = tmp.join(format!("tapnat-bench-{}.svg", std::process::id()));
     let child = tapnat()
         .args([
             "bench",
@@ -282,7 +285,11 @@ fn bench_runs_tapnat_and_the_copy_ceiling_and_cleans_up() {
             "1",
             "--seconds",
             "1",
+            "--json",
         ])
+        .arg(&json_path)
+        .arg("--svg")
+        .arg(&svg_path)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -303,6 +310,28 @@ fn bench_runs_tapnat_and_the_copy_ceiling_and_cleans_up() {
     let gbit: f64 = row.split('|').nth(2).unwrap().trim().parse().unwrap();
     assert!(gbit > 0.1, "{row}");
     assert!(text.contains("| tapnat ÷ tap-copy-tso |"), "{text}");
+    // The JSON has every metric, latency and the gateway's CPU among them.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json_path);
+    let tapnat = &json["setups"][0];
+    assert_eq!(tapnat["name"], "tapnat", "{json}");
+    for key in [
+        "rr_p50_us",
+        "rr_p99_us",
+        "ping_5ms_us",
+        "ping_200ms_us",
+        "gw_cpu_pct",
+    ] {
+        let v = tapnat["metrics"][key]["median"].as_f64();
+        assert!(v.is_some_and(|v| v > 0.0), "{key}: {json}");
+    }
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    let _ = std::fs::remove_file(&svg_path);
+    assert!(
+        svg.starts_with("<svg ") && svg.contains("tap-copy-tso"),
+        "{svg}"
+    );
     let left = tapnat::lab::ip(&["netns", "list"]).unwrap();
     // Its namespaces are named tapnat-bench-…-PID-N.
     let ours = format!("-{pid}-");

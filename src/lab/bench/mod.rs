@@ -1,12 +1,13 @@
 //! `tapnat bench`: tapnat measured end to end against kernel MASQUERADE, a
-//! bare TAP-to-TAP copy loop (the ceiling), pasta and slirp4netns, in one run.
+//! bare TAP-to-TAP copy loop (the ceiling), pasta and slirp4netns (at MTU
+//! 1500 like tapnat, and at their own default 65520), in one run.
 //!
 //! Every setup has the same shape: kernel sockets in a pod namespace
 //! (10.244.0.2/16, default route to the gateway) talk to a server
 //! 198.51.100.10 in an external namespace behind the next hop 203.0.113.1.
 //! The probes ([`probe`]) are the kernel's own TCP, UDP and ICMP, so no
 //! iperf3 is needed. Each metric is measured `reps` times per setup and the
-//! median is reported, with min and max.
+//! median is reported, with min and max; `--svg` draws the medians.
 //!
 //! Safety: everything runs in namespaces created here (removed on drop, also
 //! on error), traffic only flows between them, and the root namespace's
@@ -17,21 +18,48 @@ use std::io;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub mod chart;
 pub mod probe;
 pub mod setup;
 
-use probe::Dir;
+use probe::{CpuSample, Dir};
 use setup::{NotRun, Setup};
 
-/// The setups, in the order they run and are printed.
-pub const SETUPS: [&str; 6] = [
+/// The setups a full run measures, in the order they run and are printed
+/// (the `tapnat-wK` workers sweep is added for K below the core count).
+pub const SETUPS: [&str; 8] = [
     "kernel",
     "tapnat",
     "tap-copy",
     "tap-copy-tso",
     "pasta",
+    "pasta-65520",
     "slirp4netns",
+    "slirp4netns-65520",
 ];
+
+/// Largest worker count `tapnat-wK` accepts.
+const MAX_SWEEP: usize = 64;
+
+/// Every setup of a default run on a machine with `cores` cores: [`SETUPS`]
+/// with `tapnat-w1` .. `tapnat-w{cores-1}` after `tapnat` (which runs one
+/// worker per core).
+pub fn default_setups(cores: usize) -> Vec<String> {
+    let mut v: Vec<String> = SETUPS.iter().map(|s| s.to_string()).collect();
+    let sweep = (1..cores.min(MAX_SWEEP + 1)).map(|k| format!("tapnat-w{k}"));
+    v.splice(2..2, sweep);
+    v
+}
+
+/// The worker count of a `tapnat-wK` setup name.
+fn sweep_workers(name: &str) -> Option<usize> {
+    let k: usize = name.strip_prefix("tapnat-w")?.parse().ok()?;
+    (1..=MAX_SWEEP).contains(&k).then_some(k)
+}
+
+fn known_setup(name: &str) -> bool {
+    SETUPS.contains(&name) || name == "baseline" || sweep_workers(name).is_some()
+}
 
 /// What `tapnat bench` was asked to do.
 #[derive(Debug, Clone)]
@@ -40,34 +68,42 @@ pub struct BenchOptions {
     pub reps: usize,
     /// Duration of each timed measurement.
     pub seconds: Duration,
-    /// Setups to run (default: all of [`SETUPS`]).
+    /// Setups to run, in order (default: [`default_setups`]).
     pub only: Vec<String>,
     /// Also write the results as JSON here.
     pub json: Option<PathBuf>,
+    /// Also draw the medians as an SVG chart here.
+    pub svg: Option<PathBuf>,
+    /// Another tapnat binary, measured in the same run as setup `baseline`.
+    pub baseline: Option<PathBuf>,
     /// Install missing pasta / slirp4netns with apt-get.
     pub install: bool,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         BenchOptions {
             reps: 3,
             seconds: Duration::from_secs(3),
-            only: SETUPS.iter().map(|s| s.to_string()).collect(),
+            only: default_setups(cores),
             json: None,
+            svg: None,
+            baseline: None,
             install: false,
         }
     }
 }
 
 /// The usage line for `tapnat --help`.
-pub const USAGE: &str =
-    "tapnat bench [--reps N] [--seconds S] [--only NAME[,NAME]] [--json FILE] [--install]";
+pub const USAGE: &str = "tapnat bench [--reps N] [--seconds S] [--only NAME[,NAME]] [--json FILE] \
+                         [--svg FILE] [--baseline EXE] [--install]";
 
 impl BenchOptions {
     /// Parses the arguments after `bench`.
     pub fn from_args(args: &[String]) -> Result<BenchOptions, String> {
         let mut o = BenchOptions::default();
+        let mut only_given = false;
         let mut it = args.iter();
         while let Some(flag) = it.next() {
             if flag == "--install" {
@@ -94,40 +130,94 @@ impl BenchOptions {
                 }
                 "--only" => {
                     o.only = value.split(',').map(str::to_string).collect();
-                    if let Some(u) = o.only.iter().find(|n| !SETUPS.contains(&n.as_str())) {
+                    only_given = true;
+                    if let Some(u) = o.only.iter().find(|n| !known_setup(n)) {
                         return Err(bad(&format!(
-                            "unknown setup `{u}` (setups: {})",
+                            "unknown setup `{u}` (setups: {}, tapnat-wK, baseline)",
                             SETUPS.join(", ")
                         )));
                     }
                 }
                 "--json" => o.json = Some(PathBuf::from(value)),
+                "--svg" => o.svg = Some(PathBuf::from(value)),
+                "--baseline" => o.baseline = Some(PathBuf::from(value)),
                 _ => return Err(format!("unknown bench flag {flag} (usage: {USAGE})")),
             }
+        }
+        let wants_baseline = o.only.iter().any(|n| n == "baseline");
+        match (&o.baseline, wants_baseline) {
+            (Some(_), false) if !only_given || o.only.iter().any(|n| n == "tapnat") => {
+                // Right after tapnat, so the two run under the same conditions.
+                let at = o
+                    .only
+                    .iter()
+                    .position(|n| n == "tapnat")
+                    .map_or(0, |i| i + 1);
+                o.only.insert(at, "baseline".into());
+            }
+            (None, true) => return Err("setup `baseline` needs --baseline EXE".into()),
+            _ => {}
         }
         Ok(o)
     }
 }
 
 /// The metrics, in table order: (key for JSON, column header, higher is better).
-const METRICS: [(&str, &str, bool); 7] = [
+pub const METRICS: [(&str, &str, bool); 13] = [
     ("tcp_up_gbps", "TCP pod→ext Gbit/s", true),
     ("tcp_down_gbps", "TCP ext→pod Gbit/s", true),
     ("tcp4_up_gbps", "TCP 4× pod→ext Gbit/s", true),
     ("udp64_pps", "UDP 64 B delivered/s", true),
     ("udp64_loss_pct", "UDP loss %", false),
-    ("ping_rtt_us", "ping RTT µs", false),
     ("tcp_connects_per_s", "TCP connects/s", true),
+    ("ping_rtt_us", "ping RTT µs", false),
+    ("ping_5ms_us", "ping every 5 ms µs", false),
+    ("ping_200ms_us", "ping every 200 ms µs", false),
+    ("rr_p50_us", "TCP 1 B req/resp p50 µs", false),
+    ("rr_p99_us", "TCP 1 B req/resp p99 µs", false),
+    ("gw_cpu_pct", "gateway CPU % of a core, TCP up", false),
+    ("host_cpu_pct", "machine CPU %, TCP up", false),
+];
+
+/// The first table (throughput) has the metrics before this index; the
+/// second (latency and CPU) the rest.
+const FIRST_TABLE: usize = 6;
+
+/// A metric that is not a speed: it gets no ratio.
+fn no_ratio(key: &str) -> bool {
+    matches!(key, "udp64_loss_pct" | "host_cpu_pct")
+}
+
+/// Index of a metric by key.
+fn metric(key: &str) -> usize {
+    METRICS
+        .iter()
+        .position(|m| m.0 == key)
+        .expect("a metric of METRICS")
+}
+
+/// Echoes in each paced-ping measurement: (interval, count).
+const PACED: [(&str, Duration, usize); 2] = [
+    ("ping_5ms_us", Duration::from_millis(5), 50),
+    ("ping_200ms_us", Duration::from_millis(200), 10),
 ];
 
 /// One setup's samples: `samples[metric]` has one value per successful rep.
-struct Outcome {
-    name: String,
-    note: String,
-    samples: Vec<Vec<f64>>,
-    errors: Vec<String>,
+pub struct Outcome {
+    pub name: String,
+    pub note: String,
+    pub samples: Vec<Vec<f64>>,
+    pub errors: Vec<String>,
 }
 
+impl Outcome {
+    /// The median of a metric, if it was measured.
+    pub fn median(&self, i: usize) -> Option<f64> {
+        stats(&self.samples[i]).map(|s| s.0)
+    }
+}
+
+/// (median, min, max).
 fn stats(v: &[f64]) -> Option<(f64, f64, f64)> {
     if v.is_empty() {
         return None;
@@ -137,7 +227,7 @@ fn stats(v: &[f64]) -> Option<(f64, f64, f64)> {
     Some((s[s.len() / 2], s[0], s[s.len() - 1]))
 }
 
-fn fmt_num(x: f64) -> String {
+pub fn fmt_num(x: f64) -> String {
     if x.abs() >= 1000.0 {
         format!("{:.0}", x)
     } else if x.abs() >= 10.0 {
@@ -157,7 +247,17 @@ fn measure_once(s: &Setup, secs: Duration, samples: &mut [Vec<f64>], errors: &mu
     };
     let tcp = [(Dir::Up, 1), (Dir::Down, 1), (Dir::Up, 4)];
     for (i, (dir, streams)) in tcp.into_iter().enumerate() {
+        let before = (i == 0).then(|| CpuSample::now(s.gateway_pid));
         let r = probe::tcp_streams(e, dir, streams, secs, 5201 + i as u16);
+        if let Some(before) = before {
+            let (gw, host) = before.until(&CpuSample::now(s.gateway_pid));
+            if let Some(gw) = gw {
+                put(metric("gw_cpu_pct"), Ok(gw));
+            }
+            if let Some(host) = host {
+                put(metric("host_cpu_pct"), Ok(host));
+            }
+        }
         if let Ok(t) = &r {
             if t.late_fins > 0 {
                 // Not an error, but worth knowing: the rate is counted to the last byte.
@@ -171,29 +271,53 @@ fn measure_once(s: &Setup, secs: Duration, samples: &mut [Vec<f64>], errors: &mu
     }
     match probe::udp_flood(e, secs, 5204) {
         Ok(u) => {
-            put(3, Ok(u.delivered_per_s));
-            put(4, Ok(u.loss_pct));
+            put(metric("udp64_pps"), Ok(u.delivered_per_s));
+            put(metric("udp64_loss_pct"), Ok(u.loss_pct));
         }
-        Err(err) => put(3, Err(err)),
+        Err(err) => put(metric("udp64_pps"), Err(err)),
     }
-    put(5, probe::ping_rtt_us(e));
-    put(6, probe::tcp_connects(e, secs, 5205));
+    put(
+        metric("tcp_connects_per_s"),
+        probe::tcp_connects(e, secs, 5205),
+    );
+    put(metric("ping_rtt_us"), probe::ping_rtt_us(e));
+    for (key, interval, count) in PACED {
+        put(metric(key), probe::paced_ping_us(e, interval, count));
+    }
+    match probe::tcp_rr(e, secs, 5206) {
+        Ok(l) => {
+            put(metric("rr_p50_us"), Ok(l.p50_us));
+            put(metric("rr_p99_us"), Ok(l.p99_us));
+        }
+        Err(err) => put(metric("rr_p50_us"), Err(err)),
+    }
     errors.append(&mut notes);
 }
 
-fn build(name: &str, install: bool) -> Result<Setup, NotRun> {
+fn build(name: &str, opts: &BenchOptions) -> Result<Setup, NotRun> {
+    let this = || std::env::current_exe().map_err(NotRun::Failed);
     match name {
         "kernel" => setup::kernel(),
-        "tapnat" => setup::tapnat(),
+        "tapnat" => setup::tapnat(&this()?, 0),
+        "baseline" => match &opts.baseline {
+            Some(exe) => setup::tapnat(exe, 0),
+            None => Err(NotRun::Skipped("no --baseline EXE given".into())),
+        },
         "tap-copy" => setup::tap_copy(false),
         "tap-copy-tso" => setup::tap_copy(true),
-        "pasta" | "slirp4netns" => setup::userspace_stack(name, install),
-        _ => Err(NotRun::Skipped(format!("unknown setup {name}"))),
+        "pasta" | "slirp4netns" => setup::userspace_stack(name, 1500, opts.install),
+        "pasta-65520" | "slirp4netns-65520" => {
+            setup::userspace_stack(name.trim_end_matches("-65520"), 65520, opts.install)
+        }
+        _ => match sweep_workers(name) {
+            Some(k) => setup::tapnat(&this()?, k),
+            None => Err(NotRun::Skipped(format!("unknown setup {name}"))),
+        },
     }
 }
 
 /// `tapnat bench`: builds each selected setup in turn, measures it, tears it
-/// down, then prints a markdown table (and writes JSON if asked).
+/// down, then prints markdown tables (and writes JSON and SVG if asked).
 pub fn run(opts: BenchOptions) -> io::Result<()> {
     if !crate::lab::is_root() {
         return Err(io::Error::other(
@@ -212,9 +336,9 @@ pub fn run(opts: BenchOptions) -> io::Result<()> {
     );
     let mut outcomes = Vec::new();
     let mut skipped = Vec::new();
-    for name in SETUPS.iter().filter(|n| opts.only.iter().any(|o| o == *n)) {
+    for name in &opts.only {
         println!("\n== {name}");
-        let s = match build(name, opts.install) {
+        let s = match build(name, &opts) {
             Ok(s) => s,
             Err(NotRun::Skipped(why)) => {
                 println!("  skipped: {why}");
@@ -264,7 +388,39 @@ pub fn run(opts: BenchOptions) -> io::Result<()> {
         std::fs::write(path, json(&outcomes, &skipped, &opts, &command))?;
         println!("wrote {}", path.display());
     }
+    if let Some(path) = &opts.svg {
+        std::fs::write(path, chart::svg(&outcomes, &opts, &command))?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
+}
+
+/// One markdown table of the metrics `range`: medians, then tapnat's ratio
+/// to every other setup.
+fn medians_table(t: &mut String, outcomes: &[Outcome], range: std::ops::Range<usize>) {
+    let header: Vec<&str> = METRICS[range.clone()].iter().map(|m| m.1).collect();
+    let _ = writeln!(t, "| setup | {} |", header.join(" | "));
+    let _ = writeln!(t, "|---|{}", "---:|".repeat(range.len()));
+    for o in outcomes {
+        let cells: Vec<String> = range
+            .clone()
+            .map(|i| o.median(i).map_or("–".into(), fmt_num))
+            .collect();
+        let _ = writeln!(t, "| {} | {} |", o.name, cells.join(" | "));
+    }
+    if let Some(us) = outcomes.iter().find(|o| o.name == "tapnat") {
+        for o in outcomes.iter().filter(|o| o.name != "tapnat") {
+            let cells: Vec<String> = range
+                .clone()
+                .map(|i| match (us.median(i), o.median(i)) {
+                    _ if no_ratio(METRICS[i].0) => "–".into(),
+                    (Some(a), Some(b)) if b != 0.0 => format!("{:.2}×", a / b),
+                    _ => "–".into(),
+                })
+                .collect();
+            let _ = writeln!(t, "| tapnat ÷ {} | {} |", o.name, cells.join(" | "));
+        }
+    }
 }
 
 /// The markdown report: medians, tapnat's ratio to each other setup, min–max.
@@ -277,33 +433,15 @@ fn table(outcomes: &[Outcome], opts: &BenchOptions, command: &str) -> String {
         opts.reps,
         opts.seconds.as_secs_f64()
     );
-    let header: Vec<&str> = METRICS.iter().map(|m| m.1).collect();
-    let _ = writeln!(t, "| setup | {} |", header.join(" | "));
-    let _ = writeln!(t, "|---|{}", "---:|".repeat(METRICS.len()));
-    let med = |o: &Outcome, i: usize| stats(&o.samples[i]).map(|s| s.0);
-    for o in outcomes {
-        let cells: Vec<String> = (0..METRICS.len())
-            .map(|i| med(o, i).map_or("–".into(), fmt_num))
-            .collect();
-        let _ = writeln!(t, "| {} | {} |", o.name, cells.join(" | "));
-    }
-    if let Some(us) = outcomes.iter().find(|o| o.name == "tapnat") {
-        for o in outcomes.iter().filter(|o| o.name != "tapnat") {
-            let cells: Vec<String> = (0..METRICS.len())
-                .map(|i| match (med(us, i), med(o, i), METRICS[i].0) {
-                    (_, _, "udp64_loss_pct") => "–".into(),
-                    (Some(a), Some(b), _) if b != 0.0 => format!("{:.2}×", a / b),
-                    _ => "–".into(),
-                })
-                .collect();
-            let _ = writeln!(t, "| tapnat ÷ {} | {} |", o.name, cells.join(" | "));
-        }
-        let _ = writeln!(
-            t,
-            "\n(ratios: above 1 is better for tapnat except RTT, where below 1 is better)"
-        );
-    }
+    medians_table(&mut t, outcomes, 0..FIRST_TABLE);
+    let _ = writeln!(t);
+    medians_table(&mut t, outcomes, FIRST_TABLE..METRICS.len());
+    let _ = writeln!(
+        t,
+        "\n(ratios: above 1 is better for tapnat in throughput, below 1 in latency and CPU)"
+    );
     let _ = writeln!(t, "\nmin–max:\n");
+    let header: Vec<&str> = METRICS.iter().map(|m| m.1).collect();
     let _ = writeln!(t, "| setup | {} |", header.join(" | "));
     let _ = writeln!(t, "|---|{}", "---:|".repeat(METRICS.len()));
     for o in outcomes {
@@ -323,28 +461,9 @@ fn table(outcomes: &[Outcome], opts: &BenchOptions, command: &str) -> String {
     t
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn json_num(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x}")
-    } else {
-        "null".into()
-    }
+/// A number for JSON: NaN and infinities have no JSON form.
+fn num(x: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(x).map_or(serde_json::Value::Null, serde_json::Value::Number)
 }
 
 fn json(
@@ -353,47 +472,40 @@ fn json(
     opts: &BenchOptions,
     command: &str,
 ) -> String {
-    let mut j = String::new();
-    let _ = write!(
-        j,
-        "{{\"command\":{},\"reps\":{},\"seconds\":{},\"setups\":[",
-        json_str(command),
-        opts.reps,
-        opts.seconds.as_secs_f64()
-    );
-    for (k, o) in outcomes.iter().enumerate() {
-        let _ = write!(
-            j,
-            "{}{{\"name\":{},\"note\":{},\"metrics\":{{",
-            if k > 0 { "," } else { "" },
-            json_str(&o.name),
-            json_str(&o.note)
-        );
-        for (i, m) in METRICS.iter().enumerate() {
-            let samples: Vec<String> = o.samples[i].iter().map(|x| json_num(*x)).collect();
-            let (med, lo, hi) = stats(&o.samples[i]).map_or(
-                ("null".into(), "null".into(), "null".into()),
-                |(a, b, c)| (json_num(a), json_num(b), json_num(c)),
-            );
-            let _ = write!(
-                j,
-                "{}{}:{{\"median\":{med},\"min\":{lo},\"max\":{hi},\"samples\":[{}]}}",
-                if i > 0 { "," } else { "" },
-                json_str(m.0),
-                samples.join(",")
-            );
-        }
-        let errors: Vec<String> = o.errors.iter().map(|e| json_str(e)).collect();
-        let _ = write!(j, "}},\"errors\":[{}]}}", errors.join(","));
-    }
-    j.push_str("],\"not_run\":[");
-    let nr: Vec<String> = skipped
+    use serde_json::{json, Map, Value};
+    let setups: Vec<Value> = outcomes
         .iter()
-        .map(|(n, w)| format!("{{\"name\":{},\"reason\":{}}}", json_str(n), json_str(w)))
+        .map(|o| {
+            let metrics: Map<String, Value> = METRICS
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let (med, lo, hi) = stats(&o.samples[i])
+                        .map_or((Value::Null, Value::Null, Value::Null), |(a, b, c)| {
+                            (num(a), num(b), num(c))
+                        });
+                    let samples: Vec<Value> = o.samples[i].iter().map(|x| num(*x)).collect();
+                    let v = json!({"median": med, "min": lo, "max": hi, "samples": samples});
+                    (m.0.to_string(), v)
+                })
+                .collect();
+            json!({"name": o.name, "note": o.note, "metrics": metrics, "errors": o.errors})
+        })
         .collect();
-    j.push_str(&nr.join(","));
-    j.push_str("]}\n");
-    j
+    let not_run: Vec<Value> = skipped
+        .iter()
+        .map(|(n, w)| json!({"name": n, "reason": w}))
+        .collect();
+    let doc = json!({
+        "command": command,
+        "reps": opts.reps,
+        "seconds": opts.seconds.as_secs_f64(),
+        "setups": setups,
+        "not_run": not_run,
+    });
+    let mut s = serde_json::to_string(&doc).unwrap_or_default();
+    s.push('\n');
+    s
 }
 
 #[cfg(test)]
@@ -407,27 +519,50 @@ mod tests {
     #[test]
     fn parses_flags_and_rejects_bad_ones() {
         let o = BenchOptions::from_args(&args(
-            "--reps 1 --seconds 0.5 --only kernel,tapnat --json out.json",
+            "--reps 1 --seconds 0.5 --only kernel,tapnat,tapnat-w1 --json out.json --svg c.svg",
         ))
         .unwrap();
         assert_eq!(o.reps, 1);
         assert_eq!(o.seconds, Duration::from_millis(500));
-        assert_eq!(o.only, ["kernel", "tapnat"]);
+        assert_eq!(o.only, ["kernel", "tapnat", "tapnat-w1"]);
         assert_eq!(o.json, Some(PathBuf::from("out.json")));
+        assert_eq!(o.svg, Some(PathBuf::from("c.svg")));
         let d = BenchOptions::from_args(&[]).unwrap();
-        assert_eq!(
-            (d.reps, d.seconds.as_secs(), d.only.len()),
-            (3, 3, SETUPS.len())
-        );
+        assert_eq!((d.reps, d.seconds.as_secs()), (3, 3));
+        assert!(d.only.len() >= SETUPS.len());
         for bad in [
             "--reps 0",
             "--reps",
             "--only nope",
+            "--only tapnat-w0",
+            "--only baseline",
             "--seconds 1000",
             "--x 1",
         ] {
             assert!(BenchOptions::from_args(&args(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn baseline_runs_right_after_tapnat() {
+        let o =
+            BenchOptions::from_args(&args("--only kernel,tapnat --baseline /old/tapnat")).unwrap();
+        assert_eq!(o.only, ["kernel", "tapnat", "baseline"]);
+        let o = BenchOptions::from_args(&args("--baseline /old/tapnat")).unwrap();
+        let at = o.only.iter().position(|n| n == "tapnat").unwrap();
+        assert_eq!(o.only[at + 1], "baseline");
+    }
+
+    #[test]
+    fn workers_sweep_below_the_core_count() {
+        assert_eq!(default_setups(1).len(), SETUPS.len());
+        let four = default_setups(4);
+        assert_eq!(
+            &four[1..5],
+            ["tapnat", "tapnat-w1", "tapnat-w2", "tapnat-w3"]
+        );
+        assert_eq!(sweep_workers("tapnat-w3"), Some(3));
+        assert_eq!(sweep_workers("tapnat-wx"), None);
     }
 
     #[test]
@@ -437,7 +572,26 @@ mod tests {
     }
 
     #[test]
-    fn json_escapes() {
-        assert_eq!(json_str("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    fn json_report_parses_back() {
+        let mut samples = vec![Vec::new(); METRICS.len()];
+        samples[0] = vec![1.0, 3.0, 2.0];
+        samples[1] = vec![f64::NAN];
+        let o = Outcome {
+            name: "tapnat".into(),
+            note: "a \"note\"".into(),
+            samples,
+            errors: vec!["x".into()],
+        };
+        let text = json(
+            &[o],
+            &[("pasta".into(), "missing".into())],
+            &BenchOptions::default(),
+            "c",
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["setups"][0]["metrics"]["tcp_up_gbps"]["median"], 2.0);
+        assert!(v["setups"][0]["metrics"]["tcp_down_gbps"]["median"].is_null());
+        assert_eq!(v["setups"][0]["note"], "a \"note\"");
+        assert_eq!(v["not_run"][0]["name"], "pasta");
     }
 }

@@ -382,3 +382,185 @@ pub fn tcp_connects(ends: Ends<'_>, secs: Duration, port: u16) -> io::Result<f64
     }
     Ok(ok as f64 / elapsed.as_secs_f64())
 }
+
+/// Round trips in the request/response test (bounded by time as well).
+pub const RR_MAX: usize = 200_000;
+
+/// Percentiles of a set of round trips, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Latency {
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// The `p`-th percentile (0..=100) of `v` by nearest rank; `v` is sorted here.
+pub fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// Request/response latency as an RPC feels it: one TCP connection, the pod
+/// writes one byte and waits for the server's one-byte answer, back to back
+/// for `secs` (at most [`RR_MAX`] round trips).
+pub fn tcp_rr(ends: Ends<'_>, secs: Duration, port: u16) -> io::Result<Latency> {
+    let l = listen(ends, port)?;
+    let to = SocketAddrV4::new(ends.server, port);
+    std::thread::scope(|sc| {
+        let server = sc.spawn(|| -> io::Result<()> {
+            let mut s = accept_n(&l, 1, STALL)?.pop().expect("one connection");
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(STALL))?;
+            let mut b = [0u8; 1];
+            // Ends when the client closes (read returns 0) or stalls.
+            while s.read(&mut b)? == 1 {
+                s.write_all(&b)?;
+            }
+            Ok(())
+        });
+        let client = ends.pod.run(move || -> io::Result<Vec<Duration>> {
+            let mut s = TcpStream::connect_timeout(&to.into(), STALL)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(STALL))?;
+            let mut rtts = Vec::with_capacity(1 << 16);
+            let start = Instant::now();
+            let mut b = [7u8; 1];
+            while rtts.len() < RR_MAX && start.elapsed() < secs {
+                let t = Instant::now();
+                s.write_all(&b)?;
+                s.read_exact(&mut b).map_err(stalled("tcp_rr reply"))?;
+                rtts.push(t.elapsed());
+            }
+            Ok(rtts)
+        });
+        let served = server.join().expect("rr server thread");
+        let mut rtts = client??;
+        served?;
+        if rtts.is_empty() {
+            return Err(io::Error::other("no request/response round trip"));
+        }
+        Ok(Latency {
+            p50_us: percentile(&mut rtts, 50.0).as_secs_f64() * 1e6,
+            p99_us: percentile(&mut rtts, 99.0).as_secs_f64() * 1e6,
+        })
+    })
+}
+
+/// Median echo round trip with `interval` of idle time between echoes, as
+/// an interactive user or a heartbeat sends them: the path is cold each time.
+pub fn paced_ping_us(ends: Ends<'_>, interval: Duration, count: usize) -> io::Result<f64> {
+    let mut p = Pinger::new(ends.pod)?;
+    let mut rtts = Vec::with_capacity(count);
+    for _ in 0..count {
+        std::thread::sleep(interval);
+        rtts.extend(p.ping(ends.server, 1, Duration::from_secs(1))?);
+    }
+    if rtts.len() < count / 2 {
+        return Err(io::Error::other(format!(
+            "only {} of {count} paced echo replies",
+            rtts.len()
+        )));
+    }
+    Ok(lab::median(&rtts).as_secs_f64() * 1e6)
+}
+
+/// CPU time used, read from `/proc`: one process's (user + system), and
+/// the whole machine's busy and total time, all in clock ticks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSample {
+    pub process: Option<u64>,
+    pub busy: u64,
+    pub total: u64,
+    pub at: Option<Instant>,
+}
+
+/// Clock ticks per second of `/proc` times (`sysconf(_SC_CLK_TCK)`, 100 on
+/// every Linux architecture tapnat builds for).
+const CLK_TCK: f64 = 100.0;
+
+fn process_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, the 12th and 13th after ")".
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle and iowait are the 4th and 5th columns.
+    let idle = v.get(3)? + v.get(4)?;
+    Some((total - idle, total))
+}
+
+impl CpuSample {
+    pub fn now(pid: Option<u32>) -> CpuSample {
+        let (busy, total) = machine_ticks().unwrap_or_default();
+        CpuSample {
+            process: pid.and_then(process_ticks),
+            busy,
+            total,
+            at: Some(Instant::now()),
+        }
+    }
+
+    /// (the process's CPU as % of one core, the machine's as % of all of
+    /// its cores) between `self` and the later sample `end`.
+    pub fn until(&self, end: &CpuSample) -> (Option<f64>, Option<f64>) {
+        let wall = match (self.at, end.at) {
+            (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
+            _ => 0.0,
+        };
+        let process = match (self.process, end.process) {
+            (Some(a), Some(b)) if wall > 0.0 => Some(100.0 * (b - a) as f64 / CLK_TCK / wall),
+            _ => None,
+        };
+        let total = end.total.saturating_sub(self.total);
+        let machine =
+            (total > 0).then(|| 100.0 * end.busy.saturating_sub(self.busy) as f64 / total as f64);
+        (process, machine)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let mut v: Vec<Duration> = (1..=100).rev().map(Duration::from_micros).collect();
+        assert_eq!(percentile(&mut v, 50.0), Duration::from_micros(50));
+        assert_eq!(percentile(&mut v, 99.0), Duration::from_micros(99));
+        assert_eq!(percentile(&mut v, 100.0), Duration::from_micros(100));
+        assert_eq!(
+            percentile(&mut [Duration::from_micros(3)], 99.0),
+            Duration::from_micros(3)
+        );
+        assert_eq!(percentile(&mut [], 50.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn cpu_of_this_process_is_read() {
+        let a = CpuSample::now(Some(std::process::id()));
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(300) {
+            x = x.wrapping_mul(31).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let (p, m) = a.until(&CpuSample::now(Some(std::process::id())));
+        let p = p.unwrap();
+        assert!((50.0..=250.0).contains(&p), "{p}% of a core while spinning");
+        assert!(m.unwrap() > 0.0);
+    }
+}

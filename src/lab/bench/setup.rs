@@ -28,6 +28,10 @@ pub struct Setup {
     pub server: Ipv4Addr,
     /// One line saying what this setup is.
     pub note: String,
+    /// The process that forwards (tapnat, pasta, slirp4netns), whose CPU
+    /// time is measured; None when the forwarding is the kernel's or runs
+    /// in this process.
+    pub gateway_pid: Option<u32>,
 }
 
 impl Setup {
@@ -217,15 +221,18 @@ pub fn kernel() -> Result<Setup, NotRun> {
         _more: vec![router],
         server: SERVER_IP,
         note: "router namespace: veth pairs, ip_forward=1, nftables masquerade (conntrack)".into(),
+        gateway_pid: None,
     })
 }
 
 /// `tapnat`: the real gateway binary (`tapnat run --config FILE`) with its
 /// TAPs in the pod and ext namespaces, on the default config otherwise.
-pub fn tapnat() -> Result<Setup, NotRun> {
+/// `exe run` (the binary under test: this one, or a baseline build) with
+/// `threads` workers (0: one per core).
+pub fn tapnat(exe: &std::path::Path, threads: usize) -> Result<Setup, NotRun> {
     let lab = Lab::new("bench-tapnat")?;
     let text = format!(
-        "[pod]\nnetns = \"{}\"\n[uplink]\nnetns = \"{}\"\n",
+        "[pod]\nnetns = \"{}\"\n[uplink]\nnetns = \"{}\"\n[workers]\nthreads = {threads}\n",
         lab.pod.path().display(),
         lab.ext.path().display()
     );
@@ -233,7 +240,6 @@ pub fn tapnat() -> Result<Setup, NotRun> {
     let conf_path = temp_path("tapnat.toml");
     std::fs::write(&conf_path, &text)?;
     let log = temp_path("tapnat.log");
-    let exe = std::env::current_exe()?;
     let spawned = Command::new(exe)
         .args(["run", "--config"])
         .arg(&conf_path)
@@ -260,7 +266,9 @@ pub fn tapnat() -> Result<Setup, NotRun> {
         drop(proc);
         return Err(io::Error::other(format!("{e}; tapnat said: {}", text.trim())).into());
     }
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = if threads == 0 { cores } else { threads };
+    let gateway_pid = Some(proc.child.id());
     let Lab { pod, ext, .. } = lab;
     Ok(Setup {
         guard: Some(Box::new(proc)),
@@ -269,8 +277,10 @@ pub fn tapnat() -> Result<Setup, NotRun> {
         _more: vec![],
         server: SERVER_IP,
         note: format!(
-            "`tapnat run --config FILE` process, TAPs in pod/ext namespaces, {workers} worker(s) (one per core)"
+            "`{} run --config FILE` process, TAPs in pod/ext namespaces, {workers} worker(s) on {cores} core(s)",
+            exe.display()
         ),
+        gateway_pid,
     })
 }
 
@@ -372,6 +382,7 @@ pub fn tap_copy(offload: bool) -> Result<Setup, NotRun> {
         } else {
             "bare TAP-to-TAP frame copy (2 threads, no NAT): the ceiling for a TAP gateway".into()
         },
+        gateway_pid: None,
     })
 }
 
@@ -386,7 +397,8 @@ pub fn tap_copy(offload: bool) -> Result<Setup, NotRun> {
 /// always configures its own subnet (the pod is 10.0.2.100/24 via 10.0.2.2).
 /// Both run at MTU 1500. Both answer the pod's pings through ICMP "ping"
 /// sockets, which `net.ipv4.ping_group_range` inside the outer namespace allows.
-pub fn userspace_stack(name: &str, install: bool) -> Result<Setup, NotRun> {
+/// pasta or slirp4netns (`name`) with the pod interface at `mtu`.
+pub fn userspace_stack(name: &str, mtu: u32, install: bool) -> Result<Setup, NotRun> {
     let (prog, package) = match name {
         "pasta" => ("pasta", "passt"),
         _ => ("slirp4netns", "slirp4netns"),
@@ -428,15 +440,19 @@ pub fn userspace_stack(name: &str, install: bool) -> Result<Setup, NotRun> {
             "0",
             "--config-net",
             "-m",
-            "1500",
+            &mtu.to_string(),
         ])
         .args(["-a", &POD_IP.to_string(), "-n", "16"])
         .args(["-g", &GATEWAY_POD_IP.to_string()])
         .args(["-t", "none", "-u", "none", "-T", "none", "-U", "none"])
         .args(["--netns", &ns_path]);
     } else {
-        cmd.args(["--configure", "--mtu=1500", "--disable-host-loopback"])
-            .args(["--netns-type=path", &ns_path, "tap0"]);
+        cmd.args([
+            "--configure",
+            &format!("--mtu={mtu}"),
+            "--disable-host-loopback",
+        ])
+        .args(["--netns-type=path", &ns_path, "tap0"]);
     }
     // `ip netns exec` execs the program, so the child's PID is pasta's / slirp4netns's.
     let child = cmd
@@ -444,6 +460,7 @@ pub fn userspace_stack(name: &str, install: bool) -> Result<Setup, NotRun> {
         .stdout(Stdio::null())
         .stderr(File::create(&log)?)
         .spawn()?;
+    let gateway_pid = Some(child.id());
     let proc = Proc {
         child,
         log: Some(log),
@@ -483,7 +500,8 @@ pub fn userspace_stack(name: &str, install: bool) -> Result<Setup, NotRun> {
         _more: vec![],
         server: SERVER_IP,
         note: format!(
-            "{version}: pod {addr} at MTU 1500, sockets opened in an outer namespace holding the server"
+            "{version}: pod {addr} at MTU {mtu}, sockets opened in an outer namespace holding the server"
         ),
+        gateway_pid,
     })
 }
