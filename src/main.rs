@@ -27,8 +27,11 @@ usage:
   tapnat demo                   build a throwaway pod and external namespace, run the gateway
                                 between them and show traffic being translated (needs root)
   tapnat default-config         print the embedded default config
-  tapnat bench [--reps N] [--seconds S] [--only NAME[,NAME]] [--json FILE] [--install]
+  tapnat bench [--reps N] [--seconds S] [--only NAME[,NAME]] [--json FILE] [--svg FILE]
+               [--baseline EXE] [--install]
                                 measure tapnat against kernel MASQUERADE, a bare TAP copy, pasta, slirp4netns (root)
+  tapnat soak [--minutes M] [--interval S] [--connects-per-s N] [--udp-burst N]
+                                a bounded run with churning flows: resident memory and live flows over time (root)
 
 environment: TAPNAT_SECTION__KEY=value overrides a key (e.g. TAPNAT_POD__TAP=tap9)";
 
@@ -66,6 +69,9 @@ enum MainError {
     #[cfg(feature = "lab")]
     #[error("benchmark failed")]
     Bench(#[source] std::io::Error),
+    #[cfg(feature = "lab")]
+    #[error("soak failed")]
+    Soak(#[source] std::io::Error),
     #[error("cannot reach the control socket")]
     Control(#[source] std::io::Error),
     #[error("the gateway refused: {0}")]
@@ -80,7 +86,7 @@ impl MainError {
             MainError::Gateway(_) => 69,
             MainError::Signals(_) => 71,
             #[cfg(feature = "lab")]
-            MainError::Demo(_) | MainError::Bench(_) => 1,
+            MainError::Demo(_) | MainError::Bench(_) | MainError::Soak(_) => 1,
             MainError::Control(_) => 69,
             MainError::Refused(_) => 77,
         })
@@ -282,6 +288,10 @@ fn main() -> ExitCode {
         Some("demo") if args.len() == 1 => {
             tapnat::lab::demo::run().map_err(|e| MainError::Demo(e.to_string()))
         }
+        #[cfg(feature = "lab")]
+        Some("soak") => tapnat::lab::soak::SoakOptions::from_args(&args[1..])
+            .map_err(MainError::Usage)
+            .and_then(|o| tapnat::lab::soak::run(o).map_err(MainError::Soak)),
         #[cfg(feature = "lab")]
         Some("bench") => tapnat::lab::bench::BenchOptions::from_args(&args[1..])
             .map_err(MainError::Usage)

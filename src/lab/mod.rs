@@ -9,6 +9,7 @@
 //! gateway are the kernel's own TCP, UDP, ICMP and ARP.
 pub mod bench;
 pub mod demo;
+pub mod soak;
 
 use std::io::{self, Read};
 use std::net::{Ipv4Addr, SocketAddrV4};

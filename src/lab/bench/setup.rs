@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -225,24 +225,36 @@ pub fn kernel() -> Result<Setup, NotRun> {
     })
 }
 
-/// `tapnat`: the real gateway binary (`tapnat run --config FILE`) with its
-/// TAPs in the pod and ext namespaces, on the default config otherwise.
-/// `exe run` (the binary under test: this one, or a baseline build) with
-/// `threads` workers (0: one per core).
-pub fn tapnat(exe: &std::path::Path, threads: usize) -> Result<Setup, NotRun> {
+/// `tapnat`: the real gateway binary (`exe run --config FILE`; this one, or
+/// a baseline build) with its TAPs in the pod and ext namespaces, `threads`
+/// workers (0: one per core), on the default config otherwise.
+pub fn tapnat(exe: &Path, threads: usize) -> Result<Setup, NotRun> {
+    tapnat_with(exe, &format!("[workers]\nthreads = {threads}\n"), None)
+}
+
+/// [`tapnat`] with `more` appended to its config file (whole TOML tables)
+/// and its control socket at `control` (default: none given, so the
+/// gateway's own default path).
+pub fn tapnat_with(exe: &Path, more: &str, control: Option<&Path>) -> Result<Setup, NotRun> {
     let lab = Lab::new("bench-tapnat")?;
     let text = format!(
-        "[pod]\nnetns = \"{}\"\n[uplink]\nnetns = \"{}\"\n[workers]\nthreads = {threads}\n",
+        "[pod]\nnetns = \"{}\"\n[uplink]\nnetns = \"{}\"\n{more}",
         lab.pod.path().display(),
         lab.ext.path().display()
     );
+    let threads = Config::from_toml_str(&text)
+        .map(|c| c.workers.threads)
+        .unwrap_or(0);
     let config = Config::from_toml_str(&text).map_err(|e| io::Error::other(e.to_string()))?;
     let conf_path = temp_path("tapnat.toml");
     std::fs::write(&conf_path, &text)?;
     let log = temp_path("tapnat.log");
-    let spawned = Command::new(exe)
-        .args(["run", "--config"])
-        .arg(&conf_path)
+    let mut cmd = Command::new(exe);
+    cmd.args(["run", "--config"]).arg(&conf_path);
+    if let Some(path) = control {
+        cmd.arg("--control").arg(path);
+    }
+    let spawned = cmd
         .env_remove("TAPNAT_POD__TAP")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
