@@ -147,13 +147,8 @@ impl FromStr for PortRange {
                 part: p.trim().to_string(),
             }),
         };
-        let (first, last) = match s.split_once('-') {
-            Some((a, b)) => (port(a)?, port(b)?),
-            None => {
-                let p = port(s)?;
-                (p, p)
-            }
-        };
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let (first, last) = (port(a)?, port(b)?);
         if first > last {
             return Err(PortRangeError::Reversed {
                 input: s.to_string(),

@@ -29,16 +29,6 @@ pub enum ConfigError {
     UnknownEnv { var: String, key: String },
 }
 
-impl ConfigError {
-    /// The reason, when the error is about one key.
-    pub fn reason(&self) -> Option<&Reason> {
-        match self {
-            ConfigError::Invalid { reason, .. } => Some(reason),
-            _ => None,
-        }
-    }
-}
-
 /// `map_err(at(key))`: attach the key a [`Reason`] is about.
 pub(super) fn at(key: impl Into<String>) -> impl FnOnce(Reason) -> ConfigError {
     let key = key.into();

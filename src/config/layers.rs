@@ -21,7 +21,7 @@ fn parse(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
     text.parse()
         .map_err(|e: toml::de::Error| ConfigError::Syntax {
             origin: origin.to_string(),
-            problem: e.to_string(),
+            problem: e.to_string().trim_end().to_string(),
         })
 }
 

@@ -114,13 +114,8 @@ fn exclude(entry: &str, list: &[String]) -> Result<Vec<Ipv4Net>, ConfigError> {
 /// of the uplink subnet, not the uplink address or gateway.
 fn pool(s: &str, uplink: &UplinkConfig) -> Result<(Ipv4Addr, Ipv4Addr), Reason> {
     let addr = |a: &str| values::ipv4(s, a, AddressForm::Pool);
-    let (first, last) = match s.split_once('-') {
-        Some((a, b)) => (addr(a)?, addr(b)?),
-        None => {
-            let a = addr(s)?;
-            (a, a)
-        }
-    };
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let (first, last) = (addr(a)?, addr(b)?);
     if first > last {
         return Err(Reason::Reversed {
             input: s.to_string(),
