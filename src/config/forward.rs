@@ -259,6 +259,10 @@ mod tests {
             reason(&e, "forward[0].to"),
             Reason::TargetRange { first: 80, .. }
         ));
+        assert_eq!(
+            e.to_string(),
+            "config key `forward[0].to`: \"10.244.0.2:80-90\": give one target port, the one forward port 80 maps to"
+        );
     }
 
     #[test]

@@ -82,12 +82,16 @@ impl Env {
             .collect())
     }
 
-    /// The variable that sets `key`, marked as read. With the same key
-    /// given twice (in different case) the last wins.
+    /// The variable that sets `key`; it and any other for the same key are
+    /// marked as read. With the same key given twice (in different case)
+    /// the last wins.
     pub(super) fn take(&self, key: &str) -> Option<&EnvVar> {
-        let var = self.0.iter().rev().find(|v| v.key == key)?;
-        var.read.set(true);
-        Some(var)
+        let mut found = None;
+        for var in self.0.iter().filter(|v| v.key == key) {
+            var.read.set(true);
+            found = Some(var);
+        }
+        found
     }
 
     /// After every key was read: a variable no key was read from is an error.
@@ -146,6 +150,9 @@ mod tests {
             Some("tapnat_pod__mtu")
         );
         assert!(env.take("pod.netns").is_none());
+        assert!(env.finish().is_ok());
+        let env = Env::new(&[("TAPNAT_POD__TAP", "a"), ("tapnat_pod__tap", "b")]);
+        assert_eq!(env.take("pod.tap").map(|v| v.value.as_str()), Some("b"));
         assert!(env.finish().is_ok());
         let env = Env::new(&[("TAPNAT_POD__TAPP", "x")]);
         assert!(matches!(

@@ -289,7 +289,12 @@ mod tests {
         }
         let e = err("[nat]\nicmp_errors_burst = 0\n");
         assert_eq!(reason(&e, "nat.icmp_errors_burst"), &Reason::ZeroBurst);
-        assert!(e.to_string().contains("nat.icmp_errors_per_sec"));
+        assert_eq!(
+            e.to_string(),
+            "config key `nat.icmp_errors_burst`: 0 would let no ICMP error through while \
+             nat.icmp_errors_per_sec limits the rate; use at least 1, or nat.icmp_errors_per_sec = 0 \
+             for no limit"
+        );
     }
 
     #[test]

@@ -77,6 +77,10 @@ mod tests {
         assert!(e.to_string().contains("broadcast address"));
         let e = err("[pod]\naddress = \"10.244.0.1/0\"\n");
         assert_eq!(reason(&e, "pod.address"), &Reason::ZeroPrefix);
+        assert_eq!(
+            e.to_string(),
+            "config key `pod.address`: prefix length 0 is not allowed for an interface address"
+        );
     }
 
     #[test]

@@ -336,7 +336,10 @@ mod tests {
                 ..
             }
         ));
-        assert_mentions(&e.to_string(), &["257 addresses", "256"]);
+        assert_eq!(
+            e.to_string(),
+            "config key `snat[0].to`: \"198.51.101.0-198.51.102.0\" has 257 addresses; a pool has at most 256"
+        );
     }
 
     #[test]
