@@ -16,6 +16,12 @@
 //!    [`Config`], and against the sections it depends on.
 //!
 //! Every error is a [`ConfigError`]; one about a key carries a [`Reason`].
+//!
+//! The `toml` crate parses; nothing else is needed. A layered-config crate
+//! would merge sources for us, but it also coerces types (`1` for `true`, a
+//! rounded float for an integer), names keys in its own words and needs the
+//! environment's keys listed to type them; undoing that cost more code than
+//! the table merge, the typed reads and the unknown-key check here.
 //! Nothing here touches devices or namespaces: a valid `Config` says what to
 //! open, not that it can be opened.
 use std::{
