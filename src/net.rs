@@ -113,6 +113,53 @@ impl PortRange {
     }
 }
 
+/// Why a string is not a [`PortRange`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortRangeError {
+    /// A part is not a number 0 to 65535.
+    #[error("{input:?}: {part:?} is not a port number 1 to 65535")]
+    NotAPort { input: String, part: String },
+    /// Port 0 cannot be sent to or from.
+    #[error("{input:?}: port 0 is not allowed")]
+    Zero { input: String },
+    /// `FIRST-LAST` with `FIRST` above `LAST`.
+    #[error("{input:?}: first port {first} is above last port {last}")]
+    Reversed {
+        input: String,
+        first: u16,
+        last: u16,
+    },
+}
+
+impl FromStr for PortRange {
+    type Err = PortRangeError;
+
+    /// `"8080"` or `"8000-8099"`, each port 1 to 65535; spaces around a
+    /// port are allowed.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let port = |p: &str| match p.trim().parse::<u16>() {
+            Ok(0) => Err(PortRangeError::Zero {
+                input: s.to_string(),
+            }),
+            Ok(n) => Ok(n),
+            Err(_) => Err(PortRangeError::NotAPort {
+                input: s.to_string(),
+                part: p.trim().to_string(),
+            }),
+        };
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let (first, last) = (port(a)?, port(b)?);
+        if first > last {
+            return Err(PortRangeError::Reversed {
+                input: s.to_string(),
+                first,
+                last,
+            });
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
 /// `8080` or `8000-8099`, as written in the file.
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -166,5 +213,42 @@ mod tests {
         ] {
             assert!(bad.parse::<Ipv4Net>().is_err(), "{bad:?} accepted");
         }
+    }
+
+    // ---- PortRange ----
+
+    #[test]
+    fn port_range_parse() {
+        let r = |first, last| PortRange { first, last };
+        assert_eq!("8080".parse(), Ok(r(8080, 8080)));
+        assert_eq!("1-65535".parse(), Ok(r(1, 65535)));
+        assert_eq!(" 10 - 20 ".parse(), Ok(r(10, 20)));
+        assert_eq!(r(8000, 8099).to_string(), "8000-8099");
+        assert_eq!(r(53, 53).to_string(), "53");
+    }
+
+    #[test]
+    fn port_range_rejects() {
+        use PortRangeError::*;
+        assert!(matches!("0".parse::<PortRange>(), Err(Zero { .. })));
+        assert!(matches!("0-100".parse::<PortRange>(), Err(Zero { .. })));
+        assert!(matches!(
+            "2000-1000".parse::<PortRange>(),
+            Err(Reversed {
+                first: 2000,
+                last: 1000,
+                ..
+            })
+        ));
+        for bad in ["1024-65536", "70000", "", "a-b", "1-2-3", "-5"] {
+            assert!(
+                matches!(bad.parse::<PortRange>(), Err(NotAPort { .. })),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            "a-b".parse::<PortRange>().unwrap_err().to_string(),
+            "\"a-b\": \"a\" is not a port number 1 to 65535"
+        );
     }
 }
