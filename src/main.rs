@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
-use tapnat::config::{Config, ConfigError};
+use tapnat::config::{Config, ConfigError, Reason};
 use tapnat::gateway::{Gateway, GatewayError};
 use tapnat::ops::filter::FlowFilter;
+use tapnat::ops::metrics::{self, MetricsServer};
 use tapnat::ops::report::{self, Format};
 use tapnat::ops::socket::{self, Access, Request, Response};
 
@@ -18,10 +19,11 @@ usage:
   tapnat run [--config FILE] [--control PATH]
                                 run the gateway in the foreground (no FILE: the embedded default);
                                 SIGINT/SIGTERM stop it, SIGUSR1 prints flows and counters; it answers
-                                `tapnat flows|stats` on the control socket PATH (default /run/tapnat.sock)
-  tapnat flows [--proto P] [--src A] [--dst A] [--port N] [--count] [-o json] [--control PATH]
+                                `tapnat flows|stats` on the control socket PATH (default: control.socket)
+  tapnat flows [--proto P] [--src A] [--dst A] [--port N] [--count] [-o json]
+               [--config FILE | --control PATH]
                                 the running gateway's flow table (like conntrack -L)
-  tapnat stats [-o json|prometheus] [--control PATH]
+  tapnat stats [-o json|prometheus] [--config FILE | --control PATH]
                                 the running gateway's counters, drops by reason
   tapnat check [--config FILE]  validate a config and print warnings, touching no device
   tapnat demo                   build a throwaway pod and external namespace, run the gateway
@@ -151,7 +153,7 @@ fn flags(args: &[String], takes: Takes) -> Result<Flags, MainError> {
             }
         }
         let slot = match flag.as_str() {
-            "--config" | "-c" if !client => &mut f.config,
+            "--config" | "-c" => &mut f.config,
             "--control" => &mut f.control,
             _ => return Err(usage(format!("unexpected argument `{flag}`"))),
         };
@@ -165,10 +167,31 @@ fn flags(args: &[String], takes: Takes) -> Result<Flags, MainError> {
     Ok(f)
 }
 
-fn control_path(f: &Flags) -> PathBuf {
-    f.control
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(socket::DEFAULT_PATH))
+/// The control socket a client asks: `--control PATH`, else
+/// `control.socket` of the `--config FILE` the gateway was started with,
+/// else the default.
+fn control_path(f: &Flags) -> Result<PathBuf, MainError> {
+    if let Some(path) = &f.control {
+        return Ok(path.clone());
+    }
+    match &f.config {
+        Some(_) => Ok(load(f)?.control.socket),
+        None => Ok(PathBuf::from(socket::DEFAULT_PATH)),
+    }
+}
+
+/// Who may use the control socket, from `control.group`; a group that does
+/// not exist is a config error (exit 78), found before any device is opened.
+fn control_access(config: &Config) -> Result<Access, MainError> {
+    match &config.control.group {
+        None => Ok(Access::Owner),
+        Some(name) => socket::group_access(name).map_err(|_| {
+            MainError::Config(ConfigError::Invalid {
+                key: "control.group".into(),
+                reason: Reason::NoSuchGroup { name: name.clone() },
+            })
+        }),
+    }
 }
 
 /// `tapnat flows` and `tapnat stats`: ask the gateway, print its answer.
@@ -187,7 +210,7 @@ fn client(what: &str, args: &[String]) -> Result<(), MainError> {
         Request::Stats
     };
     let output = f.output.unwrap_or(Format::Text);
-    let text = match socket::ask(&control_path(&f), &request).map_err(MainError::Control)? {
+    let text = match socket::ask(&control_path(&f)?, &request).map_err(MainError::Control)? {
         Response::Error(e) => return Err(MainError::Refused(e)),
         Response::Flows(flows) if f.count => match output {
             Format::Json => report::json(&serde_json::json!({ "count": flows.len() })),
@@ -218,11 +241,15 @@ fn load(f: &Flags) -> Result<Config, MainError> {
 fn run(args: &[String]) -> Result<(), MainError> {
     let f = flags(args, Takes::Config)?;
     let config = load(&f)?;
+    let access = control_access(&config)?;
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1]).map_err(MainError::Signals)?;
     let gw = Gateway::start(&config)?;
-    let path = control_path(&f);
+    let path = f
+        .control
+        .clone()
+        .unwrap_or_else(|| config.control.socket.clone());
     // The gateway runs without its control socket rather than not at all.
-    let _control = match socket::ControlSocket::serve(&path, Access::Owner, gw.observer()) {
+    let _control = match socket::ControlSocket::serve(&path, access, gw.observer()) {
         Ok(c) => Some(c),
         Err(e) => {
             say!(
@@ -232,6 +259,19 @@ fn run(args: &[String]) -> Result<(), MainError> {
             None
         }
     };
+    // Likewise without its metrics endpoint.
+    let _metrics = config.metrics.listen.and_then(|addr| {
+        let observer = gw.observer();
+        match MetricsServer::serve(addr.into(), move || {
+            metrics::exposition(&observer.stats(), None)
+        }) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                say!("tapnat: warning: no metrics at {addr}: {e}");
+                None
+            }
+        }
+    });
     let a = gw.addressing();
     say!(
         "tapnat: running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s){}",

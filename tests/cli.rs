@@ -342,3 +342,120 @@ fn bench_runs_tapnat_and_the_copy_ceiling_and_cleans_up() {
         "namespaces left behind: {left}"
     );
 }
+
+/// A `tapnat run` we started, stopped by PID on drop (SIGTERM, then SIGKILL
+/// after 5 s) and waited for, also when the test fails.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free TCP port on loopback (bound and released; the gateway binds it
+/// again a moment later).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP GET on loopback; the whole answer.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of the sample `series` (name and labels) in a Prometheus text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn clients_find_the_gateway_by_its_config_and_metrics_count_traffic() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("cli-ops").unwrap();
+    let control = std::env::temp_dir().join(format!("tapnat-cli-ops-{}.sock", std::process::id()));
+    let port = free_port();
+    let text = format!(
+        "[pod]\nnetns = \"{}\"\n[uplink]\nnetns = \"{}\"\n[workers]\nthreads = 1\n\
+         [control]\nsocket = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        lab.pod.path().display(),
+        lab.ext.path().display(),
+        control.display()
+    );
+    let f = TempConfig::new("ops", &text);
+    let run = Running(
+        tapnat()
+            .args(["run", "--config"])
+            .arg(&f.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let config = tapnat::config::Config::from_toml_str(&text).unwrap();
+    lab.pod
+        .wait_for_link("tapnat0", Duration::from_secs(2))
+        .unwrap();
+    lab.ext
+        .wait_for_link("tapnat1", Duration::from_secs(2))
+        .unwrap();
+    lab.wire_up(&config).unwrap();
+    let scrape = || {
+        let answer = http_get(port, "/metrics");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        answer.split_once("\r\n\r\n").unwrap().1.to_string()
+    };
+    let in2out = "tapnat_packets_total{direction=\"in2out\"}";
+    let before = sample(&scrape(), in2out).expect("an in2out series");
+    let mut pinger = Pinger::new(&lab.pod).unwrap();
+    let replies = pinger.ping(SERVER_IP, 3, Duration::from_secs(2)).unwrap();
+    assert_eq!(replies.len(), 3);
+    let after = scrape();
+    assert_eq!(sample(&after, in2out), Some(before + 3.0), "{after}");
+    assert!(
+        after.contains("# TYPE tapnat_drops_total counter"),
+        "{after}"
+    );
+    assert!(http_get(port, "/").starts_with("HTTP/1.1 404"));
+    // `--config FILE` finds the socket, before or after the other arguments.
+    let ask = |args: &[&str]| {
+        let out = tapnat().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let path = f.0.to_str().unwrap();
+    assert_eq!(ask(&["flows", "--count", "--config", path]), "1\n");
+    assert_eq!(
+        ask(&["flows", "--config", path, "--proto", "icmp", "--count"]),
+        "1\n"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&ask(&["stats", "--config", path, "-o", "json"])).unwrap();
+    assert_eq!(stats["counters"]["in2out_packets"], 3, "{stats}");
+    drop(run);
+    assert!(!control.exists(), "control socket left behind");
+}

@@ -102,6 +102,18 @@ pub enum Reason {
     /// A namespace path that is not absolute.
     #[error("{path:?} is not an absolute path; write /run/netns/NAME or /proc/PID/ns/net")]
     RelativeNetns { path: String },
+    /// A socket path that is not absolute.
+    #[error("{path:?} is not an absolute path")]
+    RelativePath { path: String },
+    /// Not a user or group name (empty, or with `:`, `/` or whitespace).
+    #[error("{name:?} is not a group name")]
+    BadGroupName { name: String },
+    /// No group of that name in the system's group database.
+    #[error("no group {name:?} on this system")]
+    NoSuchGroup { name: String },
+    /// Not `ADDRESS:PORT`.
+    #[error("{input:?} is not an IPv4 ADDRESS:PORT (write e.g. \"127.0.0.1:9469\")")]
+    BadListen { input: String },
     /// An interface address with prefix length 0.
     #[error("prefix length 0 is not allowed for an interface address")]
     ZeroPrefix,

@@ -36,6 +36,7 @@ mod error;
 mod forward;
 mod layers;
 mod nat;
+mod ops;
 mod pod;
 mod reader;
 mod rules;
@@ -198,6 +199,23 @@ pub struct WorkersConfig {
     pub pin: bool,
 }
 
+/// The `[control]` table: the control socket `tapnat flows|stats` ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// Where the socket is created (an absolute path).
+    pub socket: PathBuf,
+    /// A group whose members may use the socket too (mode 0660); `None`:
+    /// root and the gateway's own user only (mode 0600).
+    pub group: Option<String>,
+}
+
+/// The `[metrics]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics at `http://ADDR/metrics`; `None`: off.
+    pub listen: Option<std::net::SocketAddrV4>,
+}
+
 /// A complete, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -208,6 +226,8 @@ pub struct Config {
     pub forward: Vec<Forward>,
     pub nat: NatConfig,
     pub workers: WorkersConfig,
+    pub control: ControlConfig,
+    pub metrics: MetricsConfig,
 }
 
 impl Config {
@@ -254,6 +274,8 @@ struct Raw {
     forward: Vec<forward::Raw>,
     nat: nat::Raw,
     workers: workers::Raw,
+    control: ops::RawControl,
+    metrics: ops::RawMetrics,
 }
 
 /// Layer the embedded default, `user` (text, origin) and the `TAPNAT_`
@@ -270,6 +292,8 @@ fn build(user: Option<(&str, &str)>, env: &[(&str, &str)]) -> Result<Config, Con
     let nat = nat::check(raw.nat)?;
     let forward = forward::check(raw.forward, &pod, nat.ports)?;
     let workers = workers::check(raw.workers)?;
+    let control = ops::check_control(raw.control)?;
+    let metrics = ops::check_metrics(raw.metrics)?;
     Ok(Config {
         pod,
         uplink,
@@ -278,6 +302,8 @@ fn build(user: Option<(&str, &str)>, env: &[(&str, &str)]) -> Result<Config, Con
         forward,
         nat,
         workers,
+        control,
+        metrics,
     })
 }
 
@@ -303,6 +329,8 @@ fn read(mut root: reader::Table<'_>) -> Result<Raw, ConfigError> {
             .collect::<Result<_, _>>()?,
         nat: nat::read(root.table("nat")?)?,
         workers: workers::read(root.table("workers")?)?,
+        control: ops::read_control(root.table("control")?)?,
+        metrics: ops::read_metrics(root.table("metrics")?)?,
     };
     root.finish()?;
     Ok(raw)

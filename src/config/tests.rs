@@ -61,6 +61,11 @@ pub(super) fn expected_default() -> Config {
             offload: true,
             pin: false,
         },
+        control: ControlConfig {
+            socket: PathBuf::from("/run/tapnat.sock"),
+            group: None,
+        },
+        metrics: MetricsConfig { listen: None },
     }
 }
 
@@ -234,10 +239,20 @@ fn every_scalar_key_is_settable_from_env() {
         ("workers.threads", "3"),
         ("workers.offload", "false"),
         ("workers.pin", "true"),
+        ("control.socket", "/tmp/t.sock"),
+        ("control.group", "tapnat"),
+        ("metrics.listen", "127.0.0.1:9469"),
     ];
-    // Every scalar key of the embedded default (and the two netns keys it
-    // leaves out) is in the list above.
-    let mut scalars = vec!["pod.netns".to_string(), "uplink.netns".to_string()];
+    // Every scalar key of the embedded default (and the keys it leaves
+    // out, whose absence means "none") is in the list above.
+    let mut scalars: Vec<String> = [
+        "pod.netns",
+        "uplink.netns",
+        "control.group",
+        "metrics.listen",
+    ]
+    .map(String::from)
+    .to_vec();
     fn walk(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
         for (k, v) in t {
             let key = format!("{prefix}{k}");
@@ -284,6 +299,9 @@ fn every_scalar_key_is_settable_from_env() {
             pin: true,
         }
     );
+    assert_eq!(c.control.socket, PathBuf::from("/tmp/t.sock"));
+    assert_eq!(c.control.group.as_deref(), Some("tapnat"));
+    assert_eq!(c.metrics.listen, Some("127.0.0.1:9469".parse().unwrap()));
 }
 
 #[test]
