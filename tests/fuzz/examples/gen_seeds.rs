@@ -112,7 +112,7 @@ fn main() {
         ("arp", &arp),
     ];
     for (i, (name, f)) in frames.iter().enumerate() {
-        let mut input = params((i % 4) as u8);
+        let mut input = params((i % 4) as u8 | 0x0c);
         input.extend_from_slice(f);
         write("classify", name, &input);
     }
@@ -125,7 +125,7 @@ fn main() {
         ("ttl-exceeded-echo", &ttl_exceeded, false),
         ("pod-port-unreachable", &pod_unreach, true),
     ] {
-        let mut input = vec![u8::from(in2out)];
+        let mut input = vec![u8::from(in2out) | 4];
         if in2out {
             input.extend_from_slice(&GW_OUT.octets());
             input.extend_from_slice(&REMOTE.octets());

@@ -28,12 +28,21 @@ mod common;
 use common::*;
 
 fuzz_target!(|data: &[u8]| {
-    // The first 7 bytes choose the rewrite; the rest is the frame.
+    // The first 7 bytes choose the rewrite (new address, new port, a flag
+    // byte: bit 0 the end, bit 1 partial checksums, bit 2 fix the IPv4
+    // header checksum first, bit 3 the transport checksum too); the rest is
+    // the frame.
     if data.len() < 7 {
         let _ = classify(data);
         return;
     }
     let (params, frame) = data.split_at(7);
+    let mut frame = frame.to_vec();
+    if params[6] & 4 != 0 {
+        // Correct checksums, so that mutations get past them.
+        fix_frame(&mut frame, params[6] & 8 != 0);
+    }
+    let frame = &frame[..];
     let addr = Ipv4Addr::new(params[0], params[1], params[2], params[3]);
     let port = u16::from_be_bytes([params[4], params[5]]);
     let end = if params[6] & 1 == 0 { End::Src } else { End::Dst };
@@ -139,7 +148,7 @@ fuzz_target!(|data: &[u8]| {
         _ => {}
     }
     if l4_was_ok && mode == L4Csum::Full {
-        assert!(l4_ok(tip), "transport checksum broken by translate: {v:?}");
+        assert!(l4_ok_after_update(tip), "transport checksum broken by translate: {v:?}");
     }
 
     // Hairpin: the TTL goes back up, the header checksum stays valid.
