@@ -45,7 +45,11 @@ fuzz_target!(|data: &[u8]| {
     let frame = &frame[..];
     let addr = Ipv4Addr::new(params[0], params[1], params[2], params[3]);
     let port = u16::from_be_bytes([params[4], params[5]]);
-    let end = if params[6] & 1 == 0 { End::Src } else { End::Dst };
+    let end = if params[6] & 1 == 0 {
+        End::Src
+    } else {
+        End::Dst
+    };
     let mode = if params[6] & 2 == 0 {
         L4Csum::Full
     } else {
@@ -59,7 +63,11 @@ fuzz_target!(|data: &[u8]| {
     // Offsets in bounds.
     assert!(v.ihl >= 20 && v.ihl <= 60 && v.ihl % 4 == 0, "{v:?}");
     assert!(v.ihl <= v.total_len, "{v:?}");
-    assert!(ETH_HLEN + v.total_len <= frame.len(), "{v:?} in {}", frame.len());
+    assert!(
+        ETH_HLEN + v.total_len <= frame.len(),
+        "{v:?} in {}",
+        frame.len()
+    );
     assert_eq!(v.l4_offset(), ETH_HLEN + v.ihl);
     let ip = &frame[ETH_HLEN..ETH_HLEN + v.total_len];
     assert_eq!(ip[0] >> 4, 4);
@@ -73,7 +81,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(v.is_fragment, flags & 0x3fff != 0);
     let l4 = &ip[v.ihl..];
     match v.l4 {
-        L4::Tcp { sport, dport, flags } => {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+        } => {
             assert!(l4.len() >= 20 && usize::from(l4[12] >> 4) * 4 <= l4.len());
             assert_eq!((sport, dport, flags), (be16(l4, 0), be16(l4, 2), l4[13]));
         }
@@ -148,7 +160,10 @@ fuzz_target!(|data: &[u8]| {
         _ => {}
     }
     if l4_was_ok && mode == L4Csum::Full {
-        assert!(l4_ok_after_update(tip), "transport checksum broken by translate: {v:?}");
+        assert!(
+            l4_ok_after_update(tip),
+            "transport checksum broken by translate: {v:?}"
+        );
     }
 
     // Hairpin: the TTL goes back up, the header checksum stays valid.

@@ -75,11 +75,23 @@ struct Bounds {
 
 #[derive(Debug, Arbitrary)]
 enum Op {
-    First { key: u8, t: u16, dt: u16 },
-    Later { key: u8, len: u16, dt: u16 },
-    Expire { dt: u16 },
+    First {
+        key: u8,
+        t: u16,
+        dt: u16,
+    },
+    Later {
+        key: u8,
+        len: u16,
+        dt: u16,
+    },
+    Expire {
+        dt: u16,
+    },
     /// A long pause (up to ~65 s), so that everything may time out.
-    Sleep { s: u8 },
+    Sleep {
+        s: u8,
+    },
 }
 
 #[derive(Debug, Arbitrary)]
@@ -209,7 +221,11 @@ fuzz_target!(|input: Input| {
             "{s:?}"
         );
         // Only the buffers the cache holds are alive: none was dropped inside.
-        assert_eq!(LIVE.with(Cell::get) - live_at_start, m.held.len(), "a buffer was dropped or leaked");
+        assert_eq!(
+            LIVE.with(Cell::get) - live_at_start,
+            m.held.len(),
+            "a buffer was dropped or leaked"
+        );
         if s.held > 0 {
             assert!(s.datagrams > 0, "held fragments without an entry: {s:?}");
         }
@@ -219,7 +235,11 @@ fuzz_target!(|input: Input| {
         assert_eq!(why, Release::TimedOut);
         m.back(b, why, None)
     });
-    assert!(m.held.is_empty(), "{} buffers never came back", m.held.len());
+    assert!(
+        m.held.is_empty(),
+        "{} buffers never came back",
+        m.held.len()
+    );
     assert!(c.is_empty());
     let s = c.stats();
     assert_eq!((s.held, s.held_bytes, s.datagrams), (0, 0, 0));

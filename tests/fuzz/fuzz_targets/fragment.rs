@@ -61,11 +61,13 @@ fuzz_target!(|data: &[u8]| {
 
     // The caller-scratch variants agree.
     let mut scratch = vec![0u8; ETH_HLEN + mtu.min(MAX_IP_LEN)];
-    let (r2, pieces2) = collect(|out| fragment_in(&frame, mtu, &mut scratch, &mut |p: &[u8]| out(p)));
+    let (r2, pieces2) =
+        collect(|out| fragment_in(&frame, mtu, &mut scratch, &mut |p: &[u8]| out(p)));
     assert_eq!(r, r2);
     assert_eq!(pieces, pieces2);
     scratch.pop();
-    let (r3, pieces3) = collect(|out| fragment_in(&frame, mtu, &mut scratch, &mut |p: &[u8]| out(p)));
+    let (r3, pieces3) =
+        collect(|out| fragment_in(&frame, mtu, &mut scratch, &mut |p: &[u8]| out(p)));
     if r3 == Err(FragmentError::ScratchTooSmall) {
         assert!(pieces3.is_empty(), "emitted before refusing the scratch");
     } else {
@@ -90,7 +92,11 @@ fuzz_target!(|data: &[u8]| {
     for p in &pieces {
         let pip = &p[ETH_HLEN..];
         assert_eq!(p[..ETH_HLEN], frame[..ETH_HLEN]);
-        assert_eq!(pip.len(), usize::from(be16(pip, 2)), "frame length is 14 + total");
+        assert_eq!(
+            pip.len(),
+            usize::from(be16(pip, 2)),
+            "frame length is 14 + total"
+        );
         assert!(pip.len() <= mtu, "piece of {} > mtu {mtu}", pip.len());
         assert!(ip_header_ok(pip), "piece header checksum");
         assert!((20..=60).contains(&ihl(pip)) && ihl(pip) <= pip.len());
@@ -119,7 +125,11 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(info.id, be16(ip, 4));
         assert_eq!(be16(pip, 6) & 0x8000, orig_flags & 0x8000, "reserved bit");
         assert!(info.offset >= base, "offset below the original's");
-        assert_eq!(info.offset - base, rebuilt.len(), "gap or overlap at piece {i}");
+        assert_eq!(
+            info.offset - base,
+            rebuilt.len(),
+            "gap or overlap at piece {i}"
+        );
         if last {
             assert_eq!(info.more, orig_mf, "last piece's MF");
         } else {
