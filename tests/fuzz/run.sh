@@ -66,11 +66,11 @@ for t in "${targets[@]}"; do
     mkdir -p ".work/corpus/$t" "artifacts/$t"
     log=".work/logs/$t.log"
     echo "== $t: ${secs} s"
-    # -timeout: one input running 10 s is a hang, reported like a crash.
     dirs=(".work/corpus/$t")
     [ -d "corpus/$t" ] && dirs+=("corpus/$t")
     extra=()
     [ -f "dict/$t.dict" ] && extra+=("-dict=dict/$t.dict")
+    # -timeout: one input running 10 s is a hang, reported like a crash.
     if "${cargo[@]}" fuzz run "${flags[@]}" "$t" "${dirs[@]}" -- \
         -max_total_time="$secs" -timeout=10 -print_final_stats=1 "${extra[@]}" >"$log" 2>&1; then
         grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -n 1 || true
