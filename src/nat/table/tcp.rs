@@ -41,7 +41,8 @@
 //! caller and changes nothing in the flow (no refresh, no counters, no
 //! state), like conntrack's "invalid rst".
 
-use super::{tag, Direction, TcpFlags, TcpSeg, TcpState};
+use super::flow::{Direction, TcpFlags, TcpSeg, TcpState};
+use super::slab::tag;
 
 /// Sequence-space bookkeeping of one flow; index 0 = sent In2Out (by the
 /// inside host), 1 = sent Out2In (by the remote host).
@@ -108,7 +109,7 @@ impl SeqTrack {
 
     /// Records a segment sent in `dir` (not a RST: a RST ends the
     /// connection and carries nothing to track).
-    pub(super) fn update(&mut self, dir: Direction, seg: &TcpSeg) {
+    fn update(&mut self, dir: Direction, seg: &TcpSeg) {
         if seg.flags.rst {
             return;
         }
@@ -141,12 +142,32 @@ impl SeqTrack {
     }
 }
 
+/// Feeds a segment (already found acceptable) to a flow in state `s`:
+/// one state machine step over the flag history in `tags`, then the
+/// sequence tracking, restarted when the step reopened the tuple. Returns
+/// the new state.
+#[inline]
+pub(super) fn track(
+    s: TcpState,
+    tags: &mut u8,
+    seqs: &mut SeqTrack,
+    dir: Direction,
+    seg: &TcpSeg,
+) -> TcpState {
+    let (st, reopened) = next(s, tags, dir, seg.flags);
+    if reopened {
+        *seqs = SeqTrack::default();
+    }
+    seqs.update(dir, seg);
+    st
+}
+
 /// One step of the TCP state machine; `tags` holds the flag history (bits
 /// relative to the initiator, see [`tag`]). Returns the new state and
 /// whether the step reopened the tuple (a fresh SYN from the initiator
 /// after RST or FIN/FIN), in which case the caller resets the sequence
 /// tracking.
-pub(super) fn next(s: TcpState, tags: &mut u8, dir: Direction, fl: TcpFlags) -> (TcpState, bool) {
+fn next(s: TcpState, tags: &mut u8, dir: Direction, fl: TcpFlags) -> (TcpState, bool) {
     use TcpState::*;
     let origin_out = *tags & tag::ORIGIN_OUT != 0;
     // The segment comes from the responder.
