@@ -2,9 +2,9 @@
 //!
 //! A slot holds a [`Flow`] (64 bytes), a 1-byte [`tag`] and a 24-byte
 //! [`SeqTrack`], in three parallel vectors so that a lookup touches one
-//! cache line per flow. A [`FlowId`] is a slot number; freed slots are
-//! reused (LIFO) and the vectors never shrink: their length is the
-//! high-water mark of live flows.
+//! cache line per flow. A [`FlowId`](super::FlowId) is a slot number;
+//! freed slots are reused (LIFO) and the vectors never shrink: their
+//! length is the high-water mark of live flows.
 //!
 //! The index maps an inside key to its slot. Its buckets hold only the
 //! 4-byte slot number (plus hashbrown's control byte); candidates are

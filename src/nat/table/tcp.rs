@@ -239,23 +239,8 @@ fn next(s: TcpState, tags: &mut u8, dir: Direction, fl: TcpFlags) -> (TcpState, 
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{tseg as seg, ACK, RST, RSTACK, SYN, SYNACK};
     use super::*;
-
-    fn seg(flags: TcpFlags, seq: u32, ack: u32, window: u16, payload_len: u32) -> TcpSeg {
-        TcpSeg {
-            flags,
-            seq,
-            ack,
-            window,
-            payload_len,
-        }
-    }
-
-    const SYN: TcpFlags = TcpFlags::SYN;
-    const SYNACK: TcpFlags = TcpFlags::SYN_ACK;
-    const ACK: TcpFlags = TcpFlags::ACK;
-    const RST: TcpFlags = TcpFlags::RST;
-    const RSTACK: TcpFlags = TcpFlags::RST_ACK;
 
     #[test]
     fn serial_helpers() {

@@ -62,12 +62,31 @@ fn ik(proto: Proto, src: u8, sport: u16, dst: u8, dport: u16) -> InKey {
     }
 }
 
-const SYN: TcpFlags = TcpFlags::SYN;
-const SYNACK: TcpFlags = TcpFlags::SYN_ACK;
-const ACK: TcpFlags = TcpFlags::ACK;
-const FINACK: TcpFlags = TcpFlags::FIN_ACK;
-const RST: TcpFlags = TcpFlags::RST;
-const NONE: TcpFlags = TcpFlags::NONE;
+pub(super) const SYN: TcpFlags = TcpFlags::SYN;
+pub(super) const SYNACK: TcpFlags = TcpFlags::SYN_ACK;
+pub(super) const ACK: TcpFlags = TcpFlags::ACK;
+pub(super) const FINACK: TcpFlags = TcpFlags::FIN_ACK;
+pub(super) const RST: TcpFlags = TcpFlags::RST;
+pub(super) const RSTACK: TcpFlags = TcpFlags::RST_ACK;
+pub(super) const NONE: TcpFlags = TcpFlags::NONE;
+
+/// A TCP segment with every field given.
+pub(super) fn tseg(flags: TcpFlags, seq: u32, ack: u32, window: u16, payload_len: u32) -> TcpSeg {
+    TcpSeg {
+        flags,
+        seq,
+        ack,
+        window,
+        payload_len,
+    }
+}
+
+/// The inside host's three-way handshake through `id`, 60-byte segments.
+fn handshake(t: &mut FlowTable, id: FlowId, now: u64) {
+    acc(t, id, Direction::In2Out, SYN, 60, now);
+    acc(t, id, Direction::Out2In, SYNACK, 60, now);
+    acc(t, id, Direction::In2Out, ACK, 60, now);
+}
 
 fn tcp_state(t: &FlowTable, id: FlowId) -> TcpState {
     match t.get(id).state {

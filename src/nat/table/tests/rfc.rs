@@ -6,7 +6,6 @@ use super::*;
 const REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const OTHER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const TARGET: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
-const RSTACK: TcpFlags = TcpFlags::RST_ACK;
 
 fn with(filtering: Filtering, delay: u64, max: usize) -> FlowTable {
     FlowTable::new(TableConfig {
@@ -23,16 +22,6 @@ fn ok(proto: Proto, remote: Ipv4Addr, rport: u16, eport: u16) -> OutKey {
         rport,
         ext: EXT,
         eport,
-    }
-}
-
-fn tseg(flags: TcpFlags, seq: u32, ack: u32, window: u16, payload_len: u32) -> TcpSeg {
-    TcpSeg {
-        flags,
-        seq,
-        ack,
-        window,
-        payload_len,
     }
 }
 
@@ -639,9 +628,7 @@ fn syn_flood_never_evicts_replied_flows() {
     for i in 0..60u16 {
         let k = ik(Proto::Tcp, 2, 10_000 + i, 9, 443);
         let id = t.create(&k, EXT, 0).unwrap();
-        acc(&mut t, id, Direction::In2Out, SYN, 60, 0);
-        acc(&mut t, id, Direction::Out2In, SYNACK, 60, 0);
-        acc(&mut t, id, Direction::In2Out, ACK, 60, 0);
+        handshake(&mut t, id, 0);
         good.push(k);
     }
     // 5000 SYNs from distinct inside endpoints that never get an answer.

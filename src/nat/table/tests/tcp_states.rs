@@ -65,13 +65,7 @@ fn tcp_fin_from_outside_first_and_rst() {
     let mut t = table();
     let k = ik(Proto::Tcp, 2, 5000, 9, 443);
     let id = t.create(&k, EXT, 0).unwrap();
-    for (d, f) in [
-        (Direction::In2Out, SYN),
-        (Direction::Out2In, SYNACK),
-        (Direction::In2Out, ACK),
-    ] {
-        acc(&mut t, id, d, f, 60, 0);
-    }
+    handshake(&mut t, id, 0);
     acc(&mut t, id, Direction::Out2In, FINACK, 52, 0);
     assert_eq!(tcp_state(&t, id), TcpState::FinWait);
     acc(&mut t, id, Direction::Out2In, FINACK, 52, 0);
@@ -89,13 +83,7 @@ fn tcp_fin_from_outside_first_and_rst() {
             443,
         );
         let id = t.create(&k, EXT, 0).unwrap();
-        for (d, f) in [
-            (Direction::In2Out, SYN),
-            (Direction::Out2In, SYNACK),
-            (Direction::In2Out, ACK),
-        ] {
-            acc(&mut t, id, d, f, 60, 0);
-        }
+        handshake(&mut t, id, 0);
         assert_eq!(tcp_state(&t, id), TcpState::Established);
         acc(&mut t, id, dir, RST, 40, 100);
         assert_eq!(tcp_state(&t, id), TcpState::Closed);
