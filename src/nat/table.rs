@@ -24,7 +24,8 @@
 //! unrefs its mapping, which may release its port, and ends its filtering
 //! session):
 //!
-//! * `flow`: the plain data types ([`InKey`], [`OutKey`], [`Flow`], ...).
+//! * `types`: the plain data of the API: keys, flows, segments, the
+//!   configuration, the errors and the counters.
 //! * `slab`: the slots of the flows, the free list and the one hash index
 //!   (inside key -> slot).
 //! * `mappings`: the endpoint-independent mappings, refcounted by their
@@ -113,30 +114,11 @@
 //! Driven by the SYN/ACK/FIN/RST flags of segments, from the initiator's
 //! point of view (the inside host for [`FlowTable::create`], the remote one
 //! for [`FlowTable::inbound`]). RSTs are validated against the tracked
-//! sequence space first (see the `tcp` part's docs): an out-of-window
-//! RST gets [`Verdict::DropInvalidRst`] and changes nothing. A valid one
-//! closes the flow, which then lives for the transitory timeout
-//! (RFC 5382 REQ-5 / RFC 7857 §2.2 keep the mapping that long after a RST).
-//!
-//! ```text
-//!                     create() / inbound()
-//!                        |
-//!                        v
-//!   +----------------> SynSent --SYN or SYN+ACK from--> SynReceived
-//!   |  SYN from          |           responder           |
-//!   |  initiator         | ACK from responder,           | ACK w/o SYN either way,
-//!   |  (reopen)          | no SYN seen                   | or SYN+ACK both ways
-//!   |                    | (mid-stream pickup)           | (simultaneous open)
-//!   |                    v                               |
-//!   |               Established <------------------------+
-//!   |                    |
-//!   |                    | FIN one way (also from SynReceived)
-//!   |                    v
-//!   |                 FinWait --FIN the other way--> Closing
-//!   |                                                  |
-//!   +--------------------------------------------------+
-//!   +-- Closed <-- valid RST either way, from any state
-//! ```
+//! sequence space first: an out-of-window RST gets
+//! [`Verdict::DropInvalidRst`] and changes nothing. A valid one closes the
+//! flow, which then lives for the transitory timeout (RFC 5382 REQ-5 /
+//! RFC 7857 §2.2 keep the mapping that long after a RST). The `tcp` part's
+//! docs draw the transitions and give the RST rule.
 //!
 //! Timeouts, counted from `last_seen_ms`: Established uses
 //! `tcp_established_ms`, every other TCP state `tcp_transitory_ms`
@@ -168,17 +150,17 @@
 
 mod expiry;
 mod filter;
-mod flow;
 mod mappings;
 mod ports;
 mod slab;
 mod tcp;
+mod types;
 
 pub use expiry::EARLY_DROP_SCAN;
 pub use filter::Filtering;
-pub use flow::{
-    Direction, Flow, FlowId, FlowState, InKey, OutKey, Proto, TcpFlags, TcpSeg, TcpState, Timeouts,
-    Verdict,
+pub use types::{
+    CreateError, Direction, Flow, FlowId, FlowState, ForwardError, InKey, InboundError, OutKey,
+    Proto, TableConfig, TableStats, TcpFlags, TcpSeg, TcpState, Timeouts, Verdict,
 };
 
 use expiry::{Sweep, Victim};
@@ -188,92 +170,6 @@ use ports::Ports;
 use slab::{tag, Slab};
 use std::fmt;
 use std::net::Ipv4Addr;
-
-/// Configuration of one worker's table.
-#[derive(Debug, Clone)]
-pub struct TableConfig {
-    /// This table is worker `worker` of `workers` (>= 1, `worker < workers`).
-    pub worker: u16,
-    pub workers: u16,
-    /// TCP/UDP outside port range, inclusive (ICMP ids use 0..=65535).
-    pub port_first: u16,
-    pub port_last: u16,
-    /// This shard's bound on live flows.
-    pub max_flows: usize,
-    pub timeouts: Timeouts,
-    /// Seed of the port-choice PRNG (deterministic in tests).
-    pub seed: u64,
-    /// Inbound packets with no session (module docs).
-    pub filtering: Filtering,
-    /// Quarantine of a released TCP/UDP outside port (RFC 6888 REQ-8 asks
-    /// 120 s); 0 disables it.
-    pub port_reuse_delay_ms: u64,
-}
-
-/// Why [`FlowTable::create`] refused a flow; the caller counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CreateError {
-    /// `max_flows` live flows and no expired or unreplied one to evict.
-    TableFull,
-    /// No free (and not quarantined) outside port owned by this worker in
-    /// the range.
-    PortsExhausted,
-}
-
-/// Why [`FlowTable::inbound`] opened no session for an inbound packet; the
-/// caller drops it (and, after RFC 5382 REQ-4's 6 s, may answer with ICMP)
-/// and counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InboundError {
-    /// No live mapping or forward on the packet's `(proto, ext addr, ext
-    /// port)` (or an ICMP packet).
-    NoMapping,
-    /// A mapping exists but [`Filtering`] refuses this remote, or the
-    /// session it would open clashes with an existing one.
-    Filtered,
-    /// TCP without SYN, or with SYN+ACK: never opens a session.
-    NotSyn,
-    /// As [`CreateError::TableFull`].
-    TableFull,
-}
-
-/// Why [`FlowTable::add_forward`] refused a forward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ForwardError {
-    /// `ext_port % workers != worker`: another worker's table owns it.
-    NotOwned,
-    /// Only TCP and UDP can be forwarded.
-    Icmp,
-    /// The outside port is used by a mapping or another forward (or is
-    /// quarantined).
-    PortInUse,
-    /// The inside endpoint already has a mapping (live flows) or forward.
-    InsideInUse,
-}
-
-impl fmt::Display for ForwardError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ForwardError::NotOwned => "outside port belongs to another worker",
-            ForwardError::Icmp => "only TCP and UDP can be forwarded",
-            ForwardError::PortInUse => "outside port is in use",
-            ForwardError::InsideInUse => "inside endpoint already has a mapping",
-        })
-    }
-}
-
-impl std::error::Error for ForwardError {}
-
-/// Flows that ended without the caller seeing it happen (module docs,
-/// "Counters"): everything else the table does comes back as a result.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TableStats {
-    /// Flows removed because they timed out (by a lookup, a sweep, or to
-    /// make room in a full table).
-    pub expired: u64,
-    /// Unreplied flows evicted to make room in a full table.
-    pub early_dropped: u64,
-}
 
 /// The flow table of one worker. See the module docs for the contract.
 pub struct FlowTable {

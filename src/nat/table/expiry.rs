@@ -14,8 +14,8 @@
 //! This part only chooses; the facade removes (a removal also touches the
 //! mappings, the filter and the ports).
 
-use super::flow::{Flow, Timeouts};
 use super::slab::Slab;
+use super::types::{Flow, Timeouts};
 
 /// Slots examined for an expired or unreplied victim when the table is full
 /// (conntrack's early_drop looks at a bounded number of buckets too).

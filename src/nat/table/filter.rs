@@ -7,7 +7,7 @@
 //! port, remote address)`, kept only in that mode, in one 9-byte bucket (a
 //! packed `u64` and its control byte) per distinct pair.
 
-use super::flow::Proto;
+use super::types::Proto;
 use hashbrown::{hash_table, DefaultHashBuilder, HashTable};
 use std::hash::BuildHasher;
 use std::net::Ipv4Addr;

@@ -14,7 +14,7 @@
 //! still has the port (see [`Mappings::owner_of`]), so a release writes
 //! nothing to it, and the inbound lookup reads it without a division.
 
-use super::flow::Proto;
+use super::types::Proto;
 use hashbrown::hash_map::Entry;
 use hashbrown::HashMap;
 use std::net::Ipv4Addr;

@@ -13,7 +13,7 @@
 //!   fixed) with its bit still set, so nobody gets it meanwhile; the FIFO is
 //!   drained at allocation and sweep time. ICMP ids are reused at once.
 
-use super::flow::{InKey, Proto};
+use super::types::{InKey, Proto};
 use super::TableConfig;
 use std::collections::VecDeque;
 

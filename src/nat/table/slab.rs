@@ -12,8 +12,8 @@
 //! index: an [`OutKey`](super::OutKey) names its mapping through the
 //! mappings' reverse index, which gives the inside key.
 
-use super::flow::{Flow, InKey};
 use super::tcp::SeqTrack;
+use super::types::{Flow, InKey};
 use hashbrown::{DefaultHashBuilder, HashTable};
 use std::hash::BuildHasher;
 

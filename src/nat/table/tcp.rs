@@ -7,6 +7,32 @@
 //! created by [`super::FlowTable::inbound`] (endpoint-independent or
 //! address-dependent filtering, or a static forward) it is the remote host.
 //!
+//! # State machine
+//!
+//! Driven by the SYN/ACK/FIN/RST flags of segments whose RST (if any)
+//! passed the validation below; the flag history lives in the slot's tag
+//! bits. A valid RST closes the flow from any state.
+//!
+//! ```text
+//!                     create() / inbound()
+//!                        |
+//!                        v
+//!   +----------------> SynSent --SYN or SYN+ACK from--> SynReceived
+//!   |  SYN from          |           responder           |
+//!   |  initiator         | ACK from responder,           | ACK w/o SYN either way,
+//!   |  (reopen)          | no SYN seen                   | or SYN+ACK both ways
+//!   |                    | (mid-stream pickup)           | (simultaneous open)
+//!   |                    v                               |
+//!   |               Established <------------------------+
+//!   |                    |
+//!   |                    | FIN one way (also from SynReceived)
+//!   |                    v
+//!   |                 FinWait --FIN the other way--> Closing
+//!   |                                                  |
+//!   +--------------------------------------------------+
+//!   +-- Closed <-- valid RST either way, from any state
+//! ```
+//!
 //! # RST validation (RFC 5961 §3.2, RFC 5382 / RFC 7857 §2.2)
 //!
 //! Per direction the table keeps `end` (the highest `seq + payload + SYN +
@@ -41,8 +67,8 @@
 //! caller and changes nothing in the flow (no refresh, no counters, no
 //! state), like conntrack's "invalid rst".
 
-use super::flow::{Direction, TcpFlags, TcpSeg, TcpState};
 use super::slab::tag;
+use super::types::{Direction, TcpFlags, TcpSeg, TcpState};
 
 /// Sequence-space bookkeeping of one flow; index 0 = sent In2Out (by the
 /// inside host), 1 = sent Out2In (by the remote host).

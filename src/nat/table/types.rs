@@ -1,7 +1,10 @@
-//! The plain data of the flow table: keys, handles, flow records, TCP
-//! segment summaries and timeouts. No behaviour beyond small accessors;
-//! the parts of the table ([`super::FlowTable`]) share these types.
+//! The plain data of the flow table's API: keys, handles, flow records,
+//! TCP segment summaries, the configuration, the errors and the counters.
+//! No behaviour beyond small accessors; the parts of the table
+//! ([`super::FlowTable`]) share these types.
 
+use super::Filtering;
+use std::fmt;
 use std::net::Ipv4Addr;
 
 /// IP protocol of a flow; the discriminant is the IP protocol number.
@@ -210,4 +213,90 @@ impl Flow {
     pub fn expires_at_ms(&self, t: &Timeouts) -> u64 {
         self.last_seen_ms.saturating_add(self.timeout_ms(t))
     }
+}
+
+/// Configuration of one worker's table.
+#[derive(Debug, Clone)]
+pub struct TableConfig {
+    /// This table is worker `worker` of `workers` (>= 1, `worker < workers`).
+    pub worker: u16,
+    pub workers: u16,
+    /// TCP/UDP outside port range, inclusive (ICMP ids use 0..=65535).
+    pub port_first: u16,
+    pub port_last: u16,
+    /// This shard's bound on live flows.
+    pub max_flows: usize,
+    pub timeouts: Timeouts,
+    /// Seed of the port-choice PRNG (deterministic in tests).
+    pub seed: u64,
+    /// Inbound packets with no session (module docs).
+    pub filtering: Filtering,
+    /// Quarantine of a released TCP/UDP outside port (RFC 6888 REQ-8 asks
+    /// 120 s); 0 disables it.
+    pub port_reuse_delay_ms: u64,
+}
+
+/// Why [`super::FlowTable::create`] refused a flow; the caller counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateError {
+    /// `max_flows` live flows and no expired or unreplied one to evict.
+    TableFull,
+    /// No free (and not quarantined) outside port owned by this worker in
+    /// the range.
+    PortsExhausted,
+}
+
+/// Why [`super::FlowTable::inbound`] opened no session for an inbound packet; the
+/// caller drops it (and, after RFC 5382 REQ-4's 6 s, may answer with ICMP)
+/// and counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundError {
+    /// No live mapping or forward on the packet's `(proto, ext addr, ext
+    /// port)` (or an ICMP packet).
+    NoMapping,
+    /// A mapping exists but [`Filtering`] refuses this remote, or the
+    /// session it would open clashes with an existing one.
+    Filtered,
+    /// TCP without SYN, or with SYN+ACK: never opens a session.
+    NotSyn,
+    /// As [`CreateError::TableFull`].
+    TableFull,
+}
+
+/// Why [`super::FlowTable::add_forward`] refused a forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardError {
+    /// `ext_port % workers != worker`: another worker's table owns it.
+    NotOwned,
+    /// Only TCP and UDP can be forwarded.
+    Icmp,
+    /// The outside port is used by a mapping or another forward (or is
+    /// quarantined).
+    PortInUse,
+    /// The inside endpoint already has a mapping (live flows) or forward.
+    InsideInUse,
+}
+
+impl fmt::Display for ForwardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ForwardError::NotOwned => "outside port belongs to another worker",
+            ForwardError::Icmp => "only TCP and UDP can be forwarded",
+            ForwardError::PortInUse => "outside port is in use",
+            ForwardError::InsideInUse => "inside endpoint already has a mapping",
+        })
+    }
+}
+
+impl std::error::Error for ForwardError {}
+
+/// Flows that ended without the caller seeing it happen (module docs,
+/// "Counters"): everything else the table does comes back as a result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableStats {
+    /// Flows removed because they timed out (by a lookup, a sweep, or to
+    /// make room in a full table).
+    pub expired: u64,
+    /// Unreplied flows evicted to make room in a full table.
+    pub early_dropped: u64,
 }
