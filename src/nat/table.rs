@@ -330,11 +330,7 @@ impl FlowTable {
         if self.slab.len() >= self.cfg.max_flows && !self.make_room(now_ms) {
             return Err(CreateError::TableFull);
         }
-        // Quarantines that ended (a cheap front check when none did).
-        let mappings = &self.mappings;
-        self.ports.drain_cooling(now_ms, |proto, port| {
-            mappings.owner_of(proto, port).is_some()
-        });
+        self.end_quarantines(now_ms);
         let ports = &mut self.ports;
         let Some((ext_addr, ext_port)) =
             self.mappings
@@ -578,10 +574,7 @@ impl FlowTable {
     /// number removed. Also ends due port quarantines.
     pub fn expire(&mut self, now_ms: u64, budget: usize) -> usize {
         self.tick(now_ms);
-        let mappings = &self.mappings;
-        self.ports.drain_cooling(now_ms, |proto, port| {
-            mappings.owner_of(proto, port).is_some()
-        });
+        self.end_quarantines(now_ms);
         let n = self.slab.slots();
         if n == 0 {
             return 0;
@@ -622,6 +615,16 @@ impl FlowTable {
         self.mappings
             .clear_dynamic(|proto, port| ports.release(proto, port, now_ms));
         self.sweep.set(0);
+    }
+
+    /// Ends the port quarantines that are due (a cheap front check when
+    /// none is). A forward added meanwhile keeps its port.
+    #[inline]
+    fn end_quarantines(&mut self, now_ms: u64) {
+        let mappings = &self.mappings;
+        self.ports.drain_cooling(now_ms, |proto, port| {
+            mappings.owner_of(proto, port).is_some()
+        });
     }
 
     /// Drops one flow of a mapping, giving its port back if that was the
