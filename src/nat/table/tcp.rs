@@ -7,6 +7,32 @@
 //! created by [`super::FlowTable::inbound`] (endpoint-independent or
 //! address-dependent filtering, or a static forward) it is the remote host.
 //!
+//! # State machine
+//!
+//! Driven by the SYN/ACK/FIN/RST flags of segments whose RST (if any)
+//! passed the validation below; the flag history lives in the slot's tag
+//! bits. A valid RST closes the flow from any state.
+//!
+//! ```text
+//!                     create() / inbound()
+//!                        |
+//!                        v
+//!   +----------------> SynSent --SYN or SYN+ACK from--> SynReceived
+//!   |  SYN from          |           responder           |
+//!   |  initiator         | ACK from responder,           | ACK w/o SYN either way,
+//!   |  (reopen)          | no SYN seen                   | or SYN+ACK both ways
+//!   |                    | (mid-stream pickup)           | (simultaneous open)
+//!   |                    v                               |
+//!   |               Established <------------------------+
+//!   |                    |
+//!   |                    | FIN one way (also from SynReceived)
+//!   |                    v
+//!   |                 FinWait --FIN the other way--> Closing
+//!   |                                                  |
+//!   +--------------------------------------------------+
+//!   +-- Closed <-- valid RST either way, from any state
+//! ```
+//!
 //! # RST validation (RFC 5961 §3.2, RFC 5382 / RFC 7857 §2.2)
 //!
 //! Per direction the table keeps `end` (the highest `seq + payload + SYN +
@@ -41,7 +67,8 @@
 //! caller and changes nothing in the flow (no refresh, no counters, no
 //! state), like conntrack's "invalid rst".
 
-use super::{tag, Direction, TcpFlags, TcpSeg, TcpState};
+use super::slab::tag;
+use super::types::{Direction, TcpFlags, TcpSeg, TcpState};
 
 /// Sequence-space bookkeeping of one flow; index 0 = sent In2Out (by the
 /// inside host), 1 = sent Out2In (by the remote host).
@@ -108,7 +135,7 @@ impl SeqTrack {
 
     /// Records a segment sent in `dir` (not a RST: a RST ends the
     /// connection and carries nothing to track).
-    pub(super) fn update(&mut self, dir: Direction, seg: &TcpSeg) {
+    fn update(&mut self, dir: Direction, seg: &TcpSeg) {
         if seg.flags.rst {
             return;
         }
@@ -141,12 +168,32 @@ impl SeqTrack {
     }
 }
 
+/// Feeds a segment (already found acceptable) to a flow in state `s`:
+/// one state machine step over the flag history in `tags`, then the
+/// sequence tracking, restarted when the step reopened the tuple. Returns
+/// the new state.
+#[inline]
+pub(super) fn track(
+    s: TcpState,
+    tags: &mut u8,
+    seqs: &mut SeqTrack,
+    dir: Direction,
+    seg: &TcpSeg,
+) -> TcpState {
+    let (st, reopened) = next(s, tags, dir, seg.flags);
+    if reopened {
+        *seqs = SeqTrack::default();
+    }
+    seqs.update(dir, seg);
+    st
+}
+
 /// One step of the TCP state machine; `tags` holds the flag history (bits
 /// relative to the initiator, see [`tag`]). Returns the new state and
 /// whether the step reopened the tuple (a fresh SYN from the initiator
 /// after RST or FIN/FIN), in which case the caller resets the sequence
 /// tracking.
-pub(super) fn next(s: TcpState, tags: &mut u8, dir: Direction, fl: TcpFlags) -> (TcpState, bool) {
+fn next(s: TcpState, tags: &mut u8, dir: Direction, fl: TcpFlags) -> (TcpState, bool) {
     use TcpState::*;
     let origin_out = *tags & tag::ORIGIN_OUT != 0;
     // The segment comes from the responder.
@@ -218,23 +265,8 @@ pub(super) fn next(s: TcpState, tags: &mut u8, dir: Direction, fl: TcpFlags) -> 
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{tseg as seg, ACK, RST, RSTACK, SYN, SYNACK};
     use super::*;
-
-    fn seg(flags: TcpFlags, seq: u32, ack: u32, window: u16, payload_len: u32) -> TcpSeg {
-        TcpSeg {
-            flags,
-            seq,
-            ack,
-            window,
-            payload_len,
-        }
-    }
-
-    const SYN: TcpFlags = TcpFlags::SYN;
-    const SYNACK: TcpFlags = TcpFlags::SYN_ACK;
-    const ACK: TcpFlags = TcpFlags::ACK;
-    const RST: TcpFlags = TcpFlags::RST;
-    const RSTACK: TcpFlags = TcpFlags::RST_ACK;
 
     #[test]
     fn serial_helpers() {

@@ -1,0 +1,308 @@
+//! Outside ports: which ones this worker owns, which are in use, how a new
+//! mapping's port is chosen, and the quarantine of released ones.
+//!
+//! * Worker `k` of `N` owns the ports (and ICMP echo ids) `p` with
+//!   `p % N == k`; nothing here ever hands out another worker's port.
+//! * Choice (RFC 6056 style): keep the inside port when it is in range,
+//!   owned and free (port preservation); otherwise a random owned free port
+//!   (random start, linear scan over the owned ports), keeping the port
+//!   class of RFC 4787 REQ-3a (below 1024 or not) as the module docs of
+//!   [`super`] describe. ICMP ids use the whole id space and have no class.
+//! * Quarantine (RFC 6888 REQ-8): with a reuse delay, a released TCP or UDP
+//!   port waits in a FIFO (release order = deadline order, as the delay is
+//!   fixed) with its bit still set, so nobody gets it meanwhile; the FIFO is
+//!   drained at allocation and sweep time. ICMP ids are reused at once.
+
+use super::types::{InKey, Proto};
+use super::TableConfig;
+use std::collections::VecDeque;
+
+/// 65536-bit set of outside ports in use for one protocol.
+struct PortSet(Vec<u64>);
+
+impl PortSet {
+    fn new() -> Self {
+        PortSet(vec![0; 65536 / 64])
+    }
+    #[inline]
+    fn contains(&self, p: u16) -> bool {
+        self.0[usize::from(p >> 6)] & (1 << (p & 63)) != 0
+    }
+    #[inline]
+    fn insert(&mut self, p: u16) {
+        self.0[usize::from(p >> 6)] |= 1 << (p & 63);
+    }
+    #[inline]
+    fn remove(&mut self, p: u16) {
+        self.0[usize::from(p >> 6)] &= !(1 << (p & 63));
+    }
+}
+
+/// A released port in quarantine.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Cooling {
+    pub(super) until_ms: u64,
+    pub(super) proto: Proto,
+    pub(super) port: u16,
+}
+
+/// xorshift64* PRNG for port choice: cheap, deterministic from the seed.
+#[derive(Debug, Clone)]
+pub(super) struct XorShift(u64);
+
+impl XorShift {
+    pub(super) fn new(seed: u64) -> Self {
+        // Zero is a fixed point of xorshift; mix the seed so any value works.
+        let s = seed ^ 0x9E37_79B9_7F4A_7C15;
+        XorShift(if s == 0 { 0x2545_F491_4F6C_DD1D } else { s })
+    }
+    #[inline]
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform-enough value in `0..n` (`n > 0`).
+    #[inline]
+    pub(super) fn below(&mut self, n: u32) -> u32 {
+        (((self.next() >> 32) * u64::from(n)) >> 32) as u32
+    }
+}
+
+/// The outside ports of one worker, per protocol.
+pub(super) struct Ports {
+    worker: u16,
+    workers: u16,
+    /// TCP/UDP dynamic range, inclusive.
+    first: u16,
+    last: u16,
+    reuse_delay_ms: u64,
+    /// In use: by a mapping, a forward, or in quarantine.
+    used: [PortSet; 3],
+    cooling: VecDeque<Cooling>,
+    rng: XorShift,
+}
+
+impl Ports {
+    pub(super) fn new(cfg: &TableConfig) -> Self {
+        Ports {
+            worker: cfg.worker,
+            workers: cfg.workers,
+            first: cfg.port_first,
+            last: cfg.port_last,
+            reuse_delay_ms: cfg.port_reuse_delay_ms,
+            used: [PortSet::new(), PortSet::new(), PortSet::new()],
+            cooling: VecDeque::new(),
+            rng: XorShift::new(cfg.seed),
+        }
+    }
+
+    /// Whether `port` belongs to this worker's slice.
+    #[inline]
+    pub(super) fn owns(&self, port: u16) -> bool {
+        port % self.workers == self.worker
+    }
+
+    /// Whether `port` is in use (mapped, forwarded or quarantined).
+    #[inline]
+    pub(super) fn is_used(&self, proto: Proto, port: u16) -> bool {
+        self.used[proto.index()].contains(port)
+    }
+
+    /// Takes `port` (a forward's) if it is free; `false` if in use.
+    pub(super) fn reserve(&mut self, proto: Proto, port: u16) -> bool {
+        if self.is_used(proto, port) {
+            return false;
+        }
+        self.used[proto.index()].insert(port);
+        true
+    }
+
+    /// Chooses and takes an outside port for a new mapping of `key`'s
+    /// inside endpoint; `None` if every owned port of the class (and its
+    /// fallback) is in use or quarantined.
+    pub(super) fn alloc(&mut self, key: &InKey) -> Option<u16> {
+        let p = self.choose(key)?;
+        self.used[key.proto.index()].insert(p);
+        Some(p)
+    }
+
+    fn choose(&mut self, key: &InKey) -> Option<u16> {
+        let used = &self.used[key.proto.index()];
+        let rng = &mut self.rng;
+        let w = u32::from(self.workers);
+        let k = u32::from(self.worker);
+        let sp = key.sport;
+        let owned = u32::from(sp) % w == k;
+        if key.proto == Proto::Icmp {
+            // RFC 5508 REQ-1a: ids are mapped independently of the remote;
+            // the whole id space is usable and there is no class.
+            if owned && !used.contains(sp) {
+                return Some(sp);
+            }
+            return pick_port(used, rng, 0, 65535, w, k);
+        }
+        let (first, last) = (u32::from(self.first), u32::from(self.last));
+        if owned && (first..=last).contains(&u32::from(sp)) && !used.contains(sp) {
+            return Some(sp); // port preservation
+        }
+        // RFC 4787 REQ-3a port classes, within the configured range.
+        let low = (first, last.min(1023));
+        let high = (first.max(1024), last);
+        if sp < 1024 {
+            pick_port(used, rng, low.0, low.1, w, k)
+                .or_else(|| pick_port(used, rng, high.0, high.1, w, k))
+        } else if owned_count(high.0, high.1, w, k) > 0 {
+            pick_port(used, rng, high.0, high.1, w, k)
+        } else {
+            pick_port(used, rng, low.0, low.1, w, k)
+        }
+    }
+
+    /// Gives back a mapping's port at `now_ms`: TCP and UDP ports go into
+    /// quarantine when there is a reuse delay, anything else is free at
+    /// once.
+    pub(super) fn release(&mut self, proto: Proto, port: u16, now_ms: u64) {
+        if self.reuse_delay_ms > 0 && proto != Proto::Icmp {
+            // The delay is fixed, so the FIFO stays sorted by deadline.
+            self.cooling.push_back(Cooling {
+                until_ms: now_ms.saturating_add(self.reuse_delay_ms),
+                proto,
+                port,
+            });
+        } else {
+            self.used[proto.index()].remove(port);
+        }
+    }
+
+    /// Ends the quarantines that are due at `now_ms`. A port that `held`
+    /// says is taken again (by a forward) keeps its bit. Cheap when nothing
+    /// is waiting.
+    #[inline]
+    pub(super) fn drain_cooling(&mut self, now_ms: u64, held: impl Fn(Proto, u16) -> bool) {
+        while let Some(c) = self.cooling.front() {
+            if c.until_ms > now_ms {
+                break;
+            }
+            if !held(c.proto, c.port) {
+                self.used[c.proto.index()].remove(c.port);
+            }
+            self.cooling.pop_front();
+        }
+    }
+
+    /// Number of ports in quarantine.
+    pub(super) fn cooling_len(&self) -> usize {
+        self.cooling.len()
+    }
+
+    /// The quarantine FIFO, oldest first.
+    #[cfg(test)]
+    pub(super) fn cooling(&self) -> impl Iterator<Item = &Cooling> {
+        self.cooling.iter()
+    }
+}
+
+/// Number of ports `p` in `lo..=hi` with `p % w == k`.
+fn owned_count(lo: u32, hi: u32, w: u32, k: u32) -> u32 {
+    if lo > hi {
+        return 0;
+    }
+    let first = lo + (k + w - lo % w) % w;
+    if first > hi {
+        0
+    } else {
+        (hi - first) / w + 1
+    }
+}
+
+/// A random free port `p` in `lo..=hi` with `p % w == k`: random start, then
+/// a linear scan over the owned ports (RFC 6056 §3.3.2-like).
+fn pick_port(used: &PortSet, rng: &mut XorShift, lo: u32, hi: u32, w: u32, k: u32) -> Option<u16> {
+    let n = owned_count(lo, hi, w, k);
+    if n == 0 {
+        return None;
+    }
+    let first = lo + (k + w - lo % w) % w;
+    let start = rng.below(n);
+    for step in 0..n {
+        let mut j = start + step;
+        if j >= n {
+            j -= n;
+        }
+        let p = (first + j * w) as u16;
+        if !used.contains(p) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owned_count_matches_a_count() {
+        for w in 1..=5u32 {
+            for k in 0..w {
+                for (lo, hi) in [
+                    (0, 0),
+                    (0, 9),
+                    (3, 17),
+                    (1000, 1003),
+                    (9, 3),
+                    (65530, 65535),
+                ] {
+                    let n = (lo..=hi).filter(|p| p % w == k).count() as u32;
+                    assert_eq!(owned_count(lo, hi, w, k), n, "{lo}..={hi} {k}/{w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pick_port_finds_the_last_free_owned_port() {
+        let mut used = PortSet::new();
+        let mut rng = XorShift::new(3);
+        // Worker 1 of 3 in 10..=30 owns 10, 13, ..., 28; leave only 19.
+        for p in (10..=30u16).filter(|p| p % 3 == 1 && *p != 19) {
+            used.insert(p);
+        }
+        for _ in 0..20 {
+            assert_eq!(pick_port(&used, &mut rng, 10, 30, 3, 1), Some(19));
+        }
+        used.insert(19);
+        assert_eq!(pick_port(&used, &mut rng, 10, 30, 3, 1), None);
+        assert_eq!(pick_port(&used, &mut rng, 11, 12, 3, 1), None);
+    }
+
+    #[test]
+    fn drain_cooling_frees_due_ports_unless_held() {
+        let mut p = Ports::new(&TableConfig {
+            port_reuse_delay_ms: 100,
+            ..crate::nat::table::tests::cfg(0, 1, 2000, 2003, 10)
+        });
+        assert!(p.reserve(Proto::Udp, 2000));
+        assert!(p.reserve(Proto::Udp, 2001));
+        assert!(!p.reserve(Proto::Udp, 2001));
+        p.release(Proto::Udp, 2000, 0);
+        p.release(Proto::Udp, 2001, 50);
+        assert_eq!(p.cooling_len(), 2);
+        p.drain_cooling(99, |_, _| false);
+        assert!(p.is_used(Proto::Udp, 2000) && p.is_used(Proto::Udp, 2001));
+        p.drain_cooling(100, |_, _| false);
+        assert!(!p.is_used(Proto::Udp, 2000) && p.is_used(Proto::Udp, 2001));
+        // Held meanwhile: the bit stays, the quarantine still ends.
+        p.drain_cooling(150, |proto, port| (proto, port) == (Proto::Udp, 2001));
+        assert!(p.is_used(Proto::Udp, 2001));
+        assert_eq!(p.cooling_len(), 0);
+        // ICMP ids are free at once.
+        assert!(p.reserve(Proto::Icmp, 7));
+        p.release(Proto::Icmp, 7, 0);
+        assert!(!p.is_used(Proto::Icmp, 7));
+    }
+}
