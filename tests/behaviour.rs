@@ -411,14 +411,11 @@ fn pod_to_pod_through_the_gateway_is_routed_back_out_of_the_pod_side() {
     assert_eq!(gw.stats().get(Counter::RoutedPackets), 2);
 }
 
-/// Forward outside TCP 8080 to the pod's port 80 (nat.ports kept clear of it).
+/// Forward outside TCP 8080 to the pod's port 80, inside the default
+/// `nat.ports` (the forwarded port is taken out of the dynamic pool).
 fn with_forward(c: &mut Config) {
     use tapnat::config::{Forward, ForwardProtocol};
     use tapnat::net::PortRange;
-    c.nat.ports = PortRange {
-        first: 10000,
-        last: 65535,
-    };
     c.forward = vec![Forward {
         protocol: ForwardProtocol::Tcp,
         ports: PortRange {
@@ -625,10 +622,6 @@ fn udp_forward_range_and_the_pods_port_unreachable_goes_back_translated() {
     use tapnat::config::{Forward, ForwardProtocol};
     use tapnat::net::PortRange;
     let (lab, gw) = start("udpfwd", |c| {
-        c.nat.ports = PortRange {
-            first: 10000,
-            last: 65535,
-        };
         c.forward = vec![Forward {
             protocol: ForwardProtocol::Udp,
             ports: PortRange {

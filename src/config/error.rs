@@ -241,9 +241,6 @@ pub enum Overlap {
     /// An SNAT pool overlaps the pool of `snat[i]`.
     #[error("snat[{0}].to")]
     SnatPool(usize),
-    /// A forward's ports overlap the NAT's own ports.
-    #[error("nat.ports")]
-    NatPorts,
     /// A forward's ports overlap those of `forward[i]`, same protocol.
     #[error("forward[{0}].port")]
     Forward(usize),
@@ -255,10 +252,6 @@ impl Overlap {
         match self {
             Overlap::PodSubnet => "; the two subnets must not share an address",
             Overlap::SnatPool(_) => "; an address belongs to one rule",
-            Overlap::NatPorts => {
-                "; the NAT could hand a forwarded port to a translated flow. \
-                 Shrink nat.ports to leave the forwarded ports out"
-            }
             Overlap::Forward(_) => " of the same protocol",
         }
     }

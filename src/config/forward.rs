@@ -27,11 +27,7 @@ pub(super) fn read(mut t: Table<'_>) -> Result<Raw, ConfigError> {
     Ok(raw)
 }
 
-pub(super) fn check(
-    raw: Vec<Raw>,
-    pod: &PodConfig,
-    nat_ports: PortRange,
-) -> Result<Vec<Forward>, ConfigError> {
+pub(super) fn check(raw: Vec<Raw>, pod: &PodConfig) -> Result<Vec<Forward>, ConfigError> {
     let mut out: Vec<Forward> = Vec::with_capacity(raw.len());
     for (i, f) in raw.into_iter().enumerate() {
         let protocol = match f.protocol.as_str() {
@@ -46,14 +42,14 @@ pub(super) fn check(
         };
         let port_key = format!("forward[{i}].port");
         let ports = values::ports(&f.port).map_err(at(&port_key))?;
-        let clash = if ports.overlaps(&nat_ports) {
-            Some((Overlap::NatPorts, nat_ports))
-        } else {
-            out.iter()
-                .enumerate()
-                .find(|(_, o)| o.protocol == protocol && o.ports.overlaps(&ports))
-                .map(|(j, o)| (Overlap::Forward(j), o.ports))
-        };
+        // A forward may lie inside nat.ports: the table reserves its ports,
+        // so the dynamic pool never hands them to a masqueraded flow (as
+        // iptables' DNAT beside MASQUERADE needs no port planning).
+        let clash = out
+            .iter()
+            .enumerate()
+            .find(|(_, o)| o.protocol == protocol && o.ports.overlaps(&ports))
+            .map(|(j, o)| (Overlap::Forward(j), o.ports));
         if let Some((with, other)) = clash {
             return Err(at(port_key)(Reason::Overlaps {
                 value: ports.to_string(),
@@ -131,20 +127,17 @@ mod tests {
     };
     use crate::net::{PortRange, PortRangeError};
 
-    /// `nat.ports` shrunk so that forwards below 10000 are allowed.
-    const FWD: &str = "[nat]\nports = \"10000-65535\"\n";
-
-    /// The error for a config with `FWD` and one `[[forward]]`.
+    /// The error for a config with one `[[forward]]`.
     fn fwd_err(protocol: &str, port: &str, to: &str) -> ConfigError {
         err(&format!(
-            "{FWD}[[forward]]\nprotocol = \"{protocol}\"\nport = {port}\nto = \"{to}\"\n"
+            "[[forward]]\nprotocol = \"{protocol}\"\nport = {port}\nto = \"{to}\"\n"
         ))
     }
 
     #[test]
     fn forwards_parse() {
         let c = Config::from_toml_str(&format!(
-            "{FWD}[[forward]]\nprotocol = \"tcp\"\nport = 8080\nto = \"10.244.0.2:80\"\n\
+            "[[forward]]\nprotocol = \"tcp\"\nport = 8080\nto = \"10.244.0.2:80\"\n\
              [[forward]]\nprotocol = \"udp\"\nport = \"8000-8099\"\nto = \"10.244.3.4\"\n\
              [[forward]]\nprotocol = \"tcp\"\nport = \"8000-8079\"\nto = \"10.244.0.3:65456\"\n\
              [[forward]]\nprotocol = \"udp\"\nport = \"9999\"\nto = \"10.244.0.3:53\"\n"
@@ -329,7 +322,7 @@ mod tests {
     fn rejects_overlapping_forwards_of_one_protocol() {
         let two = |p1: &str, p2: &str, proto2: &str| {
             Config::from_toml_str(&format!(
-                "{FWD}[[forward]]\nprotocol = \"tcp\"\nport = {p1}\nto = \"10.244.0.2\"\n\
+                "[[forward]]\nprotocol = \"tcp\"\nport = {p1}\nto = \"10.244.0.2\"\n\
                  [[forward]]\nprotocol = \"{proto2}\"\nport = {p2}\nto = \"10.244.0.3\"\n"
             ))
         };
@@ -353,21 +346,36 @@ mod tests {
     }
 
     #[test]
-    fn rejects_forward_inside_nat_ports() {
-        let e = err("[[forward]]\nprotocol = \"tcp\"\nport = 8080\nto = \"10.244.0.2:80\"\n");
-        assert!(matches!(
-            reason(&e, "forward[0].port"),
-            Reason::Overlaps { with: Overlap::NatPorts, other, .. } if other == "1024-65535"
-        ));
+    fn forwards_inside_nat_ports_are_accepted() {
+        // The iptables habit: DNAT on 8080 beside MASQUERADE, default pool.
+        let c = Config::from_toml_str(
+            "[[forward]]\nprotocol = \"tcp\"\nport = 8080\nto = \"10.244.0.2:80\"\n",
+        )
+        .unwrap();
         assert_eq!(
-            e.to_string(),
-            "config key `forward[0].port`: 8080 overlaps nat.ports 1024-65535; the NAT could hand a \
-             forwarded port to a translated flow. Shrink nat.ports to leave the forwarded ports out"
+            c.nat.ports,
+            PortRange {
+                first: 1024,
+                last: 65535
+            }
         );
-        let e = fwd_err("udp", "\"9990-10000\"", "10.244.0.2");
-        assert!(matches!(
-            reason(&e, "forward[0].port"),
-            Reason::Overlaps { with: Overlap::NatPorts, other, .. } if other == "10000-65535"
-        ));
+        assert_eq!(
+            c.forward[0].ports,
+            PortRange {
+                first: 8080,
+                last: 8080
+            }
+        );
+        let c = Config::from_toml_str(
+            "[[forward]]\nprotocol = \"udp\"\nport = \"9990-10010\"\nto = \"10.244.0.2\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.forward[0].ports,
+            PortRange {
+                first: 9990,
+                last: 10010
+            }
+        );
     }
 }

@@ -135,7 +135,9 @@ pub enum ForwardProtocol {
 ///
 /// Validated: `to_addr` is a host address of the pod subnet other than the
 /// gateway's own; the target range ends at most at 65535; `ports` is
-/// outside `nat.ports` and outside every other forward of the same protocol.
+/// outside every other forward of the same protocol. It may lie inside
+/// `nat.ports`: the flow table reserves forwarded ports, so the dynamic
+/// pool never hands one to a masqueraded flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Forward {
     pub protocol: ForwardProtocol,
@@ -290,7 +292,7 @@ fn build(user: Option<(&str, &str)>, env: &[(&str, &str)]) -> Result<Config, Con
     let masquerade = rules::check_masquerade(raw.masquerade, &uplink)?;
     let snat = rules::check_snat(raw.snat, &uplink)?;
     let nat = nat::check(raw.nat)?;
-    let forward = forward::check(raw.forward, &pod, nat.ports)?;
+    let forward = forward::check(raw.forward, &pod)?;
     let workers = workers::check(raw.workers)?;
     let control = ops::check_control(raw.control)?;
     let metrics = ops::check_metrics(raw.metrics)?;

@@ -809,3 +809,44 @@ fn forward_added_on_a_cooling_port_keeps_it() {
     t.add_forward(Proto::Tcp, EXT, 2000, TARGET, 80).unwrap();
     check_consistent(&t);
 }
+
+#[test]
+fn a_forwarded_port_inside_the_pool_is_never_handed_out() {
+    // `[[forward]]` on 8080 with nat.ports 1024-65535: a pod whose own port
+    // is 8080 (port preservation would keep it) gets another one, and so
+    // does every flow while the pool has other ports.
+    let mut t = FlowTable::new(cfg(0, 1, 8080, 8083, 100));
+    t.add_forward(Proto::Tcp, EXT, 8080, TARGET, 80).unwrap();
+    let pod = Ipv4Addr::new(10, 0, 0, 9);
+    let mut seen = Vec::new();
+    for (i, sport) in [8080u16, 8081, 8082].into_iter().enumerate() {
+        let k = InKey {
+            proto: Proto::Tcp,
+            src: pod,
+            sport,
+            dst: REMOTE,
+            dport: 443,
+        };
+        let id = t.create(&k, EXT, i as u64).unwrap();
+        seen.push(t.get(id).ext_port);
+    }
+    seen.sort();
+    assert_eq!(seen, [8081, 8082, 8083]);
+    // The pool is now used up; the forwarded port is still not taken.
+    let k = InKey {
+        proto: Proto::Tcp,
+        src: pod,
+        sport: 9000,
+        dst: REMOTE,
+        dport: 443,
+    };
+    assert_eq!(t.create(&k, EXT, 5), Err(CreateError::PortsExhausted));
+    // UDP has its own ports: 8080/udp is free for a flow.
+    let u = InKey {
+        proto: Proto::Udp,
+        ..k
+    };
+    let id = t.create(&InKey { sport: 8080, ..u }, EXT, 6).unwrap();
+    assert_eq!(t.get(id).ext_port, 8080);
+    check_consistent(&t);
+}
