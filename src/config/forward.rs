@@ -136,12 +136,12 @@ mod tests {
 
     #[test]
     fn forwards_parse() {
-        let c = Config::from_toml_str(&format!(
+        let c = Config::from_toml_str(
             "[[forward]]\nprotocol = \"tcp\"\nport = 8080\nto = \"10.244.0.2:80\"\n\
              [[forward]]\nprotocol = \"udp\"\nport = \"8000-8099\"\nto = \"10.244.3.4\"\n\
              [[forward]]\nprotocol = \"tcp\"\nport = \"8000-8079\"\nto = \"10.244.0.3:65456\"\n\
-             [[forward]]\nprotocol = \"udp\"\nport = \"9999\"\nto = \"10.244.0.3:53\"\n"
-        ))
+             [[forward]]\nprotocol = \"udp\"\nport = \"9999\"\nto = \"10.244.0.3:53\"\n",
+        )
         .unwrap();
         let range = |first, last| PortRange { first, last };
         let fwd = |protocol, ports, to_addr, to_port| Forward {
