@@ -21,4 +21,5 @@ pub mod lab;
 pub mod nat;
 pub mod net;
 pub mod ops;
+pub mod policy;
 pub mod wire;

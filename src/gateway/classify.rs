@@ -18,8 +18,16 @@ pub enum Disposition {
     Local,
     /// Transit IPv4, to be translated by the worker owning `port`
     /// (`port % workers`): outbound by inside source port (or echo id),
-    /// inbound by outside destination port (or echo id).
-    Transit { port: u16, view: Ipv4View },
+    /// inbound by outside destination port (or echo id). `egress` is the
+    /// policy decided here once: for a pod-side packet, what
+    /// [`Addressing::egress`] says (never `Refuse`: those are dropped); for
+    /// an uplink one, `Route` for a reply to a routed session (addressed to
+    /// no outside address) and `Nat(dst)` otherwise.
+    Transit {
+        port: u16,
+        view: Ipv4View,
+        egress: Egress,
+    },
 }
 
 /// The worker that tracks a fragmented datagram is `frag_port(key) % N`:
@@ -30,7 +38,7 @@ pub fn frag_port(key: &FragKey) -> u16 {
         ^ u64::from(u32::from(key.dst)).rotate_left(29)
         ^ (u64::from(key.id) << 8)
         ^ u64::from(key.proto);
-    let h = x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let h = x.wrapping_mul(wire::GOLDEN_RATIO_64);
     (h >> 48) as u16
 }
 
@@ -71,10 +79,11 @@ pub fn classify(a: &Addressing, side: Side, frame: &[u8]) -> (Disposition, Sight
 }
 
 /// A non-first fragment goes to the worker tracking its datagram.
-fn later_fragment(frame: &[u8], view: Ipv4View) -> Disposition {
+fn later_fragment(frame: &[u8], view: Ipv4View, egress: Egress) -> Disposition {
     Disposition::Transit {
         port: frag_port(&frag_key(frame, &view)),
         view,
+        egress,
     }
 }
 
@@ -88,11 +97,12 @@ fn for_gateway(view: &Ipv4View) -> Disposition {
 
 /// An ICMP error from outside goes to the owner of the flow it quotes: the
 /// quoted source port is our outside port.
-fn icmp_error_in(frame: &[u8], view: Ipv4View) -> Disposition {
+fn icmp_error_in(frame: &[u8], view: Ipv4View, egress: Egress) -> Disposition {
     match icmp::parse_embedded(frame, &view) {
         Ok(emb) => Disposition::Transit {
             port: emb.ports().0,
             view,
+            egress,
         },
         Err(_) => Disposition::Drop(Counter::DropBadIcmpError),
     }
@@ -106,7 +116,8 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     if view.dst.is_broadcast() || view.dst.is_multicast() || view.dst == a.pod_net.broadcast() {
         return Drop(Counter::DropNoRoute);
     }
-    if a.egress(view.src, view.dst) == Egress::Refuse {
+    let egress = a.egress(view.src, view.dst);
+    if egress == Egress::Refuse {
         return Drop(Counter::DropSpoofedSource);
     }
     // Echo to the uplink address is the gateway's; TCP and UDP to an outside
@@ -118,13 +129,15 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
         L4::Tcp { sport, .. } => Transit {
             port: a.steer(Proto::Tcp, view.src, sport),
             view,
+            egress,
         },
         L4::Udp { sport, .. } => Transit {
             port: a.steer(Proto::Udp, view.src, sport),
             view,
+            egress,
         },
-        L4::IcmpEcho { id: port, .. } => Transit { port, view },
-        L4::Fragment => later_fragment(frame, view),
+        L4::IcmpEcho { id: port, .. } => Transit { port, view, egress },
+        L4::Fragment => later_fragment(frame, view, egress),
         // About a packet that came in to the pod: the quoted destination is
         // the pod's port, which has the same owner as its outside port (or
         // is a forward's target, steered like the forward).
@@ -136,7 +149,7 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
                     icmp::EmbeddedL4::Udp { .. } => a.steer(Proto::Udp, emb.dst, port),
                     icmp::EmbeddedL4::IcmpEcho { .. } => port,
                 };
-                Transit { port, view }
+                Transit { port, view, egress }
             }
             Err(_) => Drop(Counter::DropBadIcmpError),
         },
@@ -150,15 +163,20 @@ fn uplink(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     if !a.is_outside(view.dst) && !routed_back {
         return Drop(Counter::DropNotForUs);
     }
+    let egress = if routed_back {
+        Egress::Route
+    } else {
+        Egress::Nat(view.dst)
+    };
     match view.l4 {
         L4::IcmpEcho { request: true, .. } if view.dst == a.uplink_ip() => for_gateway(&view),
         L4::IcmpEcho { request: true, .. } if !routed_back => Drop(Counter::DropToGateway),
         L4::IcmpEcho { id: port, .. }
         | L4::Tcp { dport: port, .. }
-        | L4::Udp { dport: port, .. } => Transit { port, view },
-        L4::Fragment => later_fragment(frame, view),
+        | L4::Udp { dport: port, .. } => Transit { port, view, egress },
+        L4::Fragment => later_fragment(frame, view, egress),
         // About a packet we sent: the quoted source is our outside port.
-        L4::IcmpError { .. } => icmp_error_in(frame, view),
+        L4::IcmpError { .. } => icmp_error_in(frame, view, egress),
         L4::IcmpOther { .. } | L4::Other => Drop(Counter::DropToGateway),
     }
 }
