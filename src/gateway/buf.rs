@@ -8,8 +8,9 @@
 //! or when the gateway makes frames of its own (fragments).
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::wire::fragment::MAX_IP_LEN;
 use crate::wire::vnet::VNET_HDR_LEN;
-use crate::wire::{ETH_HLEN, IPV4_MAX_LEN};
+use crate::wire::ETH_HLEN;
 
 /// Slack past the largest frame, so that an oversized read is seen as one
 /// (the device returns at most the buffer's length).
@@ -25,7 +26,7 @@ pub fn buffer_layout(offload: bool, max_mtu: usize) -> (usize, usize) {
     if offload {
         (
             VNET_HDR_LEN,
-            VNET_HDR_LEN + ETH_HLEN + IPV4_MAX_LEN + FRAME_SLACK,
+            VNET_HDR_LEN + ETH_HLEN + MAX_IP_LEN + FRAME_SLACK,
         )
     } else {
         (0, (max_mtu + FRAME_SLACK).max(MIN_FRAME_BUF))

@@ -33,8 +33,6 @@ pub const ICMP_ERROR_FRAME_MAX: usize = ETH_HLEN + ICMP_ERROR_MAX;
 /// A buffer that holds an ARP frame [`build_arp_request`] or
 /// [`build_arp_reply`] writes (42 bytes, padded to the Ethernet minimum).
 pub const ARP_FRAME_MAX: usize = 64;
-/// The largest IPv4 datagram (RFC 791: the total length is 16 bits).
-pub const IPV4_MAX_LEN: usize = 65535;
 
 /// Why a frame could not be parsed. Each has a drop counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

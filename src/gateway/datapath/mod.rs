@@ -432,3 +432,6 @@ impl Core {
         });
     }
 }
+
+#[cfg(test)]
+mod tests;
