@@ -40,3 +40,17 @@ impl FrameIo for Tap {
         self.as_raw_fd()
     }
 }
+
+/// A shared device is still a device: the worker that reads a queue and a
+/// test (or the control thread) that also holds it.
+impl<T: FrameIo + ?Sized> FrameIo for std::sync::Arc<T> {
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (**self).read(buf)
+    }
+    fn write(&self, frame: &[u8]) -> io::Result<()> {
+        (**self).write(frame)
+    }
+    fn poll_fd(&self) -> RawFd {
+        (**self).poll_fd()
+    }
+}

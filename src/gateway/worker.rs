@@ -281,3 +281,6 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -16,18 +16,18 @@ use crate::wire::build::{self, checksums_ok, Endpoints};
 use crate::wire::vnet::{VnetHdr, GSO_TCPV4, VNET_HDR_LEN};
 use crate::wire::{csum, fragment, Classified, ICMP_ERROR_FRAME_MAX};
 
-const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+pub(crate) const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
 const TARGET: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 9);
-const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+pub(crate) const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const EXCLUDED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-const GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
-const ON_LINK: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 77);
+pub(crate) const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub(crate) const GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub(crate) const ON_LINK: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 77);
 const FORWARDED: u16 = 8080;
-const POD_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 2]);
-const GW_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 0xfe]);
+pub(crate) const POD_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 2]);
+pub(crate) const GW_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 0xfe]);
 const PORT_UNREACHABLE: IcmpErrorKind = IcmpErrorKind {
     icmp_type: wire::ICMP_DEST_UNREACHABLE,
     code: 3,
@@ -43,7 +43,7 @@ fn net(a: Ipv4Addr, len: u8) -> Ipv4Net {
 
 /// Pods 10.244.0.0/16 behind 203.0.113.10, pod-to-pod and 192.0.2.0/24
 /// routed, TCP 8080 forwarded to 10.244.0.9:80.
-fn addressing(uplink_mtu: usize) -> Addressing {
+pub(crate) fn addressing(uplink_mtu: usize) -> Addressing {
     let forward = [Forward {
         protocol: ForwardProtocol::Tcp,
         ports: PortRange {
@@ -75,25 +75,25 @@ fn addressing(uplink_mtu: usize) -> Addressing {
     }
 }
 
-struct Rig {
-    core: Core,
-    c: Arc<Counters>,
-    pool: Pool,
-    a: Arc<Addressing>,
+pub(crate) struct Rig {
+    pub core: Core,
+    pub c: Arc<Counters>,
+    pub pool: Pool,
+    pub a: Arc<Addressing>,
     out: Actions,
     now: u64,
 }
 
-struct Setup {
-    worker: usize,
-    workers: usize,
-    uplink_mtu: usize,
+pub(crate) struct Setup {
+    pub worker: usize,
+    pub workers: usize,
+    pub uplink_mtu: usize,
     /// Bytes of virtio-net header (0 or VNET_HDR_LEN).
-    hdr: usize,
-    icmp_burst: u32,
+    pub hdr: usize,
+    pub icmp_burst: u32,
 }
 
-const ONE: Setup = Setup {
+pub(crate) const ONE: Setup = Setup {
     worker: 0,
     workers: 1,
     uplink_mtu: 1500,
@@ -101,7 +101,7 @@ const ONE: Setup = Setup {
     icmp_burst: 50,
 };
 
-fn rig(s: Setup) -> Rig {
+pub(crate) fn rig(s: Setup) -> Rig {
     let a = Arc::new(addressing(s.uplink_mtu));
     let mut table = FlowTable::new(TableConfig {
         worker: s.worker as u16,
@@ -204,21 +204,21 @@ fn dropped(actions: Vec<Action>) -> Counter {
     }
 }
 
-fn view(frame: &[u8]) -> Ipv4View {
+pub(crate) fn view(frame: &[u8]) -> Ipv4View {
     match wire::classify(frame) {
         Ok(Classified::Ipv4(v)) => v,
         other => panic!("not IPv4: {other:?}"),
     }
 }
 
-fn pod_ep(a: &Addressing, src: Ipv4Addr, dst: Ipv4Addr) -> Endpoints {
+pub(crate) fn pod_ep(a: &Addressing, src: Ipv4Addr, dst: Ipv4Addr) -> Endpoints {
     let mut e = Endpoints::new(src, dst);
     e.src_mac = POD_MAC;
     e.dst_mac = a.pod_mac;
     e
 }
 
-fn up_ep(a: &Addressing, src: Ipv4Addr, dst: Ipv4Addr) -> Endpoints {
+pub(crate) fn up_ep(a: &Addressing, src: Ipv4Addr, dst: Ipv4Addr) -> Endpoints {
     let mut e = Endpoints::new(src, dst);
     e.src_mac = GW_MAC;
     e.dst_mac = a.uplink_mac;
@@ -226,11 +226,11 @@ fn up_ep(a: &Addressing, src: Ipv4Addr, dst: Ipv4Addr) -> Endpoints {
 }
 
 /// The source or destination (address, port) of a translated frame.
-fn src(f: &[u8]) -> (Ipv4Addr, u16) {
+pub(crate) fn src(f: &[u8]) -> (Ipv4Addr, u16) {
     let v = view(f);
     (v.src, v.ports().unwrap().0)
 }
-fn dst(f: &[u8]) -> (Ipv4Addr, u16) {
+pub(crate) fn dst(f: &[u8]) -> (Ipv4Addr, u16) {
     let v = view(f);
     (v.dst, v.ports().unwrap().1)
 }
