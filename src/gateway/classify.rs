@@ -342,63 +342,34 @@ mod tests {
     }
 
     #[test]
-    fn excluded_destinations_are_routed_by_the_worker() {
+    fn the_egress_is_decided_once_and_travels_with_the_packet() {
         let a = addressing();
-        let f = build::udp(
-            &ep(&a, Side::Pod, [10, 244, 0, 2], [10, 244, 0, 3]),
-            5,
+        let pod = [10, 244, 0, 2];
+        let routed = build::udp(&ep(&a, Side::Pod, pod, [10, 244, 0, 3]), 5, 6, b"", true);
+        assert!(matches!(
+            classify(&a, Side::Pod, &routed).0,
+            Disposition::Transit {
+                port: 5,
+                egress: Egress::Route,
+                ..
+            }
+        ));
+        let out = build::udp(&ep(&a, Side::Pod, pod, [198, 51, 100, 1]), 5, 6, b"", true);
+        assert!(matches!(
+            classify(&a, Side::Pod, &out).0,
+            Disposition::Transit { egress: Egress::Nat(ip), .. } if ip == a.uplink_ip()
+        ));
+        let reply = build::udp(
+            &ep(&a, Side::Uplink, [198, 51, 100, 1], [203, 0, 113, 10]),
             6,
+            5,
             b"",
             true,
         );
         assert!(matches!(
-            classify(&a, Side::Pod, &f).0,
-            Disposition::Transit { port: 5, .. }
+            classify(&a, Side::Uplink, &reply).0,
+            Disposition::Transit { egress: Egress::Nat(ip), .. } if ip == a.uplink_ip()
         ));
-        assert_eq!(
-            a.egress(Ipv4Addr::new(10, 244, 0, 2), Ipv4Addr::new(10, 244, 0, 3)),
-            Egress::Route
-        );
-        assert_eq!(
-            a.egress(Ipv4Addr::new(10, 244, 0, 2), Ipv4Addr::new(198, 51, 100, 1)),
-            Egress::Nat(a.uplink_ip())
-        );
-        assert_eq!(
-            a.egress(Ipv4Addr::new(172, 16, 0, 2), Ipv4Addr::new(198, 51, 100, 1)),
-            Egress::Refuse
-        );
-    }
-
-    #[test]
-    fn snat_rules_come_first_and_pair_each_pod_with_one_pool_address() {
-        let toml = format!(
-            "{DEFAULT_TOML}\n[[snat]]\nsource = \"10.244.1.0/24\"\nto = \"203.0.113.20-203.0.113.23\"\n"
-        );
-        let a = Addressing::from_config(&Config::from_toml_str(&toml).unwrap());
-        let remote = Ipv4Addr::new(198, 51, 100, 1);
-        let mut used = std::collections::HashSet::new();
-        for host in 1..=200u8 {
-            let pod = Ipv4Addr::new(10, 244, 1, host);
-            let Egress::Nat(addr) = a.egress(pod, remote) else {
-                panic!("not translated")
-            };
-            assert!(
-                (Ipv4Addr::new(203, 0, 113, 20)..=Ipv4Addr::new(203, 0, 113, 23)).contains(&addr)
-            );
-            assert_eq!(
-                a.egress(pod, Ipv4Addr::new(192, 0, 2, 9)),
-                Egress::Nat(addr),
-                "paired"
-            );
-            assert!(a.is_outside(addr));
-            used.insert(addr);
-        }
-        assert_eq!(used.len(), 4, "the pool is used whole");
-        // Other pods still masquerade.
-        assert_eq!(
-            a.egress(Ipv4Addr::new(10, 244, 0, 2), remote),
-            Egress::Nat(a.uplink_ip())
-        );
     }
 
     #[test]
