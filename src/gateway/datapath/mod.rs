@@ -47,6 +47,7 @@ use crate::wire::icmp::IcmpRateLimit;
 use crate::wire::vnet::VnetHdr;
 use crate::wire::{self, End, IcmpErrorKind, Ipv4View, L4Csum, L4};
 use errors::Refusal;
+use translate::Transport;
 
 /// At most this many routed sessions per worker.
 const ROUTED_MAX: usize = 65536;
@@ -303,11 +304,18 @@ impl Core {
         now: u64,
         out: &mut Actions,
     ) {
-        match (side, view.l4) {
-            (_, L4::IcmpError { .. }) => self.icmp_error(side, buf, view, now, out),
-            (_, L4::Fragment) => self.later_fragment(buf, view, now, out),
-            (Side::Pod, _) => self.in2out(buf, view, egress, now, out),
-            (Side::Uplink, _) => self.out2in(buf, view, egress, now, out),
+        match view.l4 {
+            L4::IcmpError { .. } => return self.icmp_error(side, buf, view, now, out),
+            L4::Fragment => return self.later_fragment(buf, view, now, out),
+            _ => {}
+        }
+        let Some(t) = Transport::of(&view) else {
+            let why = Counter::DropUnsupportedProtocol;
+            return out.push(Action::Drop { why, buf });
+        };
+        match side {
+            Side::Pod => self.in2out(buf, view, t, egress, now, out),
+            Side::Uplink => self.out2in(buf, view, t, egress, now, out),
         }
     }
 

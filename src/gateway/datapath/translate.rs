@@ -12,12 +12,30 @@ use crate::nat::{CreateError, Direction, FlowId, InKey, InboundError, OutKey, Pr
 use crate::policy::{Egress, Side};
 use crate::wire::{self, End, Ipv4View, L4};
 
-fn proto(l4: &L4) -> Option<Proto> {
-    match l4 {
-        L4::Tcp { .. } => Some(Proto::Tcp),
-        L4::Udp { .. } => Some(Proto::Udp),
-        L4::IcmpEcho { .. } => Some(Proto::Icmp),
-        _ => None,
+/// The protocol and ports (or echo id, as the source port) of a packet NAT
+/// can translate.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Transport {
+    proto: Proto,
+    sport: u16,
+    dport: u16,
+}
+
+impl Transport {
+    /// None for a protocol without ports or echo id.
+    pub(super) fn of(v: &Ipv4View) -> Option<Transport> {
+        let proto = match v.l4 {
+            L4::Tcp { .. } => Proto::Tcp,
+            L4::Udp { .. } => Proto::Udp,
+            L4::IcmpEcho { .. } => Proto::Icmp,
+            _ => return None,
+        };
+        let (sport, dport) = v.ports()?;
+        Some(Transport {
+            proto,
+            sport,
+            dport,
+        })
     }
 }
 
@@ -40,17 +58,19 @@ impl Core {
         &mut self,
         buf: Buf,
         v: Ipv4View,
+        t: Transport,
         egress: Egress,
         now: u64,
         out: &mut Actions,
     ) {
-        let (Some(proto), Some((sport, dport))) = (proto(&v.l4), v.ports()) else {
-            let why = Counter::DropUnsupportedProtocol;
-            return out.push(Action::Drop { why, buf });
-        };
+        let Transport {
+            proto,
+            sport,
+            dport,
+        } = t;
         let ext_addr = match egress {
             Egress::Nat(addr) => addr,
-            Egress::Route => return self.route_out(buf, v, proto, (sport, dport), now, out),
+            Egress::Route => return self.route_out(buf, v, t, now, out),
             Egress::Refuse => {
                 let why = Counter::DropSpoofedSource;
                 return out.push(Action::Drop { why, buf });
@@ -126,14 +146,16 @@ impl Core {
         &mut self,
         buf: Buf,
         v: Ipv4View,
+        t: Transport,
         egress: Egress,
         now: u64,
         out: &mut Actions,
     ) {
-        let (Some(proto), Some((sport, dport))) = (proto(&v.l4), v.ports()) else {
-            let why = Counter::DropUnsupportedProtocol;
-            return out.push(Action::Drop { why, buf });
-        };
+        let Transport {
+            proto,
+            sport,
+            dport,
+        } = t;
         let key = match v.l4 {
             L4::IcmpEcho { id, .. } => OutKey {
                 proto,
@@ -156,7 +178,7 @@ impl Core {
             // Classification found it addressed to no outside address: a
             // reply to a routed session.
             None if egress == Egress::Route => {
-                return self.route_in(buf, v, proto, (sport, dport), now, out);
+                return self.route_in(buf, v, t, now, out);
             }
             // No session: a forward, or a mapping that the filtering lets
             // this remote reach (RFC 4787 REQ-8, RFC 5382 REQ-3), opens one.
@@ -221,15 +243,7 @@ impl Core {
 
     /// Forwards a pod's packet to an excluded destination untranslated, as a
     /// router would, remembering the session so that its replies come back.
-    fn route_out(
-        &mut self,
-        buf: Buf,
-        v: Ipv4View,
-        proto: Proto,
-        ports: (u16, u16),
-        now: u64,
-        out: &mut Actions,
-    ) {
+    fn route_out(&mut self, buf: Buf, v: Ipv4View, t: Transport, now: u64, out: &mut Actions) {
         let (egress, next_hop) = if self.a.pod_net.contains(v.dst) {
             (Side::Pod, v.dst)
         } else {
@@ -240,11 +254,11 @@ impl Core {
         };
         if egress == Side::Uplink {
             let key = InKey {
-                proto,
+                proto: t.proto,
                 src: v.src,
-                sport: ports.0,
+                sport: t.sport,
                 dst: v.dst,
-                dport: ports.1,
+                dport: t.dport,
             };
             if self.routed.len() >= super::ROUTED_MAX && !self.routed.contains_key(&key) {
                 let why = Counter::DropTableFull;
@@ -253,27 +267,19 @@ impl Core {
             self.routed.insert(key, now);
         }
         // Same address and port: only the TTL (and its checksum) change.
-        wire::translate(buf.frame_mut(), &v, End::Src, v.src, ports.0, fit.csum);
+        wire::translate(buf.frame_mut(), &v, End::Src, v.src, t.sport, fit.csum);
         self.c.inc(Counter::RoutedPackets);
         self.send_on(egress, next_hop, buf, fit, out)
     }
 
     /// A reply to a routed session, coming back in untranslated.
-    fn route_in(
-        &mut self,
-        buf: Buf,
-        v: Ipv4View,
-        proto: Proto,
-        ports: (u16, u16),
-        now: u64,
-        out: &mut Actions,
-    ) {
+    fn route_in(&mut self, buf: Buf, v: Ipv4View, t: Transport, now: u64, out: &mut Actions) {
         let (sport, dport) = match v.l4 {
             L4::IcmpEcho { id, .. } => (0, id),
-            _ => ports,
+            _ => (t.sport, t.dport),
         };
         let key = InKey {
-            proto,
+            proto: t.proto,
             src: v.dst,
             sport: dport,
             dst: v.src,
