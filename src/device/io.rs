@@ -4,7 +4,7 @@
 //! frame, and an fd for poll(2) that is readable while frames may be
 //! waiting. The TAP queue ([`super::Tap`]) implements it today; another kind
 //! of device (an AF_PACKET uplink) is another implementation, not a fork of
-//! the worker. [`super::mem::MemDevice`] (tests and the `lab` feature) keeps
+//! the worker. `mem::MemDevice` (tests and the `lab` feature) keeps
 //! frames in memory so the worker runs without devices or root.
 //!
 //! Contract: a frame is read and written whole, preceded by a virtio-net
