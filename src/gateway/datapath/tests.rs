@@ -91,6 +91,9 @@ pub(crate) struct Setup {
     /// Bytes of virtio-net header (0 or VNET_HDR_LEN).
     pub hdr: usize,
     pub icmp_burst: u32,
+    pub max_flows: usize,
+    /// Fragment handling on.
+    pub frags: bool,
 }
 
 pub(crate) const ONE: Setup = Setup {
@@ -99,6 +102,8 @@ pub(crate) const ONE: Setup = Setup {
     uplink_mtu: 1500,
     hdr: 0,
     icmp_burst: 50,
+    max_flows: 1024,
+    frags: true,
 };
 
 pub(crate) fn rig(s: Setup) -> Rig {
@@ -108,7 +113,7 @@ pub(crate) fn rig(s: Setup) -> Rig {
         workers: s.workers as u16,
         port_first: 1024,
         port_last: 65535,
-        max_flows: 1024,
+        max_flows: s.max_flows,
         timeouts: Timeouts {
             tcp_established_ms: 7_440_000,
             tcp_transitory_ms: 240_000,
@@ -131,12 +136,14 @@ pub(crate) fn rig(s: Setup) -> Rig {
         workers: s.workers,
         addressing: a.clone(),
         table,
-        frags: Some(FragCache::new(FragCacheConfig {
-            max_datagrams: 16,
-            max_held_fragments: 8,
-            max_held_bytes: 1 << 16,
-            timeout_ms: 2000,
-        })),
+        frags: s.frags.then(|| {
+            FragCache::new(FragCacheConfig {
+                max_datagrams: 16,
+                max_held_fragments: 8,
+                max_held_bytes: 1 << 16,
+                timeout_ms: 2000,
+            })
+        }),
         icmp_limit: Some(IcmpRateLimit::new(1, s.icmp_burst)),
         pool: pool.clone(),
         counters: c.clone(),
@@ -743,5 +750,85 @@ fn icmp_errors_are_rate_limited_but_fragmentation_needed_is_not() {
     assert_eq!(
         dropped(r.input(Side::Pod, &err[..n])),
         Counter::DropTtlExceeded
+    );
+}
+
+#[test]
+fn a_first_fragment_tells_the_worker_tracking_its_datagram() {
+    let two = |worker| Setup {
+        worker,
+        workers: 2,
+        ..ONE
+    };
+    let (mut r0, mut r1) = (rig(two(0)), rig(two(1)));
+    // An even source port belongs to worker 0; find a datagram whose
+    // fragments worker 1 tracks.
+    let ep = pod_ep(&r0.a, POD, REMOTE);
+    let (frags, key) = (1..)
+        .map(|id| {
+            let f = fragments(&ep, 5000, id);
+            let key = crate::gateway::classify::frag_key(&f[0], &view(&f[0]));
+            (f, key)
+        })
+        .find(|(_, key)| crate::gateway::classify::frag_port(key) % 2 == 1)
+        .unwrap();
+    let acts = r0.input(Side::Pod, &frags[0]);
+    let [Action::FragNews {
+        worker: 1,
+        key: k,
+        rewrite,
+    }, Action::Send { .. }] = <[Action; 2]>::try_from(acts).unwrap()
+    else {
+        panic!("no news for worker 1")
+    };
+    assert_eq!((k, rewrite.addr, rewrite.egress), (key, EXT, Side::Uplink));
+    r1.core.first_fragment_seen(k, rewrite, r1.now, &mut r1.out);
+    assert!(r1.take().is_empty());
+    let out = r1.through(Side::Pod, &frags[1], Side::Uplink);
+    assert_eq!(view(&out).src, EXT);
+}
+
+#[test]
+fn refusals_without_an_icmp_error_are_counted_drops() {
+    let mut r = rig(Setup {
+        max_flows: 1,
+        frags: false,
+        hdr: VNET_HDR_LEN,
+        ..ONE
+    });
+    let q = build::udp(&pod_ep(&r.a, POD, REMOTE), 5353, 53, b"q", true);
+    let (_, port) = src(&r.through(Side::Pod, &q, Side::Uplink));
+    // Replied, so it is not evicted early to make room.
+    let a = build::udp(&up_ep(&r.a, REMOTE, EXT), 53, port, b"a", true);
+    r.through(Side::Uplink, &a, Side::Pod);
+    let q2 = build::udp(&pod_ep(&r.a, POD, REMOTE), 5354, 53, b"q", true);
+    assert_eq!(dropped(r.input(Side::Pod, &q2)), Counter::DropTableFull);
+    // Fragment handling off: a later fragment has nowhere to go.
+    let frags = fragments(&pod_ep(&r.a, POD, REMOTE), 5353, 3);
+    assert_eq!(
+        dropped(r.input(Side::Pod, &frags[1])),
+        Counter::DropFragment
+    );
+    // A segmentation-offload super-frame that is not TCP cannot be re-cut.
+    let mut buf = r.pool.frame(&q).unwrap();
+    let gso = VnetHdr {
+        gso_type: GSO_TCPV4,
+        gso_size: 1000,
+        ..VnetHdr::default()
+    };
+    gso.write(buf.vnet_mut());
+    assert_eq!(
+        dropped(r.feed(Side::Pod, buf)),
+        Counter::DropUnsupportedProtocol
+    );
+    let other = build::udp(&pod_ep(&r.a, POD, REMOTE), 1, 2, b"", true);
+    let mut other = other;
+    other[14 + 9] = 47; // GRE
+    other[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let c = csum::checksum(&other[14..34]);
+    other[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(
+        dropped(r.input(Side::Pod, &other)),
+        Counter::DropUnsupportedProtocol
     );
 }
