@@ -1,20 +1,51 @@
 //! The per-packet hot path without I/O: classification, checksum updates,
-//! in-place translation per protocol and frame size, and the whole
-//! "classify, look up, account, translate" step a worker does for a packet
-//! of an established flow.
+//! in-place translation per protocol and frame size, and the whole step a
+//! worker takes for a packet of an established flow: the real translation
+//! core ([`Core::frame`], the function the worker calls), from the received
+//! frame to the `Send` action with the MACs set.
 //!
 //! Run: `cargo bench --bench datapath -- --warm-up-time 1 --measurement-time 3`.
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 
+use std::sync::Arc;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tapnat::nat::{Direction, Filtering, FlowTable, InKey, Proto, TableConfig, TcpSeg, Timeouts};
+use smoltcp::wire::EthernetAddress;
+use tapnat::config::MasqueradeRule;
+use tapnat::gateway::stats::Counters;
+use tapnat::gateway::{Action, Addressing, Core, CoreParts, Pool, Side};
+use tapnat::nat::{Filtering, FlowTable, InKey, Proto, TableConfig, Timeouts};
+use tapnat::net::Ipv4Net;
+use tapnat::policy::mac_for;
 use tapnat::wire::build::{self, Endpoints};
 use tapnat::wire::{self, csum, Classified, End, L4Csum};
 
 const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const GW_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 0xfe]);
+
+/// Pods 10.244.0.0/16 masquerading behind EXT, as the default config has it.
+fn addressing() -> Addressing {
+    let net = |addr, prefix_len| Ipv4Net { addr, prefix_len };
+    Addressing {
+        pod_mac: mac_for(Ipv4Addr::new(10, 244, 0, 1), 0),
+        pod_net: net(Ipv4Addr::new(10, 244, 0, 1), 16),
+        pod_mtu: 1500,
+        uplink_mac: mac_for(EXT, 1),
+        uplink_net: net(EXT, 24),
+        uplink_gateway: GW,
+        uplink_mtu: 1500,
+        masquerade: vec![MasqueradeRule {
+            source: net(Ipv4Addr::new(10, 244, 0, 0), 16),
+            exclude: vec![net(Ipv4Addr::new(10, 244, 0, 0), 16)],
+        }],
+        snat: Vec::new(),
+        forward_targets: Default::default(),
+    }
+}
 
 /// A one-worker table with the default timeouts.
 fn table(max_flows: usize, filtering: Filtering) -> FlowTable {
@@ -107,8 +138,10 @@ fn translate(c: &mut Criterion) {
     g.finish();
 }
 
-/// classify + lookup + account + translate for a packet of a live flow, in
-/// a table of `n` flows: the per-packet cost a worker adds to the I/O.
+/// The worker's whole decision for a packet of a live flow, in a table of
+/// `n` flows: [`Core::frame`] (classify, policy, TTL/MTU checks, lookup,
+/// account, translate, next-hop MAC), the per-packet cost a worker adds to
+/// the I/O.
 fn packet(c: &mut Criterion) {
     let mut g = c.benchmark_group("in2out_packet");
     g.throughput(Throughput::Elements(1));
@@ -125,32 +158,38 @@ fn packet(c: &mut Criterion) {
             };
             t.create(&k, EXT, 0).unwrap();
         }
-        let ep = Endpoints::new(
+        let a = Arc::new(addressing());
+        let pool = Pool::new(8, 2048, 0);
+        let mut core = Core::new(CoreParts {
+            worker: 0,
+            workers: 1,
+            addressing: a.clone(),
+            table: t,
+            frags: None,
+            icmp_limit: None,
+            pool: pool.clone(),
+            counters: Arc::new(Counters::default()),
+        });
+        core.neighbour(GW, GW_MAC);
+        let mut ep = Endpoints::new(
             Ipv4Addr::from(0x0af4_0000 | 7),
             Ipv4Addr::from(0xc633_0000 | 1),
         );
+        ep.dst_mac = a.pod_mac;
         let orig = build::udp(&ep, 40000, 53, &[0u8; 18], true);
-        let mut f = orig.clone();
+        let mut spare = pool.frame(&orig);
+        let mut out = Vec::new();
         g.bench_function(BenchmarkId::new("udp_64B_flows", n), |b| {
             b.iter(|| {
+                let mut buf = spare.take().unwrap();
                 // A fresh copy of the received frame (a 64-byte copy, as a read would).
-                f.copy_from_slice(&orig);
-                let Ok(Classified::Ipv4(v)) = wire::classify(black_box(&f)) else {
-                    unreachable!()
-                };
-                let key = InKey {
-                    proto: Proto::Udp,
-                    src: v.src,
-                    sport: 40000,
-                    dst: v.dst,
-                    dport: 53,
-                };
-                let id = t.lookup_in2out(&key, 1).unwrap();
-                let _ = t.account(id, Direction::In2Out, TcpSeg::NONE, v.total_len, 1);
-                let fl = t.get(id);
-                let (a, p) = (fl.ext_addr, fl.ext_port);
-                wire::translate(&mut f, &v, End::Src, a, p, L4Csum::Full);
-                black_box(&f);
+                buf.frame_mut().copy_from_slice(&orig);
+                core.frame(Side::Pod, black_box(buf), 1, &mut out);
+                for action in out.drain(..) {
+                    if let Action::Send { buf, .. } = action {
+                        spare = Some(black_box(buf));
+                    }
+                }
             })
         });
     }

@@ -6,9 +6,12 @@
 //! - [`config`]: the configuration file, environment overrides, validation.
 //! - [`wire`], [`nat`]: pure packet parsing and rewriting, the flow table and
 //!   the fragment cache; no fds, threads or clocks.
-//! - [`device`]: every system call; its `sys` module is the only place with
-//!   `unsafe`.
-//! - [`gateway`]: the workers and the control thread.
+//! - [`policy`]: NAT policy by addresses alone (egress choice, paired pool
+//!   addresses, steering to the owning worker); pure.
+//! - [`device`]: every system call, and the `FrameIo` seam devices offer the
+//!   workers; its `sys` module is the only place with `unsafe`.
+//! - [`gateway`]: the translation core (`gateway::datapath`, decisions with
+//!   no I/O), the workers that carry its actions out, and the control thread.
 //! - [`ops`]: the control socket and the reports, reading a running gateway.
 //! - [`lab`] (feature `lab`, on by default): throwaway namespaces and
 //!   kernel-socket probes for `tapnat demo`, `tapnat bench` and the tests.
@@ -21,4 +24,5 @@ pub mod lab;
 pub mod nat;
 pub mod net;
 pub mod ops;
+pub mod policy;
 pub mod wire;

@@ -1,8 +1,12 @@
-//! The device layer: TAP devices, network namespaces and the poll(2) wrapper.
+//! The device layer: TAP devices, network namespaces and the poll(2) wrapper,
+//! and the [`FrameIo`] seam the workers read and write frames through.
 //!
 //! Everything here owns system resources; [`sys`] is the only module in the crate
 //! allowed to use `unsafe`, and every fd is wrapped in an `OwnedFd`/`File` as soon
 //! as it exists.
+pub mod io;
+#[cfg(any(test, feature = "lab"))]
+pub mod mem;
 pub mod netns;
 #[cfg(feature = "lab")]
 pub mod packet;
@@ -11,6 +15,9 @@ pub mod steer;
 pub mod sys;
 pub mod tap;
 
+pub use io::FrameIo;
+#[cfg(any(test, feature = "lab"))]
+pub use mem::MemDevice;
 pub use netns::{run_in_netns, run_in_netns_file};
 #[cfg(feature = "lab")]
 pub use packet::PacketSocket;

@@ -32,12 +32,13 @@ use super::sys::{self, IfNameError, MAX_IFNAME_LEN};
 /// Path of the TUN/TAP clone device.
 pub const TUN_DEVICE: &str = "/dev/net/tun";
 
-/// Length of the `struct virtio_net_hdr` (linux/virtio_net.h) that prefixes every
-/// frame when [`TapOptions::vnet_hdr`] is set. We set this size explicitly with
+/// Length of the `struct virtio_net_hdr` (linux/virtio_net.h, defined with its
+/// layout in [`crate::wire::vnet`]) that prefixes every frame when
+/// [`TapOptions::vnet_hdr`] is set. We set this size explicitly with
 /// `TUNSETVNETHDRSZ`; no offloads are enabled, so on receive the header is all
 /// zero (`VIRTIO_NET_HDR_GSO_NONE`, no checksum flags) unless the caller enables
 /// offloads with [`Tap::set_offload`]. On send, prefix a zeroed header.
-pub const VNET_HDR_LEN: usize = 10;
+pub use crate::wire::vnet::VNET_HDR_LEN;
 
 /// How to open a TAP.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -18,8 +18,16 @@ pub enum Disposition {
     Local,
     /// Transit IPv4, to be translated by the worker owning `port`
     /// (`port % workers`): outbound by inside source port (or echo id),
-    /// inbound by outside destination port (or echo id).
-    Transit { port: u16, view: Ipv4View },
+    /// inbound by outside destination port (or echo id). `egress` is the
+    /// policy decided here once: for a pod-side packet, what
+    /// [`Addressing::egress`] says (never `Refuse`: those are dropped); for
+    /// an uplink one, `Route` for a reply to a routed session (addressed to
+    /// no outside address) and `Nat(dst)` otherwise.
+    Transit {
+        port: u16,
+        view: Ipv4View,
+        egress: Egress,
+    },
 }
 
 /// The worker that tracks a fragmented datagram is `frag_port(key) % N`:
@@ -30,7 +38,7 @@ pub fn frag_port(key: &FragKey) -> u16 {
         ^ u64::from(u32::from(key.dst)).rotate_left(29)
         ^ (u64::from(key.id) << 8)
         ^ u64::from(key.proto);
-    let h = x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let h = x.wrapping_mul(wire::GOLDEN_RATIO_64);
     (h >> 48) as u16
 }
 
@@ -71,10 +79,11 @@ pub fn classify(a: &Addressing, side: Side, frame: &[u8]) -> (Disposition, Sight
 }
 
 /// A non-first fragment goes to the worker tracking its datagram.
-fn later_fragment(frame: &[u8], view: Ipv4View) -> Disposition {
+fn later_fragment(frame: &[u8], view: Ipv4View, egress: Egress) -> Disposition {
     Disposition::Transit {
         port: frag_port(&frag_key(frame, &view)),
         view,
+        egress,
     }
 }
 
@@ -88,11 +97,12 @@ fn for_gateway(view: &Ipv4View) -> Disposition {
 
 /// An ICMP error from outside goes to the owner of the flow it quotes: the
 /// quoted source port is our outside port.
-fn icmp_error_in(frame: &[u8], view: Ipv4View) -> Disposition {
+fn icmp_error_in(frame: &[u8], view: Ipv4View, egress: Egress) -> Disposition {
     match icmp::parse_embedded(frame, &view) {
         Ok(emb) => Disposition::Transit {
             port: emb.ports().0,
             view,
+            egress,
         },
         Err(_) => Disposition::Drop(Counter::DropBadIcmpError),
     }
@@ -106,7 +116,8 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     if view.dst.is_broadcast() || view.dst.is_multicast() || view.dst == a.pod_net.broadcast() {
         return Drop(Counter::DropNoRoute);
     }
-    if a.egress(view.src, view.dst) == Egress::Refuse {
+    let egress = a.egress(view.src, view.dst);
+    if egress == Egress::Refuse {
         return Drop(Counter::DropSpoofedSource);
     }
     // Echo to the uplink address is the gateway's; TCP and UDP to an outside
@@ -118,13 +129,15 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
         L4::Tcp { sport, .. } => Transit {
             port: a.steer(Proto::Tcp, view.src, sport),
             view,
+            egress,
         },
         L4::Udp { sport, .. } => Transit {
             port: a.steer(Proto::Udp, view.src, sport),
             view,
+            egress,
         },
-        L4::IcmpEcho { id: port, .. } => Transit { port, view },
-        L4::Fragment => later_fragment(frame, view),
+        L4::IcmpEcho { id: port, .. } => Transit { port, view, egress },
+        L4::Fragment => later_fragment(frame, view, egress),
         // About a packet that came in to the pod: the quoted destination is
         // the pod's port, which has the same owner as its outside port (or
         // is a forward's target, steered like the forward).
@@ -136,7 +149,7 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
                     icmp::EmbeddedL4::Udp { .. } => a.steer(Proto::Udp, emb.dst, port),
                     icmp::EmbeddedL4::IcmpEcho { .. } => port,
                 };
-                Transit { port, view }
+                Transit { port, view, egress }
             }
             Err(_) => Drop(Counter::DropBadIcmpError),
         },
@@ -150,15 +163,20 @@ fn uplink(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     if !a.is_outside(view.dst) && !routed_back {
         return Drop(Counter::DropNotForUs);
     }
+    let egress = if routed_back {
+        Egress::Route
+    } else {
+        Egress::Nat(view.dst)
+    };
     match view.l4 {
         L4::IcmpEcho { request: true, .. } if view.dst == a.uplink_ip() => for_gateway(&view),
         L4::IcmpEcho { request: true, .. } if !routed_back => Drop(Counter::DropToGateway),
         L4::IcmpEcho { id: port, .. }
         | L4::Tcp { dport: port, .. }
-        | L4::Udp { dport: port, .. } => Transit { port, view },
-        L4::Fragment => later_fragment(frame, view),
+        | L4::Udp { dport: port, .. } => Transit { port, view, egress },
+        L4::Fragment => later_fragment(frame, view, egress),
         // About a packet we sent: the quoted source is our outside port.
-        L4::IcmpError { .. } => icmp_error_in(frame, view),
+        L4::IcmpError { .. } => icmp_error_in(frame, view, egress),
         L4::IcmpOther { .. } | L4::Other => Drop(Counter::DropToGateway),
     }
 }
@@ -324,63 +342,34 @@ mod tests {
     }
 
     #[test]
-    fn excluded_destinations_are_routed_by_the_worker() {
+    fn the_egress_is_decided_once_and_travels_with_the_packet() {
         let a = addressing();
-        let f = build::udp(
-            &ep(&a, Side::Pod, [10, 244, 0, 2], [10, 244, 0, 3]),
-            5,
+        let pod = [10, 244, 0, 2];
+        let routed = build::udp(&ep(&a, Side::Pod, pod, [10, 244, 0, 3]), 5, 6, b"", true);
+        assert!(matches!(
+            classify(&a, Side::Pod, &routed).0,
+            Disposition::Transit {
+                port: 5,
+                egress: Egress::Route,
+                ..
+            }
+        ));
+        let out = build::udp(&ep(&a, Side::Pod, pod, [198, 51, 100, 1]), 5, 6, b"", true);
+        assert!(matches!(
+            classify(&a, Side::Pod, &out).0,
+            Disposition::Transit { egress: Egress::Nat(ip), .. } if ip == a.uplink_ip()
+        ));
+        let reply = build::udp(
+            &ep(&a, Side::Uplink, [198, 51, 100, 1], [203, 0, 113, 10]),
             6,
+            5,
             b"",
             true,
         );
         assert!(matches!(
-            classify(&a, Side::Pod, &f).0,
-            Disposition::Transit { port: 5, .. }
+            classify(&a, Side::Uplink, &reply).0,
+            Disposition::Transit { egress: Egress::Nat(ip), .. } if ip == a.uplink_ip()
         ));
-        assert_eq!(
-            a.egress(Ipv4Addr::new(10, 244, 0, 2), Ipv4Addr::new(10, 244, 0, 3)),
-            Egress::Route
-        );
-        assert_eq!(
-            a.egress(Ipv4Addr::new(10, 244, 0, 2), Ipv4Addr::new(198, 51, 100, 1)),
-            Egress::Nat(a.uplink_ip())
-        );
-        assert_eq!(
-            a.egress(Ipv4Addr::new(172, 16, 0, 2), Ipv4Addr::new(198, 51, 100, 1)),
-            Egress::Refuse
-        );
-    }
-
-    #[test]
-    fn snat_rules_come_first_and_pair_each_pod_with_one_pool_address() {
-        let toml = format!(
-            "{DEFAULT_TOML}\n[[snat]]\nsource = \"10.244.1.0/24\"\nto = \"203.0.113.20-203.0.113.23\"\n"
-        );
-        let a = Addressing::from_config(&Config::from_toml_str(&toml).unwrap());
-        let remote = Ipv4Addr::new(198, 51, 100, 1);
-        let mut used = std::collections::HashSet::new();
-        for host in 1..=200u8 {
-            let pod = Ipv4Addr::new(10, 244, 1, host);
-            let Egress::Nat(addr) = a.egress(pod, remote) else {
-                panic!("not translated")
-            };
-            assert!(
-                (Ipv4Addr::new(203, 0, 113, 20)..=Ipv4Addr::new(203, 0, 113, 23)).contains(&addr)
-            );
-            assert_eq!(
-                a.egress(pod, Ipv4Addr::new(192, 0, 2, 9)),
-                Egress::Nat(addr),
-                "paired"
-            );
-            assert!(a.is_outside(addr));
-            used.insert(addr);
-        }
-        assert_eq!(used.len(), 4, "the pool is used whole");
-        // Other pods still masquerade.
-        assert_eq!(
-            a.egress(Ipv4Addr::new(10, 244, 0, 2), remote),
-            Egress::Nat(a.uplink_ip())
-        );
     }
 
     #[test]

@@ -145,7 +145,7 @@ impl Control {
             if !(on_link && smoltcp_has) {
                 self.c.inc(Counter::LocalStackFrames);
                 if operation == smoltcp::wire::ArpOperation::Request && mac.is_unicast() {
-                    let mut out = [0u8; 64];
+                    let mut out = [0u8; wire::ARP_FRAME_MAX];
                     let n = wire::build_arp_reply(&mut out, a.mac(side), target, mac, ip);
                     match self.shared.send_frame(side, QUEUE, &out[..n]) {
                         Ok(()) => self.c.inc(tx_counter(side)),
@@ -260,7 +260,7 @@ impl Control {
 
     fn send_arp_request(&self, side: Side, target: Ipv4Addr) {
         let a = &self.shared.addressing;
-        let mut out = [0u8; 64];
+        let mut out = [0u8; wire::ARP_FRAME_MAX];
         let n = wire::build_arp_request(&mut out, a.mac(side), a.ip(side), target);
         match self.shared.send_frame(side, QUEUE, &out[..n]) {
             Ok(()) => {

@@ -487,7 +487,7 @@ mod tests {
 
     #[test]
     fn random_inputs_never_panic_and_outputs_are_well_formed() {
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = crate::wire::GOLDEN_RATIO_64;
         let mut next = move || {
             rng ^= rng << 13;
             rng ^= rng >> 7;

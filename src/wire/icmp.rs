@@ -27,6 +27,7 @@
 use std::net::Ipv4Addr;
 
 use super::csum;
+use super::packet::be16;
 use super::{
     IcmpErrorKind, Ipv4View, ETH_HLEN, ICMP_DEST_UNREACHABLE, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
     ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, L4, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
@@ -153,10 +154,6 @@ pub enum ErrorDir {
         new_inner_dst: Ipv4Addr,
         new_inner_dport: u16,
     },
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
 }
 
 fn be32(b: &[u8], at: usize) -> [u8; 4] {

@@ -20,3 +20,8 @@ pub use icmp::{
     IcmpRateLimit,
 };
 pub use packet::*;
+
+/// 2^64 divided by the golden ratio: the multiplier of Fibonacci hashing
+/// (Knuth, TAOCP vol. 3, 6.4), which spreads consecutive keys over the high
+/// bits. Used for paired pool addresses, fragment steering and test data.
+pub const GOLDEN_RATIO_64: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -26,7 +26,13 @@ pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
 /// Largest datagram an ICMP error we originate may be (RFC 1812 §4.3.2.3).
-const ICMP_ERROR_MAX: usize = 576;
+pub const ICMP_ERROR_MAX: usize = 576;
+/// A buffer that holds any frame [`build_icmp_error`] writes: an Ethernet
+/// header plus [`ICMP_ERROR_MAX`] bytes of IPv4.
+pub const ICMP_ERROR_FRAME_MAX: usize = ETH_HLEN + ICMP_ERROR_MAX;
+/// A buffer that holds an ARP frame [`build_arp_request`] or
+/// [`build_arp_reply`] writes (42 bytes, padded to the Ethernet minimum).
+pub const ARP_FRAME_MAX: usize = 64;
 
 /// Why a frame could not be parsed. Each has a drop counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +56,9 @@ pub enum L4 {
         sport: u16,
         dport: u16,
         flags: u8,
+        /// The header length in bytes (data offset × 4), checked: at least
+        /// 20 and within the packet.
+        hlen: u8,
     },
     Udp {
         sport: u16,
@@ -179,7 +188,8 @@ fn parse_ipv4(buf: &[u8]) -> Result<Ipv4View, Malformed> {
     })
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
+/// The big-endian 16-bit field at `at` (the caller checked the bounds).
+pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
@@ -199,6 +209,7 @@ fn parse_l4(proto: u8, l4: &[u8], first_fragment: bool) -> Result<L4, Malformed>
                 sport: be16(l4, 0),
                 dport: be16(l4, 2),
                 flags: l4[13],
+                hlen: off as u8,
             })
         }
         PROTO_UDP => {

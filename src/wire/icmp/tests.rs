@@ -688,7 +688,7 @@ fn random_mutations_never_panic() {
             }
         }
     }
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut x: u64 = crate::wire::GOLDEN_RATIO_64;
     let mut next = || {
         x ^= x << 13;
         x ^= x >> 7;

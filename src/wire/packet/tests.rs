@@ -222,7 +222,7 @@ fn arp_request_round_trips() {
 
 #[test]
 fn random_bytes_never_panic() {
-    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut x: u64 = crate::wire::GOLDEN_RATIO_64;
     let base = build::tcp(&Endpoints::new(POD, REMOTE), 1, 2, TCP_SYN, b"data");
     for _ in 0..20000 {
         let mut f = base.clone();

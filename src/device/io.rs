@@ -1,0 +1,56 @@
+//! The frame-I/O seam between the workers and a device.
+//!
+//! A worker knows a device only as a [`FrameIo`]: read one frame, write one
+//! frame, and an fd for poll(2) that is readable while frames may be
+//! waiting. The TAP queue ([`super::Tap`]) implements it today; another kind
+//! of device (an AF_PACKET uplink) is another implementation, not a fork of
+//! the worker. `mem::MemDevice` (tests and the `lab` feature) keeps
+//! frames in memory so the worker runs without devices or root.
+//!
+//! Contract: a frame is read and written whole, preceded by a virtio-net
+//! header when the device was opened with one (the caller knows which);
+//! `read` returns `ErrorKind::WouldBlock` when nothing is queued and never
+//! blocks; `write` never blocks (a full device drops, as a TAP does). Both
+//! take `&self`: one queue is shared by its worker and the control thread.
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use super::tap::Tap;
+
+/// Whole frames in and out of one device queue.
+pub trait FrameIo: Send + Sync {
+    /// Reads one frame into `buf`, returning its length (truncated to
+    /// `buf.len()`); `ErrorKind::WouldBlock` when none is queued.
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes one whole frame.
+    fn write(&self, frame: &[u8]) -> io::Result<()>;
+    /// An fd that poll(2) reports readable while frames may be queued; it
+    /// stays open as long as the device.
+    fn poll_fd(&self) -> RawFd;
+}
+
+impl FrameIo for Tap {
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(buf)
+    }
+    fn write(&self, frame: &[u8]) -> io::Result<()> {
+        self.send(frame)
+    }
+    fn poll_fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+}
+
+/// A shared device is still a device: the worker that reads a queue and a
+/// test (or the control thread) that also holds it.
+impl<T: FrameIo + ?Sized> FrameIo for std::sync::Arc<T> {
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (**self).read(buf)
+    }
+    fn write(&self, frame: &[u8]) -> io::Result<()> {
+        (**self).write(frame)
+    }
+    fn poll_fd(&self) -> RawFd {
+        (**self).poll_fd()
+    }
+}

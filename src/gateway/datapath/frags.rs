@@ -1,0 +1,164 @@
+//! Fragments both ways (RFC 4787 REQ-13a, REQ-14/14a): virtual reassembly
+//! of received fragments (a datagram's later fragments follow the rewrite
+//! of its first; those arriving before it are held in the bounded cache)
+//! and fragmenting a translated packet without DF that is too big for the
+//! egress (RFC 791).
+use std::net::Ipv4Addr;
+
+use super::{Action, Actions, Core, FragRewrite};
+use crate::gateway::buf::Buf;
+use crate::gateway::classify::{frag_key, frag_port};
+use crate::gateway::stats::Counter;
+use crate::nat::frag::{FragKey, Later, Release};
+use crate::policy::Side;
+use crate::wire::vnet::VnetHdr;
+use crate::wire::{self, csum, fragment, Ipv4View, L4Csum};
+
+impl Core {
+    /// The first fragment of datagram `key` (tracked here) was translated,
+    /// by this worker or another: record the rewrite and send the fragments
+    /// that arrived before it.
+    pub fn first_fragment_seen(
+        &mut self,
+        key: FragKey,
+        rewrite: FragRewrite,
+        now: u64,
+        out: &mut Actions,
+    ) {
+        if let Some(frags) = &mut self.frags {
+            let released = &mut self.released;
+            frags.first_seen(key, rewrite, now, &mut |b, r| released.push((b, r)));
+            self.drain_released(Some(rewrite), out);
+        }
+    }
+
+    /// Handles buffers the fragment cache gave back: held fragments whose
+    /// first fragment has now been seen go out rewritten like it; the others
+    /// are dropped.
+    pub(super) fn drain_released(&mut self, rewrite: Option<FragRewrite>, out: &mut Actions) {
+        while let Some((buf, why)) = self.released.pop() {
+            match (why, rewrite) {
+                (Release::Translate, Some(r)) => match wire::classify(buf.frame()) {
+                    Ok(wire::Classified::Ipv4(view)) => self.rewrite_fragment(buf, &view, r, out),
+                    _ => self.pool.put(buf),
+                },
+                _ => out.push(Action::Drop {
+                    why: Counter::DropFragmentTimeout,
+                    buf,
+                }),
+            }
+        }
+    }
+
+    /// A non-first fragment: it follows its datagram's first fragment.
+    pub(super) fn later_fragment(&mut self, buf: Buf, view: Ipv4View, now: u64, out: &mut Actions) {
+        let Some(frags) = &mut self.frags else {
+            let why = Counter::DropFragment;
+            return out.push(Action::Drop { why, buf });
+        };
+        let key = frag_key(buf.frame(), &view);
+        let released = &mut self.released;
+        let answer = frags.later(key, buf, now, &mut |b, r| released.push((b, r)));
+        self.drain_released(None, out);
+        match answer {
+            Later::Translate(rewrite, buf) => self.rewrite_fragment(buf, &view, rewrite, out),
+            Later::Held => self.c.inc(Counter::FragmentsHeld),
+            Later::Refused(buf, _) => out.push(Action::Drop {
+                why: Counter::DropFragmentCacheFull,
+                buf,
+            }),
+        }
+    }
+
+    fn rewrite_fragment(
+        &mut self,
+        mut buf: Buf,
+        view: &Ipv4View,
+        r: FragRewrite,
+        out: &mut Actions,
+    ) {
+        if view.ttl <= 1 {
+            // No ICMP error about a non-first fragment (RFC 1812 §4.3.2.7).
+            let why = Counter::DropTtlExceeded;
+            return out.push(Action::Drop { why, buf });
+        }
+        wire::translate(buf.frame_mut(), view, r.end, r.addr, 0, L4Csum::Full);
+        self.c.inc(Counter::FragmentsTranslated);
+        let mtu = self.a.mtu(r.egress);
+        if view.total_len > mtu {
+            return self.emit_fragmented(r.egress, r.next_hop, buf, mtu, out);
+        }
+        self.emit(r.egress, r.next_hop, buf, out)
+    }
+
+    /// After the first fragment of a datagram was translated: tell the
+    /// worker that tracks the datagram how its other fragments are rewritten.
+    pub(super) fn first_fragment_done(
+        &mut self,
+        key: FragKey,
+        rewrite: FragRewrite,
+        now: u64,
+        out: &mut Actions,
+    ) {
+        if self.frags.is_none() {
+            return;
+        }
+        let owner = usize::from(frag_port(&key)) % self.n;
+        if owner == self.k {
+            self.first_fragment_seen(key, rewrite, now, out);
+        } else {
+            out.push(Action::FragNews {
+                worker: owner,
+                key,
+                rewrite,
+            });
+        }
+    }
+
+    /// Splits a translated packet that does not fit the egress MTU (DF clear)
+    /// into fragments (RFC 791), finishing an offloaded checksum first.
+    pub(super) fn emit_fragmented(
+        &mut self,
+        side: Side,
+        next_hop: Ipv4Addr,
+        mut buf: Buf,
+        mtu: usize,
+        out: &mut Actions,
+    ) {
+        if let Ok(wire::Classified::Ipv4(v)) = wire::classify(buf.frame()) {
+            let hdr = VnetHdr::parse(buf.vnet()).unwrap_or_default();
+            if hdr.partial_csum_at(v.l4_offset()) {
+                let at = usize::from(hdr.csum_start) + usize::from(hdr.csum_offset);
+                let end = wire::ETH_HLEN + v.total_len;
+                let frame = buf.frame_mut();
+                if at + 2 <= end {
+                    let c = csum::checksum(&frame[v.l4_offset()..end]);
+                    frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
+                }
+            }
+        }
+        let mut pieces = std::mem::take(&mut self.pieces);
+        let pool = &self.pool;
+        let mut fits = true;
+        let result = fragment::fragment(buf.frame(), mtu, &mut |piece: &[u8]| match pool
+            .frame(piece)
+        {
+            Some(b) => pieces.push(b),
+            None => fits = false,
+        });
+        if result.is_err() || !fits {
+            for p in pieces.drain(..) {
+                self.pool.put(p);
+            }
+            self.pieces = pieces;
+            let why = Counter::DropTooBig;
+            return out.push(Action::Drop { why, buf });
+        }
+        self.c.add(Counter::FragmentsCreated, pieces.len() as u64);
+        for p in pieces.drain(..) {
+            self.emit(side, next_hop, p, out);
+        }
+        self.pieces = pieces;
+        self.pool.put(buf);
+    }
+}

@@ -1,0 +1,445 @@
+//! The translation core: one worker's decisions about frames, with no I/O.
+//!
+//! [`Core::frame`] takes a received frame and pushes what to do with it onto
+//! an [`Actions`] queue the caller owns and reuses (boringtun's `noise`
+//! returns a `TunnResult`; a VPP node picks a `next` and a drop reason). The
+//! core never reads a clock (time is the `now` argument, in milliseconds),
+//! never touches a device, a channel or a thread; it owns one flow-table
+//! shard, the fragment cache of the datagrams this worker tracks, the routed
+//! sessions, a copy of the neighbour table and this worker's share of the
+//! ICMP error budget. The worker carries the actions out.
+//!
+//! Contract:
+//! - Every buffer given to the core comes back exactly once: in an action
+//!   (to write, hand over, send to the control thread, count as a drop), held
+//!   in the fragment cache (and later released as an action), or returned to
+//!   the pool.
+//! - A frame usually yields one action; a fragmented packet, released
+//!   fragments or a first fragment's news yield several, in order.
+//! - Drops carry a [`Counter`] (a `Copy` reason); the caller counts it. Events
+//!   that are not the frame's fate (flows created, packets translated) are
+//!   counted by the core in its [`Counters`] block.
+//! - The steady state allocates nothing per packet: the queue, the scratch
+//!   vectors and the buffers are reused.
+//!
+//! Router behaviour on the way: TTL decrement and Time Exceeded (RFC 1812
+//! §5.3.1), Fragmentation Needed for DF packets too big for the egress
+//! (RFC 1191, RFC 4787 REQ-13) and fragmenting the others (REQ-13a), a TSO
+//! super-frame's segment size cut to the egress MTU, and a global ICMP error
+//! rate limit (RFC 1812 §4.3.2.8) with Fragmentation Needed exempt.
+mod errors;
+mod frags;
+mod translate;
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use smoltcp::wire::EthernetAddress;
+
+use super::buf::{Buf, Pool};
+use super::classify::{classify, Disposition};
+use super::stats::{Counter, Counters};
+use crate::nat::frag::{FragCache, FragKey, Release};
+use crate::nat::{Flow, FlowTable, InKey, TcpFlags, TcpSeg};
+use crate::policy::{Addressing, Egress, Side};
+use crate::wire::icmp::IcmpRateLimit;
+use crate::wire::vnet::VnetHdr;
+use crate::wire::{self, End, IcmpErrorKind, Ipv4View, L4Csum, L4};
+use errors::Refusal;
+use translate::Transport;
+
+/// At most this many routed sessions per worker.
+const ROUTED_MAX: usize = 65536;
+/// Routed sessions are swept for idleness at most this often.
+const ROUTED_SWEEP_MS: u64 = 1000;
+
+/// How the non-first fragments of a datagram are rewritten: the address at
+/// one end (they carry no ports), and where they go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FragRewrite {
+    pub end: End,
+    pub addr: Ipv4Addr,
+    pub egress: Side,
+    pub next_hop: Ipv4Addr,
+}
+
+/// A transit packet handed from the worker that read it to its owner, with
+/// what classification found out about it.
+pub struct Packet {
+    pub buf: Buf,
+    pub view: Ipv4View,
+    pub from: Side,
+    pub egress: Egress,
+}
+
+/// What to do with a frame (or a piece of one): the core's verdict.
+pub enum Action {
+    /// Write `buf` to our queue of `side`; its MACs are set.
+    Send { side: Side, buf: Buf },
+    /// Worker `worker` owns this packet: hand it over.
+    HandOff { worker: usize, packet: Packet },
+    /// For the gateway's own stack (ARP for it, echo to it): the control thread.
+    Local { side: Side, buf: Buf },
+    /// Translated, but the MAC of `next_hop` is unknown: the control thread
+    /// resolves it and sends the frame to `side`.
+    Resolve {
+        side: Side,
+        next_hop: Ipv4Addr,
+        buf: Buf,
+    },
+    /// Count `why`, send an ICMP error of `kind` about `buf` (whose headers
+    /// `view` describes, untouched) back to `to` from the gateway's address
+    /// there, and free `buf`. The rate limit was already applied.
+    Reject {
+        to: Side,
+        kind: IcmpErrorKind,
+        why: Counter,
+        view: Ipv4View,
+        buf: Buf,
+    },
+    /// Count `why` and free `buf`.
+    Drop { why: Counter, buf: Buf },
+    /// A pod (address, MAC) not reported before: tell the control thread.
+    Seen { ip: Ipv4Addr, mac: EthernetAddress },
+    /// Worker `worker` tracks the fragments of datagram `key`: tell it how
+    /// the first fragment was rewritten.
+    FragNews {
+        worker: usize,
+        key: FragKey,
+        rewrite: FragRewrite,
+    },
+}
+
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Send { side, buf } => write!(f, "Send({side:?}, {} B)", buf.frame().len()),
+            Action::HandOff { worker, .. } => write!(f, "HandOff({worker})"),
+            Action::Local { side, .. } => write!(f, "Local({side:?})"),
+            Action::Resolve { side, next_hop, .. } => write!(f, "Resolve({side:?}, {next_hop})"),
+            Action::Reject { to, kind, why, .. } => write!(f, "Reject({to:?}, {kind:?}, {why:?})"),
+            Action::Drop { why, .. } => write!(f, "Drop({why:?})"),
+            Action::Seen { ip, mac } => write!(f, "Seen({ip}, {mac})"),
+            Action::FragNews { worker, key, .. } => write!(f, "FragNews({worker}, {key:?})"),
+        }
+    }
+}
+
+/// The queue of actions a call pushes onto; owned by the caller and reused.
+pub type Actions = Vec<Action>;
+
+/// What the router checks decided about a packet to forward.
+#[derive(Debug, Clone, Copy)]
+struct Fit {
+    /// The form of the transport checksum (offloaded or complete).
+    csum: L4Csum,
+    /// Larger than the egress MTU without DF: fragment it.
+    split: bool,
+    mtu: usize,
+}
+
+/// Everything one worker's core is made of.
+pub struct CoreParts {
+    /// This worker's index and the number of workers.
+    pub worker: usize,
+    pub workers: usize,
+    pub addressing: Arc<Addressing>,
+    /// The flow shard: outside ports `p % workers == worker`.
+    pub table: FlowTable,
+    /// The fragment cache; None when fragment handling is off.
+    pub frags: Option<FragCache<FragRewrite, Buf>>,
+    /// This worker's share of the ICMP error budget; None for no limit.
+    pub icmp_limit: Option<IcmpRateLimit>,
+    /// Where buffers for fragments come from and go back to.
+    pub pool: Pool,
+    pub counters: Arc<Counters>,
+}
+
+/// One worker's translation state. See the module docs for the contract.
+pub struct Core {
+    k: usize,
+    n: usize,
+    a: Arc<Addressing>,
+    table: FlowTable,
+    frags: Option<FragCache<FragRewrite, Buf>>,
+    icmp_limit: Option<IcmpRateLimit>,
+    pool: Pool,
+    c: Arc<Counters>,
+    /// Next-hop MACs, as the control thread announces them.
+    neighbours: HashMap<Ipv4Addr, EthernetAddress>,
+    /// Pod (address, MAC) pairs already reported to the control thread.
+    reported: HashMap<Ipv4Addr, EthernetAddress>,
+    /// Routed (untranslated, excluded-destination) sessions, by their pod-side
+    /// key, with the time last seen: only replies to these come back in.
+    routed: HashMap<InKey, u64>,
+    routed_swept_ms: u64,
+    /// Buffers the fragment cache handed back, processed after each call.
+    released: Vec<(Buf, Release)>,
+    /// Fragments of one packet being cut, before they are sent.
+    pieces: Vec<Buf>,
+}
+
+fn tcp_flags(flags: u8) -> TcpFlags {
+    TcpFlags {
+        syn: flags & wire::TCP_SYN != 0,
+        ack: flags & wire::TCP_ACK != 0,
+        fin: flags & wire::TCP_FIN != 0,
+        rst: flags & wire::TCP_RST != 0,
+    }
+}
+
+/// The TCP header fields the flow table tracks, read once per packet from
+/// the header `classify` checked (its length is in the view).
+fn tcp_seg(frame: &[u8], v: &Ipv4View) -> TcpSeg {
+    let L4::Tcp { flags, hlen, .. } = v.l4 else {
+        return TcpSeg::NONE;
+    };
+    let l4 = &frame[v.l4_offset()..];
+    let be32 = |at: usize| u32::from_be_bytes([l4[at], l4[at + 1], l4[at + 2], l4[at + 3]]);
+    TcpSeg {
+        flags: tcp_flags(flags),
+        seq: be32(4),
+        ack: be32(8),
+        window: u16::from_be_bytes([l4[14], l4[15]]),
+        payload_len: v.total_len.saturating_sub(v.ihl + usize::from(hlen)) as u32,
+    }
+}
+
+impl Core {
+    pub fn new(p: CoreParts) -> Core {
+        Core {
+            k: p.worker,
+            n: p.workers,
+            a: p.addressing,
+            table: p.table,
+            frags: p.frags,
+            icmp_limit: p.icmp_limit,
+            pool: p.pool,
+            c: p.counters,
+            neighbours: HashMap::new(),
+            reported: HashMap::new(),
+            routed: HashMap::new(),
+            routed_swept_ms: 0,
+            released: Vec::new(),
+            pieces: Vec::new(),
+        }
+    }
+
+    /// This worker's flow shard.
+    pub fn table(&self) -> &FlowTable {
+        &self.table
+    }
+
+    /// A copy of every flow of this shard.
+    pub fn flows(&self) -> Vec<Flow> {
+        self.table.iter().copied().collect()
+    }
+
+    /// The control thread learned (or changed) a neighbour.
+    pub fn neighbour(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
+        self.neighbours.insert(ip, mac);
+    }
+
+    /// One frame received on `side`.
+    pub fn frame(&mut self, side: Side, buf: Buf, now: u64, out: &mut Actions) {
+        let (disposition, seen) = classify(&self.a, side, buf.frame());
+        if let Some((ip, mac)) = seen {
+            if self.reported.get(&ip) != Some(&mac) {
+                self.reported.insert(ip, mac);
+                out.push(Action::Seen { ip, mac });
+            }
+        }
+        self.dispatch(side, disposition, buf, now, out);
+    }
+
+    /// A packet another worker read and handed to this one.
+    pub fn packet(&mut self, p: Packet, now: u64, out: &mut Actions) {
+        self.transit(p.from, p.buf, p.view, p.egress, now, out);
+    }
+
+    /// Periodic work: expiry of flows (at most `budget` slots), routed
+    /// sessions and held fragments.
+    pub fn tick(&mut self, now: u64, budget: usize, out: &mut Actions) {
+        self.table.expire(now, budget);
+        self.sweep_routed(now);
+        if let Some(frags) = &mut self.frags {
+            let released = &mut self.released;
+            frags.expire(now, &mut |b, r| released.push((b, r)));
+            self.drain_released(None, out);
+        }
+    }
+
+    fn dispatch(&mut self, side: Side, d: Disposition, buf: Buf, now: u64, out: &mut Actions) {
+        match d {
+            Disposition::Drop(why) => out.push(Action::Drop { why, buf }),
+            Disposition::Local => out.push(Action::Local { side, buf }),
+            Disposition::Transit { port, view, egress } => {
+                let owner = usize::from(port) % self.n;
+                if owner == self.k {
+                    self.transit(side, buf, view, egress, now, out);
+                } else {
+                    self.c.inc(Counter::HandedOff);
+                    let packet = Packet {
+                        buf,
+                        view,
+                        from: side,
+                        egress,
+                    };
+                    out.push(Action::HandOff {
+                        worker: owner,
+                        packet,
+                    });
+                }
+            }
+        }
+    }
+
+    fn transit(
+        &mut self,
+        side: Side,
+        buf: Buf,
+        view: Ipv4View,
+        egress: Egress,
+        now: u64,
+        out: &mut Actions,
+    ) {
+        match view.l4 {
+            L4::IcmpError { .. } => return self.icmp_error(side, buf, view, now, out),
+            L4::Fragment => return self.later_fragment(buf, view, now, out),
+            _ => {}
+        }
+        let Some(t) = Transport::of(&view) else {
+            let why = Counter::DropUnsupportedProtocol;
+            return out.push(Action::Drop { why, buf });
+        };
+        match side {
+            Side::Pod => self.in2out(buf, view, t, egress, now, out),
+            Side::Uplink => self.out2in(buf, view, t, egress, now, out),
+        }
+    }
+
+    /// Checks the egress MTU. A TSO super-frame is let through with its
+    /// segment size cut to fit (TCP may be segmented anywhere); a packet with
+    /// DF set must fit as it is; one without DF will be fragmented. Returns
+    /// the checksum form of the L4 field and whether to fragment.
+    fn offload_fit(
+        &self,
+        buf: &mut Buf,
+        view: &Ipv4View,
+        mtu: usize,
+    ) -> Result<(L4Csum, bool), Counter> {
+        let hdr = VnetHdr::parse(buf.vnet()).unwrap_or_default();
+        if hdr.is_gso() {
+            let L4::Tcp { hlen, .. } = view.l4 else {
+                return Err(Counter::DropUnsupportedProtocol);
+            };
+            self.c.inc(Counter::GsoFrames);
+            let max_seg = mtu.saturating_sub(view.ihl + usize::from(hlen));
+            if usize::from(hdr.gso_size) > max_seg {
+                let mut h = hdr;
+                h.gso_size = max_seg as u16;
+                h.write(buf.vnet_mut());
+            }
+        } else if view.total_len > mtu && view.dont_frag {
+            return Err(Counter::DropTooBig);
+        }
+        let csum = if hdr.partial_csum_at(view.l4_offset()) {
+            L4Csum::Partial
+        } else {
+            L4Csum::Full
+        };
+        Ok((csum, !hdr.is_gso() && view.total_len > mtu))
+    }
+
+    /// The router's checks before a packet is forwarded to `egress`: TTL
+    /// (Time Exceeded back to `from`), then the egress MTU. On refusal the
+    /// verdict is pushed and None returned.
+    fn forwardable(
+        &mut self,
+        from: Side,
+        egress: Side,
+        mut buf: Buf,
+        v: &Ipv4View,
+        now: u64,
+        out: &mut Actions,
+    ) -> Option<(Buf, Fit)> {
+        if v.ttl <= 1 {
+            let r = Refusal {
+                to: from,
+                kind: IcmpErrorKind::TTL_EXCEEDED,
+                why: Counter::DropTtlExceeded,
+            };
+            self.reject(r, buf, v, now, out);
+            return None;
+        }
+        let mtu = self.a.mtu(egress);
+        match self.offload_fit(&mut buf, v, mtu) {
+            Ok((csum, split)) => Some((buf, Fit { csum, split, mtu })),
+            // Too big with DF set: Fragmentation Needed with the MTU goes
+            // back (RFC 1191, RFC 4787 REQ-13).
+            Err(why) if why == Counter::DropTooBig && v.dont_frag => {
+                let kind = IcmpErrorKind::frag_needed(mtu as u16);
+                self.reject(
+                    Refusal {
+                        to: from,
+                        kind,
+                        why,
+                    },
+                    buf,
+                    v,
+                    now,
+                    out,
+                );
+                None
+            }
+            Err(why) => {
+                out.push(Action::Drop { why, buf });
+                None
+            }
+        }
+    }
+
+    /// Sends a translated packet, fragmenting it first when it must be.
+    fn send_on(&mut self, side: Side, next_hop: Ipv4Addr, buf: Buf, fit: Fit, out: &mut Actions) {
+        if fit.split {
+            return self.emit_fragmented(side, next_hop, buf, fit.mtu, out);
+        }
+        self.emit(side, next_hop, buf, out);
+    }
+
+    /// A translated frame to `side`: its MACs set when the next hop is
+    /// known, else for the control thread to resolve.
+    fn emit(&mut self, side: Side, next_hop: Ipv4Addr, mut buf: Buf, out: &mut Actions) {
+        let Some(&mac) = self.neighbours.get(&next_hop) else {
+            out.push(Action::Resolve {
+                side,
+                next_hop,
+                buf,
+            });
+            return;
+        };
+        wire::set_macs(buf.frame_mut(), mac, self.a.mac(side));
+        out.push(Action::Send { side, buf });
+    }
+
+    /// Forgets idle routed sessions, once a second.
+    fn sweep_routed(&mut self, now: u64) {
+        if self.routed.is_empty() || now < self.routed_swept_ms + ROUTED_SWEEP_MS {
+            return;
+        }
+        self.routed_swept_ms = now;
+        let t = self.table.config().timeouts;
+        self.routed.retain(|k, seen| {
+            let idle = match k.proto {
+                crate::nat::Proto::Tcp => t.tcp_established_ms,
+                crate::nat::Proto::Udp => t.udp_ms,
+                crate::nat::Proto::Icmp => t.icmp_ms,
+            };
+            now < *seen + idle
+        });
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests;

@@ -1,0 +1,283 @@
+//! Starting a gateway, step by step: open the devices, build each worker's
+//! shard (flow table, fragment cache, ICMP budget: a [`Core`]), spawn the
+//! workers, spawn the control thread. Nothing here runs per packet.
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+
+use super::buf::{buffer_layout, Pool};
+use super::control::Control;
+use super::datapath::{Core, CoreParts};
+use super::stats::Counters;
+use super::worker::{Links, Worker};
+use super::{CtrlMsg, Gateway, GatewayError, Queues, Shared, Tuning, WorkerMsg};
+use crate::config::{self, Config};
+use crate::device::steer::{self, SteerBy};
+use crate::device::{FrameIo, Tap, TapError, TapOptions, Waker};
+use crate::nat::frag::{FragCache, FragCacheConfig};
+use crate::nat::{Filtering, FlowTable, TableConfig, Timeouts};
+use crate::policy::{forwarded_ports, Addressing};
+use crate::wire::icmp::IcmpRateLimit;
+
+/// A freed outside port is not handed out again for this long (RFC 6888
+/// REQ-8), so a remote host cannot mistake a new mapping for an old one.
+const PORT_REUSE_DELAY_MS: u64 = 120_000;
+/// Spare buffers the pool keeps.
+const POOL_KEEP: usize = 1024;
+/// Batches waiting for one worker before hand-offs to it are dropped.
+const WORKER_QUEUE: usize = 1024;
+/// Fragments and bytes one worker holds for datagrams whose first fragment
+/// has not arrived (virtual reassembly, README "NAT behaviour").
+const FRAGMENTS_HELD: usize = 256;
+const FRAGMENT_BYTES_HELD: usize = 4 << 20;
+
+/// TSO for IPv4 and IPv6 (with ECN) plus checksum offload: what we accept
+/// from the kernel. UDP segmentation offload is left off: a UDP super-frame's
+/// datagram boundaries could not be re-cut for a smaller egress MTU.
+const OFFLOADS: u32 = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
+
+impl Tuning {
+    fn from_config(config: &Config) -> Tuning {
+        Tuning {
+            offload: config.workers.offload,
+            busy_poll: config.workers.busy_poll,
+            pin: config.workers.pin,
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
+    let tuning = Tuning::from_config(config);
+    let n = match config.workers.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        t => t,
+    };
+    let shared = Arc::new(open_devices(config, n, tuning)?);
+    let seed = seed();
+    let counters: Vec<Arc<Counters>> = (0..=n).map(|_| Arc::default()).collect();
+    let cores = build_shards(config, &shared, n, seed, &counters[..n])?;
+    let (ctrl_tx, ctrl_rx) = unbounded();
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded(WORKER_QUEUE)).unzip();
+    let mut gateway = Gateway {
+        shared,
+        counters,
+        workers: senders,
+        threads: Vec::new(),
+    };
+    spawn_workers(&mut gateway, cores, receivers, &ctrl_tx)?;
+    spawn_control(&mut gateway, ctrl_rx, seed)?;
+    Ok(gateway)
+}
+
+/// Opens `n` queues of one TAP.
+fn open_queues(
+    name: &str,
+    netns: Option<&std::path::Path>,
+    mtu: u16,
+    n: usize,
+    offload: bool,
+) -> Result<Vec<Tap>, TapError> {
+    let opts = TapOptions {
+        multi_queue: true,
+        vnet_hdr: offload,
+    };
+    let first = Tap::open(name, netns, mtu, opts)?;
+    let mut queues = Vec::with_capacity(n);
+    for _ in 1..n {
+        queues.push(first.open_queue()?);
+    }
+    queues.insert(0, first);
+    Ok(queues)
+}
+
+fn boxed(taps: Vec<Tap>) -> Queues {
+    taps.into_iter()
+        .map(|t| Box::new(t) as Box<dyn FrameIo>)
+        .collect()
+}
+
+/// Opens both TAPs with a queue per worker, attaches the steering program
+/// and turns on offloads; the result is what every thread shares.
+fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, GatewayError> {
+    let (pod, uplink) = (&config.pod, &config.uplink);
+    let pod_q = open_queues(&pod.tap, pod.netns.as_deref(), pod.mtu, n, tuning.offload)
+        .map_err(GatewayError::PodDevice)?;
+    let uplink_q = open_queues(
+        &uplink.tap,
+        uplink.netns.as_deref(),
+        uplink.mtu,
+        n,
+        tuning.offload,
+    )
+    .map_err(GatewayError::UplinkDevice)?;
+    // Steer each frame to its owner's queue in the kernel already; only a
+    // hint (a frame on the wrong queue is handed over), so failure is fine.
+    let steering = n > 1
+        && steer::attach(&pod_q[0], SteerBy::SourcePort).is_ok()
+        && steer::attach(&uplink_q[0], SteerBy::DestinationPort).is_ok();
+    if tuning.offload {
+        pod_q[0]
+            .set_offload(OFFLOADS)
+            .map_err(|e| GatewayError::Offload("pod", e))?;
+        uplink_q[0]
+            .set_offload(OFFLOADS)
+            .map_err(|e| GatewayError::Offload("uplink", e))?;
+    }
+    let (hdr, size) = buffer_layout(tuning.offload, usize::from(pod.mtu.max(uplink.mtu)));
+    Shared::new(
+        Addressing::from_config(config),
+        boxed(pod_q),
+        boxed(uplink_q),
+        Pool::new(POOL_KEEP, size, hdr),
+        tuning,
+        steering,
+    )
+}
+
+impl Shared {
+    /// What the threads share, with a waker per worker and one for the
+    /// control thread; `pod` and `uplink` hold one queue per worker.
+    pub(super) fn new(
+        addressing: Addressing,
+        pod: Queues,
+        uplink: Queues,
+        pool: Pool,
+        tuning: Tuning,
+        steering: bool,
+    ) -> Result<Shared, GatewayError> {
+        let wakers = (0..pod.len())
+            .map(|_| Waker::new())
+            .collect::<Result<_, _>>()
+            .map_err(GatewayError::Waker)?;
+        Ok(Shared {
+            addressing: Arc::new(addressing),
+            pod,
+            uplink,
+            wakers,
+            ctrl_waker: Waker::new().map_err(GatewayError::Waker)?,
+            stop: AtomicBool::new(false),
+            pool,
+            start: Instant::now(),
+            tuning,
+            steering,
+        })
+    }
+}
+
+/// The flow table of worker `k` of `n`, with the port forwards it owns.
+fn flow_table(config: &Config, k: usize, n: usize, seed: u64) -> Result<FlowTable, GatewayError> {
+    let t = &config.nat.timeouts;
+    let mut table = FlowTable::new(TableConfig {
+        worker: k as u16,
+        workers: n as u16,
+        port_first: config.nat.ports.first,
+        port_last: config.nat.ports.last,
+        max_flows: config.nat.max_flows.div_ceil(n),
+        timeouts: Timeouts {
+            tcp_established_ms: ms(t.tcp_established),
+            tcp_transitory_ms: ms(t.tcp_transitory),
+            udp_ms: ms(t.udp),
+            icmp_ms: ms(t.icmp),
+        },
+        seed: seed.rotate_left(k as u32 * 7) ^ k as u64,
+        filtering: match config.nat.filtering {
+            config::Filtering::EndpointIndependent => Filtering::EndpointIndependent,
+            config::Filtering::Address => Filtering::Address,
+            config::Filtering::AddressAndPort => Filtering::AddressAndPort,
+        },
+        port_reuse_delay_ms: PORT_REUSE_DELAY_MS,
+    });
+    for (proto, ext, to, to_port) in forwarded_ports(&config.forward) {
+        if usize::from(ext) % n == k {
+            table
+                .add_forward(proto, config.uplink.address.addr, ext, to, to_port)
+                .map_err(|e| GatewayError::Forward(ext, e))?;
+        }
+    }
+    Ok(table)
+}
+
+/// One [`Core`] per worker: its flow shard, fragment cache and share of
+/// the ICMP error budget.
+fn build_shards(
+    config: &Config,
+    shared: &Shared,
+    n: usize,
+    seed: u64,
+    counters: &[Arc<Counters>],
+) -> Result<Vec<Core>, GatewayError> {
+    let nat = &config.nat;
+    let share = |v: u32| (v / n as u32).max(1);
+    let mut cores = Vec::with_capacity(n);
+    for (k, c) in counters.iter().enumerate() {
+        let icmp_limit = (nat.icmp_errors_per_sec > 0).then(|| {
+            IcmpRateLimit::new(share(nat.icmp_errors_per_sec), share(nat.icmp_errors_burst))
+        });
+        let frags = (nat.fragments_max > 0).then(|| {
+            FragCache::new(FragCacheConfig {
+                max_datagrams: nat.fragments_max.div_ceil(n),
+                max_held_fragments: FRAGMENTS_HELD,
+                max_held_bytes: FRAGMENT_BYTES_HELD,
+                timeout_ms: ms(nat.timeouts.fragment),
+            })
+        });
+        cores.push(Core::new(CoreParts {
+            worker: k,
+            workers: n,
+            addressing: shared.addressing.clone(),
+            table: flow_table(config, k, n, seed)?,
+            frags,
+            icmp_limit,
+            pool: shared.pool.clone(),
+            counters: c.clone(),
+        }));
+    }
+    Ok(cores)
+}
+
+fn spawn_workers(
+    gw: &mut Gateway,
+    cores: Vec<Core>,
+    receivers: Vec<Receiver<WorkerMsg>>,
+    ctrl: &Sender<CtrlMsg>,
+) -> Result<(), GatewayError> {
+    for (k, (core, rx)) in cores.into_iter().zip(receivers).enumerate() {
+        let links = Links {
+            rx,
+            peers: gw.workers.clone(),
+            ctrl: ctrl.clone(),
+        };
+        let w = Worker::new(k, core, gw.shared.clone(), gw.counters[k].clone(), links);
+        let t = std::thread::Builder::new()
+            .name(format!("tapnat-w{k}"))
+            .spawn(move || w.run())
+            .map_err(GatewayError::Thread)?;
+        gw.threads.push(t);
+    }
+    Ok(())
+}
+
+fn spawn_control(gw: &mut Gateway, rx: Receiver<CtrlMsg>, seed: u64) -> Result<(), GatewayError> {
+    let c = gw.counters[gw.workers.len()].clone();
+    let ctl = Control::new(gw.shared.clone(), c, gw.workers.clone(), rx, seed);
+    let t = std::thread::Builder::new()
+        .name("tapnat-ctl".into())
+        .spawn(move || ctl.run())
+        .map_err(GatewayError::Thread)?;
+    gw.threads.push(t);
+    Ok(())
+}
