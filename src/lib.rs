@@ -1,6 +1,6 @@
 //! tapnat: a userspace IPv4 masquerading NAT gateway between two TAP devices.
 //!
-//! Layers, bottom to top; each uses only the ones above it in this list:
+//! Layers, bottom to top; each uses only the ones before it in this list:
 //!
 //! - [`net`]: plain network types (`Ipv4Net`, `PortRange`).
 //! - [`config`]: the configuration file, environment overrides, validation.
@@ -12,9 +12,11 @@
 //!   workers; its `sys` module is the only place with `unsafe`.
 //! - [`gateway`]: the translation core (`gateway::datapath`, decisions with
 //!   no I/O), the workers that carry its actions out, and the control thread.
-//! - [`ops`]: the control socket and the reports, reading a running gateway.
+//! - [`ops`]: the control socket, flow filters, reports and Prometheus
+//!   metrics, reading a running gateway.
 //! - [`lab`] (feature `lab`, on by default): throwaway namespaces and
-//!   kernel-socket probes for `tapnat demo`, `tapnat bench` and the tests.
+//!   kernel-socket probes for `tapnat demo`, `tapnat bench`, `tapnat soak`
+//!   and the tests.
 //!   The product library builds without it (`--no-default-features`).
 pub mod config;
 pub mod device;
