@@ -95,6 +95,8 @@ impl Control {
         let gw = self.shared.addressing.uplink_gateway;
         self.send_arp_request(Side::Uplink, gw);
         while !self.shared.stop.load(Ordering::Relaxed) {
+            #[cfg(debug_assertions)]
+            self.shared.fault_point(self.workers.len());
             let _ = poller.wait(Some(Duration::from_millis(250)));
             if poller.readable(wake) {
                 self.shared.ctrl_waker.drain();
