@@ -103,7 +103,7 @@ impl MainError {
             MainError::Control(_) => 69,
             MainError::Refused(_) => 77,
             MainError::Panicked(_) | MainError::Failed(Failure::Panicked { .. }) => 70,
-            MainError::Failed(Failure::DeviceGone { .. }) => 74,
+            MainError::Failed(Failure::DeviceGone { .. } | Failure::NamespaceGone { .. }) => 74,
         })
     }
 }

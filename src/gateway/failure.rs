@@ -32,6 +32,14 @@ pub enum Failure {
         #[source]
         error: io::Error,
     },
+    /// The network namespace a device lives in was deleted (its name is
+    /// gone; the TAP in it can no longer be reached by anyone).
+    #[error("{} TAP {device} went away: its namespace {} was deleted", side_name(*side), netns.display())]
+    NamespaceGone {
+        side: Side,
+        device: String,
+        netns: std::path::PathBuf,
+    },
 }
 
 fn side_name(side: Side) -> &'static str {

@@ -119,6 +119,9 @@ pub(crate) struct Shared {
     steering: bool,
     /// The pod and uplink device names, for messages.
     names: [String; 2],
+    /// The devices' namespaces (pod, uplink), watched by the control thread
+    /// for deletion; `None` when neither can be watched.
+    netns_watch: Option<(crate::device::NetnsWatch, [Option<std::path::PathBuf>; 2])>,
     /// Why the gateway stopped by itself (see [`failure`]); bounded, the
     /// first failure is the one that matters.
     failures: (Sender<Failure>, Receiver<Failure>),
@@ -190,6 +193,8 @@ pub enum GatewayError {
     Offload(&'static str, #[source] std::io::Error),
     #[error("cannot create a wake-up eventfd")]
     Waker(#[source] std::io::Error),
+    #[error("cannot watch the devices' namespaces")]
+    NetnsWatch(#[source] std::io::Error),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
     #[error("cannot set up the forward of port {0}")]

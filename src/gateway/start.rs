@@ -16,7 +16,7 @@ use super::worker::{Links, Worker};
 use super::{CtrlMsg, Gateway, GatewayError, Queues, Shared, Tuning, WorkerMsg};
 use crate::config::{self, Config};
 use crate::device::steer::{self, SteerBy};
-use crate::device::{FrameIo, Tap, TapError, TapOptions, Waker};
+use crate::device::{FrameIo, NetnsWatch, Tap, TapError, TapOptions, Waker};
 use crate::nat::frag::{FragCache, FragCacheConfig};
 use crate::nat::{Filtering, FlowTable, TableConfig, Timeouts};
 use crate::policy::{forwarded_ports, Addressing};
@@ -152,6 +152,15 @@ fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, Gat
         steering,
     )?;
     shared.names = names;
+    let netns = [pod.netns.clone(), uplink.netns.clone()];
+    let watched: Vec<(usize, &std::path::Path)> = netns
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| Some((i, p.as_deref()?)))
+        .collect();
+    shared.netns_watch = NetnsWatch::new(&watched)
+        .map_err(GatewayError::NetnsWatch)?
+        .map(|w| (w, netns));
     Ok(shared)
 }
 
@@ -183,6 +192,7 @@ impl Shared {
             tuning,
             steering,
             names: ["pod".into(), "uplink".into()],
+            netns_watch: None,
             failures: bounded(FAILURES_KEPT),
             live_flows,
             #[cfg(debug_assertions)]
