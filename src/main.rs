@@ -38,6 +38,10 @@ usage:
   tapnat soak [--minutes M] [--interval S] [--connects-per-s N] [--udp-burst N]
                                 a bounded run with churning flows: resident memory and live flows over time (root)
 
+exit status: 0 clean stop, 64 bad command line, 69 a device could not be opened (or no gateway
+  answers), 70 a thread of the running gateway panicked, 71 no signal handlers, 74 a device (or its
+  namespace) went away under the running gateway, 77 refused by the gateway, 78 bad config
+
 environment: TAPNAT_SECTION__KEY=value overrides a key (e.g. TAPNAT_POD__TAP=tap9)";
 
 /// A line on stderr; a closed or full stderr is ignored, never fatal
@@ -92,6 +96,9 @@ enum MainError {
 }
 
 impl MainError {
+    /// sysexits(3) codes, as listed in the usage text: 70 (`EX_SOFTWARE`)
+    /// for a panicked thread, 74 (`EX_IOERR`) for a device that went away,
+    /// so a supervisor tells them from a device that never opened (69).
     fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
             MainError::Usage(_) => 64,

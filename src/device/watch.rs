@@ -28,8 +28,8 @@ impl NetnsWatch {
     pub fn new(paths: &[(usize, &Path)]) -> io::Result<Option<NetnsWatch>> {
         let paths: Vec<(usize, PathBuf)> = paths
             .iter()
-            .filter(|(_, p)| !p.starts_with("/proc"))
-            .filter_map(|(i, p)| Some((*i, p.to_path_buf())).filter(|(_, p)| p.parent().is_some()))
+            .filter(|(_, p)| !p.starts_with("/proc") && p.parent().is_some())
+            .map(|(i, p)| (*i, p.to_path_buf()))
             .collect();
         if paths.is_empty() {
             return Ok(None);

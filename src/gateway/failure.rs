@@ -93,8 +93,9 @@ impl Shared {
     /// Reports `failure` (the first one is what the gateway's runner sees;
     /// later ones are a consequence) and stops every thread.
     pub(super) fn fail(&self, failure: Failure) {
-        let _ = self.failures.0.try_send(failure);
+        // Stop first, so that whoever sees the failure also sees the stop.
         self.stop.store(true, Ordering::SeqCst);
+        let _ = self.failures.0.try_send(failure);
         for w in &self.wakers {
             w.wake();
         }

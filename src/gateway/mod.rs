@@ -31,7 +31,7 @@ mod buf;
 mod classify;
 mod control;
 pub mod datapath;
-mod failure;
+pub(crate) mod failure;
 mod local;
 mod start;
 pub mod stats;
