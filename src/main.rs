@@ -2,13 +2,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use sd_notify::NotifyState;
+#[cfg(debug_assertions)]
+use signal_hook::consts::SIGUSR2;
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use tapnat::config::{Config, ConfigError, Reason};
-use tapnat::gateway::{Gateway, GatewayError};
+use tapnat::gateway::{panic_message, thread_role, Failure, Gateway, GatewayError};
 use tapnat::ops::filter::FlowFilter;
-use tapnat::ops::metrics::{self, MetricsServer};
+use tapnat::ops::metrics::{self, MetricsServer, TableSize};
 use tapnat::ops::report::{self, Format};
 use tapnat::ops::socket::{self, Access, Request, Response};
 
@@ -34,6 +37,10 @@ usage:
                                 measure tapnat against kernel MASQUERADE, a bare TAP copy, pasta, slirp4netns (root)
   tapnat soak [--minutes M] [--interval S] [--connects-per-s N] [--udp-burst N]
                                 a bounded run with churning flows: resident memory and live flows over time (root)
+
+exit status: 0 clean stop, 64 bad command line, 69 a device could not be opened (or no gateway
+  answers), 70 a thread of the running gateway panicked, 71 no signal handlers, 74 a device (or its
+  namespace) went away under the running gateway, 77 refused by the gateway, 78 bad config
 
 environment: TAPNAT_SECTION__KEY=value overrides a key (e.g. TAPNAT_POD__TAP=tap9)";
 
@@ -78,9 +85,20 @@ enum MainError {
     Control(#[source] std::io::Error),
     #[error("the gateway refused: {0}")]
     Refused(String),
+    /// A thread of the running gateway panicked: "worker 1 panicked at
+    /// FILE:LINE:COL: MESSAGE".
+    #[error("{0}")]
+    Panicked(String),
+    /// A device went away under the running gateway (or a thread panicked,
+    /// when the panic hook's report was not there first).
+    #[error(transparent)]
+    Failed(Failure),
 }
 
 impl MainError {
+    /// sysexits(3) codes, as listed in the usage text: 70 (`EX_SOFTWARE`)
+    /// for a panicked thread, 74 (`EX_IOERR`) for a device that went away,
+    /// so a supervisor tells them from a device that never opened (69).
     fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
             MainError::Usage(_) => 64,
@@ -91,6 +109,8 @@ impl MainError {
             MainError::Demo(_) | MainError::Bench(_) | MainError::Soak(_) => 1,
             MainError::Control(_) => 69,
             MainError::Refused(_) => 77,
+            MainError::Panicked(_) | MainError::Failed(Failure::Panicked { .. }) => 70,
+            MainError::Failed(Failure::DeviceGone { .. } | Failure::NamespaceGone { .. }) => 74,
         })
     }
 }
@@ -238,11 +258,100 @@ fn load(f: &Flags) -> Result<Config, MainError> {
     Ok(config)
 }
 
+/// What the main thread of `tapnat run` waits for besides the gateway's
+/// own failures.
+enum Event {
+    Signal(i32),
+    /// A panic in one of tapnat's threads, as the panic hook saw it.
+    Panicked(String),
+}
+
+/// Reports a panic in any tapnat thread (gateway, control socket, metrics)
+/// to the main thread as one line, instead of the default hook's text; the
+/// main thread then stops the gateway and exits 70. A panic elsewhere (the
+/// main thread) gets the default hook.
+fn report_panics(events: Sender<Event>) {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        match thread.name().and_then(thread_role) {
+            Some(role) => {
+                let at = info
+                    .location()
+                    .map(|l| format!(" at {l}"))
+                    .unwrap_or_default();
+                let message = panic_message(info.payload());
+                let _ = events.send(Event::Panicked(format!("{role} panicked{at}: {message}")));
+            }
+            None => default_hook(info),
+        }
+    }));
+}
+
+/// Forwards signals into `events` on a thread of their own, so that the
+/// main thread waits for a signal and a gateway failure at once.
+fn forward_signals(mut signals: Signals, events: Sender<Event>) -> Result<(), MainError> {
+    std::thread::Builder::new()
+        .name("tapnat-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if events.send(Event::Signal(sig)).is_err() {
+                    break;
+                }
+            }
+        })
+        .map(drop)
+        .map_err(MainError::Signals)
+}
+
+/// Waits until a signal asks the gateway to stop (`Ok`) or it failed by
+/// itself (`Err`); SIGUSR1 prints flows and counters on the way.
+fn wait(gw: &Gateway, events: &Receiver<Event>) -> Result<(), MainError> {
+    let failures = gw.failures();
+    loop {
+        select! {
+            recv(events) -> e => match e {
+                Ok(Event::Signal(SIGUSR1)) => {
+                    say_raw!("{}", report::flows(&gw.flows()));
+                    say_raw!("{}", report::stats(&gw.stats()));
+                }
+                // TEST-ONLY fault hook (debug builds only): SIGUSR2 makes
+                // the last worker panic; see `Gateway::inject_panic`.
+                #[cfg(debug_assertions)]
+                Ok(Event::Signal(SIGUSR2)) => gw.inject_panic(gw.workers() - 1),
+                Ok(Event::Signal(_)) | Err(_) => return Ok(()),
+                Ok(Event::Panicked(text)) => return Err(MainError::Panicked(text)),
+            },
+            recv(failures) -> f => {
+                let Ok(f) = f else { return Ok(()) };
+                // The panic hook's line names the place as well; prefer it.
+                if let Failure::Panicked { .. } = f {
+                    let hooked = events.try_iter().find_map(|e| match e {
+                        Event::Panicked(text) => Some(text),
+                        Event::Signal(_) => None,
+                    });
+                    if let Some(text) = hooked {
+                        return Err(MainError::Panicked(text));
+                    }
+                }
+                return Err(MainError::Failed(f));
+            },
+        }
+    }
+}
+
 fn run(args: &[String]) -> Result<(), MainError> {
     let f = flags(args, Takes::Config)?;
     let config = load(&f)?;
     let access = control_access(&config)?;
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1]).map_err(MainError::Signals)?;
+    #[cfg(not(debug_assertions))]
+    let signals = Signals::new([SIGINT, SIGTERM, SIGUSR1]).map_err(MainError::Signals)?;
+    #[cfg(debug_assertions)]
+    let signals = Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGUSR2]).map_err(MainError::Signals)?;
+    let signal_handle = signals.handle();
+    let (events_tx, events) = unbounded();
+    report_panics(events_tx.clone());
+    forward_signals(signals, events_tx)?;
     let gw = Gateway::start(&config)?;
     let path = f
         .control
@@ -260,10 +369,15 @@ fn run(args: &[String]) -> Result<(), MainError> {
         }
     };
     // Likewise without its metrics endpoint.
+    let limit = config.nat.max_flows as u64;
     let _metrics = config.metrics.listen.and_then(|addr| {
         let observer = gw.observer();
         match MetricsServer::serve(addr.into(), move || {
-            metrics::exposition(&observer.stats(), None)
+            let table = TableSize {
+                entries: observer.flow_count(),
+                limit,
+            };
+            metrics::exposition(&observer.stats(), Some(table))
         }) {
             Ok(m) => Some(m),
             Err(e) => {
@@ -293,17 +407,14 @@ fn run(args: &[String]) -> Result<(), MainError> {
     // run (a no-op without $NOTIFY_SOCKET).
     let status = format!("forwarding {} -> {}", a.pod_net, a.uplink_net);
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
-    for sig in signals.forever() {
-        if sig == SIGUSR1 {
-            say_raw!("{}", report::flows(&gw.flows()));
-            say_raw!("{}", report::stats(&gw.stats()));
-            continue;
-        }
-        break;
-    }
+    let outcome = wait(&gw, &events);
+    signal_handle.close();
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
     let stats = gw.stats();
+    // Every thread stops and every queue closes, so a TAP the gateway
+    // created goes away, on a failure as on a signal.
     gw.stop();
+    outcome?;
     say_raw!("{}", report::stats(&stats));
     say!("tapnat: stopped");
     Ok(())

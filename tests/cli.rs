@@ -349,6 +349,9 @@ struct Running(std::process::Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return; // exited already (and reaped): its PID is no longer ours
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
             .status();
@@ -436,6 +439,17 @@ fn clients_find_the_gateway_by_its_config_and_metrics_count_traffic() {
     assert_eq!(replies.len(), 3);
     let after = scrape();
     assert_eq!(sample(&after, in2out), Some(before + 3.0), "{after}");
+    // The live-flow gauge (each worker's published count, no table copy).
+    assert_eq!(
+        sample(&after, "tapnat_conntrack_entries"),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "tapnat_conntrack_entries_limit"),
+        Some(262144.0),
+        "{after}"
+    );
     assert!(
         after.contains("# TYPE tapnat_drops_total counter"),
         "{after}"
@@ -458,4 +472,152 @@ fn clients_find_the_gateway_by_its_config_and_metrics_count_traffic() {
     assert_eq!(stats["counters"]["in2out_packets"], 3, "{stats}");
     drop(run);
     assert!(!control.exists(), "control socket left behind");
+}
+
+/// How a `tapnat run` that was made to fail ended.
+struct Ended {
+    /// `None`: still running `within` after the fault (then killed).
+    code: Option<i32>,
+    /// From the fault to the exit.
+    took: Duration,
+    stderr: String,
+}
+
+/// Runs `tapnat run` with two workers between `lab`'s namespaces, waits for
+/// both TAPs, calls `fault` with the child's PID and waits up to `within`
+/// for it to exit.
+fn run_until_it_fails(lab: &Lab, tag: &str, within: Duration, fault: impl FnOnce(u32)) -> Ended {
+    let control =
+        std::env::temp_dir().join(format!("tapnat-cli-{tag}-{}.sock", std::process::id()));
+    let text = format!(
+        "[pod]\nnetns = \"{}\"\n[uplink]\nnetns = \"{}\"\n[workers]\nthreads = 2\n\
+         [control]\nsocket = \"{}\"\n",
+        lab.pod.path().display(),
+        lab.ext.path().display(),
+        control.display()
+    );
+    let f = TempConfig::new(tag, &text);
+    let mut run = Running(
+        tapnat()
+            .args(["run", "--config"])
+            .arg(&f.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    lab.pod
+        .wait_for_link("tapnat0", Duration::from_secs(2))
+        .unwrap();
+    lab.ext
+        .wait_for_link("tapnat1", Duration::from_secs(2))
+        .unwrap();
+    // Running, with its control socket up: the threads are all started.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !control.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    fault(run.0.id());
+    let code = loop {
+        if let Some(s) = run.0.try_wait().unwrap() {
+            break s.code();
+        }
+        if started.elapsed() > within {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = started.elapsed();
+    let mut stderr = String::new();
+    if code.is_some() {
+        if let Some(mut e) = run.0.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+        }
+    }
+    drop(run);
+    Ended { code, took, stderr }
+}
+
+/// Whether `dev` is gone from `ns` within a few seconds.
+fn link_gone(ns: &tapnat::lab::Netns, dev: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if ns.ip(&format!("link show {dev}")).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// The test-only fault hook (SIGUSR2 makes the last worker panic) exists in
+/// debug builds only, which is what `cargo test` runs.
+#[cfg(debug_assertions)]
+#[test]
+fn a_panicking_worker_stops_the_whole_gateway_with_status_70() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("cli-panic").unwrap();
+    let end = run_until_it_fails(&lab, "panic", Duration::from_secs(5), |pid| {
+        let _ = Command::new("kill")
+            .args(["-USR2", &pid.to_string()])
+            .status();
+    });
+    eprintln!("stopped {:?} after the fault", end.took);
+    assert_eq!(end.code, Some(70), "{}", end.stderr);
+    assert!(
+        end.stderr
+            .lines()
+            .any(|l| l.starts_with("tapnat: error: worker 1 panicked at ")
+                && l.ends_with(": test-only fault injected")),
+        "{}",
+        end.stderr
+    );
+    // One message, not the default hook's as well.
+    assert!(!end.stderr.contains("RUST_BACKTRACE"), "{}", end.stderr);
+    assert!(link_gone(&lab.pod, "tapnat0"), "pod TAP left behind");
+    assert!(link_gone(&lab.ext, "tapnat1"), "uplink TAP left behind");
+}
+
+#[test]
+fn deleting_the_pod_tap_stops_the_gateway_within_2s_with_status_74() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("cli-podgone").unwrap();
+    let end = run_until_it_fails(&lab, "podgone", Duration::from_secs(2), |_| {
+        lab.pod.ip("link del tapnat0").unwrap();
+    });
+    eprintln!("stopped {:?} after ip link del", end.took);
+    assert_eq!(end.code, Some(74), "{:?}: {}", end.took, end.stderr);
+    assert!(
+        end.stderr
+            .contains("tapnat: error: pod TAP tapnat0 went away"),
+        "{}",
+        end.stderr
+    );
+    assert!(link_gone(&lab.ext, "tapnat1"), "uplink TAP left behind");
+}
+
+#[test]
+fn deleting_the_uplink_namespace_stops_the_gateway_within_2s_with_status_74() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("cli-nsgone").unwrap();
+    let ext = lab.ext.name().to_owned();
+    let end = run_until_it_fails(&lab, "nsgone", Duration::from_secs(2), |_| {
+        tapnat::lab::ip(&["netns", "del", &ext]).unwrap();
+    });
+    eprintln!("stopped {:?} after ip netns del", end.took);
+    assert_eq!(end.code, Some(74), "{:?}: {}", end.took, end.stderr);
+    assert!(
+        end.stderr
+            .contains("tapnat: error: uplink TAP tapnat1 went away: its namespace"),
+        "{}",
+        end.stderr
+    );
+    assert!(link_gone(&lab.pod, "tapnat0"), "pod TAP left behind");
 }

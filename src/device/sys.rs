@@ -210,6 +210,24 @@ pub fn eventfd_nonblocking() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A new non-blocking, close-on-exec inotify instance.
+pub fn inotify_nonblocking() -> io::Result<OwnedFd> {
+    // SAFETY: inotify_init1 takes only flags; it returns a new descriptor or -1.
+    let fd = cvt(unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) })?;
+    // SAFETY: `fd` was just returned by inotify_init1, is open, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `inotify_add_watch(2)`: watch `path` for the events in `mask`.
+pub fn inotify_add_watch(fd: BorrowedFd<'_>, path: &std::path::Path, mask: u32) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `fd` is live and `c` is a NUL-terminated string that outlives the call.
+    cvt(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) })?;
+    Ok(())
+}
+
 /// `read(2)` into `buf`.
 pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `fd` is live and `buf` is valid for writes of `buf.len()` bytes for

@@ -11,6 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 use hashbrown::HashMap;
 use smoltcp::wire::EthernetAddress;
 
+use super::failure::Failure;
 use super::local::LocalStack;
 use super::stats::{Counter, Counters};
 use super::{Buf, CtrlMsg, Shared, Side, WorkerMsg};
@@ -91,13 +92,32 @@ impl Control {
     pub(super) fn run(mut self) {
         let mut poller = Poller::new();
         let wake = poller.add(self.shared.ctrl_waker.as_raw_fd());
+        let shared = self.shared.clone();
+        let watch = shared
+            .netns_watch
+            .as_ref()
+            .map(|(w, paths)| (poller.add(w.poll_fd()), w, paths));
         // Ask for the next hop's MAC at once, so the first packet out does not wait.
         let gw = self.shared.addressing.uplink_gateway;
         self.send_arp_request(Side::Uplink, gw);
         while !self.shared.stop.load(Ordering::Relaxed) {
+            #[cfg(debug_assertions)]
+            self.shared.fault_point(self.workers.len());
             let _ = poller.wait(Some(Duration::from_millis(250)));
             if poller.readable(wake) {
                 self.shared.ctrl_waker.drain();
+            }
+            if let Some((slot, w, paths)) = watch {
+                if poller.readable(slot) {
+                    if let Some(i) = w.gone() {
+                        let side = if i == 0 { Side::Pod } else { Side::Uplink };
+                        self.shared.fail(Failure::NamespaceGone {
+                            side,
+                            device: self.shared.name(side).to_owned(),
+                            netns: paths[i].clone().unwrap_or_default(),
+                        });
+                    }
+                }
             }
             while let Ok(msg) = self.rx.try_recv() {
                 self.handle(msg);

@@ -31,18 +31,19 @@ mod buf;
 mod classify;
 mod control;
 pub mod datapath;
+pub(crate) mod failure;
 mod local;
 mod start;
 pub mod stats;
 mod worker;
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use smoltcp::wire::EthernetAddress;
 
 use crate::device::{FrameIo, TapError, Waker};
@@ -52,6 +53,7 @@ pub use crate::policy::{paired_address, Addressing, Egress, Side};
 pub use buf::{Buf, Pool};
 pub use classify::Disposition;
 pub use datapath::{Action, Core, CoreParts, FragRewrite, Packet};
+pub use failure::{panic_message, thread_role, Failure};
 use stats::{Counters, Snapshot};
 
 /// To a worker.
@@ -115,9 +117,40 @@ pub(crate) struct Shared {
     tuning: Tuning,
     /// Whether the kernel steers frames to their owner's queue (eBPF).
     steering: bool,
+    /// The pod and uplink device names, for messages.
+    names: [String; 2],
+    /// The devices' namespaces (pod, uplink), watched by the control thread
+    /// for deletion; `None` when neither can be watched.
+    netns_watch: Option<(crate::device::NetnsWatch, [Option<std::path::PathBuf>; 2])>,
+    /// Why the gateway stopped by itself (see [`failure`]); bounded, the
+    /// first failure is the one that matters.
+    failures: (Sender<Failure>, Receiver<Failure>),
+    /// Live flows in worker k's table, stored by the worker once per loop
+    /// iteration (relaxed): a gauge that costs no worker a stall.
+    live_flows: Vec<AtomicU64>,
+    /// TEST-ONLY fault hook (debug builds only, never in a release binary):
+    /// thread index + 1 (workers 0..N, then the control thread) that is to
+    /// panic at its next loop iteration; 0 = none. See `Gateway::inject_panic`.
+    #[cfg(debug_assertions)]
+    fault: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
+    fn name(&self, side: Side) -> &str {
+        match side {
+            Side::Pod => &self.names[0],
+            Side::Uplink => &self.names[1],
+        }
+    }
+    /// TEST-ONLY fault hook: panics if thread `index` was asked to (debug
+    /// builds only; a release build has no such check).
+    #[cfg(debug_assertions)]
+    fn fault_point(&self, index: usize) {
+        if self.fault.load(Ordering::Relaxed) == index + 1 {
+            self.fault.store(0, Ordering::Relaxed);
+            panic!("test-only fault injected");
+        }
+    }
     fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
@@ -160,6 +193,8 @@ pub enum GatewayError {
     Offload(&'static str, #[source] std::io::Error),
     #[error("cannot create a wake-up eventfd")]
     Waker(#[source] std::io::Error),
+    #[error("cannot watch the devices' namespaces")]
+    NetnsWatch(#[source] std::io::Error),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
     #[error("cannot set up the forward of port {0}")]
@@ -203,6 +238,17 @@ impl Observer {
         }
         all
     }
+
+    /// Live flows in every worker's table, as each worker last published
+    /// it (at most one loop iteration old); unlike [`Observer::flows`] it
+    /// copies nothing and stalls no worker.
+    pub fn flow_count(&self) -> u64 {
+        self.shared
+            .live_flows
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 impl Gateway {
@@ -241,6 +287,34 @@ impl Gateway {
     /// A copy of every worker's flow table.
     pub fn flows(&self) -> Vec<Flow> {
         self.observer().flows()
+    }
+
+    /// Live flows in every worker's table (see [`Observer::flow_count`]).
+    pub fn flow_count(&self) -> u64 {
+        self.observer().flow_count()
+    }
+
+    /// Why the gateway stopped by itself: a gateway thread panicked or a
+    /// device went away. Nothing arrives while it runs well; once something
+    /// has, every thread is stopping and the runner should call
+    /// [`Gateway::stop`] and exit non-zero.
+    pub fn failures(&self) -> Receiver<Failure> {
+        self.shared.failures.1.clone()
+    }
+
+    /// TEST-ONLY fault hook, compiled into debug builds only (a release
+    /// binary has no such method and no check in any loop): makes thread
+    /// `index` panic at its next loop iteration, worker k for `index < N`,
+    /// the control thread for `index == N`. The end-to-end tests use it
+    /// (through `tapnat run`'s SIGUSR2, also debug-only) to prove that a
+    /// panic stops the whole gateway.
+    #[cfg(debug_assertions)]
+    pub fn inject_panic(&self, index: usize) {
+        self.shared.fault.store(index + 1, Ordering::Relaxed);
+        match self.shared.wakers.get(index) {
+            Some(w) => w.wake(),
+            None => self.shared.ctrl_waker.wake(),
+        }
     }
 
     /// A view of the counters and flows for another thread.

@@ -1,7 +1,7 @@
 //! Starting a gateway, step by step: open the devices, build each worker's
 //! shard (flow table, fragment cache, ICMP budget: a [`Core`]), spawn the
 //! workers, spawn the control thread. Nothing here runs per packet.
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,12 +10,13 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use super::buf::{buffer_layout, Pool};
 use super::control::Control;
 use super::datapath::{Core, CoreParts};
+use super::failure::guarded;
 use super::stats::Counters;
 use super::worker::{Links, Worker};
 use super::{CtrlMsg, Gateway, GatewayError, Queues, Shared, Tuning, WorkerMsg};
 use crate::config::{self, Config};
 use crate::device::steer::{self, SteerBy};
-use crate::device::{FrameIo, Tap, TapError, TapOptions, Waker};
+use crate::device::{FrameIo, NetnsWatch, Tap, TapError, TapOptions, Waker};
 use crate::nat::frag::{FragCache, FragCacheConfig};
 use crate::nat::{Filtering, FlowTable, TableConfig, Timeouts};
 use crate::policy::{forwarded_ports, Addressing};
@@ -32,6 +33,9 @@ const WORKER_QUEUE: usize = 1024;
 /// has not arrived (virtual reassembly, README "NAT behaviour").
 const FRAGMENTS_HELD: usize = 256;
 const FRAGMENT_BYTES_HELD: usize = 4 << 20;
+/// Failures kept for the runner: the first one says why; a few more (every
+/// worker seeing the same dead device) are kept, the rest dropped.
+const FAILURES_KEPT: usize = 16;
 
 /// TSO for IPv4 and IPv6 (with ECN) plus checksum offload: what we accept
 /// from the kernel. UDP segmentation offload is left off: a UDP super-frame's
@@ -138,14 +142,26 @@ fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, Gat
             .map_err(|e| GatewayError::Offload("uplink", e))?;
     }
     let (hdr, size) = buffer_layout(tuning.offload, usize::from(pod.mtu.max(uplink.mtu)));
-    Shared::new(
+    let names = [pod_q[0].name().to_owned(), uplink_q[0].name().to_owned()];
+    let mut shared = Shared::new(
         Addressing::from_config(config),
         boxed(pod_q),
         boxed(uplink_q),
         Pool::new(POOL_KEEP, size, hdr),
         tuning,
         steering,
-    )
+    )?;
+    shared.names = names;
+    let netns = [pod.netns.clone(), uplink.netns.clone()];
+    let watched: Vec<(usize, &std::path::Path)> = netns
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| Some((i, p.as_deref()?)))
+        .collect();
+    shared.netns_watch = NetnsWatch::new(&watched)
+        .map_err(GatewayError::NetnsWatch)?
+        .map(|w| (w, netns));
+    Ok(shared)
 }
 
 impl Shared {
@@ -163,6 +179,7 @@ impl Shared {
             .map(|_| Waker::new())
             .collect::<Result<_, _>>()
             .map_err(GatewayError::Waker)?;
+        let live_flows = (0..pod.len()).map(|_| AtomicU64::new(0)).collect();
         Ok(Shared {
             addressing: Arc::new(addressing),
             pod,
@@ -174,6 +191,12 @@ impl Shared {
             start: Instant::now(),
             tuning,
             steering,
+            names: ["pod".into(), "uplink".into()],
+            netns_watch: None,
+            failures: bounded(FAILURES_KEPT),
+            live_flows,
+            #[cfg(debug_assertions)]
+            fault: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 }
@@ -262,9 +285,10 @@ fn spawn_workers(
             ctrl: ctrl.clone(),
         };
         let w = Worker::new(k, core, gw.shared.clone(), gw.counters[k].clone(), links);
+        let shared = gw.shared.clone();
         let t = std::thread::Builder::new()
             .name(format!("tapnat-w{k}"))
-            .spawn(move || w.run())
+            .spawn(move || guarded(&shared, format!("worker {k}"), || w.run()))
             .map_err(GatewayError::Thread)?;
         gw.threads.push(t);
     }
@@ -274,9 +298,10 @@ fn spawn_workers(
 fn spawn_control(gw: &mut Gateway, rx: Receiver<CtrlMsg>, seed: u64) -> Result<(), GatewayError> {
     let c = gw.counters[gw.workers.len()].clone();
     let ctl = Control::new(gw.shared.clone(), c, gw.workers.clone(), rx, seed);
+    let shared = gw.shared.clone();
     let t = std::thread::Builder::new()
         .name("tapnat-ctl".into())
-        .spawn(move || ctl.run())
+        .spawn(move || guarded(&shared, "control thread".into(), || ctl.run()))
         .map_err(GatewayError::Thread)?;
     gw.threads.push(t);
     Ok(())

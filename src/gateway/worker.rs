@@ -10,6 +10,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::control::tx_counter;
 use super::datapath::{Action, Actions, Core, FragRewrite, Packet};
+use super::failure::{device_gone, Failure};
 use super::stats::{Counter, Counters};
 use super::{Buf, CtrlMsg, Shared, Side, WorkerMsg};
 use crate::device::Poller;
@@ -83,6 +84,8 @@ impl Worker {
         let busy = self.shared.tuning.busy_poll;
         let mut spin_until = Instant::now();
         while !self.shared.stop.load(Ordering::Relaxed) {
+            #[cfg(debug_assertions)]
+            self.shared.fault_point(self.k);
             let timeout = if !busy.is_zero() && Instant::now() < spin_until {
                 Duration::ZERO
             } else {
@@ -112,6 +115,7 @@ impl Worker {
             let now = self.shared.now_ms();
             self.core.tick(now, EXPIRE_BUDGET, &mut self.actions);
             self.carry_out();
+            self.shared.live_flows[self.k].store(self.core.table().len() as u64, Ordering::Relaxed);
         }
     }
 
@@ -164,6 +168,16 @@ impl Worker {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
                     ) {
                         self.c.inc(Counter::TapReadFails);
+                        // A dead fd stays dead: stop the gateway rather than
+                        // spin on poll(2) reporting POLLERR for ever.
+                        if device_gone(&e) {
+                            let device = self.shared.name(side).to_owned();
+                            self.shared.fail(Failure::DeviceGone {
+                                side,
+                                device,
+                                error: e,
+                            });
+                        }
                     }
                     return n;
                 }

@@ -30,10 +30,20 @@ struct Running {
 
 impl Running {
     fn start(s: Setup) -> Running {
+        Running::start_with(s, None)
+    }
+
+    /// As [`Running::start`], with `pod_queue` read and written instead of
+    /// the in-memory pod device; the worker runs guarded, as in a gateway.
+    fn start_with(s: Setup, pod_queue: Option<Box<dyn crate::device::FrameIo>>) -> Running {
         let r = rig(s);
         let pod = Arc::new(MemDevice::new().unwrap());
         let uplink = Arc::new(MemDevice::new().unwrap());
         let q = |d: &Arc<MemDevice>| -> Queues { vec![Box::new(d.clone())] };
+        let pod_queues = match pod_queue {
+            Some(d) => vec![d],
+            None => q(&pod),
+        };
         let tuning = Tuning {
             offload: false,
             busy_poll: Duration::ZERO,
@@ -42,7 +52,7 @@ impl Running {
         let shared = Arc::new(
             Shared::new(
                 (*r.a).clone(),
-                q(&pod),
+                pod_queues,
                 q(&uplink),
                 r.pool.clone(),
                 tuning,
@@ -59,7 +69,10 @@ impl Running {
         };
         let c = r.c.clone();
         let w = Worker::new(0, r.core, shared.clone(), c.clone(), links);
-        let thread = Some(std::thread::spawn(move || w.run()));
+        let guard = shared.clone();
+        let thread = Some(std::thread::spawn(move || {
+            crate::gateway::failure::guarded(&guard, "worker 0".into(), || w.run())
+        }));
         Running {
             pod,
             uplink,
@@ -180,4 +193,69 @@ fn unknown_next_hops_and_local_frames_go_to_the_control_thread() {
             Err(e) => panic!("no local frame: {e}"),
         }
     }
+}
+
+/// A queue whose device was deleted: poll(2) reports it (`POLLERR`, here an
+/// eventfd kept readable) and every read fails with `EBADFD`, as the tun
+/// driver does after `ip link del`.
+struct Deleted(crate::device::Waker);
+
+impl crate::device::FrameIo for Deleted {
+    fn read(&self, _: &mut [u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::from_raw_os_error(libc::EBADFD))
+    }
+    fn write(&self, _: &[u8]) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EBADFD))
+    }
+    fn poll_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+#[test]
+fn a_deleted_device_stops_the_worker_and_is_reported_once_not_spun_on() {
+    let gone = crate::device::Waker::new().unwrap();
+    gone.wake();
+    let mut w = Running::start_with(ONE, Some(Box::new(Deleted(gone))));
+    let failures = w.shared.failures.1.clone();
+    match failures.recv_timeout(WAIT) {
+        Ok(crate::gateway::Failure::DeviceGone {
+            side,
+            device,
+            error,
+        }) => {
+            assert_eq!(side, Side::Pod);
+            assert_eq!(device, "pod");
+            assert_eq!(error.raw_os_error(), Some(libc::EBADFD));
+        }
+        other => panic!("{other:?}"),
+    }
+    let t = w.thread.take().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !t.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(t.is_finished(), "the worker stopped by itself");
+    t.join().unwrap();
+    assert!(w.shared.stop.load(Ordering::SeqCst));
+    assert_eq!(w.c.get(Counter::TapReadFails), 1);
+    assert!(failures.try_recv().is_err());
+}
+
+#[cfg(debug_assertions)]
+#[test]
+fn a_panicking_worker_is_reported_by_name_and_stops_the_gateway() {
+    let mut w = Running::start(ONE);
+    w.shared.fault.store(1, Ordering::Relaxed);
+    w.shared.wakers[0].wake();
+    match w.shared.failures.1.recv_timeout(WAIT) {
+        Ok(crate::gateway::Failure::Panicked { thread, message }) => {
+            assert_eq!(thread, "worker 0");
+            assert_eq!(message, "test-only fault injected");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(w.shared.stop.load(Ordering::SeqCst));
+    // The panic was caught: the thread itself ends normally.
+    w.thread.take().unwrap().join().unwrap();
 }
