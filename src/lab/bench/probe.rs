@@ -560,7 +560,7 @@ mod tests {
         std::hint::black_box(x);
         let (p, m) = a.until(&CpuSample::now(Some(std::process::id())));
         let p = p.unwrap();
-        assert!((50.0..=250.0).contains(&p), "{p}% of a core while spinning");
+        assert!((5.0..=250.0).contains(&p), "{p}% of a core while spinning");
         assert!(m.unwrap() > 0.0);
     }
 }
