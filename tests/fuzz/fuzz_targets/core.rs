@@ -376,8 +376,12 @@ impl World {
         }
         let bump = u16::from(kind & 3 == 2); // from another port: filtering
         Some(match v.l4 {
-            L4::Tcp { sport, dport, .. } => build::tcp(&ep, dport + bump, sport, flags, &[]),
-            L4::Udp { sport, dport } => build::udp(&ep, dport + bump, sport, b"answer", true),
+            L4::Tcp { sport, dport, .. } => {
+                build::tcp(&ep, dport.wrapping_add(bump), sport, flags, &[])
+            }
+            L4::Udp { sport, dport } => {
+                build::udp(&ep, dport.wrapping_add(bump), sport, b"answer", true)
+            }
             L4::IcmpEcho { id, .. } => build::icmp_echo(&ep, kind & 4 != 0, id, 1, &[]),
             _ => return None,
         })
@@ -494,6 +498,12 @@ impl World {
             );
         } else {
             assert!(v.total_len <= mtu, "{} B over the MTU {mtu}", v.total_len);
+            // What the device writes: padding after the IP packet included.
+            assert!(
+                f.len() <= ETH_HLEN + mtu,
+                "{}-byte frame, MTU {mtu}",
+                f.len()
+            );
         }
         if l4_in && !v.is_fragment && !hdr.partial_csum_at(v.l4_offset()) {
             assert!(l4_ok_after_update(ip), "transport checksum of {v:?}");
