@@ -288,6 +288,9 @@ fn answer(to: u8, kind: u8, flags: u8) -> Vec<u8> {
     vec![2, 0, to, kind, flags]
 }
 
+/// A seed's name, setup bytes and operations.
+type CoreSeed<'a> = (&'a str, &'a [u8], Vec<Vec<u8>>);
+
 fn core_seeds() {
     const SYN: u8 = 0x02;
     const SYNACK: u8 = 0x12;
@@ -298,7 +301,7 @@ fn core_seeds() {
     let offload = [2u8, 0, 15, 0, 3, 3, 15, 3];
     let small_mtu = [0u8, 2, 15, 0, 3, 3, 15, 3];
     let tick = [3u8, 0, 10, 1, 4, 0, 255];
-    let seeds: Vec<(&str, &[u8], Vec<Vec<u8>>)> = vec![
+    let seeds: Vec<CoreSeed> = vec![
         (
             "tcp",
             &one,
