@@ -554,6 +554,9 @@ impl World {
         let live = ALLOCS.load(Relaxed) - FREES.load(Relaxed);
         let held = self.drain_pool(live);
         assert!(held <= held_max, "{held} buffers held, bound {held_max}");
+        if *TRACE {
+            eprintln!("buffers: {live} made, {held} held in caches (bound {held_max})");
+        }
         self.now += 86_400_000;
         for k in 0..self.cores.len() {
             let now = self.now;
