@@ -214,6 +214,8 @@ fn main() {
     );
     let r = tapnat::config::Config::from_toml_str(SMALL);
     assert!(r.is_ok(), "small.toml does not load: {r:?}");
+
+    core_seeds();
 }
 
 const SMALL: &str = r#"[pod]
@@ -251,3 +253,152 @@ to = "10.1.0.2:80"
 threads = 2
 busy_poll = "50us"
 "#;
+
+/// `core`: setup bytes, then operations (layout in `fuzz_targets/core.rs`).
+/// A template frame: (side, src, dst, protocol, sport, dport, flags, ttl,
+/// IP flags, fragment offset, id, payload length, gso_size); addresses and
+/// ports are indices into the target's lists (0 pod .2, 1 pod .3, 5 remote,
+/// 7 excluded, 8 the uplink address; ports 0 40000, 2 53, 3 80, 4 443,
+/// 5 8080).
+#[allow(clippy::too_many_arguments)]
+fn tpl(
+    side: u8,
+    src: u8,
+    dst: u8,
+    proto: u8,
+    sp: u8,
+    dp: u8,
+    flags: u8,
+    ipf: u8,
+    off: u16,
+    plen: u16,
+    gso: u16,
+) -> Vec<u8> {
+    let mut v = vec![1, 0, side, src, dst, proto, sp, dp, flags, 64, ipf];
+    for x in [off, 0x4242, plen, gso] {
+        v.extend_from_slice(&x.to_be_bytes());
+    }
+    v.push(0); // no patches
+    v
+}
+
+/// Answer the last frame sent to `to` (0 pod, 1 uplink): `kind` 0 same
+/// protocol (an echo reply), 3 port unreachable, 7 fragmentation needed.
+fn answer(to: u8, kind: u8, flags: u8) -> Vec<u8> {
+    vec![2, 0, to, kind, flags]
+}
+
+/// A seed's name, setup bytes and operations.
+type CoreSeed<'a> = (&'a str, &'a [u8], Vec<Vec<u8>>);
+
+fn core_seeds() {
+    const SYN: u8 = 0x02;
+    const SYNACK: u8 = 0x12;
+    const ACK: u8 = 0x10;
+    const DF: u8 = 1;
+    let one = [0u8, 0, 15, 0, 3, 3, 15, 3];
+    let two = [1u8, 0, 15, 0, 3, 3, 15, 3];
+    let offload = [2u8, 0, 15, 0, 3, 3, 15, 3];
+    let small_mtu = [0u8, 2, 15, 0, 3, 3, 15, 3];
+    let tick = [3u8, 0, 10, 1, 4, 0, 255];
+    let seeds: Vec<CoreSeed> = vec![
+        (
+            "tcp",
+            &one,
+            vec![
+                tpl(0, 0, 5, 0, 0, 4, SYN, DF, 0, 0, 0),
+                answer(1, 0, SYNACK),
+                tpl(0, 0, 5, 0, 0, 4, ACK, DF, 0, 10, 0),
+                tick.to_vec(),
+            ],
+        ),
+        (
+            "udp",
+            &two,
+            vec![
+                tpl(0, 0, 5, 1, 0, 2, 0, DF, 0, 32, 0),
+                answer(1, 0, 0),
+                answer(0, 0, 0),
+            ],
+        ),
+        (
+            "echo",
+            &one,
+            vec![tpl(0, 0, 5, 2, 0, 7, 0, DF, 0, 8, 0), answer(1, 0, 0)],
+        ),
+        (
+            "icmp-error",
+            &one,
+            vec![
+                tpl(0, 0, 5, 1, 0, 2, 0, DF, 0, 32, 0),
+                answer(1, 3, 0),
+                answer(1, 7, 0),
+            ],
+        ),
+        (
+            "icmp-error-template",
+            &one,
+            vec![tpl(1, 5, 8, 4, 2, 0, 0, 0, 0, 0, 1400)],
+        ),
+        // The later fragment first (held), then the first, on two workers.
+        (
+            "fragments",
+            &two,
+            vec![
+                tpl(0, 0, 5, 1, 0, 2, 0, 0, 3, 8, 0),
+                tpl(0, 0, 5, 1, 0, 2, 0, 2, 0, 16, 0),
+            ],
+        ),
+        (
+            "hairpin-forward",
+            &one,
+            vec![
+                tpl(0, 1, 8, 0, 0, 5, SYN, DF, 0, 0, 0),
+                answer(0, 0, SYNACK),
+            ],
+        ),
+        (
+            "routed",
+            &one,
+            vec![tpl(0, 0, 7, 1, 0, 2, 0, DF, 0, 8, 0), answer(1, 0, 0)],
+        ),
+        (
+            "ttl",
+            &one,
+            vec![{
+                let mut t = tpl(0, 0, 5, 1, 0, 2, 0, DF, 0, 8, 0);
+                t[9] = 1;
+                t
+            }],
+        ),
+        (
+            "too-big",
+            &small_mtu,
+            vec![
+                tpl(0, 0, 5, 1, 0, 2, 0, 0, 0, 1400, 0),
+                tpl(0, 0, 5, 1, 0, 2, 0, DF, 0, 1400, 0),
+            ],
+        ),
+        (
+            "tso",
+            &offload,
+            vec![
+                tpl(0, 0, 5, 0, 0, 4, SYN, DF, 0, 0, 0),
+                answer(1, 0, SYNACK),
+                tpl(0, 0, 5, 0, 0, 4, ACK, DF | 8 | 16, 0, 20000, 1448),
+            ],
+        ),
+    ];
+    for (name, setup, ops) in seeds {
+        let mut input = setup.to_vec();
+        ops.iter().for_each(|op| input.extend_from_slice(op));
+        write("core", name, &input);
+    }
+    let arp = arp_request();
+    let mut raw = one.to_vec();
+    raw.extend_from_slice(&[0, 0, 0]);
+    raw.extend_from_slice(&[0; 10]);
+    raw.extend_from_slice(&(arp.len() as u16).to_be_bytes());
+    raw.extend_from_slice(&arp);
+    write("core", "raw-arp", &raw);
+}

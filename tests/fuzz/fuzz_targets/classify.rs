@@ -85,9 +85,11 @@ fuzz_target!(|data: &[u8]| {
             sport,
             dport,
             flags,
+            hlen,
         } => {
             assert!(l4.len() >= 20 && usize::from(l4[12] >> 4) * 4 <= l4.len());
             assert_eq!((sport, dport, flags), (be16(l4, 0), be16(l4, 2), l4[13]));
+            assert_eq!(usize::from(hlen), usize::from(l4[12] >> 4) * 4);
         }
         L4::Udp { sport, dport } => {
             assert!(l4.len() >= 8);
