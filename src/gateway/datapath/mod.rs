@@ -168,8 +168,14 @@ pub struct Core {
     c: Arc<Counters>,
     /// Next-hop MACs, as the control thread announces them.
     neighbours: HashMap<Ipv4Addr, EthernetAddress>,
+    /// The uplink gateway's entry of `neighbours`, the next hop of nearly
+    /// every outbound packet, kept aside so those skip the map.
+    gateway_mac: Option<EthernetAddress>,
     /// Pod (address, MAC) pairs already reported to the control thread.
     reported: HashMap<Ipv4Addr, EthernetAddress>,
+    /// The pair `reported` last confirmed or took: a burst from one pod
+    /// skips the map.
+    last_reported: Option<(Ipv4Addr, EthernetAddress)>,
     /// Routed (untranslated, excluded-destination) sessions, by their pod-side
     /// key, with the time last seen: only replies to these come back in.
     routed: HashMap<InKey, u64>,
@@ -218,7 +224,9 @@ impl Core {
             pool: p.pool,
             c: p.counters,
             neighbours: HashMap::new(),
+            gateway_mac: None,
             reported: HashMap::new(),
+            last_reported: None,
             routed: HashMap::new(),
             routed_swept_ms: 0,
             released: Vec::new(),
@@ -238,6 +246,9 @@ impl Core {
 
     /// The control thread learned (or changed) a neighbour.
     pub fn neighbour(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
+        if ip == self.a.uplink_gateway {
+            self.gateway_mac = Some(mac);
+        }
         self.neighbours.insert(ip, mac);
     }
 
@@ -245,9 +256,12 @@ impl Core {
     pub fn frame(&mut self, side: Side, buf: Buf, now: u64, out: &mut Actions) {
         let (disposition, seen) = classify(&self.a, side, buf.frame());
         if let Some((ip, mac)) = seen {
-            if self.reported.get(&ip) != Some(&mac) {
-                self.reported.insert(ip, mac);
-                out.push(Action::Seen { ip, mac });
+            if self.last_reported != seen {
+                self.last_reported = seen;
+                if self.reported.get(&ip) != Some(&mac) {
+                    self.reported.insert(ip, mac);
+                    out.push(Action::Seen { ip, mac });
+                }
             }
         }
         self.dispatch(side, disposition, buf, now, out);
@@ -411,7 +425,12 @@ impl Core {
     /// A translated frame to `side`: its MACs set when the next hop is
     /// known, else for the control thread to resolve.
     fn emit(&mut self, side: Side, next_hop: Ipv4Addr, mut buf: Buf, out: &mut Actions) {
-        let Some(&mac) = self.neighbours.get(&next_hop) else {
+        let known = if next_hop == self.a.uplink_gateway {
+            self.gateway_mac
+        } else {
+            self.neighbours.get(&next_hop).copied()
+        };
+        let Some(mac) = known else {
             out.push(Action::Resolve {
                 side,
                 next_hop,
