@@ -197,6 +197,7 @@ fn tcp_flags(flags: u8) -> TcpFlags {
 
 /// The TCP header fields the flow table tracks, read once per packet from
 /// the header `classify` checked (its length is in the view).
+#[inline(always)]
 fn tcp_seg(frame: &[u8], v: &Ipv4View) -> TcpSeg {
     let L4::Tcp { flags, hlen, .. } = v.l4 else {
         return TcpSeg::NONE;
@@ -337,6 +338,7 @@ impl Core {
     /// segment size cut to fit (TCP may be segmented anywhere); a packet with
     /// DF set must fit as it is; one without DF will be fragmented. Returns
     /// the checksum form of the L4 field and whether to fragment.
+    #[inline(always)]
     fn offload_fit(
         &self,
         buf: &mut Buf,
@@ -369,6 +371,7 @@ impl Core {
     /// The router's checks before a packet is forwarded to `egress`: TTL
     /// (Time Exceeded back to `from`), then the egress MTU. On refusal the
     /// verdict is pushed and None returned.
+    #[inline(always)]
     fn forwardable(
         &mut self,
         from: Side,
@@ -415,6 +418,7 @@ impl Core {
     }
 
     /// Sends a translated packet, fragmenting it first when it must be.
+    #[inline]
     fn send_on(&mut self, side: Side, next_hop: Ipv4Addr, buf: Buf, fit: Fit, out: &mut Actions) {
         if fit.split {
             return self.emit_fragmented(side, next_hop, buf, fit.mtu, out);
@@ -424,6 +428,7 @@ impl Core {
 
     /// A translated frame to `side`: its MACs set when the next hop is
     /// known, else for the control thread to resolve.
+    #[inline]
     fn emit(&mut self, side: Side, next_hop: Ipv4Addr, mut buf: Buf, out: &mut Actions) {
         let known = if next_hop == self.a.uplink_gateway {
             self.gateway_mac
