@@ -168,8 +168,14 @@ pub struct Core {
     c: Arc<Counters>,
     /// Next-hop MACs, as the control thread announces them.
     neighbours: HashMap<Ipv4Addr, EthernetAddress>,
+    /// The uplink gateway's entry of `neighbours`, the next hop of nearly
+    /// every outbound packet, kept aside so those skip the map.
+    gateway_mac: Option<EthernetAddress>,
     /// Pod (address, MAC) pairs already reported to the control thread.
     reported: HashMap<Ipv4Addr, EthernetAddress>,
+    /// The pair `reported` last confirmed or took: a burst from one pod
+    /// skips the map.
+    last_reported: Option<(Ipv4Addr, EthernetAddress)>,
     /// Routed (untranslated, excluded-destination) sessions, by their pod-side
     /// key, with the time last seen: only replies to these come back in.
     routed: HashMap<InKey, u64>,
@@ -191,6 +197,7 @@ fn tcp_flags(flags: u8) -> TcpFlags {
 
 /// The TCP header fields the flow table tracks, read once per packet from
 /// the header `classify` checked (its length is in the view).
+#[inline(always)]
 fn tcp_seg(frame: &[u8], v: &Ipv4View) -> TcpSeg {
     let L4::Tcp { flags, hlen, .. } = v.l4 else {
         return TcpSeg::NONE;
@@ -218,7 +225,9 @@ impl Core {
             pool: p.pool,
             c: p.counters,
             neighbours: HashMap::new(),
+            gateway_mac: None,
             reported: HashMap::new(),
+            last_reported: None,
             routed: HashMap::new(),
             routed_swept_ms: 0,
             released: Vec::new(),
@@ -238,6 +247,9 @@ impl Core {
 
     /// The control thread learned (or changed) a neighbour.
     pub fn neighbour(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
+        if ip == self.a.uplink_gateway {
+            self.gateway_mac = Some(mac);
+        }
         self.neighbours.insert(ip, mac);
     }
 
@@ -245,9 +257,12 @@ impl Core {
     pub fn frame(&mut self, side: Side, buf: Buf, now: u64, out: &mut Actions) {
         let (disposition, seen) = classify(&self.a, side, buf.frame());
         if let Some((ip, mac)) = seen {
-            if self.reported.get(&ip) != Some(&mac) {
-                self.reported.insert(ip, mac);
-                out.push(Action::Seen { ip, mac });
+            if self.last_reported != seen {
+                self.last_reported = seen;
+                if self.reported.get(&ip) != Some(&mac) {
+                    self.reported.insert(ip, mac);
+                    out.push(Action::Seen { ip, mac });
+                }
             }
         }
         self.dispatch(side, disposition, buf, now, out);
@@ -323,6 +338,7 @@ impl Core {
     /// segment size cut to fit (TCP may be segmented anywhere); a packet with
     /// DF set must fit as it is; one without DF will be fragmented. Returns
     /// the checksum form of the L4 field and whether to fragment.
+    #[inline(always)]
     fn offload_fit(
         &self,
         buf: &mut Buf,
@@ -355,6 +371,7 @@ impl Core {
     /// The router's checks before a packet is forwarded to `egress`: TTL
     /// (Time Exceeded back to `from`), then the egress MTU. On refusal the
     /// verdict is pushed and None returned.
+    #[inline(always)]
     fn forwardable(
         &mut self,
         from: Side,
@@ -401,6 +418,7 @@ impl Core {
     }
 
     /// Sends a translated packet, fragmenting it first when it must be.
+    #[inline]
     fn send_on(&mut self, side: Side, next_hop: Ipv4Addr, buf: Buf, fit: Fit, out: &mut Actions) {
         if fit.split {
             return self.emit_fragmented(side, next_hop, buf, fit.mtu, out);
@@ -410,8 +428,14 @@ impl Core {
 
     /// A translated frame to `side`: its MACs set when the next hop is
     /// known, else for the control thread to resolve.
+    #[inline]
     fn emit(&mut self, side: Side, next_hop: Ipv4Addr, mut buf: Buf, out: &mut Actions) {
-        let Some(&mac) = self.neighbours.get(&next_hop) else {
+        let known = if next_hop == self.a.uplink_gateway {
+            self.gateway_mac
+        } else {
+            self.neighbours.get(&next_hop).copied()
+        };
+        let Some(mac) = known else {
             out.push(Action::Resolve {
                 side,
                 next_hop,

@@ -412,6 +412,48 @@ fn the_gateways_own_traffic_is_local_and_pods_are_reported_once() {
 }
 
 #[test]
+fn a_new_gateway_mac_and_a_pod_changing_its_mac_are_followed() {
+    let mut r = rig(ONE);
+    let q = build::udp(&pod_ep(&r.a, POD, REMOTE), 5353, 53, b"q", true);
+    let out = r.through(Side::Pod, &q, Side::Uplink);
+    assert_eq!(wire::macs(&out).0, GW_MAC);
+    let new_gw = EthernetAddress([2, 0, 0, 0, 0, 0xfd]);
+    r.core.neighbour(GW, new_gw);
+    assert_eq!(
+        wire::macs(&r.through(Side::Pod, &q, Side::Uplink)).0,
+        new_gw
+    );
+
+    // POD was reported by the first frame; another pod, then POD with a new
+    // MAC, then POD with its first MAC again are each reported once.
+    let seen = |r: &mut Rig, ep: Endpoints| {
+        let f = build::udp(&ep, 5353, 53, b"q", true);
+        let buf = r.pool.frame(&f).unwrap();
+        r.core.frame(Side::Pod, buf, r.now, &mut r.out);
+        let s: Vec<_> = r
+            .out
+            .drain(..)
+            .filter_map(|a| match a {
+                Action::Seen { ip, mac } => Some((ip, mac)),
+                _ => None,
+            })
+            .collect();
+        s
+    };
+    let moved = EthernetAddress([2, 0, 0, 0, 0, 0x42]);
+    let pod = pod_ep(&r.a, POD, REMOTE);
+    let pod2 = pod_ep(&r.a, POD2, REMOTE);
+    let mut ep2 = pod;
+    ep2.src_mac = moved;
+    assert_eq!(seen(&mut r, pod), []);
+    assert_eq!(seen(&mut r, pod2), [(POD2, POD_MAC)]);
+    assert_eq!(seen(&mut r, pod), []);
+    assert_eq!(seen(&mut r, ep2), [(POD, moved)]);
+    assert_eq!(seen(&mut r, ep2), []);
+    assert_eq!(seen(&mut r, pod), [(POD, POD_MAC)]);
+}
+
+#[test]
 fn a_hairpin_turns_around_through_the_forward() {
     let mut r = rig(ONE);
     let syn = build::tcp(

@@ -42,6 +42,7 @@ impl Transport {
 impl Core {
     /// Accounts a packet to its flow (state, counters, timeout); false when
     /// the table refuses it (an out-of-window RST).
+    #[inline]
     fn account(
         &mut self,
         id: FlowId,
