@@ -82,6 +82,13 @@ impl Core {
             let why = Counter::DropTtlExceeded;
             return out.push(Action::Drop { why, buf });
         }
+        if VnetHdr::parse(buf.vnet()).unwrap_or_default().is_gso() {
+            // Segmentation offload applies to whole TCP packets, never to a
+            // fragment (offload_fit refuses a non-TCP super-frame the same way).
+            let why = Counter::DropUnsupportedProtocol;
+            return out.push(Action::Drop { why, buf });
+        }
+        super::trim_padding(&mut buf, view);
         wire::translate(buf.frame_mut(), view, r.end, r.addr, 0, L4Csum::Full);
         self.c.inc(Counter::FragmentsTranslated);
         let mtu = self.a.mtu(r.egress);

@@ -390,6 +390,7 @@ impl Core {
             self.reject(r, buf, v, now, out);
             return None;
         }
+        trim_padding(&mut buf, v);
         let mtu = self.a.mtu(egress);
         match self.offload_fit(&mut buf, v, mtu) {
             Ok((csum, split)) => Some((buf, Fit { csum, split, mtu })),
@@ -462,6 +463,18 @@ impl Core {
             };
             now < *seen + idle
         });
+    }
+}
+
+/// Cuts the Ethernet padding after the IP packet (a pod may pad a short
+/// frame; a larger pod MTU allows more): only the packet itself is
+/// forwarded, as a router does, so the padding never leaks to the other
+/// side and never pushes a frame past the egress MTU.
+#[inline(always)]
+fn trim_padding(buf: &mut Buf, v: &Ipv4View) {
+    let end = buf.vnet().len() + wire::ETH_HLEN + v.total_len;
+    if buf.wire().len() > end {
+        buf.set_wire_len(end);
     }
 }
 

@@ -874,3 +874,17 @@ fn refusals_without_an_icmp_error_are_counted_drops() {
         Counter::DropUnsupportedProtocol
     );
 }
+
+#[test]
+fn ethernet_padding_after_the_packet_is_not_forwarded() {
+    // A short datagram padded out to 1514 bytes by the pod: only the IP
+    // packet goes out (the padding would leak the pod's bytes outside, and
+    // past a smaller uplink MTU).
+    let mut r = rig(ONE);
+    let mut q = build::udp(&pod_ep(&r.a, POD, REMOTE), 5353, 53, b"q", true);
+    let packet_len = q.len();
+    q.resize(1514, 0xa5);
+    let out = r.through(Side::Pod, &q, Side::Uplink);
+    assert_eq!(out.len(), packet_len);
+    assert!(checksums_ok(&out));
+}
