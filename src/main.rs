@@ -1,6 +1,7 @@
 //! `tapnat`: command line. Thin: arguments -> Config -> Gateway -> ExitCode.
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
@@ -8,6 +9,7 @@ use signal_hook::iterator::Signals;
 use tapnat::config::{Config, ConfigError, Reason};
 use tapnat::gateway::{Gateway, GatewayError};
 use tapnat::ops::filter::FlowFilter;
+use tapnat::ops::live::Live;
 use tapnat::ops::metrics::{self, MetricsServer};
 use tapnat::ops::report::{self, Format};
 use tapnat::ops::socket::{self, Access, Request, Response};
@@ -25,6 +27,13 @@ usage:
                                 the running gateway's flow table (like conntrack -L)
   tapnat stats [-o json|prometheus] [--config FILE | --control PATH]
                                 the running gateway's counters, drops by reason
+  tapnat flush [--proto P] [--src A] [--dst A] [--port N] [-o json] [--config FILE | --control PATH]
+                                remove the selected flows, every flow without selectors (like
+                                conntrack -D / -F); forwards stay
+  tapnat forward add PROTO PORT[-LAST] ADDR[:PORT] | del PROTO PORT[-LAST] | list [-o json]
+                 [--config FILE | --control PATH]
+                                add, delete or list port forwards of the running gateway, checked
+                                as [[forward]] entries are; a deleted forward's flows go with it
   tapnat check [--config FILE]  validate a config and print warnings, touching no device
   tapnat demo                   build a throwaway pod and external namespace, run the gateway
                                 between them and show traffic being translated (needs root)
@@ -78,6 +87,8 @@ enum MainError {
     Control(#[source] std::io::Error),
     #[error("the gateway refused: {0}")]
     Refused(String),
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl MainError {
@@ -91,6 +102,7 @@ impl MainError {
             MainError::Demo(_) | MainError::Bench(_) | MainError::Soak(_) => 1,
             MainError::Control(_) => 69,
             MainError::Refused(_) => 77,
+            MainError::Failed(_) => 1,
         })
     }
 }
@@ -225,8 +237,115 @@ fn client(what: &str, args: &[String]) -> Result<(), MainError> {
             Format::Prometheus => report::stats_prometheus(&stats),
             Format::Text => report::stats_lines(&stats),
         },
+        other => return Err(unexpected(&other)),
     };
     print!("{text}");
+    Ok(())
+}
+
+/// An answer that does not fit the request (a gateway of another version).
+fn unexpected(r: &Response) -> MainError {
+    MainError::Control(std::io::Error::other(format!(
+        "unexpected answer from the gateway: {r:?}"
+    )))
+}
+
+/// Asks the gateway `f` names; an error answer is the command's failure.
+fn ask(f: &Flags, request: &Request) -> Result<Response, MainError> {
+    match socket::ask(&control_path(f)?, request).map_err(MainError::Control)? {
+        Response::Error(e) => Err(MainError::Refused(e)),
+        Response::Failed(e) => Err(MainError::Failed(e)),
+        r => Ok(r),
+    }
+}
+
+/// `tapnat flush [--proto P] [--src A] [--dst A] [--port N] [-o json]`:
+/// like `conntrack -D` with selectors, `conntrack -F` without.
+fn flush(args: &[String]) -> Result<(), MainError> {
+    let f = flags(args, Takes::Flows)?;
+    if f.count {
+        return Err(MainError::Usage("`tapnat flush` takes no `--count`".into()));
+    }
+    let request = Request::Flush {
+        filter: f.filter.clone(),
+    };
+    let n = match ask(&f, &request)? {
+        Response::Flushed(n) => n,
+        other => return Err(unexpected(&other)),
+    };
+    match f.output.unwrap_or(Format::Text) {
+        Format::Json => print!("{}", report::json(&serde_json::json!({ "flushed": n }))),
+        _ => println!("{n} flow(s) flushed"),
+    }
+    Ok(())
+}
+
+/// `tapnat forward add PROTO PORT TO | del PROTO PORT | list [-o json]`,
+/// with `--config FILE` or `--control PATH` anywhere on the line.
+fn forward(args: &[String]) -> Result<(), MainError> {
+    let mut words = Vec::new();
+    let mut options = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a.starts_with('-') {
+            options.push(a.clone());
+            if matches!(a.as_str(), "--config" | "-c" | "--control" | "-o" | "--output") {
+                options.extend(it.next().cloned());
+            }
+        } else {
+            words.push(a.as_str());
+        }
+    }
+    let f = flags(&options, Takes::Output)?;
+    if f.output == Some(Format::Prometheus) {
+        return Err(MainError::Usage("`-o prometheus`: unknown output format".into()));
+    }
+    let request = match words.as_slice() {
+        ["add", protocol, port, to] => Request::ForwardAdd {
+            protocol: protocol.to_string(),
+            port: port.to_string(),
+            to: to.to_string(),
+        },
+        ["del", protocol, port] => Request::ForwardDel {
+            protocol: protocol.to_string(),
+            port: port.to_string(),
+        },
+        ["list"] => Request::ForwardList,
+        _ => {
+            return Err(MainError::Usage(
+                "expected `forward add PROTO PORT TO`, `forward del PROTO PORT` or `forward list`"
+                    .into(),
+            ))
+        }
+    };
+    let json = f.output == Some(Format::Json);
+    match ask(&f, &request)? {
+        Response::Forwards(list) if json => print!("{}", report::json(&list)),
+        Response::Forwards(list) => print!("{}", report::forward_lines(&list)),
+        Response::Forward {
+            forward,
+            flows_flushed,
+        } if json => print!(
+            "{}",
+            report::json(&serde_json::json!({ "forward": forward, "flows_flushed": flows_flushed }))
+        ),
+        Response::Forward {
+            forward,
+            flows_flushed,
+        } => {
+            let what = if words[0] == "add" { "added" } else { "deleted" };
+            let flushed = if words[0] == "del" {
+                format!("; {flows_flushed} flow(s) flushed with it")
+            } else {
+                String::new()
+            };
+            println!(
+                "forward {what}: {} {} -> {}{flushed}",
+                forward.protocol, forward.port, forward.to
+            );
+        }
+        other => return Err(unexpected(&other)),
+    }
     Ok(())
 }
 
@@ -249,7 +368,8 @@ fn run(args: &[String]) -> Result<(), MainError> {
         .clone()
         .unwrap_or_else(|| config.control.socket.clone());
     // The gateway runs without its control socket rather than not at all.
-    let _control = match socket::ControlSocket::serve(&path, access, gw.observer()) {
+    let live = Arc::new(Live::new(gw.observer(), &config));
+    let _control = match socket::ControlSocket::serve(&path, access, live.clone()) {
         Ok(c) => Some(c),
         Err(e) => {
             say!(
@@ -324,6 +444,8 @@ fn main() -> ExitCode {
                 );
             }),
         Some(what @ ("flows" | "stats")) => client(what, &args[1..]),
+        Some("flush") => flush(&args[1..]),
+        Some("forward") => forward(&args[1..]),
         #[cfg(feature = "lab")]
         Some("demo") if args.len() == 1 => {
             tapnat::lab::demo::run().map_err(|e| MainError::Demo(e.to_string()))

@@ -30,43 +30,85 @@ pub(super) fn read(mut t: Table<'_>) -> Result<Raw, ConfigError> {
 pub(super) fn check(raw: Vec<Raw>, pod: &PodConfig) -> Result<Vec<Forward>, ConfigError> {
     let mut out: Vec<Forward> = Vec::with_capacity(raw.len());
     for (i, f) in raw.into_iter().enumerate() {
-        let protocol = match f.protocol.as_str() {
-            "tcp" => ForwardProtocol::Tcp,
-            "udp" => ForwardProtocol::Udp,
-            _ => {
-                return Err(at(format!("forward[{i}].protocol"))(Reason::UnknownValue {
-                    value: f.protocol,
-                    expected: &["tcp", "udp"],
-                }))
-            }
-        };
-        let port_key = format!("forward[{i}].port");
-        let ports = values::ports(&f.port).map_err(at(&port_key))?;
-        // A forward may lie inside nat.ports: the table reserves its ports,
-        // so the dynamic pool never hands them to a masqueraded flow (as
-        // iptables' DNAT beside MASQUERADE needs no port planning).
-        let clash = out
-            .iter()
-            .enumerate()
-            .find(|(_, o)| o.protocol == protocol && o.ports.overlaps(&ports))
-            .map(|(j, o)| (Overlap::Forward(j), o.ports));
-        if let Some((with, other)) = clash {
-            return Err(at(port_key)(Reason::Overlaps {
-                value: ports.to_string(),
-                with,
-                other: other.to_string(),
-            }));
-        }
-        let (to_addr, to_port) =
-            target(&f.to, ports, pod).map_err(at(format!("forward[{i}].to")))?;
-        out.push(Forward {
-            protocol,
-            ports,
-            to_addr,
-            to_port,
-        });
+        let fwd = check_one(&format!("forward[{i}]"), f, &out, pod)?;
+        out.push(fwd);
     }
     Ok(out)
+}
+
+/// One forward added at run time (`tapnat forward add PROTO PORT TO`),
+/// checked by the rules of a `[[forward]]` entry against the running set
+/// `existing`; errors name the keys `forward.protocol`, `forward.port` and
+/// `forward.to`.
+pub fn parse_forward(
+    protocol: &str,
+    port: &str,
+    to: &str,
+    existing: &[Forward],
+    pod: &PodConfig,
+) -> Result<Forward, ConfigError> {
+    let raw = Raw {
+        protocol: protocol.into(),
+        port: port.into(),
+        to: to.into(),
+    };
+    check_one("forward", raw, existing, pod)
+}
+
+/// The protocol and port (or range) of a forward, as `tapnat forward del
+/// PROTO PORT` names it.
+pub fn parse_forward_key(
+    protocol: &str,
+    port: &str,
+) -> Result<(ForwardProtocol, PortRange), ConfigError> {
+    let p = protocol_of(protocol).map_err(at("forward.protocol"))?;
+    let ports = values::ports(port).map_err(at("forward.port"))?;
+    Ok((p, ports))
+}
+
+fn protocol_of(s: &str) -> Result<ForwardProtocol, Reason> {
+    match s {
+        "tcp" => Ok(ForwardProtocol::Tcp),
+        "udp" => Ok(ForwardProtocol::Udp),
+        _ => Err(Reason::UnknownValue {
+            value: s.into(),
+            expected: &["tcp", "udp"],
+        }),
+    }
+}
+
+/// Entry `name` (`forward[i]`) checked against the ones before it.
+fn check_one(
+    name: &str,
+    f: Raw,
+    out: &[Forward],
+    pod: &PodConfig,
+) -> Result<Forward, ConfigError> {
+    let protocol = protocol_of(&f.protocol).map_err(at(format!("{name}.protocol")))?;
+    let port_key = format!("{name}.port");
+    let ports = values::ports(&f.port).map_err(at(&port_key))?;
+    // A forward may lie inside nat.ports: the table reserves its ports,
+    // so the dynamic pool never hands them to a masqueraded flow (as
+    // iptables' DNAT beside MASQUERADE needs no port planning).
+    let clash = out
+        .iter()
+        .enumerate()
+        .find(|(_, o)| o.protocol == protocol && o.ports.overlaps(&ports))
+        .map(|(j, o)| (Overlap::Forward(j), o.ports));
+    if let Some((with, other)) = clash {
+        return Err(at(port_key)(Reason::Overlaps {
+            value: ports.to_string(),
+            with,
+            other: other.to_string(),
+        }));
+    }
+    let (to_addr, to_port) = target(&f.to, ports, pod).map_err(at(format!("{name}.to")))?;
+    Ok(Forward {
+        protocol,
+        ports,
+        to_addr,
+        to_port,
+    })
 }
 
 /// `forward[i].to`: `"ADDRESS:PORT"` (the target of `ports.first`), or

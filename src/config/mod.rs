@@ -47,6 +47,7 @@ mod values;
 mod warnings;
 mod workers;
 
+pub use forward::{parse_forward, parse_forward_key};
 pub use error::{
     AddressForm, ConfigError, DurationProblem, Kind, NameProblem, Overlap, Reason, Reserved, Side,
 };

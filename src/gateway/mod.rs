@@ -31,6 +31,7 @@ mod buf;
 mod classify;
 mod control;
 pub mod datapath;
+mod live;
 mod local;
 mod start;
 pub mod stats;
@@ -52,6 +53,7 @@ pub use crate::policy::{paired_address, Addressing, Egress, Side};
 pub use buf::{Buf, Pool};
 pub use classify::Disposition;
 pub use datapath::{Action, Core, CoreParts, FragRewrite, Packet};
+pub use live::{FlowPredicate, ForwardChange, ForwardPort, ForwardRefused, ForwardReply};
 use stats::{Counters, Snapshot};
 
 /// To a worker.
@@ -65,6 +67,12 @@ pub enum WorkerMsg {
     /// The first fragment of a datagram this worker tracks was translated:
     /// apply the same rewrite to its other fragments.
     FragTranslation(FragKey, FragRewrite),
+    /// Remove the flows the predicate selects; answer how many.
+    Flush(live::FlowPredicate, Sender<usize>),
+    /// Change the forwards this worker owns (see [`live`]).
+    Forwards(Arc<live::ForwardChange>, Sender<live::ForwardReply>),
+    /// Rules changed at run time: classify with these from now on.
+    Addressing(Arc<Addressing>),
 }
 
 /// To the control thread.

@@ -518,6 +518,61 @@ impl FlowTable {
         Some(flushed)
     }
 
+    /// Removes the forwards on `remove` and adds those of `add` (each a
+    /// `(proto, ext port, target addr, target port)`), only the ports this
+    /// table owns, all or nothing: every add is checked against the table
+    /// as it will be once the removes are done, and on the first refusal
+    /// nothing changes. With `dry_run` only the check is made. Returns the
+    /// flows of removed forwards that went with them.
+    pub fn change_forwards(
+        &mut self,
+        remove: &[(Proto, u16)],
+        add: &[(Proto, u16, Ipv4Addr, u16)],
+        ext_addr: Ipv4Addr,
+        dry_run: bool,
+    ) -> Result<usize, (u16, ForwardError)> {
+        let remove: Vec<(Proto, u16)> = remove
+            .iter()
+            .copied()
+            .filter(|&(proto, port)| {
+                self.ports.owns(port)
+                    && self
+                        .mappings
+                        .owner_of(proto, port)
+                        .is_some_and(|mk| self.mappings.forward_of(&mk).is_some())
+            })
+            .collect();
+        let freed: Vec<MapKey> = remove
+            .iter()
+            .filter_map(|&(proto, port)| self.mappings.owner_of(proto, port))
+            .collect();
+        let add: Vec<_> = add
+            .iter()
+            .copied()
+            .filter(|&(_, port, _, _)| self.ports.owns(port))
+            .collect();
+        for &(proto, port, addr, to) in &add {
+            match self.can_add_forward(proto, port, addr, to) {
+                Ok(()) => {}
+                Err(ForwardError::PortInUse) if remove.contains(&(proto, port)) => {}
+                Err(ForwardError::InsideInUse) if freed.contains(&(proto, addr, to)) => {}
+                Err(e) => return Err((port, e)),
+            }
+        }
+        if dry_run {
+            return Ok(0);
+        }
+        let mut flushed = 0;
+        for &(proto, port) in &remove {
+            flushed += self.remove_forward(proto, port).unwrap_or(0);
+        }
+        for &(proto, port, addr, to) in &add {
+            self.add_forward(proto, ext_addr, port, addr, to)
+                .map_err(|e| (port, e))?;
+        }
+        Ok(flushed)
+    }
+
     /// Removes every live flow `pred` selects, as [`FlowTable::remove`]
     /// does (both directions at once, the last flow of a dynamic mapping
     /// sends its port into quarantine); forwards stay. Returns how many

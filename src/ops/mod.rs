@@ -4,6 +4,7 @@
 //! [`crate::gateway::Observer`], the metrics endpoint its counters, and the
 //! reports format both for people (text) and scripts (JSON, Prometheus).
 pub mod filter;
+pub mod live;
 pub mod metrics;
 pub mod record;
 pub mod report;

@@ -131,3 +131,12 @@ mod tests {
         assert_eq!(Format::parse("yaml"), None);
     }
 }
+
+/// One line per forward, like `iptables -t nat -L` shows DNAT rules.
+pub fn forward_lines(forwards: &[super::record::ForwardRecord]) -> String {
+    let mut s = format!("forwards: {}\n", forwards.len());
+    for f in forwards {
+        let _ = writeln!(s, "  {:<4} {:<11} -> {}", f.protocol, f.port, f.to);
+    }
+    s
+}

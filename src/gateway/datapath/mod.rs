@@ -231,6 +231,17 @@ impl Core {
         &self.table
     }
 
+    /// This worker's flow shard, for an operator's change (flush, forwards).
+    pub fn table_mut(&mut self) -> &mut FlowTable {
+        &mut self.table
+    }
+
+    /// Rules changed at run time (forwards' steering): the next frame is
+    /// classified with `a`.
+    pub fn set_addressing(&mut self, a: Arc<Addressing>) {
+        self.a = a;
+    }
+
     /// A copy of every flow of this shard.
     pub fn flows(&self) -> Vec<Flow> {
         self.table.iter().copied().collect()

@@ -119,3 +119,46 @@ fn can_add_forward_agrees_with_add_forward() {
     }
     check_consistent(&t);
 }
+
+#[test]
+fn change_forwards_is_all_or_nothing_per_table() {
+    // Worker 0 of 2 owns even ports.
+    let mut t = FlowTable::new(cfg(0, 2, 2000, 2009, 100));
+    t.add_forward(Proto::Tcp, EXT, 8080, TARGET, 80).unwrap();
+    let id = t.create(&ik(Proto::Tcp, 2, 2000, 9, 80), EXT, 0).unwrap();
+    assert_eq!(t.get(id).ext_port, 2000);
+    // Retarget 8080 and add 8082 (and 8081, another worker's: skipped).
+    let add = [
+        (Proto::Tcp, 8080, TARGET, 81),
+        (Proto::Tcp, 8081, TARGET, 80),
+        (Proto::Tcp, 8082, TARGET, 80),
+    ];
+    // 8082's target is 8080's old one: free once 8080 is removed.
+    assert_eq!(
+        t.change_forwards(&[(Proto::Tcp, 8080)], &add, EXT, true),
+        Ok(0)
+    );
+    assert_eq!(t.forward_for_inside(Proto::Tcp, TARGET, 80), Some((EXT, 8080)));
+    // Without the remove, 8080 is in use: nothing changes.
+    assert_eq!(
+        t.change_forwards(&[], &add, EXT, false),
+        Err((8080, ForwardError::PortInUse))
+    );
+    // A port held by a dynamic mapping refuses the whole change.
+    let bad = [(Proto::Tcp, 8084, TARGET, 90), (Proto::Tcp, 2000, TARGET, 91)];
+    assert_eq!(
+        t.change_forwards(&[(Proto::Tcp, 8080)], &bad, EXT, false),
+        Err((2000, ForwardError::PortInUse))
+    );
+    assert_eq!(t.forwards_len(), 1);
+    assert_eq!(t.forward_for_inside(Proto::Tcp, TARGET, 90), None);
+    t.inbound(&out(Proto::Tcp, 8080), SYN, 1).unwrap();
+    assert_eq!(
+        t.change_forwards(&[(Proto::Tcp, 8080)], &add, EXT, false),
+        Ok(1)
+    );
+    assert_eq!(t.forward_for_inside(Proto::Tcp, TARGET, 81), Some((EXT, 8080)));
+    assert_eq!(t.forward_for_inside(Proto::Tcp, TARGET, 80), Some((EXT, 8082)));
+    assert_eq!(t.forwards_len(), 2);
+    check_consistent(&t);
+}

@@ -1,0 +1,222 @@
+//! What an operator changes in a running gateway: `tapnat flush`, `tapnat
+//! forward add|del|list` (and, through the same forward set, a reload).
+//!
+//! [`Live`] holds the running forward set and the rules the workers
+//! classify with; one change at a time (a mutex, taken by control-socket
+//! clients and the reload, never by a worker). A change is checked by the
+//! config's rules first, then carried to the workers
+//! ([`Observer::change_forwards`]), all or nothing.
+//!
+//! A deleted forward takes its established flows with it. The kernel keeps
+//! a deleted DNAT rule's conntrack entries until they expire; here a
+//! forward's flows hang off its mapping, and a mapping left to its flows
+//! would keep admitting new connections from the same remote address under
+//! address-dependent filtering, so "deleted" would not mean "no longer
+//! delivered". Its port goes into the reuse-delay quarantine, which a
+//! forward (not a masqueraded flow) may take back at once.
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::filter::FlowFilter;
+use super::record::{forward_protocol_name, FlowRecord};
+use crate::config::{self, Config, Forward};
+use crate::gateway::{Addressing, ForwardRefused, Observer};
+use crate::nat::ForwardError;
+use crate::policy::forwarded_ports;
+
+/// A running gateway's changeable state.
+pub struct Live {
+    observer: Observer,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// The config running now; `forward` is the running forward set.
+    config: Config,
+    /// The rules the workers classify with (the forwards' steering).
+    addressing: Arc<Addressing>,
+}
+
+/// Forwards in `old` and not in `new` (to remove), and in `new` and not in
+/// `old` (to add). A forward whose target changed is in both.
+pub fn diff_forwards(old: &[Forward], new: &[Forward]) -> (Vec<Forward>, Vec<Forward>) {
+    let gone = old.iter().filter(|f| !new.contains(f)).copied().collect();
+    let added = new.iter().filter(|f| !old.contains(f)).copied().collect();
+    (gone, added)
+}
+
+/// A sentence for a forward the workers refused.
+fn refusal(r: ForwardRefused, added: &[Forward]) -> String {
+    match r {
+        ForwardRefused::Table { port, why } => {
+            let proto = added
+                .iter()
+                .find(|f| f.ports.contains(port))
+                .map_or("", |f| forward_protocol_name(f.protocol));
+            match why {
+                ForwardError::PortInUse => format!(
+                    "{proto} port {port} is in use by a masqueraded flow (or waits out its \
+                     reuse delay); flush it or choose another port"
+                ),
+                ForwardError::InsideInUse => format!(
+                    "{proto} port {port}: its target already has a masqueraded flow from that \
+                     port; flush it first"
+                ),
+                other => format!("{proto} port {port}: {other}"),
+            }
+        }
+        ForwardRefused::NoAnswer => "a worker did not answer; nothing changed".into(),
+    }
+}
+
+impl Live {
+    /// The state of a gateway just started with `config`.
+    pub fn new(observer: Observer, config: &Config) -> Live {
+        let addressing = Arc::new(observer.addressing().clone());
+        Live {
+            observer,
+            state: Mutex::new(State {
+                config: config.clone(),
+                addressing,
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panicked holder left whole values behind (every change is
+        // applied to the workers before the state is written).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The read-only view of the gateway.
+    pub fn observer(&self) -> &Observer {
+        &self.observer
+    }
+
+    /// Removes the flows `filter` selects (`conntrack -D`; every flow when
+    /// it is empty, `conntrack -F`). Forwards stay. Returns how many.
+    pub fn flush(&self, filter: &FlowFilter) -> usize {
+        let filter = filter.clone();
+        self.observer
+            .flush(Arc::new(move |f| filter.matches(&FlowRecord::from(f))))
+    }
+
+    /// The running forwards, in the order they were configured or added.
+    pub fn forwards(&self) -> Vec<Forward> {
+        self.state().config.forward.clone()
+    }
+
+    /// `tapnat forward add PROTO PORT TO`: checked like a `[[forward]]`
+    /// entry against the running set, then added in every worker.
+    pub fn forward_add(&self, protocol: &str, port: &str, to: &str) -> Result<Forward, String> {
+        let mut st = self.state();
+        let f = config::parse_forward(protocol, port, to, &st.config.forward, &st.config.pod)
+            .map_err(|e| e.to_string())?;
+        let mut new = st.config.forward.clone();
+        new.push(f);
+        self.set_forwards(&mut st, new)?;
+        Ok(f)
+    }
+
+    /// `tapnat forward del PROTO PORT`: the forward on exactly this port
+    /// or range; its flows are removed with it. Returns it and how many
+    /// flows went.
+    pub fn forward_del(&self, protocol: &str, port: &str) -> Result<(Forward, usize), String> {
+        let mut st = self.state();
+        let (p, ports) = config::parse_forward_key(protocol, port).map_err(|e| e.to_string())?;
+        let Some(i) = st
+            .config
+            .forward
+            .iter()
+            .position(|f| f.protocol == p && f.ports == ports)
+        else {
+            let within = st
+                .config
+                .forward
+                .iter()
+                .find(|f| f.protocol == p && f.ports.overlaps(&ports));
+            return Err(match within {
+                Some(f) => format!(
+                    "no {protocol} forward on exactly {ports}; the forward is on {}",
+                    f.ports
+                ),
+                None => format!("no {protocol} forward on {ports}"),
+            });
+        };
+        let mut new = st.config.forward.clone();
+        let gone = new.remove(i);
+        let flushed = self.set_forwards(&mut st, new)?;
+        Ok((gone, flushed))
+    }
+
+    /// Makes `new` the running forward set: removes what is gone, adds
+    /// what is new, all or nothing. Returns the flows of removed forwards.
+    fn set_forwards(&self, st: &mut State, new: Vec<Forward>) -> Result<usize, String> {
+        let (gone, added) = diff_forwards(&st.config.forward, &new);
+        let mut a = (*st.addressing).clone();
+        a.forward_targets = forwarded_ports(&new)
+            .map(|(proto, ext, to, to_port)| ((proto, to, to_port), ext))
+            .collect();
+        let a = Arc::new(a);
+        let remove: Vec<_> = forwarded_ports(&gone).collect();
+        let add: Vec<_> = forwarded_ports(&added).collect();
+        let flushed = self
+            .observer
+            .change_forwards(&remove, &add, a.clone())
+            .map_err(|r| refusal(r, &added))?;
+        st.addressing = a;
+        st.config.forward = new;
+        Ok(flushed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ForwardProtocol;
+    use crate::net::PortRange;
+    use std::net::Ipv4Addr;
+
+    fn fwd(protocol: ForwardProtocol, first: u16, last: u16, to: u8, to_port: u16) -> Forward {
+        Forward {
+            protocol,
+            ports: PortRange { first, last },
+            to_addr: Ipv4Addr::new(10, 244, 0, to),
+            to_port,
+        }
+    }
+
+    #[test]
+    fn diff_finds_gone_new_and_retargeted_forwards() {
+        use ForwardProtocol::{Tcp, Udp};
+        let old = [
+            fwd(Tcp, 8080, 8080, 2, 80),
+            fwd(Udp, 53, 53, 3, 53),
+            fwd(Tcp, 9000, 9009, 4, 9000),
+        ];
+        let new = [
+            fwd(Tcp, 9000, 9009, 4, 9000),
+            fwd(Tcp, 8080, 8080, 5, 80),
+            fwd(Udp, 5353, 5353, 3, 53),
+        ];
+        let (gone, added) = diff_forwards(&old, &new);
+        assert_eq!(gone, vec![old[0], old[1]]);
+        assert_eq!(added, vec![new[1], new[2]]);
+        assert_eq!(diff_forwards(&old, &old), (vec![], vec![]));
+        assert_eq!(diff_forwards(&[], &old).1, old.to_vec());
+        assert_eq!(diff_forwards(&old, &[]).0, old.to_vec());
+    }
+
+    #[test]
+    fn refusals_name_protocol_and_port() {
+        let added = [fwd(ForwardProtocol::Udp, 8000, 8099, 2, 8000)];
+        let r = ForwardRefused::Table {
+            port: 8042,
+            why: ForwardError::PortInUse,
+        };
+        assert!(refusal(r, &added).starts_with("udp port 8042 is in use by a masqueraded flow"));
+        assert_eq!(
+            refusal(ForwardRefused::NoAnswer, &added),
+            "a worker did not answer; nothing changed"
+        );
+    }
+}
