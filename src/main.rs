@@ -289,7 +289,10 @@ fn forward(args: &[String]) -> Result<(), MainError> {
     while let Some(a) = it.next() {
         if a.starts_with('-') {
             options.push(a.clone());
-            if matches!(a.as_str(), "--config" | "-c" | "--control" | "-o" | "--output") {
+            if matches!(
+                a.as_str(),
+                "--config" | "-c" | "--control" | "-o" | "--output"
+            ) {
                 options.extend(it.next().cloned());
             }
         } else {
@@ -298,26 +301,27 @@ fn forward(args: &[String]) -> Result<(), MainError> {
     }
     let f = flags(&options, Takes::Output)?;
     if f.output == Some(Format::Prometheus) {
-        return Err(MainError::Usage("`-o prometheus`: unknown output format".into()));
+        return Err(MainError::Usage(
+            "`-o prometheus`: unknown output format".into(),
+        ));
     }
-    let request = match words.as_slice() {
-        ["add", protocol, port, to] => Request::ForwardAdd {
-            protocol: protocol.to_string(),
-            port: port.to_string(),
-            to: to.to_string(),
-        },
-        ["del", protocol, port] => Request::ForwardDel {
-            protocol: protocol.to_string(),
-            port: port.to_string(),
-        },
-        ["list"] => Request::ForwardList,
-        _ => {
-            return Err(MainError::Usage(
+    let request =
+        match words.as_slice() {
+            ["add", protocol, port, to] => Request::ForwardAdd {
+                protocol: protocol.to_string(),
+                port: port.to_string(),
+                to: to.to_string(),
+            },
+            ["del", protocol, port] => Request::ForwardDel {
+                protocol: protocol.to_string(),
+                port: port.to_string(),
+            },
+            ["list"] => Request::ForwardList,
+            _ => return Err(MainError::Usage(
                 "expected `forward add PROTO PORT TO`, `forward del PROTO PORT` or `forward list`"
                     .into(),
-            ))
-        }
-    };
+            )),
+        };
     let json = f.output == Some(Format::Json);
     match ask(&f, &request)? {
         Response::Forwards(list) if json => print!("{}", report::json(&list)),
@@ -327,13 +331,19 @@ fn forward(args: &[String]) -> Result<(), MainError> {
             flows_flushed,
         } if json => print!(
             "{}",
-            report::json(&serde_json::json!({ "forward": forward, "flows_flushed": flows_flushed }))
+            report::json(
+                &serde_json::json!({ "forward": forward, "flows_flushed": flows_flushed })
+            )
         ),
         Response::Forward {
             forward,
             flows_flushed,
         } => {
-            let what = if words[0] == "add" { "added" } else { "deleted" };
+            let what = if words[0] == "add" {
+                "added"
+            } else {
+                "deleted"
+            };
             let flushed = if words[0] == "del" {
                 format!("; {flows_flushed} flow(s) flushed with it")
             } else {

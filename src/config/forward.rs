@@ -78,12 +78,7 @@ fn protocol_of(s: &str) -> Result<ForwardProtocol, Reason> {
 }
 
 /// Entry `name` (`forward[i]`) checked against the ones before it.
-fn check_one(
-    name: &str,
-    f: Raw,
-    out: &[Forward],
-    pod: &PodConfig,
-) -> Result<Forward, ConfigError> {
+fn check_one(name: &str, f: Raw, out: &[Forward], pod: &PodConfig) -> Result<Forward, ConfigError> {
     let protocol = protocol_of(&f.protocol).map_err(at(format!("{name}.protocol")))?;
     let port_key = format!("{name}.port");
     let ports = values::ports(&f.port).map_err(at(&port_key))?;
@@ -222,6 +217,58 @@ mod tests {
             ]
         );
         assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn a_run_time_forward_is_checked_like_an_entry() {
+        let c = Config::from_toml_str(
+            "[[forward]]\nprotocol = \"tcp\"\nport = \"8000-8099\"\nto = \"10.244.0.2\"\n",
+        )
+        .unwrap();
+        let f = crate::config::parse_forward("udp", "8080", "10.244.0.2:80", &c.forward, &c.pod)
+            .unwrap();
+        assert_eq!(
+            (f.protocol, f.ports, f.to_addr, f.to_port),
+            (
+                ForwardProtocol::Udp,
+                PortRange {
+                    first: 8080,
+                    last: 8080
+                },
+                Ipv4Addr::new(10, 244, 0, 2),
+                80
+            )
+        );
+        let e = crate::config::parse_forward("tcp", "8080", "10.244.0.3", &c.forward, &c.pod)
+            .unwrap_err();
+        assert!(matches!(
+            reason(&e, "forward.port"),
+            Reason::Overlaps { .. }
+        ));
+        let e = crate::config::parse_forward("tcp", "9000", "192.0.2.1", &c.forward, &c.pod)
+            .unwrap_err();
+        assert!(matches!(
+            reason(&e, "forward.to"),
+            Reason::OutsideSubnet { .. }
+        ));
+        let e =
+            crate::config::parse_forward("sctp", "9000", "10.244.0.2", &[], &c.pod).unwrap_err();
+        assert!(matches!(
+            reason(&e, "forward.protocol"),
+            Reason::UnknownValue { .. }
+        ));
+        assert_eq!(
+            crate::config::parse_forward_key("tcp", "8000-8099").unwrap(),
+            (
+                ForwardProtocol::Tcp,
+                PortRange {
+                    first: 8000,
+                    last: 8099
+                }
+            )
+        );
+        let e = crate::config::parse_forward_key("tcp", "0").unwrap_err();
+        assert!(matches!(reason(&e, "forward.port"), Reason::BadPorts(_)));
     }
 
     #[test]

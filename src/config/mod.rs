@@ -47,10 +47,10 @@ mod values;
 mod warnings;
 mod workers;
 
-pub use forward::{parse_forward, parse_forward_key};
 pub use error::{
     AddressForm, ConfigError, DurationProblem, Kind, NameProblem, Overlap, Reason, Reserved, Side,
 };
+pub use forward::{parse_forward, parse_forward_key};
 
 /// The documented default configuration, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../../config/tapnat.toml");

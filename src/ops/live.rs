@@ -44,6 +44,33 @@ pub fn diff_forwards(old: &[Forward], new: &[Forward]) -> (Vec<Forward>, Vec<For
     (gone, added)
 }
 
+/// Two forwards of `set` whose targets share an endpoint: one inside
+/// endpoint has one outside port (endpoint-independent mapping, RFC 4787
+/// REQ-1), so it can be the target of one forward only.
+pub fn target_clash(set: &[Forward]) -> Option<String> {
+    let targets = |f: &Forward| {
+        let first = u32::from(f.to_port);
+        (first, first + u32::from(f.ports.last - f.ports.first))
+    };
+    for (i, a) in set.iter().enumerate() {
+        for b in &set[i + 1..] {
+            let ((a0, a1), (b0, b1)) = (targets(a), targets(b));
+            if a.protocol == b.protocol && a.to_addr == b.to_addr && a0 <= b1 && b0 <= a1 {
+                return Some(format!(
+                    "{} forward {}: {}:{} is already the target of {} {}",
+                    forward_protocol_name(b.protocol),
+                    b.ports,
+                    b.to_addr,
+                    b.to_port.max(a0 as u16),
+                    forward_protocol_name(a.protocol),
+                    a.ports
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// A sentence for a forward the workers refused.
 fn refusal(r: ForwardRefused, added: &[Forward]) -> String {
     match r {
@@ -151,6 +178,9 @@ impl Live {
     /// Makes `new` the running forward set: removes what is gone, adds
     /// what is new, all or nothing. Returns the flows of removed forwards.
     fn set_forwards(&self, st: &mut State, new: Vec<Forward>) -> Result<usize, String> {
+        if let Some(clash) = target_clash(&new) {
+            return Err(clash);
+        }
         let (gone, added) = diff_forwards(&st.config.forward, &new);
         let mut a = (*st.addressing).clone();
         a.forward_targets = forwarded_ports(&new)
@@ -204,6 +234,20 @@ mod tests {
         assert_eq!(diff_forwards(&old, &old), (vec![], vec![]));
         assert_eq!(diff_forwards(&[], &old).1, old.to_vec());
         assert_eq!(diff_forwards(&old, &[]).0, old.to_vec());
+    }
+
+    #[test]
+    fn one_target_endpoint_one_forward() {
+        use ForwardProtocol::{Tcp, Udp};
+        let a = fwd(Tcp, 9000, 9003, 2, 8000);
+        assert_eq!(target_clash(&[a, fwd(Tcp, 8081, 8081, 2, 8004)]), None);
+        assert_eq!(target_clash(&[a, fwd(Udp, 8081, 8081, 2, 8001)]), None);
+        assert_eq!(target_clash(&[a, fwd(Tcp, 8081, 8081, 3, 8001)]), None);
+        assert_eq!(
+            target_clash(&[a, fwd(Tcp, 7000, 7000, 2, 8001)]).as_deref(),
+            Some("tcp forward 7000: 10.244.0.2:8001 is already the target of tcp 9000-9003")
+        );
+        assert!(target_clash(&[fwd(Tcp, 7000, 7009, 2, 7995), a]).is_some());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use super::metrics;
-use super::record::{FlowRecord, StatsRecord};
+use super::record::{FlowRecord, ForwardRecord, StatsRecord};
 use crate::gateway::stats::{Counter, Counters, Snapshot};
 use crate::nat::Flow;
 
@@ -101,6 +101,15 @@ pub fn json<T: serde::Serialize>(v: &T) -> String {
     s
 }
 
+/// One line per forward, like `iptables -t nat -L` shows DNAT rules.
+pub fn forward_lines(forwards: &[ForwardRecord]) -> String {
+    let mut s = format!("forwards: {}\n", forwards.len());
+    for f in forwards {
+        let _ = writeln!(s, "  {:<4} {:<11} -> {}", f.protocol, f.port, f.to);
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,13 +139,4 @@ mod tests {
         assert_eq!(Format::parse("text"), Some(Format::Text));
         assert_eq!(Format::parse("yaml"), None);
     }
-}
-
-/// One line per forward, like `iptables -t nat -L` shows DNAT rules.
-pub fn forward_lines(forwards: &[super::record::ForwardRecord]) -> String {
-    let mut s = format!("forwards: {}\n", forwards.len());
-    for f in forwards {
-        let _ = writeln!(s, "  {:<4} {:<11} -> {}", f.protocol, f.port, f.to);
-    }
-    s
 }

@@ -258,12 +258,7 @@ pub fn respond(request: Request, live: &Live) -> Response {
 /// One connection: the request is read even from a peer that is refused,
 /// since closing with unread data would reset the connection before the
 /// client saw why.
-fn serve_client(
-    conn: UnixStream,
-    access: &Access,
-    own_uid: u32,
-    live: &Live,
-) -> io::Result<()> {
+fn serve_client(conn: UnixStream, access: &Access, own_uid: u32, live: &Live) -> io::Result<()> {
     let cred = sys::peer_cred(conn.as_fd())?;
     let line = read_request(&conn)?;
     let response = if !access.admits(cred.uid, cred.gid, own_uid) {

@@ -138,14 +138,20 @@ fn change_forwards_is_all_or_nothing_per_table() {
         t.change_forwards(&[(Proto::Tcp, 8080)], &add, EXT, true),
         Ok(0)
     );
-    assert_eq!(t.forward_for_inside(Proto::Tcp, TARGET, 80), Some((EXT, 8080)));
+    assert_eq!(
+        t.forward_for_inside(Proto::Tcp, TARGET, 80),
+        Some((EXT, 8080))
+    );
     // Without the remove, 8080 is in use: nothing changes.
     assert_eq!(
         t.change_forwards(&[], &add, EXT, false),
         Err((8080, ForwardError::PortInUse))
     );
     // A port held by a dynamic mapping refuses the whole change.
-    let bad = [(Proto::Tcp, 8084, TARGET, 90), (Proto::Tcp, 2000, TARGET, 91)];
+    let bad = [
+        (Proto::Tcp, 8084, TARGET, 90),
+        (Proto::Tcp, 2000, TARGET, 91),
+    ];
     assert_eq!(
         t.change_forwards(&[(Proto::Tcp, 8080)], &bad, EXT, false),
         Err((2000, ForwardError::PortInUse))
@@ -157,8 +163,14 @@ fn change_forwards_is_all_or_nothing_per_table() {
         t.change_forwards(&[(Proto::Tcp, 8080)], &add, EXT, false),
         Ok(1)
     );
-    assert_eq!(t.forward_for_inside(Proto::Tcp, TARGET, 81), Some((EXT, 8080)));
-    assert_eq!(t.forward_for_inside(Proto::Tcp, TARGET, 80), Some((EXT, 8082)));
+    assert_eq!(
+        t.forward_for_inside(Proto::Tcp, TARGET, 81),
+        Some((EXT, 8080))
+    );
+    assert_eq!(
+        t.forward_for_inside(Proto::Tcp, TARGET, 80),
+        Some((EXT, 8082))
+    );
     assert_eq!(t.forwards_len(), 2);
     check_consistent(&t);
 }
