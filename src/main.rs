@@ -4,12 +4,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use sd_notify::NotifyState;
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use tapnat::config::{Config, ConfigError, Reason};
 use tapnat::gateway::{Gateway, GatewayError};
 use tapnat::ops::filter::FlowFilter;
-use tapnat::ops::live::Live;
+use tapnat::ops::live::{Live, ReloadRefused};
 use tapnat::ops::metrics::{self, MetricsServer};
 use tapnat::ops::report::{self, Format};
 use tapnat::ops::socket::{self, Access, Request, Response};
@@ -20,7 +20,8 @@ tapnat: a userspace IPv4 masquerading NAT gateway between two TAP devices
 usage:
   tapnat run [--config FILE] [--control PATH]
                                 run the gateway in the foreground (no FILE: the embedded default);
-                                SIGINT/SIGTERM stop it, SIGUSR1 prints flows and counters; it answers
+                                SIGINT/SIGTERM stop it, SIGUSR1 prints flows and counters, SIGHUP
+                                re-reads FILE and applies what can change live; it answers
                                 `tapnat flows|stats` on the control socket PATH (default: control.socket)
   tapnat flows [--proto P] [--src A] [--dst A] [--port N] [--count] [-o json]
                [--config FILE | --control PATH]
@@ -359,6 +360,55 @@ fn forward(args: &[String]) -> Result<(), MainError> {
     Ok(())
 }
 
+/// SIGHUP: re-reads `--config FILE` and applies what can change live, all
+/// or nothing; every outcome is one or more `tapnat: reload:` lines.
+fn reload(f: &Flags, live: &Live) {
+    let Some(path) = &f.config else {
+        say!("tapnat: reload: started without --config, no file to re-read; nothing changed");
+        return;
+    };
+    let config = match Config::load(Some(path)) {
+        Ok(c) => c,
+        Err(e) => {
+            say!("tapnat: reload: {e}; nothing changed");
+            return;
+        }
+    };
+    for w in config.warnings() {
+        say!("tapnat: reload: warning: {w}");
+    }
+    match live.reload(config) {
+        Ok(r) if r.changed.is_empty() => say!("tapnat: reload: {} unchanged", path.display()),
+        Ok(r) => {
+            say!(
+                "tapnat: reload: applied {} ({} forward(s) added, {} removed)",
+                r.changed.join(", "),
+                r.forwards_added,
+                r.forwards_removed
+            );
+            for fwd in &r.run_time_removed {
+                let rec = tapnat::ops::record::ForwardRecord::from(fwd);
+                say!(
+                    "tapnat: reload: forward {} {} -> {} was added at run time and is not in {}:                      removed (the file wins, as with iptables-restore)",
+                    rec.protocol,
+                    rec.port,
+                    rec.to,
+                    path.display()
+                );
+            }
+        }
+        Err(ReloadRefused::Restart(keys)) => {
+            for k in keys {
+                say!("tapnat: reload: {k} cannot change while running; restart to apply");
+            }
+            say!("tapnat: reload: nothing changed");
+        }
+        Err(ReloadRefused::Forwards(why)) => {
+            say!("tapnat: reload: forward: {why}; nothing changed");
+        }
+    }
+}
+
 fn load(f: &Flags) -> Result<Config, MainError> {
     let config = Config::load(f.config.as_deref())?;
     for w in config.warnings() {
@@ -371,7 +421,8 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let f = flags(args, Takes::Config)?;
     let config = load(&f)?;
     let access = control_access(&config)?;
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1]).map_err(MainError::Signals)?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP]).map_err(MainError::Signals)?;
     let gw = Gateway::start(&config)?;
     let path = f
         .control
@@ -424,6 +475,10 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let status = format!("forwarding {} -> {}", a.pod_net, a.uplink_net);
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     for sig in signals.forever() {
+        if sig == SIGHUP {
+            reload(&f, &live);
+            continue;
+        }
         if sig == SIGUSR1 {
             say_raw!("{}", report::flows(&gw.flows()));
             say_raw!("{}", report::stats(&gw.stats()));

@@ -1,10 +1,11 @@
 //! Operating a running gateway from the command line: `tapnat flush`,
 //! `tapnat forward add|del|list` and a reload on SIGHUP, with the real
 //! binary between kernel peers in namespaces.
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tapnat::lab::{Lab, Pinger, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP};
@@ -37,52 +38,88 @@ impl Drop for TempConfig {
 }
 
 /// A `tapnat run` we started, stopped by PID on drop (SIGTERM, then SIGKILL
-/// after 5 s) and waited for, also when the test fails.
-struct Running(std::process::Child);
+/// after 5 s) and waited for, also when the test fails. Its stderr is
+/// collected as it comes.
+struct Running {
+    child: std::process::Child,
+    err: Arc<Mutex<String>>,
+}
 
 impl Running {
+    fn new(mut child: std::process::Child) -> Running {
+        let err = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let err = err.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut e = err.lock().unwrap();
+                    e.push_str(&line);
+                    e.push('\n');
+                }
+            });
+        }
+        Running { child, err }
+    }
+
     fn signal(&self, sig: &str) {
         let status = Command::new("kill")
-            .args([sig, &self.0.id().to_string()])
+            .args([sig, &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success(), "kill {sig}");
     }
 
-    /// Stops it and returns what it wrote on stderr.
-    fn stop(mut self) -> String {
-        self.signal("-TERM");
-        let mut err = String::new();
-        if let Some(mut e) = self.0.stderr.take() {
-            let _ = e.read_to_string(&mut err);
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    /// Waits up to 5 s until stderr holds `needle` `times` times.
+    fn wait_stderr(&self, needle: &str, times: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let e = self.stderr();
+            if e.matches(needle).count() >= times {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} x{times} in:\n{e}");
+            std::thread::sleep(Duration::from_millis(20));
         }
-        err
+    }
+
+    /// Stops it and returns what it wrote on stderr.
+    fn stop(self) -> String {
+        self.signal("-TERM");
+        self.wait_stderr("tapnat: stopped", 1)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
+            .args(["-TERM", &self.child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
+            if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// The control socket of the gateway `config_text(_, tag, _)` describes.
+fn control_path(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("tapnat-ops-{tag}-{}.sock", std::process::id()))
 }
 
 /// The config text of a gateway between `lab`'s namespaces with two workers
 /// (so a range or a steered target crosses workers), its control socket in
 /// the temp dir, and `extra` appended.
 fn config_text(lab: &Lab, tag: &str, extra: &str) -> String {
-    let control =
-        std::env::temp_dir().join(format!("tapnat-ops-{tag}-{}.sock", std::process::id()));
+    let control = control_path(tag);
     format!(
         "[pod]\nnetns = \"{}\"\n[uplink]\nnetns = \"{}\"\n[workers]\nthreads = 2\n\
          [control]\nsocket = \"{}\"\n{extra}",
@@ -100,7 +137,7 @@ fn run(lab: &Lab, file: &TempConfig, text: &str) -> Running {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let running = Running(child);
+    let running = Running::new(child);
     let config = tapnat::config::Config::from_toml_str(text).unwrap();
     lab.pod
         .wait_for_link("tapnat0", Duration::from_secs(2))
@@ -398,4 +435,106 @@ fn forward_added_and_deleted_at_run_time() {
     let mut c = connect_forward(&lab, 8081).unwrap();
     echo(&mut c, b"back");
     drop(gw);
+}
+
+#[test]
+fn sighup_applies_the_file_and_refuses_what_needs_a_restart() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("ops-hup").unwrap();
+    let text = config_text(&lab, "hup", "");
+    let file = TempConfig::new("hup", &text);
+    let gw = run(&lab, &file, &text);
+    let p = file.path();
+    pod_server(&lab, 80);
+    // A masqueraded TCP connection from the pod that stays up throughout.
+    let listener = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 7000));
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut b = [0u8; 256];
+        while let Ok(n) = s.read(&mut b) {
+            if n == 0 || s.write_all(&b[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut conn = tcp_connect(&lab.pod, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+    echo(&mut conn, b"before");
+    // A forward added at run time, not in the file.
+    ok(&[
+        "forward",
+        "add",
+        "tcp",
+        "8082",
+        "10.244.0.2:80",
+        "--config",
+        p,
+    ]);
+    connect_forward(&lab, 8082).unwrap();
+    // The file gains a forward (to the same target: the run-time one goes,
+    // so the target is free for it) and a timeout.
+    let forward = "[[forward]]\nprotocol = \"tcp\"\nport = 8081\nto = \"10.244.0.2:80\"\n";
+    let grown = format!("{text}{forward}[nat.timeouts]\nudp = \"200s\"\n");
+    std::fs::write(&file.0, &grown).unwrap();
+    gw.signal("-HUP");
+    let err = gw.wait_stderr("tapnat: reload: applied", 1);
+    assert!(
+        err.contains("applied forward, nat.timeouts.udp (1 forward(s) added, 1 removed)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("forward tcp 8082 -> 10.244.0.2:80 was added at run time")
+            && err.contains("the file wins"),
+        "{err}"
+    );
+    let mut c = connect_forward(&lab, 8081).unwrap();
+    echo(&mut c, b"new forward");
+    assert!(
+        connect_forward(&lab, 8082).is_err(),
+        "run-time forward kept"
+    );
+    echo(&mut conn, b"after the reload");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["forward", "list", "-o", "json", "--config", p])).unwrap();
+    assert_eq!(
+        list,
+        serde_json::json!([{"protocol": "tcp", "port": "8081", "to": "10.244.0.2:80"}])
+    );
+    // A change that needs a restart refuses the whole reload: the forward
+    // added beside it is not applied either.
+    let more = "[[forward]]\nprotocol = \"udp\"\nport = 5353\nto = \"10.244.0.2:53\"\n";
+    let moved = grown.replace("[pod]\n", "[pod]\ntap = \"tapnat9\"\n") + more;
+    std::fs::write(&file.0, moved).unwrap();
+    gw.signal("-HUP");
+    let err = gw.wait_stderr("tapnat: reload: nothing changed", 1);
+    assert!(
+        err.contains("tapnat: reload: pod.tap cannot change while running; restart to apply"),
+        "{err}"
+    );
+    // A file that does not parse changes nothing either.
+    std::fs::write(&file.0, format!("{grown}[[forward]\n")).unwrap();
+    gw.signal("-HUP");
+    let err = gw.wait_stderr("nothing changed", 2);
+    assert!(err.contains(&format!("config file {p}")), "{err}");
+    // (Clients cannot read the broken file: they ask by the socket's path.)
+    let control = control_path("hup");
+    let control = control.to_str().unwrap();
+    let list: serde_json::Value = serde_json::from_str(&ok(&[
+        "forward",
+        "list",
+        "-o",
+        "json",
+        "--control",
+        control,
+    ]))
+    .unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert!(lab.pod.ip("link show tapnat0").is_ok());
+    echo(&mut conn, b"after the refusals");
+    echo(&mut c, b"forward after the refusals");
+    let mut c2 = connect_forward(&lab, 8081).unwrap();
+    echo(&mut c2, b"a new connection");
+    let err = gw.stop();
+    assert!(!err.contains("panicked"), "{err}");
 }

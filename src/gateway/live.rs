@@ -18,7 +18,7 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, Sender};
 
 use super::{Addressing, Observer, WorkerMsg};
-use crate::nat::{Flow, ForwardError, Proto};
+use crate::nat::{Filtering, Flow, ForwardError, Proto, Timeouts};
 
 /// Which flows a flush removes.
 pub type FlowPredicate = Arc<dyn Fn(&Flow) -> bool + Send + Sync>;
@@ -36,6 +36,15 @@ pub struct ForwardChange {
     pub add: Vec<ForwardPort>,
     pub ext_addr: Ipv4Addr,
     pub dry_run: bool,
+}
+
+/// The flow table's limits, as a reload changes them.
+#[derive(Debug, Clone, Copy)]
+pub struct TableLimits {
+    /// One worker's share of `nat.max_flows`.
+    pub max_flows: usize,
+    pub timeouts: Timeouts,
+    pub filtering: Filtering,
 }
 
 /// How long a worker may take to answer an operator's request.
@@ -89,6 +98,23 @@ impl Observer {
     pub fn set_addressing(&self, a: Arc<Addressing>) {
         for (k, w) in self.workers.iter().enumerate() {
             if w.send(WorkerMsg::Addressing(a.clone())).is_ok() {
+                self.shared.wakers[k].wake();
+            }
+        }
+    }
+
+    /// Every worker's table takes these limits; `max_flows` is the whole
+    /// gateway's, shared as at start (each worker `max_flows / N`, rounded
+    /// up).
+    pub fn set_limits(&self, max_flows: usize, timeouts: Timeouts, filtering: Filtering) {
+        let n = self.workers.len().max(1);
+        let l = TableLimits {
+            max_flows: max_flows.div_ceil(n),
+            timeouts,
+            filtering,
+        };
+        for (k, w) in self.workers.iter().enumerate() {
+            if w.send(WorkerMsg::Limits(l)).is_ok() {
                 self.shared.wakers[k].wake();
             }
         }

@@ -53,7 +53,9 @@ pub use crate::policy::{paired_address, Addressing, Egress, Side};
 pub use buf::{Buf, Pool};
 pub use classify::Disposition;
 pub use datapath::{Action, Core, CoreParts, FragRewrite, Packet};
-pub use live::{FlowPredicate, ForwardChange, ForwardPort, ForwardRefused, ForwardReply};
+pub use live::{
+    FlowPredicate, ForwardChange, ForwardPort, ForwardRefused, ForwardReply, TableLimits,
+};
 use stats::{Counters, Snapshot};
 
 /// To a worker.
@@ -73,6 +75,8 @@ pub enum WorkerMsg {
     Forwards(Arc<live::ForwardChange>, Sender<live::ForwardReply>),
     /// Rules changed at run time: classify with these from now on.
     Addressing(Arc<Addressing>),
+    /// The flow table's limits changed at run time (a reload).
+    Limits(live::TableLimits),
 }
 
 /// To the control thread.

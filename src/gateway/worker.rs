@@ -139,6 +139,11 @@ impl Worker {
             }
             WorkerMsg::Forwards(change, reply) => self.change_forwards(&change, reply),
             WorkerMsg::Addressing(a) => self.core.set_addressing(a),
+            WorkerMsg::Limits(l) => {
+                self.core
+                    .table_mut()
+                    .set_limits(l.max_flows, l.timeouts, l.filtering)
+            }
         }
     }
 

@@ -573,6 +573,27 @@ impl FlowTable {
         Ok(flushed)
     }
 
+    /// New limits at run time (a reload): `max_flows` bounds new flows only
+    /// (a table above it keeps its flows, evicting or refusing as when
+    /// full), timeouts apply to every flow from its next expiry check, and
+    /// a new filtering mode counts the live sessions afresh.
+    ///
+    /// # Panics
+    /// If `max_flows > u32::MAX` (the config layer validates it first).
+    pub fn set_limits(&mut self, max_flows: usize, timeouts: Timeouts, filtering: Filtering) {
+        assert!(max_flows <= u32::MAX as usize, "max_flows must fit in u32");
+        self.cfg.max_flows = max_flows;
+        self.cfg.timeouts = timeouts;
+        if filtering != self.cfg.filtering {
+            self.cfg.filtering = filtering;
+            let mut filter = Filter::new(filtering);
+            for f in self.slab.iter() {
+                filter.session_added(f.inside.proto, f.ext_port, f.inside.dst);
+            }
+            self.filter = filter;
+        }
+    }
+
     /// Removes every live flow `pred` selects, as [`FlowTable::remove`]
     /// does (both directions at once, the last flow of a dynamic mapping
     /// sends its port into quarantine); forwards stay. Returns how many

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::filter::FlowFilter;
 use super::record::{forward_protocol_name, FlowRecord};
 use crate::config::{self, Config, Forward};
-use crate::gateway::{Addressing, ForwardRefused, Observer};
-use crate::nat::ForwardError;
+use crate::gateway::{Addressing, FlowPredicate, ForwardRefused, Observer};
+use crate::nat::{Filtering, ForwardError, Timeouts};
 use crate::policy::forwarded_ports;
 
 /// A running gateway's changeable state.
@@ -32,6 +32,9 @@ pub struct Live {
 struct State {
     /// The config running now; `forward` is the running forward set.
     config: Config,
+    /// Forwards added with `tapnat forward add` (a reload removes those its
+    /// file lacks: the file wins, as with `iptables-restore`).
+    run_time: Vec<Forward>,
     /// The rules the workers classify with (the forwards' steering).
     addressing: Arc<Addressing>,
 }
@@ -71,6 +74,13 @@ pub fn target_clash(set: &[Forward]) -> Option<String> {
     None
 }
 
+/// The flows a flush with `filter` removes: those `tapnat flows` with the
+/// same selectors lists.
+pub fn flush_predicate(filter: &FlowFilter) -> FlowPredicate {
+    let filter = filter.clone();
+    Arc::new(move |f| filter.matches(&FlowRecord::from(f)))
+}
+
 /// A sentence for a forward the workers refused.
 fn refusal(r: ForwardRefused, added: &[Forward]) -> String {
     match r {
@@ -103,6 +113,7 @@ impl Live {
             observer,
             state: Mutex::new(State {
                 config: config.clone(),
+                run_time: Vec::new(),
                 addressing,
             }),
         }
@@ -122,9 +133,7 @@ impl Live {
     /// Removes the flows `filter` selects (`conntrack -D`; every flow when
     /// it is empty, `conntrack -F`). Forwards stay. Returns how many.
     pub fn flush(&self, filter: &FlowFilter) -> usize {
-        let filter = filter.clone();
-        self.observer
-            .flush(Arc::new(move |f| filter.matches(&FlowRecord::from(f))))
+        self.observer.flush(flush_predicate(filter))
     }
 
     /// The running forwards, in the order they were configured or added.
@@ -141,6 +150,7 @@ impl Live {
         let mut new = st.config.forward.clone();
         new.push(f);
         self.set_forwards(&mut st, new)?;
+        st.run_time.push(f);
         Ok(f)
     }
 
@@ -172,6 +182,7 @@ impl Live {
         let mut new = st.config.forward.clone();
         let gone = new.remove(i);
         let flushed = self.set_forwards(&mut st, new)?;
+        st.run_time.retain(|f| *f != gone);
         Ok((gone, flushed))
     }
 
@@ -196,6 +207,104 @@ impl Live {
         st.addressing = a;
         st.config.forward = new;
         Ok(flushed)
+    }
+}
+
+/// What a reload applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The keys whose new value runs now.
+    pub changed: Vec<&'static str>,
+    pub forwards_added: usize,
+    pub forwards_removed: usize,
+    /// Forwards added with `tapnat forward add` that the file lacks, gone.
+    pub run_time_removed: Vec<Forward>,
+}
+
+/// Why a reload applied nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadRefused {
+    /// These changed keys need a restart.
+    Restart(Vec<&'static str>),
+    /// The new forward set does not fit the running gateway.
+    Forwards(String),
+}
+
+fn table_timeouts(t: &config::Timeouts) -> Timeouts {
+    let ms = |d: std::time::Duration| d.as_millis().min(u128::from(u64::MAX)) as u64;
+    Timeouts {
+        tcp_established_ms: ms(t.tcp_established),
+        tcp_transitory_ms: ms(t.tcp_transitory),
+        udp_ms: ms(t.udp),
+        icmp_ms: ms(t.icmp),
+    }
+}
+
+fn table_filtering(f: config::Filtering) -> Filtering {
+    match f {
+        config::Filtering::EndpointIndependent => Filtering::EndpointIndependent,
+        config::Filtering::Address => Filtering::Address,
+        config::Filtering::AddressAndPort => Filtering::AddressAndPort,
+    }
+}
+
+impl Live {
+    /// Applies a re-read config, all or nothing: a changed key that needs a
+    /// restart refuses the whole reload, as does a forward set the tables
+    /// cannot take; otherwise forwards (the file's set replaces the running
+    /// one, run-time additions included), masquerade rules, timeouts,
+    /// filtering and `max_flows` take their new values.
+    pub fn reload(&self, new: Config) -> Result<Reloaded, ReloadRefused> {
+        let mut st = self.state();
+        // The running forwards may include run-time ones: compare the rest
+        // against the config as it was started or last reloaded.
+        let mut base = st.config.clone();
+        base.forward.retain(|f| !st.run_time.contains(f));
+        let mut changed = config::changed_keys(&base, &new);
+        let refused = config::restart_keys(&changed);
+        if !refused.is_empty() {
+            return Err(ReloadRefused::Restart(refused));
+        }
+        let run_time_removed: Vec<Forward> = st
+            .run_time
+            .iter()
+            .filter(|f| !new.forward.contains(f))
+            .copied()
+            .collect();
+        if !run_time_removed.is_empty() && !changed.contains(&"forward") {
+            changed.push("forward");
+        }
+        let (gone, added) = diff_forwards(&st.config.forward, &new.forward);
+        if !gone.is_empty() || !added.is_empty() {
+            self.set_forwards(&mut st, new.forward.clone())
+                .map_err(ReloadRefused::Forwards)?;
+        }
+        st.run_time.clear();
+        let n = &new.nat;
+        if n.max_flows != st.config.nat.max_flows
+            || n.timeouts != st.config.nat.timeouts
+            || n.filtering != st.config.nat.filtering
+        {
+            self.observer.set_limits(
+                n.max_flows,
+                table_timeouts(&n.timeouts),
+                table_filtering(n.filtering),
+            );
+        }
+        if new.masquerade != st.config.masquerade {
+            let mut a = (*st.addressing).clone();
+            a.masquerade = new.masquerade.clone();
+            let a = Arc::new(a);
+            self.observer.set_addressing(a.clone());
+            st.addressing = a;
+        }
+        st.config = new;
+        Ok(Reloaded {
+            changed,
+            forwards_added: added.len(),
+            forwards_removed: gone.len(),
+            run_time_removed,
+        })
     }
 }
 
@@ -234,6 +343,48 @@ mod tests {
         assert_eq!(diff_forwards(&old, &old), (vec![], vec![]));
         assert_eq!(diff_forwards(&[], &old).1, old.to_vec());
         assert_eq!(diff_forwards(&old, &[]).0, old.to_vec());
+    }
+
+    #[test]
+    fn flush_predicate_selects_as_the_listing_does() {
+        use crate::nat::{Flow, FlowState, InKey, Proto};
+        let flow = |proto, dport| Flow {
+            inside: InKey {
+                proto,
+                src: Ipv4Addr::new(10, 244, 0, 2),
+                sport: 40000,
+                dst: Ipv4Addr::new(198, 51, 100, 10),
+                dport,
+            },
+            ext_addr: Ipv4Addr::new(203, 0, 113, 10),
+            ext_port: 40001,
+            state: FlowState::Udp,
+            replied: true,
+            last_seen_ms: 0,
+            packets_in2out: 0,
+            packets_out2in: 0,
+            bytes_in2out: 0,
+            bytes_out2in: 0,
+        };
+        let (udp, tcp) = (flow(Proto::Udp, 53), flow(Proto::Tcp, 443));
+        let all = flush_predicate(&FlowFilter::default());
+        assert!(all(&udp) && all(&tcp));
+        let only_udp = flush_predicate(&FlowFilter {
+            proto: Some("udp".into()),
+            ..Default::default()
+        });
+        assert!(only_udp(&udp) && !only_udp(&tcp));
+        let by_port = flush_predicate(&FlowFilter {
+            port: Some(40001),
+            dst: Some(Ipv4Addr::new(198, 51, 100, 10)),
+            ..Default::default()
+        });
+        assert!(by_port(&udp) && by_port(&tcp));
+        let other_src = flush_predicate(&FlowFilter {
+            src: Some(Ipv4Addr::new(10, 244, 0, 3)),
+            ..Default::default()
+        });
+        assert!(!other_src(&udp));
     }
 
     #[test]

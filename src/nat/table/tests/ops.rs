@@ -174,3 +174,31 @@ fn change_forwards_is_all_or_nothing_per_table() {
     assert_eq!(t.forwards_len(), 2);
     check_consistent(&t);
 }
+
+#[test]
+fn new_limits_apply_to_live_flows() {
+    let mut t = FlowTable::new(cfg(0, 1, 2000, 2009, 100));
+    let id = t.create(&ik(Proto::Udp, 2, 2000, 9, 53), EXT, 0).unwrap();
+    let port = t.get(id).ext_port;
+    let other = OutKey {
+        proto: Proto::Udp,
+        remote: Ipv4Addr::new(203, 0, 113, 9),
+        rport: 9999,
+        ext: EXT,
+        eport: port,
+    };
+    // Address and port dependent: another port of the same remote is not
+    // let in; address dependent after the change, counted from live flows.
+    assert_eq!(t.inbound(&other, NONE, 1), Err(InboundError::Filtered));
+    t.set_limits(100, T, Filtering::Address);
+    assert!(t.inbound(&other, NONE, 1).is_ok());
+    assert_eq!(t.len(), 2);
+    check_consistent(&t);
+    // A shorter UDP timeout expires both; a lower bound holds new flows.
+    let short = Timeouts { udp_ms: 10, ..T };
+    t.set_limits(1, short, Filtering::Address);
+    assert_eq!(t.config().max_flows, 1);
+    assert_eq!(t.expire(100, 100), 2);
+    assert!(t.is_empty());
+    check_consistent(&t);
+}
