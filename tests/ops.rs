@@ -348,6 +348,14 @@ fn forward_added_and_deleted_at_run_time() {
     );
     let mut c = connect_forward(&lab, 8081).unwrap();
     echo(&mut c, b"through 8081");
+    // Hairpin: the pod reaches its own run-time forward on the outside
+    // address.
+    let mut h = tcp_connect(&lab.pod, SocketAddrV4::new(GATEWAY_UPLINK_IP, 8081)).unwrap();
+    let mut hello = [0u8; 6];
+    h.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello, b"hello\n");
+    echo(&mut h, b"hairpin");
+    drop(h);
     for port in 9000..=9003 {
         if port == 9000 {
             let mut r = connect_forward(&lab, port).unwrap();
@@ -405,13 +413,14 @@ fn forward_added_and_deleted_at_run_time() {
     );
     let text_list = ok(&["forward", "list", "--config", p]);
     assert!(text_list.starts_with("forwards: 2\n"), "{text_list}");
-    // Delete: only the exact port or range; its flows go with it.
+    // Delete: only the exact port or range; its flows (the open connection
+    // and the hairpinned one) go with it.
     let part = cli(&["forward", "del", "tcp", "9001", "--config", p]);
     assert_eq!(part.status.code(), Some(1), "{part:?}");
     assert!(String::from_utf8_lossy(&part.stderr).contains("9000-9003"));
     let del = ok(&["forward", "del", "tcp", "8081", "--config", p]);
     assert!(
-        del.starts_with("forward deleted: tcp 8081 -> 10.244.0.2:80; 1 flow(s) flushed"),
+        del.starts_with("forward deleted: tcp 8081 -> 10.244.0.2:80; 2 flow(s) flushed"),
         "{del}"
     );
     assert!(connect_forward(&lab, 8081).is_err(), "still delivered");

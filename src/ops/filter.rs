@@ -1,4 +1,4 @@
-//! Which flows a listing (or, later, a flush) applies to: the
+//! Which flows a listing (or a flush) applies to: the
 //! `conntrack -L` selectors `--proto`, `--src`, `--dst`, `--port`.
 use std::net::Ipv4Addr;
 
