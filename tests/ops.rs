@@ -343,7 +343,9 @@ fn forward_added_and_deleted_at_run_time() {
     ]);
     assert_eq!(twice.status.code(), Some(1), "{twice:?}");
     assert!(
-        String::from_utf8_lossy(&twice.stderr).contains("already the target of tcp 9000-9003"),
+        String::from_utf8_lossy(&twice.stderr).contains(
+            "forward.to`: 10.244.0.2:8001 is already the target of forward[1] (9000-9003)"
+        ),
         "{twice:?}"
     );
     let mut c = connect_forward(&lab, 8081).unwrap();

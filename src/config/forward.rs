@@ -98,6 +98,23 @@ fn check_one(name: &str, f: Raw, out: &[Forward], pod: &PodConfig) -> Result<For
         }));
     }
     let (to_addr, to_port) = target(&f.to, ports, pod).map_err(at(format!("{name}.to")))?;
+    let span = |first: u16, ports: PortRange| {
+        let first = u32::from(first);
+        (first, first + u32::from(ports.last - ports.first))
+    };
+    let (t0, t1) = span(to_port, ports);
+    let shared = out.iter().enumerate().find(|(_, o)| {
+        let (o0, o1) = span(o.to_port, o.ports);
+        o.protocol == protocol && o.to_addr == to_addr && t0 <= o1 && o0 <= t1
+    });
+    if let Some((j, o)) = shared {
+        return Err(at(format!("{name}.to"))(Reason::TargetInUse {
+            addr: to_addr,
+            port: t0.max(u32::from(o.to_port)) as u16,
+            other: j,
+            ports: o.ports,
+        }));
+    }
     Ok(Forward {
         protocol,
         ports,
@@ -251,6 +268,24 @@ mod tests {
             reason(&e, "forward.to"),
             Reason::OutsideSubnet { .. }
         ));
+        // 8000-8099 already targets 10.244.0.2:8000-8099.
+        let e = crate::config::parse_forward("tcp", "7000", "10.244.0.2:8050", &c.forward, &c.pod)
+            .unwrap_err();
+        assert!(matches!(
+            reason(&e, "forward.to"),
+            Reason::TargetInUse {
+                port: 8050,
+                other: 0,
+                ..
+            }
+        ));
+        assert_eq!(
+            e.to_string(),
+            "config key `forward.to`: 10.244.0.2:8050 is already the target of forward[0] \
+             (8000-8099); a pod endpoint is the target of one forward"
+        );
+        crate::config::parse_forward("udp", "7000", "10.244.0.2:8050", &c.forward, &c.pod).unwrap();
+        crate::config::parse_forward("tcp", "7000", "10.244.0.2:8100", &c.forward, &c.pod).unwrap();
         let e =
             crate::config::parse_forward("sctp", "9000", "10.244.0.2", &[], &c.pod).unwrap_err();
         assert!(matches!(
@@ -269,6 +304,22 @@ mod tests {
         );
         let e = crate::config::parse_forward_key("tcp", "0").unwrap_err();
         assert!(matches!(reason(&e, "forward.port"), Reason::BadPorts(_)));
+    }
+
+    #[test]
+    fn rejects_two_forwards_to_one_target() {
+        let e = err(
+            "[[forward]]\nprotocol = \"tcp\"\nport = 8080\nto = \"10.244.0.2:80\"\n\
+             [[forward]]\nprotocol = \"tcp\"\nport = 8081\nto = \"10.244.0.2:80\"\n",
+        );
+        assert!(matches!(
+            reason(&e, "forward[1].to"),
+            Reason::TargetInUse {
+                port: 80,
+                other: 0,
+                ..
+            }
+        ));
     }
 
     #[test]
