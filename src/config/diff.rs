@@ -6,7 +6,7 @@ use super::Config;
 /// per flow (masquerade, forwards) and the flow table's limits. Every
 /// other key names something built once at start (devices, addresses,
 /// threads, sockets, the port pool and the SNAT pools the gateway answers
-/// ARP for, the fragment cache, the per-worker ICMP error budgets).
+/// ARP for, the fragment cache).
 pub const LIVE_KEYS: &[&str] = &[
     "masquerade",
     "forward",
@@ -16,6 +16,8 @@ pub const LIVE_KEYS: &[&str] = &[
     "nat.timeouts.udp",
     "nat.timeouts.icmp",
     "nat.filtering",
+    "nat.icmp_errors_per_sec",
+    "nat.icmp_errors_burst",
 ];
 
 /// Every key (a list by its name) whose value differs, in the order of the
@@ -128,6 +130,12 @@ mod tests {
             (
                 "[nat]\nicmp_errors_per_sec = 5\n",
                 "nat.icmp_errors_per_sec",
+                true,
+            ),
+            ("[nat]\nfragments_max = 5\n", "nat.fragments_max", false),
+            (
+                "[nat.timeouts]\nfragment = \"3s\"\n",
+                "nat.timeouts.fragment",
                 false,
             ),
             (

@@ -19,6 +19,7 @@ use crossbeam_channel::{bounded, Sender};
 
 use super::{Addressing, Observer, WorkerMsg};
 use crate::nat::{Filtering, Flow, ForwardError, Proto, Timeouts};
+use crate::wire::icmp::IcmpRateLimit;
 
 /// Which flows a flush removes.
 pub type FlowPredicate = Arc<dyn Fn(&Flow) -> bool + Send + Sync>;
@@ -45,6 +46,8 @@ pub struct TableLimits {
     pub max_flows: usize,
     pub timeouts: Timeouts,
     pub filtering: Filtering,
+    /// One worker's share of the ICMP error budget; None for no limit.
+    pub icmp_limit: Option<IcmpRateLimit>,
 }
 
 /// How long a worker may take to answer an operator's request.
@@ -103,15 +106,26 @@ impl Observer {
         }
     }
 
-    /// Every worker's table takes these limits; `max_flows` is the whole
-    /// gateway's, shared as at start (each worker `max_flows / N`, rounded
-    /// up).
-    pub fn set_limits(&self, max_flows: usize, timeouts: Timeouts, filtering: Filtering) {
+    /// Every worker takes these limits; `max_flows` and the ICMP error
+    /// rate and burst (per second; rate 0 = no limit) are the whole
+    /// gateway's, shared as at start (`max_flows / N` rounded up, the
+    /// rate and burst `/ N`, at least 1). A worker's ICMP token bucket
+    /// starts afresh.
+    pub fn set_limits(
+        &self,
+        max_flows: usize,
+        timeouts: Timeouts,
+        filtering: Filtering,
+        icmp_errors: (u32, u32),
+    ) {
         let n = self.workers.len().max(1);
+        let share = |v: u32| (v / n as u32).max(1);
+        let (rate, burst) = icmp_errors;
         let l = TableLimits {
             max_flows: max_flows.div_ceil(n),
             timeouts,
             filtering,
+            icmp_limit: (rate > 0).then(|| IcmpRateLimit::new(share(rate), share(burst))),
         };
         for (k, w) in self.workers.iter().enumerate() {
             if w.send(WorkerMsg::Limits(l)).is_ok() {

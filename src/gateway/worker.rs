@@ -142,7 +142,8 @@ impl Worker {
             WorkerMsg::Limits(l) => {
                 self.core
                     .table_mut()
-                    .set_limits(l.max_flows, l.timeouts, l.filtering)
+                    .set_limits(l.max_flows, l.timeouts, l.filtering);
+                self.core.set_icmp_limit(l.icmp_limit);
             }
         }
     }

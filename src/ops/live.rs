@@ -253,7 +253,8 @@ impl Live {
     /// restart refuses the whole reload, as does a forward set the tables
     /// cannot take; otherwise forwards (the file's set replaces the running
     /// one, run-time additions included), masquerade rules, timeouts,
-    /// filtering and `max_flows` take their new values.
+    /// filtering, the ICMP error limits and `max_flows` take their new
+    /// values.
     pub fn reload(&self, new: Config) -> Result<Reloaded, ReloadRefused> {
         let mut st = self.state();
         // The running forwards may include run-time ones: compare the rest
@@ -281,14 +282,18 @@ impl Live {
         }
         st.run_time.clear();
         let n = &new.nat;
-        if n.max_flows != st.config.nat.max_flows
-            || n.timeouts != st.config.nat.timeouts
-            || n.filtering != st.config.nat.filtering
+        let o = &st.config.nat;
+        if n.max_flows != o.max_flows
+            || n.timeouts != o.timeouts
+            || n.filtering != o.filtering
+            || (n.icmp_errors_per_sec, n.icmp_errors_burst)
+                != (o.icmp_errors_per_sec, o.icmp_errors_burst)
         {
             self.observer.set_limits(
                 n.max_flows,
                 table_timeouts(&n.timeouts),
                 table_filtering(n.filtering),
+                (n.icmp_errors_per_sec, n.icmp_errors_burst),
             );
         }
         if new.masquerade != st.config.masquerade {

@@ -242,6 +242,11 @@ impl Core {
         self.a = a;
     }
 
+    /// This worker's share of the ICMP error budget changed at run time.
+    pub fn set_icmp_limit(&mut self, limit: Option<IcmpRateLimit>) {
+        self.icmp_limit = limit;
+    }
+
     /// A copy of every flow of this shard.
     pub fn flows(&self) -> Vec<Flow> {
         self.table.iter().copied().collect()
