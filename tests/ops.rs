@@ -486,7 +486,7 @@ fn sighup_applies_the_file_and_refuses_what_needs_a_restart() {
     // The file gains a forward (to the same target: the run-time one goes,
     // so the target is free for it) and a timeout.
     let forward = "[[forward]]\nprotocol = \"tcp\"\nport = 8081\nto = \"10.244.0.2:80\"\n";
-    let grown = format!("{text}{forward}[nat.timeouts]\nudp = \"200s\"\n");
+    let grown = format!("{text}{forward}[nat.timeouts]\nudp = \"2s\"\n");
     std::fs::write(&file.0, &grown).unwrap();
     gw.signal("-HUP");
     let err = gw.wait_stderr("tapnat: reload: applied", 1);
@@ -506,6 +506,14 @@ fn sighup_applies_the_file_and_refuses_what_needs_a_restart() {
         "run-time forward kept"
     );
     echo(&mut conn, b"after the reload");
+    // The new UDP timeout holds for new flows (the default is 300 s).
+    let pod_udp = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 42000));
+    pod_udp
+        .send_to(b"x", SocketAddrV4::new(SERVER_IP, 5000))
+        .unwrap();
+    assert_eq!(count(&file, Some("udp")), 1);
+    std::thread::sleep(Duration::from_millis(2600));
+    assert_eq!(count(&file, Some("udp")), 0, "udp flow outlived 2 s");
     let list: serde_json::Value =
         serde_json::from_str(&ok(&["forward", "list", "-o", "json", "--config", p])).unwrap();
     assert_eq!(
