@@ -17,7 +17,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::filter::FlowFilter;
-use super::record::{forward_protocol_name, FlowRecord};
+use super::record::forward_protocol_name;
 use crate::config::{self, Config, Forward};
 use crate::gateway::{Addressing, FlowPredicate, ForwardRefused, Observer};
 use crate::nat::{Filtering, ForwardError, Timeouts};
@@ -78,7 +78,7 @@ pub fn target_clash(set: &[Forward]) -> Option<String> {
 /// same selectors lists.
 pub fn flush_predicate(filter: &FlowFilter) -> FlowPredicate {
     let filter = filter.clone();
-    Arc::new(move |f| filter.matches(&FlowRecord::from(f)))
+    Arc::new(move |f| filter.matches_flow(f))
 }
 
 /// A sentence for a forward the workers refused.
@@ -318,6 +318,7 @@ mod tests {
     use super::*;
     use crate::config::ForwardProtocol;
     use crate::net::PortRange;
+    use crate::ops::record::FlowRecord;
     use std::net::Ipv4Addr;
 
     fn fwd(protocol: ForwardProtocol, first: u16, last: u16, to: u8, to_port: u16) -> Forward {
@@ -372,6 +373,36 @@ mod tests {
             bytes_out2in: 0,
         };
         let (udp, tcp) = (flow(Proto::Udp, 53), flow(Proto::Tcp, 443));
+        // The same choice as the listing's, for every selector.
+        let filters = [
+            FlowFilter::default(),
+            FlowFilter {
+                proto: Some("tcp".into()),
+                ..Default::default()
+            },
+            FlowFilter {
+                src: Some(Ipv4Addr::new(10, 244, 0, 2)),
+                port: Some(53),
+                ..Default::default()
+            },
+            FlowFilter {
+                dst: Some(Ipv4Addr::new(198, 51, 100, 11)),
+                ..Default::default()
+            },
+            FlowFilter {
+                port: Some(40000),
+                ..Default::default()
+            },
+        ];
+        for filter in &filters {
+            for f in [&udp, &tcp] {
+                assert_eq!(
+                    flush_predicate(filter)(f),
+                    filter.matches(&FlowRecord::from(f)),
+                    "{filter:?} {f:?}"
+                );
+            }
+        }
         let all = flush_predicate(&FlowFilter::default());
         assert!(all(&udp) && all(&tcp));
         let only_udp = flush_predicate(&FlowFilter {
