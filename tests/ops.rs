@@ -557,3 +557,39 @@ fn sighup_applies_the_file_and_refuses_what_needs_a_restart() {
     let err = gw.stop();
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn sighup_applies_a_new_masquerade_exclusion() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("ops-masq").unwrap();
+    let text = config_text(&lab, "masq", "");
+    let file = TempConfig::new("masq", &text);
+    let gw = run(&lab, &file, &text);
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5000));
+    let seen_from = |port: u16| {
+        let cli = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, port));
+        cli.send_to(b"hi", SocketAddrV4::new(SERVER_IP, 5000))
+            .unwrap();
+        let mut b = [0u8; 8];
+        let (_, peer) = srv.recv_from(&mut b).unwrap();
+        peer
+    };
+    let before = seen_from(43000);
+    assert_eq!(before.ip(), std::net::IpAddr::V4(GATEWAY_UPLINK_IP));
+    // The server's network becomes an excluded (routed) destination.
+    let rules = "[[masquerade]]\nsource = \"10.244.0.0/16\"\n\
+                 exclude = [\"10.244.0.0/16\", \"198.51.100.0/24\"]\n";
+    std::fs::write(&file.0, format!("{text}{rules}")).unwrap();
+    gw.signal("-HUP");
+    let err = gw.wait_stderr("tapnat: reload: applied", 1);
+    assert!(err.contains("applied masquerade ("), "{err}");
+    let after = seen_from(43001);
+    assert_eq!(
+        after,
+        SocketAddrV4::new(POD_IP, 43001).into(),
+        "not routed untranslated after the reload"
+    );
+    gw.stop();
+}
