@@ -1,16 +1,18 @@
 //! `tapnat`: command line. Thin: arguments -> Config -> Gateway -> ExitCode.
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use sd_notify::NotifyState;
 #[cfg(debug_assertions)]
 use signal_hook::consts::SIGUSR2;
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use tapnat::config::{Config, ConfigError, Reason};
 use tapnat::gateway::{panic_message, thread_role, Failure, Gateway, GatewayError};
 use tapnat::ops::filter::FlowFilter;
+use tapnat::ops::live::{Live, ReloadRefused};
 use tapnat::ops::metrics::{self, MetricsServer, TableSize};
 use tapnat::ops::report::{self, Format};
 use tapnat::ops::socket::{self, Access, Request, Response};
@@ -21,13 +23,21 @@ tapnat: a userspace IPv4 masquerading NAT gateway between two TAP devices
 usage:
   tapnat run [--config FILE] [--control PATH]
                                 run the gateway in the foreground (no FILE: the embedded default);
-                                SIGINT/SIGTERM stop it, SIGUSR1 prints flows and counters; it answers
+                                SIGINT/SIGTERM stop it, SIGUSR1 prints flows and counters, SIGHUP
+                                re-reads FILE and applies what can change live; it answers
                                 `tapnat flows|stats` on the control socket PATH (default: control.socket)
   tapnat flows [--proto P] [--src A] [--dst A] [--port N] [--count] [-o json]
                [--config FILE | --control PATH]
                                 the running gateway's flow table (like conntrack -L)
   tapnat stats [-o json|prometheus] [--config FILE | --control PATH]
                                 the running gateway's counters, drops by reason
+  tapnat flush [--proto P] [--src A] [--dst A] [--port N] [-o json] [--config FILE | --control PATH]
+                                remove the selected flows, every flow without selectors (like
+                                conntrack -D / -F); forwards stay
+  tapnat forward add PROTO PORT[-LAST] ADDR[:PORT] | del PROTO PORT[-LAST] | list [-o json]
+                 [--config FILE | --control PATH]
+                                add, delete or list port forwards of the running gateway, checked
+                                as [[forward]] entries are; a deleted forward's flows go with it
   tapnat check [--config FILE]  validate a config and print warnings, touching no device
   tapnat demo                   build a throwaway pod and external namespace, run the gateway
                                 between them and show traffic being translated (needs root)
@@ -93,6 +103,10 @@ enum MainError {
     /// when the panic hook's report was not there first).
     #[error(transparent)]
     Failed(Failure),
+    /// The gateway understood a change (`forward add`, `forward del`) and
+    /// refused it.
+    #[error("{0}")]
+    Rejected(String),
 }
 
 impl MainError {
@@ -111,6 +125,7 @@ impl MainError {
             MainError::Refused(_) => 77,
             MainError::Panicked(_) | MainError::Failed(Failure::Panicked { .. }) => 70,
             MainError::Failed(Failure::DeviceGone { .. } | Failure::NamespaceGone { .. }) => 74,
+            MainError::Rejected(_) => 1,
         })
     }
 }
@@ -245,9 +260,175 @@ fn client(what: &str, args: &[String]) -> Result<(), MainError> {
             Format::Prometheus => report::stats_prometheus(&stats),
             Format::Text => report::stats_lines(&stats),
         },
+        other => return Err(unexpected(&other)),
     };
     print!("{text}");
     Ok(())
+}
+
+/// An answer that does not fit the request (a gateway of another version).
+fn unexpected(r: &Response) -> MainError {
+    MainError::Control(std::io::Error::other(format!(
+        "unexpected answer from the gateway: {r:?}"
+    )))
+}
+
+/// Asks the gateway `f` names; an error answer is the command's failure.
+fn ask(f: &Flags, request: &Request) -> Result<Response, MainError> {
+    match socket::ask(&control_path(f)?, request).map_err(MainError::Control)? {
+        Response::Error(e) => Err(MainError::Refused(e)),
+        Response::Failed(e) => Err(MainError::Rejected(e)),
+        r => Ok(r),
+    }
+}
+
+/// `tapnat flush [--proto P] [--src A] [--dst A] [--port N] [-o json]`:
+/// like `conntrack -D` with selectors, `conntrack -F` without.
+fn flush(args: &[String]) -> Result<(), MainError> {
+    let f = flags(args, Takes::Flows)?;
+    if f.count {
+        return Err(MainError::Usage("`tapnat flush` takes no `--count`".into()));
+    }
+    let request = Request::Flush {
+        filter: f.filter.clone(),
+    };
+    let n = match ask(&f, &request)? {
+        Response::Flushed(n) => n,
+        other => return Err(unexpected(&other)),
+    };
+    match f.output.unwrap_or(Format::Text) {
+        Format::Json => print!("{}", report::json(&serde_json::json!({ "flushed": n }))),
+        _ => println!("{n} flow(s) flushed"),
+    }
+    Ok(())
+}
+
+/// `tapnat forward add PROTO PORT TO | del PROTO PORT | list [-o json]`,
+/// with `--config FILE` or `--control PATH` anywhere on the line.
+fn forward(args: &[String]) -> Result<(), MainError> {
+    let mut words = Vec::new();
+    let mut options = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a.starts_with('-') {
+            options.push(a.clone());
+            if matches!(
+                a.as_str(),
+                "--config" | "-c" | "--control" | "-o" | "--output"
+            ) {
+                options.extend(it.next().cloned());
+            }
+        } else {
+            words.push(a.as_str());
+        }
+    }
+    let f = flags(&options, Takes::Output)?;
+    if f.output == Some(Format::Prometheus) {
+        return Err(MainError::Usage(
+            "`-o prometheus`: unknown output format".into(),
+        ));
+    }
+    let request =
+        match words.as_slice() {
+            ["add", protocol, port, to] => Request::ForwardAdd {
+                protocol: protocol.to_string(),
+                port: port.to_string(),
+                to: to.to_string(),
+            },
+            ["del", protocol, port] => Request::ForwardDel {
+                protocol: protocol.to_string(),
+                port: port.to_string(),
+            },
+            ["list"] => Request::ForwardList,
+            _ => return Err(MainError::Usage(
+                "expected `forward add PROTO PORT TO`, `forward del PROTO PORT` or `forward list`"
+                    .into(),
+            )),
+        };
+    let json = f.output == Some(Format::Json);
+    match ask(&f, &request)? {
+        Response::Forwards(list) if json => print!("{}", report::json(&list)),
+        Response::Forwards(list) => print!("{}", report::forward_lines(&list)),
+        Response::Forward {
+            forward,
+            flows_flushed,
+        } if json => print!(
+            "{}",
+            report::json(
+                &serde_json::json!({ "forward": forward, "flows_flushed": flows_flushed })
+            )
+        ),
+        Response::Forward {
+            forward,
+            flows_flushed,
+        } => {
+            let what = if words[0] == "add" {
+                "added"
+            } else {
+                "deleted"
+            };
+            let flushed = if words[0] == "del" {
+                format!("; {flows_flushed} flow(s) flushed with it")
+            } else {
+                String::new()
+            };
+            println!(
+                "forward {what}: {} {} -> {}{flushed}",
+                forward.protocol, forward.port, forward.to
+            );
+        }
+        other => return Err(unexpected(&other)),
+    }
+    Ok(())
+}
+
+/// SIGHUP: re-reads `--config FILE` and applies what can change live, all
+/// or nothing; every outcome is one or more `tapnat: reload:` lines.
+fn reload(f: &Flags, live: &Live) {
+    let Some(path) = &f.config else {
+        say!("tapnat: reload: started without --config, no file to re-read; nothing changed");
+        return;
+    };
+    let config = match Config::load(Some(path)) {
+        Ok(c) => c,
+        Err(e) => {
+            say!("tapnat: reload: {e}; nothing changed");
+            return;
+        }
+    };
+    for w in config.warnings() {
+        say!("tapnat: reload: warning: {w}");
+    }
+    match live.reload(config) {
+        Ok(r) if r.changed.is_empty() => say!("tapnat: reload: {} unchanged", path.display()),
+        Ok(r) => {
+            say!(
+                "tapnat: reload: applied {} ({} forward(s) added, {} removed)",
+                r.changed.join(", "),
+                r.forwards_added,
+                r.forwards_removed
+            );
+            for fwd in &r.run_time_removed {
+                let rec = tapnat::ops::record::ForwardRecord::from(fwd);
+                say!(
+                    "tapnat: reload: forward {} {} -> {} was added at run time and is not in {}:                      removed (the file wins, as with iptables-restore)",
+                    rec.protocol,
+                    rec.port,
+                    rec.to,
+                    path.display()
+                );
+            }
+        }
+        Err(ReloadRefused::Restart(keys)) => {
+            for k in keys {
+                say!("tapnat: reload: {k} cannot change while running; restart to apply");
+            }
+            say!("tapnat: reload: nothing changed");
+        }
+        Err(ReloadRefused::Forwards(why)) => {
+            say!("tapnat: reload: forward: {why}; nothing changed");
+        }
+    }
 }
 
 fn load(f: &Flags) -> Result<Config, MainError> {
@@ -306,11 +487,12 @@ fn forward_signals(mut signals: Signals, events: Sender<Event>) -> Result<(), Ma
 
 /// Waits until a signal asks the gateway to stop (`Ok`) or it failed by
 /// itself (`Err`); SIGUSR1 prints flows and counters on the way.
-fn wait(gw: &Gateway, events: &Receiver<Event>) -> Result<(), MainError> {
+fn wait(gw: &Gateway, events: &Receiver<Event>, reload: impl Fn()) -> Result<(), MainError> {
     let failures = gw.failures();
     loop {
         select! {
             recv(events) -> e => match e {
+                Ok(Event::Signal(SIGHUP)) => reload(),
                 Ok(Event::Signal(SIGUSR1)) => {
                     say_raw!("{}", report::flows(&gw.flows()));
                     say_raw!("{}", report::stats(&gw.stats()));
@@ -345,9 +527,10 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let config = load(&f)?;
     let access = control_access(&config)?;
     #[cfg(not(debug_assertions))]
-    let signals = Signals::new([SIGINT, SIGTERM, SIGUSR1]).map_err(MainError::Signals)?;
+    let signals = Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP]).map_err(MainError::Signals)?;
     #[cfg(debug_assertions)]
-    let signals = Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGUSR2]).map_err(MainError::Signals)?;
+    let signals =
+        Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP, SIGUSR2]).map_err(MainError::Signals)?;
     let signal_handle = signals.handle();
     let (events_tx, events) = unbounded();
     report_panics(events_tx.clone());
@@ -358,7 +541,8 @@ fn run(args: &[String]) -> Result<(), MainError> {
         .clone()
         .unwrap_or_else(|| config.control.socket.clone());
     // The gateway runs without its control socket rather than not at all.
-    let _control = match socket::ControlSocket::serve(&path, access, gw.observer()) {
+    let live = Arc::new(Live::new(gw.observer(), &config));
+    let _control = match socket::ControlSocket::serve(&path, access, live.clone()) {
         Ok(c) => Some(c),
         Err(e) => {
             say!(
@@ -407,7 +591,7 @@ fn run(args: &[String]) -> Result<(), MainError> {
     // run (a no-op without $NOTIFY_SOCKET).
     let status = format!("forwarding {} -> {}", a.pod_net, a.uplink_net);
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
-    let outcome = wait(&gw, &events);
+    let outcome = wait(&gw, &events, || reload(&f, &live));
     signal_handle.close();
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
     let stats = gw.stats();
@@ -435,6 +619,8 @@ fn main() -> ExitCode {
                 );
             }),
         Some(what @ ("flows" | "stats")) => client(what, &args[1..]),
+        Some("flush") => flush(&args[1..]),
+        Some("forward") => forward(&args[1..]),
         #[cfg(feature = "lab")]
         Some("demo") if args.len() == 1 => {
             tapnat::lab::demo::run().map_err(|e| MainError::Demo(e.to_string()))

@@ -172,6 +172,15 @@ pub enum Reason {
         to_port: u16,
         to_last: u32,
     },
+    /// A forward target already the target of another forward of the
+    /// protocol: one pod endpoint has one outside port (RFC 4787 REQ-1).
+    #[error("{addr}:{port} is already the target of forward[{other}] ({ports}); a pod endpoint is the target of one forward")]
+    TargetInUse {
+        addr: std::net::Ipv4Addr,
+        port: u16,
+        other: usize,
+        ports: PortRange,
+    },
     /// `nat.icmp_errors_burst = 0` while the rate is limited.
     #[error("0 would let no ICMP error through while nat.icmp_errors_per_sec limits the rate; use at least 1, or nat.icmp_errors_per_sec = 0 for no limit")]
     ZeroBurst,

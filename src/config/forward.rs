@@ -30,43 +30,97 @@ pub(super) fn read(mut t: Table<'_>) -> Result<Raw, ConfigError> {
 pub(super) fn check(raw: Vec<Raw>, pod: &PodConfig) -> Result<Vec<Forward>, ConfigError> {
     let mut out: Vec<Forward> = Vec::with_capacity(raw.len());
     for (i, f) in raw.into_iter().enumerate() {
-        let protocol = match f.protocol.as_str() {
-            "tcp" => ForwardProtocol::Tcp,
-            "udp" => ForwardProtocol::Udp,
-            _ => {
-                return Err(at(format!("forward[{i}].protocol"))(Reason::UnknownValue {
-                    value: f.protocol,
-                    expected: &["tcp", "udp"],
-                }))
-            }
-        };
-        let port_key = format!("forward[{i}].port");
-        let ports = values::ports(&f.port).map_err(at(&port_key))?;
-        // A forward may lie inside nat.ports: the table reserves its ports,
-        // so the dynamic pool never hands them to a masqueraded flow (as
-        // iptables' DNAT beside MASQUERADE needs no port planning).
-        let clash = out
-            .iter()
-            .enumerate()
-            .find(|(_, o)| o.protocol == protocol && o.ports.overlaps(&ports))
-            .map(|(j, o)| (Overlap::Forward(j), o.ports));
-        if let Some((with, other)) = clash {
-            return Err(at(port_key)(Reason::Overlaps {
-                value: ports.to_string(),
-                with,
-                other: other.to_string(),
-            }));
-        }
-        let (to_addr, to_port) =
-            target(&f.to, ports, pod).map_err(at(format!("forward[{i}].to")))?;
-        out.push(Forward {
-            protocol,
-            ports,
-            to_addr,
-            to_port,
-        });
+        let fwd = check_one(&format!("forward[{i}]"), f, &out, pod)?;
+        out.push(fwd);
     }
     Ok(out)
+}
+
+/// One forward added at run time (`tapnat forward add PROTO PORT TO`),
+/// checked by the rules of a `[[forward]]` entry against the running set
+/// `existing`; errors name the keys `forward.protocol`, `forward.port` and
+/// `forward.to`.
+pub fn parse_forward(
+    protocol: &str,
+    port: &str,
+    to: &str,
+    existing: &[Forward],
+    pod: &PodConfig,
+) -> Result<Forward, ConfigError> {
+    let raw = Raw {
+        protocol: protocol.into(),
+        port: port.into(),
+        to: to.into(),
+    };
+    check_one("forward", raw, existing, pod)
+}
+
+/// The protocol and port (or range) of a forward, as `tapnat forward del
+/// PROTO PORT` names it.
+pub fn parse_forward_key(
+    protocol: &str,
+    port: &str,
+) -> Result<(ForwardProtocol, PortRange), ConfigError> {
+    let p = protocol_of(protocol).map_err(at("forward.protocol"))?;
+    let ports = values::ports(port).map_err(at("forward.port"))?;
+    Ok((p, ports))
+}
+
+fn protocol_of(s: &str) -> Result<ForwardProtocol, Reason> {
+    match s {
+        "tcp" => Ok(ForwardProtocol::Tcp),
+        "udp" => Ok(ForwardProtocol::Udp),
+        _ => Err(Reason::UnknownValue {
+            value: s.into(),
+            expected: &["tcp", "udp"],
+        }),
+    }
+}
+
+/// Entry `name` (`forward[i]`) checked against the ones before it.
+fn check_one(name: &str, f: Raw, out: &[Forward], pod: &PodConfig) -> Result<Forward, ConfigError> {
+    let protocol = protocol_of(&f.protocol).map_err(at(format!("{name}.protocol")))?;
+    let port_key = format!("{name}.port");
+    let ports = values::ports(&f.port).map_err(at(&port_key))?;
+    // A forward may lie inside nat.ports: the table reserves its ports,
+    // so the dynamic pool never hands them to a masqueraded flow (as
+    // iptables' DNAT beside MASQUERADE needs no port planning).
+    let clash = out
+        .iter()
+        .enumerate()
+        .find(|(_, o)| o.protocol == protocol && o.ports.overlaps(&ports))
+        .map(|(j, o)| (Overlap::Forward(j), o.ports));
+    if let Some((with, other)) = clash {
+        return Err(at(port_key)(Reason::Overlaps {
+            value: ports.to_string(),
+            with,
+            other: other.to_string(),
+        }));
+    }
+    let (to_addr, to_port) = target(&f.to, ports, pod).map_err(at(format!("{name}.to")))?;
+    let span = |first: u16, ports: PortRange| {
+        let first = u32::from(first);
+        (first, first + u32::from(ports.last - ports.first))
+    };
+    let (t0, t1) = span(to_port, ports);
+    let shared = out.iter().enumerate().find(|(_, o)| {
+        let (o0, o1) = span(o.to_port, o.ports);
+        o.protocol == protocol && o.to_addr == to_addr && t0 <= o1 && o0 <= t1
+    });
+    if let Some((j, o)) = shared {
+        return Err(at(format!("{name}.to"))(Reason::TargetInUse {
+            addr: to_addr,
+            port: t0.max(u32::from(o.to_port)) as u16,
+            other: j,
+            ports: o.ports,
+        }));
+    }
+    Ok(Forward {
+        protocol,
+        ports,
+        to_addr,
+        to_port,
+    })
 }
 
 /// `forward[i].to`: `"ADDRESS:PORT"` (the target of `ports.first`), or
@@ -180,6 +234,92 @@ mod tests {
             ]
         );
         assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn a_run_time_forward_is_checked_like_an_entry() {
+        let c = Config::from_toml_str(
+            "[[forward]]\nprotocol = \"tcp\"\nport = \"8000-8099\"\nto = \"10.244.0.2\"\n",
+        )
+        .unwrap();
+        let f = crate::config::parse_forward("udp", "8080", "10.244.0.2:80", &c.forward, &c.pod)
+            .unwrap();
+        assert_eq!(
+            (f.protocol, f.ports, f.to_addr, f.to_port),
+            (
+                ForwardProtocol::Udp,
+                PortRange {
+                    first: 8080,
+                    last: 8080
+                },
+                Ipv4Addr::new(10, 244, 0, 2),
+                80
+            )
+        );
+        let e = crate::config::parse_forward("tcp", "8080", "10.244.0.3", &c.forward, &c.pod)
+            .unwrap_err();
+        assert!(matches!(
+            reason(&e, "forward.port"),
+            Reason::Overlaps { .. }
+        ));
+        let e = crate::config::parse_forward("tcp", "9000", "192.0.2.1", &c.forward, &c.pod)
+            .unwrap_err();
+        assert!(matches!(
+            reason(&e, "forward.to"),
+            Reason::OutsideSubnet { .. }
+        ));
+        // 8000-8099 already targets 10.244.0.2:8000-8099.
+        let e = crate::config::parse_forward("tcp", "7000", "10.244.0.2:8050", &c.forward, &c.pod)
+            .unwrap_err();
+        assert!(matches!(
+            reason(&e, "forward.to"),
+            Reason::TargetInUse {
+                port: 8050,
+                other: 0,
+                ..
+            }
+        ));
+        assert_eq!(
+            e.to_string(),
+            "config key `forward.to`: 10.244.0.2:8050 is already the target of forward[0] \
+             (8000-8099); a pod endpoint is the target of one forward"
+        );
+        crate::config::parse_forward("udp", "7000", "10.244.0.2:8050", &c.forward, &c.pod).unwrap();
+        crate::config::parse_forward("tcp", "7000", "10.244.0.2:8100", &c.forward, &c.pod).unwrap();
+        let e =
+            crate::config::parse_forward("sctp", "9000", "10.244.0.2", &[], &c.pod).unwrap_err();
+        assert!(matches!(
+            reason(&e, "forward.protocol"),
+            Reason::UnknownValue { .. }
+        ));
+        assert_eq!(
+            crate::config::parse_forward_key("tcp", "8000-8099").unwrap(),
+            (
+                ForwardProtocol::Tcp,
+                PortRange {
+                    first: 8000,
+                    last: 8099
+                }
+            )
+        );
+        let e = crate::config::parse_forward_key("tcp", "0").unwrap_err();
+        assert!(matches!(reason(&e, "forward.port"), Reason::BadPorts(_)));
+    }
+
+    #[test]
+    fn rejects_two_forwards_to_one_target() {
+        let e = err(
+            "[[forward]]\nprotocol = \"tcp\"\nport = 8080\nto = \"10.244.0.2:80\"\n\
+             [[forward]]\nprotocol = \"tcp\"\nport = 8081\nto = \"10.244.0.2:80\"\n",
+        );
+        assert!(matches!(
+            reason(&e, "forward[1].to"),
+            Reason::TargetInUse {
+                port: 80,
+                other: 0,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -32,6 +32,7 @@ use std::{
 
 use crate::net::{Ipv4Net, PortRange};
 
+mod diff;
 mod error;
 mod forward;
 mod layers;
@@ -47,9 +48,11 @@ mod values;
 mod warnings;
 mod workers;
 
+pub use diff::{changed_keys, restart_keys, LIVE_KEYS};
 pub use error::{
     AddressForm, ConfigError, DurationProblem, Kind, NameProblem, Overlap, Reason, Reserved, Side,
 };
+pub use forward::{parse_forward, parse_forward_key};
 
 /// The documented default configuration, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../../config/tapnat.toml");

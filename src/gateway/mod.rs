@@ -32,6 +32,7 @@ mod classify;
 mod control;
 pub mod datapath;
 pub(crate) mod failure;
+mod live;
 mod local;
 mod start;
 pub mod stats;
@@ -54,6 +55,9 @@ pub use buf::{Buf, Pool};
 pub use classify::Disposition;
 pub use datapath::{Action, Core, CoreParts, FragRewrite, Packet};
 pub use failure::{panic_message, thread_role, Failure};
+pub use live::{
+    FlowPredicate, ForwardChange, ForwardPort, ForwardRefused, ForwardReply, TableLimits,
+};
 use stats::{Counters, Snapshot};
 
 /// To a worker.
@@ -67,6 +71,14 @@ pub enum WorkerMsg {
     /// The first fragment of a datagram this worker tracks was translated:
     /// apply the same rewrite to its other fragments.
     FragTranslation(FragKey, FragRewrite),
+    /// Remove the flows the predicate selects; answer how many.
+    Flush(live::FlowPredicate, Sender<usize>),
+    /// Change the forwards this worker owns (see [`live`]).
+    Forwards(Arc<live::ForwardChange>, Sender<live::ForwardReply>),
+    /// Rules changed at run time: classify with these from now on.
+    Addressing(Arc<Addressing>),
+    /// The flow table's limits changed at run time (a reload).
+    Limits(live::TableLimits),
 }
 
 /// To the control thread.

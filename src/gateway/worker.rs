@@ -138,7 +138,31 @@ impl Worker {
                     .first_fragment_seen(key, rewrite, now, &mut self.actions);
                 self.carry_out();
             }
+            WorkerMsg::Flush(pred, reply) => {
+                let _ = reply.send(self.core.table_mut().remove_where(|f| pred(f)));
+            }
+            WorkerMsg::Forwards(change, reply) => self.change_forwards(&change, reply),
+            WorkerMsg::Addressing(a) => self.core.set_addressing(a),
+            WorkerMsg::Limits(l) => {
+                self.core
+                    .table_mut()
+                    .set_limits(l.max_flows, l.timeouts, l.filtering);
+                self.core.set_icmp_limit(l.icmp_limit);
+            }
         }
+    }
+
+    /// An operator's change of the forwards (`tapnat forward`, reload).
+    fn change_forwards(
+        &mut self,
+        c: &super::live::ForwardChange,
+        reply: Sender<super::live::ForwardReply>,
+    ) {
+        let r = self
+            .core
+            .table_mut()
+            .change_forwards(&c.remove, &c.add, c.ext_addr, c.dry_run);
+        let _ = reply.send(r);
     }
 
     /// Reads up to [`READ_BURST`] frames from our queue of `side`.

@@ -1,10 +1,11 @@
-//! Which flows a listing (or, later, a flush) applies to: the
+//! Which flows a listing (or a flush) applies to: the
 //! `conntrack -L` selectors `--proto`, `--src`, `--dst`, `--port`.
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use super::record::FlowRecord;
+use super::record::{proto_name, FlowRecord};
+use crate::nat::Flow;
 
 /// Flow selectors; an absent one matches everything. All given ones must
 /// match (as conntrack combines its options).
@@ -71,6 +72,21 @@ impl FlowFilter {
             _ => self.port = Some(value.parse().map_err(|_| bad("not a port 0-65535"))?),
         }
         Ok(true)
+    }
+
+    /// Whether the flow `f` is selected: [`FlowFilter::matches`] of its
+    /// record, without building one (a flush runs this in the workers over
+    /// every flow).
+    pub fn matches_flow(&self, f: &Flow) -> bool {
+        let i = &f.inside;
+        self.proto
+            .as_deref()
+            .is_none_or(|p| p == proto_name(i.proto))
+            && self.src.is_none_or(|a| a == i.src)
+            && self.dst.is_none_or(|a| a == i.dst)
+            && self
+                .port
+                .is_none_or(|p| p == i.sport || p == i.dport || p == f.ext_port)
     }
 
     /// Whether `f` is selected.

@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{Forward, ForwardProtocol};
 use crate::gateway::stats::{Counter, Snapshot};
 use crate::nat::{Flow, FlowState, Proto};
 
@@ -80,5 +81,35 @@ impl From<&Snapshot> for StatsRecord {
                 .map(|c| (c.name().to_string(), s.get(*c)))
                 .collect(),
         }
+    }
+}
+
+/// One forward as `tapnat forward list -o json` prints it: the three keys
+/// of a `[[forward]]` entry, written as the config writes them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardRecord {
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// A port (`"8080"`) or range (`"8000-8099"`) on the uplink address.
+    pub port: String,
+    /// `"ADDR:PORT"`: the target of the first port.
+    pub to: String,
+}
+
+impl From<&Forward> for ForwardRecord {
+    fn from(f: &Forward) -> ForwardRecord {
+        ForwardRecord {
+            protocol: forward_protocol_name(f.protocol).into(),
+            port: f.ports.to_string(),
+            to: format!("{}:{}", f.to_addr, f.to_port),
+        }
+    }
+}
+
+/// `tcp` or `udp`, as the config spells it.
+pub fn forward_protocol_name(p: ForwardProtocol) -> &'static str {
+    match p {
+        ForwardProtocol::Tcp => "tcp",
+        ForwardProtocol::Udp => "udp",
     }
 }

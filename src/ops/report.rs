@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use super::metrics;
-use super::record::{FlowRecord, StatsRecord};
+use super::record::{FlowRecord, ForwardRecord, StatsRecord};
 use crate::gateway::stats::{Counter, Counters, Snapshot};
 use crate::nat::Flow;
 
@@ -98,6 +98,15 @@ pub fn stats_prometheus(s: &StatsRecord) -> String {
 pub fn json<T: serde::Serialize>(v: &T) -> String {
     let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
     s.push('\n');
+    s
+}
+
+/// One line per forward, like `iptables -t nat -L` shows DNAT rules.
+pub fn forward_lines(forwards: &[ForwardRecord]) -> String {
+    let mut s = format!("forwards: {}\n", forwards.len());
+    for f in forwards {
+        let _ = writeln!(s, "  {:<4} {:<11} -> {}", f.protocol, f.port, f.to);
+    }
     s
 }
 

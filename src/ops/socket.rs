@@ -1,6 +1,8 @@
 //! The control socket: a Unix stream socket on which a running gateway
-//! answers `tapnat flows` (like `conntrack -L`) and `tapnat stats` (like
-//! `iptables -L -n -v`).
+//! answers `tapnat flows` (like `conntrack -L`), `tapnat stats` (like
+//! `iptables -L -n -v`), `tapnat flush` (like `conntrack -D`/`-F`) and
+//! `tapnat forward add|del|list` (like `iptables -t nat -A|-D|-L` of DNAT
+//! rules).
 //!
 //! One request per connection: a JSON [`Request`] on one line, answered by a
 //! JSON [`Response`]; the client renders it (text, JSON, Prometheus).
@@ -24,9 +26,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::filter::FlowFilter;
-use super::record::{FlowRecord, StatsRecord};
+use super::live::Live;
+use super::record::{FlowRecord, ForwardRecord, StatsRecord};
 use crate::device::sys;
-use crate::gateway::Observer;
 
 /// Where `tapnat run` listens and the client commands ask by default.
 pub const DEFAULT_PATH: &str = "/run/tapnat.sock";
@@ -48,6 +50,24 @@ pub enum Request {
     },
     /// Every counter.
     Stats,
+    /// Remove the flows the filter selects (all of them when it is empty).
+    Flush {
+        #[serde(default)]
+        filter: FlowFilter,
+    },
+    /// Add a forward: the three keys of a `[[forward]]` entry.
+    #[serde(rename = "forward-add")]
+    ForwardAdd {
+        protocol: String,
+        port: String,
+        to: String,
+    },
+    /// Delete the forward on exactly this port or range.
+    #[serde(rename = "forward-del")]
+    ForwardDel { protocol: String, port: String },
+    /// The running forwards.
+    #[serde(rename = "forward-list")]
+    ForwardList,
 }
 
 /// The answer to a [`Request`].
@@ -56,6 +76,19 @@ pub enum Request {
 pub enum Response {
     Flows(Vec<FlowRecord>),
     Stats(StatsRecord),
+    /// How many flows a flush removed.
+    Flushed(usize),
+    /// The running forwards.
+    Forwards(Vec<ForwardRecord>),
+    /// The forward added or deleted, and the flows deleted with it.
+    Forward {
+        forward: ForwardRecord,
+        flows_flushed: usize,
+    },
+    /// The request was understood and refused (a forward that does not
+    /// fit, one that is not there), with the reason.
+    Failed(String),
+    /// The request was not answered (no access, not understood).
     Error(String),
 }
 
@@ -125,7 +158,7 @@ impl ControlSocket {
     /// Binds `path` with the mode and owner `access` asks for (set before
     /// the socket listens, so nobody can connect under looser permissions),
     /// and serves requests on a background thread while the process runs.
-    pub fn serve(path: &Path, access: Access, observer: Observer) -> io::Result<ControlSocket> {
+    pub fn serve(path: &Path, access: Access, live: Arc<Live>) -> io::Result<ControlSocket> {
         clear_path(path)?;
         let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
         sock.bind(&socket2::SockAddr::unix(path)?)?;
@@ -148,11 +181,11 @@ impl ControlSocket {
                         busy.fetch_sub(1, Ordering::AcqRel);
                         continue; // dropping `conn` closes it
                     }
-                    let (observer, busy, access) = (observer.clone(), busy.clone(), access.clone());
+                    let (live, busy, access) = (live.clone(), busy.clone(), access.clone());
                     let spawned = std::thread::Builder::new()
                         .name("tapnat-client".into())
                         .spawn(move || {
-                            let _ = serve_client(conn, &access, own_uid, &observer);
+                            let _ = serve_client(conn, &access, own_uid, &live);
                             busy.fetch_sub(1, Ordering::AcqRel);
                         });
                     if spawned.is_err() {
@@ -187,7 +220,8 @@ fn read_request(conn: &UnixStream) -> io::Result<String> {
 }
 
 /// What the gateway answers to `request`.
-pub fn respond(request: Request, observer: &Observer) -> Response {
+pub fn respond(request: Request, live: &Live) -> Response {
+    let observer = live.observer();
     match request {
         Request::Flows { filter } => Response::Flows(
             observer
@@ -198,25 +232,40 @@ pub fn respond(request: Request, observer: &Observer) -> Response {
                 .collect(),
         ),
         Request::Stats => Response::Stats(StatsRecord::from(&observer.stats())),
+        Request::Flush { filter } => Response::Flushed(live.flush(&filter)),
+        Request::ForwardAdd { protocol, port, to } => {
+            match live.forward_add(&protocol, &port, &to) {
+                Ok(f) => Response::Forward {
+                    forward: ForwardRecord::from(&f),
+                    flows_flushed: 0,
+                },
+                Err(e) => Response::Failed(e),
+            }
+        }
+        Request::ForwardDel { protocol, port } => match live.forward_del(&protocol, &port) {
+            Ok((f, flows_flushed)) => Response::Forward {
+                forward: ForwardRecord::from(&f),
+                flows_flushed,
+            },
+            Err(e) => Response::Failed(e),
+        },
+        Request::ForwardList => {
+            Response::Forwards(live.forwards().iter().map(ForwardRecord::from).collect())
+        }
     }
 }
 
 /// One connection: the request is read even from a peer that is refused,
 /// since closing with unread data would reset the connection before the
 /// client saw why.
-fn serve_client(
-    conn: UnixStream,
-    access: &Access,
-    own_uid: u32,
-    observer: &Observer,
-) -> io::Result<()> {
+fn serve_client(conn: UnixStream, access: &Access, own_uid: u32, live: &Live) -> io::Result<()> {
     let cred = sys::peer_cred(conn.as_fd())?;
     let line = read_request(&conn)?;
     let response = if !access.admits(cred.uid, cred.gid, own_uid) {
         Response::Error(format!("uid {} may not use this socket", cred.uid))
     } else {
         match serde_json::from_str::<Request>(&line) {
-            Ok(request) => respond(request, observer),
+            Ok(request) => respond(request, live),
             Err(e) => Response::Error(format!("bad request: {e}")),
         }
     };
@@ -295,6 +344,42 @@ mod tests {
             Request::Stats
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        for (r, text) in [
+            (
+                Request::Flush {
+                    filter: FlowFilter {
+                        proto: Some("udp".into()),
+                        ..Default::default()
+                    },
+                },
+                r#"{"cmd":"flush","filter":{"proto":"udp"}}"#,
+            ),
+            (
+                Request::ForwardAdd {
+                    protocol: "tcp".into(),
+                    port: "8000-8099".into(),
+                    to: "10.244.0.2".into(),
+                },
+                r#"{"cmd":"forward-add","protocol":"tcp","port":"8000-8099","to":"10.244.0.2"}"#,
+            ),
+            (
+                Request::ForwardDel {
+                    protocol: "udp".into(),
+                    port: "53".into(),
+                },
+                r#"{"cmd":"forward-del","protocol":"udp","port":"53"}"#,
+            ),
+            (Request::ForwardList, r#"{"cmd":"forward-list"}"#),
+        ] {
+            assert_eq!(serde_json::to_string(&r).unwrap(), text);
+            assert_eq!(serde_json::from_str::<Request>(text).unwrap(), r);
+        }
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"flush"}"#).unwrap(),
+            Request::Flush {
+                filter: FlowFilter::default()
+            }
+        );
         let e = Response::Error("x".into());
         assert_eq!(
             serde_json::from_str::<Response>(&serde_json::to_string(&e).unwrap()).unwrap(),

@@ -240,6 +240,22 @@ impl Core {
         &self.table
     }
 
+    /// This worker's flow shard, for an operator's change (flush, forwards).
+    pub fn table_mut(&mut self) -> &mut FlowTable {
+        &mut self.table
+    }
+
+    /// Rules changed at run time (forwards' steering): the next frame is
+    /// classified with `a`.
+    pub fn set_addressing(&mut self, a: Arc<Addressing>) {
+        self.a = a;
+    }
+
+    /// This worker's share of the ICMP error budget changed at run time.
+    pub fn set_icmp_limit(&mut self, limit: Option<IcmpRateLimit>) {
+        self.icmp_limit = limit;
+    }
+
     /// A copy of every flow of this shard.
     pub fn flows(&self) -> Vec<Flow> {
         self.table.iter().copied().collect()

@@ -154,6 +154,13 @@ impl Mappings {
         set_owner(&mut self.owners, self.workers, mk, ext_port);
     }
 
+    /// Removes the forward of `mk` (its flows are gone already); the caller
+    /// releases its port.
+    pub(super) fn remove_forward(&mut self, mk: &MapKey) {
+        debug_assert!(self.map.get(mk).is_some_and(|m| m.forward && m.refs == 0));
+        self.map.remove(mk);
+    }
+
     /// Whether the inside endpoint has a mapping or forward.
     pub(super) fn contains(&self, mk: &MapKey) -> bool {
         self.map.contains_key(mk)

@@ -44,6 +44,8 @@ pub(super) struct Cooling {
     pub(super) until_ms: u64,
     pub(super) proto: Proto,
     pub(super) port: u16,
+    /// Released by a deleted forward: a forward may take the port back.
+    pub(super) forward: bool,
 }
 
 /// xorshift64* PRNG for port choice: cheap, deterministic from the seed.
@@ -172,6 +174,7 @@ impl Ports {
                 until_ms: now_ms.saturating_add(self.reuse_delay_ms),
                 proto,
                 port,
+                forward: false,
             });
         } else {
             self.used[proto.index()].remove(port);
@@ -191,6 +194,26 @@ impl Ports {
                 self.used[c.proto.index()].remove(c.port);
             }
             self.cooling.pop_front();
+        }
+    }
+
+    /// Whether `port` waits in a quarantine a deleted forward started (and
+    /// nothing took it since).
+    pub(super) fn is_forward_cooling(&self, proto: Proto, port: u16) -> bool {
+        self.cooling
+            .iter()
+            .rev()
+            .find(|c| c.proto == proto && c.port == port)
+            .is_some_and(|c| c.forward)
+    }
+
+    /// Gives back a deleted forward's port, as [`Ports::release`] does.
+    pub(super) fn release_forward(&mut self, proto: Proto, port: u16, now_ms: u64) {
+        self.release(proto, port, now_ms);
+        if let Some(c) = self.cooling.back_mut() {
+            if c.proto == proto && c.port == port {
+                c.forward = true;
+            }
         }
     }
 

@@ -9,6 +9,7 @@ use tcp::SeqTrack;
 
 mod eim;
 mod expiry_drop;
+mod ops;
 mod property;
 mod rfc;
 mod tcp_states;

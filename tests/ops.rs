@@ -1,0 +1,595 @@
+//! Operating a running gateway from the command line: `tapnat flush`,
+//! `tapnat forward add|del|list` and a reload on SIGHUP, with the real
+//! binary between kernel peers in namespaces.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddrV4, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tapnat::lab::{Lab, Pinger, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP};
+
+mod common;
+use common::{root, tcp_connect, tcp_listen, udp_in};
+
+fn tapnat() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tapnat"))
+}
+
+/// A config file removed on drop.
+struct TempConfig(PathBuf);
+
+impl TempConfig {
+    fn new(tag: &str, text: &str) -> TempConfig {
+        let p = std::env::temp_dir().join(format!("tapnat-ops-{tag}-{}.toml", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        TempConfig(p)
+    }
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A `tapnat run` we started, stopped by PID on drop (SIGTERM, then SIGKILL
+/// after 5 s) and waited for, also when the test fails. Its stderr is
+/// collected as it comes.
+struct Running {
+    child: std::process::Child,
+    err: Arc<Mutex<String>>,
+}
+
+impl Running {
+    fn new(mut child: std::process::Child) -> Running {
+        let err = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let err = err.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut e = err.lock().unwrap();
+                    e.push_str(&line);
+                    e.push('\n');
+                }
+            });
+        }
+        Running { child, err }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig}");
+    }
+
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    /// Waits up to 5 s until stderr holds `needle` `times` times.
+    fn wait_stderr(&self, needle: &str, times: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let e = self.stderr();
+            if e.matches(needle).count() >= times {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} x{times} in:\n{e}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops it and returns what it wrote on stderr.
+    fn stop(self) -> String {
+        self.signal("-TERM");
+        self.wait_stderr("tapnat: stopped", 1)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The control socket of the gateway `config_text(_, tag, _)` describes.
+fn control_path(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("tapnat-ops-{tag}-{}.sock", std::process::id()))
+}
+
+/// The config text of a gateway between `lab`'s namespaces with two workers
+/// (so a range or a steered target crosses workers), its control socket in
+/// the temp dir, and `extra` appended.
+fn config_text(lab: &Lab, tag: &str, extra: &str) -> String {
+    let control = control_path(tag);
+    format!(
+        "[pod]\nnetns = \"{}\"\n[uplink]\nnetns = \"{}\"\n[workers]\nthreads = 2\n\
+         [control]\nsocket = \"{}\"\n{extra}",
+        lab.pod.path().display(),
+        lab.ext.path().display(),
+        control.display()
+    )
+}
+
+/// Starts `tapnat run --config FILE` (stderr piped) and wires the lab up.
+fn run(lab: &Lab, file: &TempConfig, text: &str) -> Running {
+    let child = tapnat()
+        .args(["run", "--config", file.path()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let running = Running::new(child);
+    let config = tapnat::config::Config::from_toml_str(text).unwrap();
+    lab.pod
+        .wait_for_link("tapnat0", Duration::from_secs(2))
+        .unwrap();
+    lab.ext
+        .wait_for_link("tapnat1", Duration::from_secs(2))
+        .unwrap();
+    lab.wire_up(&config).unwrap();
+    // The control socket is up once `flows` answers.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !tapnat()
+        .args(["flows", "--count", "--config", file.path()])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running
+}
+
+fn cli(args: &[&str]) -> Output {
+    tapnat().args(args).output().unwrap()
+}
+
+/// A client command that must succeed; its stdout.
+fn ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn count(file: &TempConfig, proto: Option<&str>) -> usize {
+    let mut args = vec!["flows", "--count", "--config", file.path()];
+    if let Some(p) = proto {
+        args.extend(["--proto", p]);
+    }
+    ok(&args).trim().parse().unwrap()
+}
+
+/// A pod UDP socket on `port` sends to the server's echo socket and gets
+/// the echo back.
+fn udp_round_trip(lab: &Lab, srv: &std::net::UdpSocket, port: u16) -> bool {
+    let pod = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, port));
+    pod.send_to(b"ping", SocketAddrV4::new(SERVER_IP, 5000))
+        .unwrap();
+    let mut b = [0u8; 16];
+    let Ok((n, from)) = srv.recv_from(&mut b) else {
+        return false;
+    };
+    srv.send_to(&b[..n], from).unwrap();
+    matches!(pod.recv_from(&mut b), Ok((4, _)))
+}
+
+#[test]
+fn flush_removes_the_selected_flows_and_traffic_resumes() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("ops-flush").unwrap();
+    let text = config_text(&lab, "flush", "");
+    let file = TempConfig::new("flush", &text);
+    let gw = run(&lab, &file, &text);
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5000));
+    for port in [41000, 41001, 41002] {
+        assert!(udp_round_trip(&lab, &srv, port), "udp {port}");
+    }
+    let listener = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 7000));
+    let _tcp = tcp_connect(&lab.pod, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+    let (_accepted, _) = listener.accept().unwrap();
+    let mut pinger = Pinger::new(&lab.pod).unwrap();
+    assert_eq!(
+        pinger
+            .ping(SERVER_IP, 1, Duration::from_secs(2))
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(count(&file, None), 5);
+    assert_eq!(count(&file, Some("udp")), 3);
+    // Only the UDP flows go.
+    assert_eq!(
+        ok(&["flush", "--proto", "udp", "--config", file.path()]),
+        "3 flow(s) flushed\n"
+    );
+    assert_eq!(count(&file, Some("udp")), 0);
+    assert_eq!(count(&file, Some("tcp")), 1);
+    assert_eq!(count(&file, Some("icmp")), 1);
+    // A selector that matches nothing flushes nothing.
+    assert_eq!(
+        ok(&["flush", "--config", file.path(), "--port", "9"]),
+        "0 flow(s) flushed\n"
+    );
+    // Without selectors: everything, like conntrack -F.
+    let flushed: serde_json::Value =
+        serde_json::from_str(&ok(&["flush", "-o", "json", "--config", file.path()])).unwrap();
+    assert_eq!(flushed["flushed"], 2, "{flushed}");
+    assert_eq!(count(&file, None), 0);
+    // New flows work afterwards (a flushed port waits out its reuse delay,
+    // so the same pod port gets another outside port).
+    assert!(udp_round_trip(&lab, &srv, 41000), "udp after flush");
+    assert!(udp_round_trip(&lab, &srv, 41003), "new udp after flush");
+    assert_eq!(count(&file, Some("udp")), 2);
+    let stats: serde_json::Value =
+        serde_json::from_str(&ok(&["stats", "-o", "json", "--config", file.path()])).unwrap();
+    assert!(
+        stats["counters"]["flows_created"].as_u64().unwrap() >= 7,
+        "{stats}"
+    );
+    let err = gw.stop();
+    assert!(err.contains("tapnat: stopped"), "{err}");
+}
+
+/// A TCP server in the pod on `port` that answers every connection with
+/// one line and keeps reading: the line then an echo of what it gets.
+fn pod_server(lab: &Lab, port: u16) {
+    let listener = tcp_listen(&lab.pod, SocketAddrV4::new(POD_IP, port));
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = s.write_all(b"hello\n");
+                let mut b = [0u8; 256];
+                while let Ok(n) = s.read(&mut b) {
+                    if n == 0 || s.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Connects from the external namespace to the gateway's `port`; reads the
+/// greeting.
+fn connect_forward(lab: &Lab, port: u16) -> std::io::Result<TcpStream> {
+    let addr = SocketAddrV4::new(GATEWAY_UPLINK_IP, port);
+    let mut s = lab
+        .ext
+        .run(move || TcpStream::connect_timeout(&addr.into(), Duration::from_millis(700)))
+        .unwrap()?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut hello = [0u8; 6];
+    s.read_exact(&mut hello)?;
+    assert_eq!(&hello, b"hello\n");
+    Ok(s)
+}
+
+fn echo(s: &mut TcpStream, what: &[u8]) {
+    s.write_all(what).unwrap();
+    let mut b = vec![0u8; what.len()];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(b, what);
+}
+
+#[test]
+fn forward_added_and_deleted_at_run_time() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("ops-fwd").unwrap();
+    let text = config_text(&lab, "fwd", "");
+    let file = TempConfig::new("fwd", &text);
+    let gw = run(&lab, &file, &text);
+    pod_server(&lab, 80);
+    pod_server(&lab, 8000);
+    let p = file.path();
+    assert!(connect_forward(&lab, 8081).is_err(), "not forwarded yet");
+    assert_eq!(
+        ok(&[
+            "forward",
+            "add",
+            "tcp",
+            "8081",
+            "10.244.0.2:80",
+            "--config",
+            p
+        ]),
+        "forward added: tcp 8081 -> 10.244.0.2:80\n"
+    );
+    // The other order of arguments works too; a range spread over both
+    // workers.
+    ok(&[
+        "forward",
+        "--config",
+        p,
+        "add",
+        "tcp",
+        "9000-9003",
+        "10.244.0.2:8000",
+    ]);
+    // One target endpoint has one outside port (endpoint-independent
+    // mapping): a second forward to it is refused.
+    let twice = cli(&[
+        "forward",
+        "add",
+        "tcp",
+        "7000",
+        "10.244.0.2:8001",
+        "--config",
+        p,
+    ]);
+    assert_eq!(twice.status.code(), Some(1), "{twice:?}");
+    assert!(
+        String::from_utf8_lossy(&twice.stderr).contains(
+            "forward.to`: 10.244.0.2:8001 is already the target of forward[1] (9000-9003)"
+        ),
+        "{twice:?}"
+    );
+    let mut c = connect_forward(&lab, 8081).unwrap();
+    echo(&mut c, b"through 8081");
+    // Hairpin: the pod reaches its own run-time forward on the outside
+    // address.
+    let mut h = tcp_connect(&lab.pod, SocketAddrV4::new(GATEWAY_UPLINK_IP, 8081)).unwrap();
+    let mut hello = [0u8; 6];
+    h.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello, b"hello\n");
+    echo(&mut h, b"hairpin");
+    drop(h);
+    for port in 9000..=9003 {
+        if port == 9000 {
+            let mut r = connect_forward(&lab, port).unwrap();
+            echo(&mut r, b"range");
+        } else {
+            // 9001.. map onto pod ports 8001.., where nothing listens: the
+            // pod's RST comes back through the NAT.
+            let addr = SocketAddrV4::new(GATEWAY_UPLINK_IP, port);
+            let refused = lab
+                .ext
+                .run(move || TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2)))
+                .unwrap();
+            assert_eq!(
+                refused.unwrap_err().kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "port {port}"
+            );
+        }
+    }
+    // Checked by the config's rules: overlap, target outside the pod subnet.
+    let overlap = cli(&["forward", "add", "tcp", "8081", "10.244.0.3", "--config", p]);
+    assert_eq!(overlap.status.code(), Some(1), "{overlap:?}");
+    let err = String::from_utf8_lossy(&overlap.stderr);
+    assert!(
+        err.contains("forward.port") && err.contains("overlaps"),
+        "{err}"
+    );
+    let outside = cli(&["forward", "add", "udp", "53", "192.0.2.1:53", "--config", p]);
+    assert_eq!(outside.status.code(), Some(1), "{outside:?}");
+    assert!(String::from_utf8_lossy(&outside.stderr).contains("forward.to"));
+    // A port a masqueraded flow holds is refused with a clear message.
+    let pod_udp = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 40000));
+    pod_udp
+        .send_to(b"x", SocketAddrV4::new(SERVER_IP, 5000))
+        .unwrap();
+    let flows: serde_json::Value = serde_json::from_str(&ok(&[
+        "flows", "--proto", "udp", "-o", "json", "--config", p,
+    ]))
+    .unwrap();
+    let held = flows[0]["ext_port"].as_u64().unwrap().to_string();
+    let busy = cli(&["forward", "add", "udp", &held, "10.244.0.3", "--config", p]);
+    assert_eq!(busy.status.code(), Some(1), "{busy:?}");
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("in use by a masqueraded flow"),
+        "{busy:?}"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["forward", "list", "-o", "json", "--config", p])).unwrap();
+    assert_eq!(
+        list,
+        serde_json::json!([
+            {"protocol": "tcp", "port": "8081", "to": "10.244.0.2:80"},
+            {"protocol": "tcp", "port": "9000-9003", "to": "10.244.0.2:8000"},
+        ])
+    );
+    let text_list = ok(&["forward", "list", "--config", p]);
+    assert!(text_list.starts_with("forwards: 2\n"), "{text_list}");
+    // Delete: only the exact port or range; its flows (the open connection
+    // and the hairpinned one) go with it.
+    let part = cli(&["forward", "del", "tcp", "9001", "--config", p]);
+    assert_eq!(part.status.code(), Some(1), "{part:?}");
+    assert!(String::from_utf8_lossy(&part.stderr).contains("9000-9003"));
+    let del = ok(&["forward", "del", "tcp", "8081", "--config", p]);
+    assert!(
+        del.starts_with("forward deleted: tcp 8081 -> 10.244.0.2:80; 2 flow(s) flushed"),
+        "{del}"
+    );
+    assert!(connect_forward(&lab, 8081).is_err(), "still delivered");
+    let mut r = connect_forward(&lab, 9000).unwrap();
+    echo(&mut r, b"the range stays");
+    ok(&["forward", "del", "tcp", "9000-9003", "--config", p]);
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["forward", "list", "-o", "json", "--config", p])).unwrap();
+    assert_eq!(list, serde_json::json!([]));
+    // Added again at once (its port is in quarantine, which a forward may
+    // take back), and delivered again.
+    ok(&[
+        "forward",
+        "add",
+        "tcp",
+        "8081",
+        "10.244.0.2:80",
+        "--config",
+        p,
+    ]);
+    let mut c = connect_forward(&lab, 8081).unwrap();
+    echo(&mut c, b"back");
+    drop(gw);
+}
+
+#[test]
+fn sighup_applies_the_file_and_refuses_what_needs_a_restart() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("ops-hup").unwrap();
+    let text = config_text(&lab, "hup", "");
+    let file = TempConfig::new("hup", &text);
+    let gw = run(&lab, &file, &text);
+    let p = file.path();
+    pod_server(&lab, 80);
+    // A masqueraded TCP connection from the pod that stays up throughout.
+    let listener = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 7000));
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut b = [0u8; 256];
+        while let Ok(n) = s.read(&mut b) {
+            if n == 0 || s.write_all(&b[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut conn = tcp_connect(&lab.pod, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+    echo(&mut conn, b"before");
+    // A forward added at run time, not in the file.
+    ok(&[
+        "forward",
+        "add",
+        "tcp",
+        "8082",
+        "10.244.0.2:80",
+        "--config",
+        p,
+    ]);
+    connect_forward(&lab, 8082).unwrap();
+    // The file gains a forward (to the same target: the run-time one goes,
+    // so the target is free for it) and a timeout.
+    let forward = "[[forward]]\nprotocol = \"tcp\"\nport = 8081\nto = \"10.244.0.2:80\"\n";
+    let grown = format!("{text}{forward}[nat.timeouts]\nudp = \"2s\"\n");
+    std::fs::write(&file.0, &grown).unwrap();
+    gw.signal("-HUP");
+    let err = gw.wait_stderr("tapnat: reload: applied", 1);
+    assert!(
+        err.contains("applied forward, nat.timeouts.udp (1 forward(s) added, 1 removed)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("forward tcp 8082 -> 10.244.0.2:80 was added at run time")
+            && err.contains("the file wins"),
+        "{err}"
+    );
+    let mut c = connect_forward(&lab, 8081).unwrap();
+    echo(&mut c, b"new forward");
+    assert!(
+        connect_forward(&lab, 8082).is_err(),
+        "run-time forward kept"
+    );
+    echo(&mut conn, b"after the reload");
+    // The new UDP timeout holds for new flows (the default is 300 s).
+    let pod_udp = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 42000));
+    pod_udp
+        .send_to(b"x", SocketAddrV4::new(SERVER_IP, 5000))
+        .unwrap();
+    assert_eq!(count(&file, Some("udp")), 1);
+    std::thread::sleep(Duration::from_millis(2600));
+    assert_eq!(count(&file, Some("udp")), 0, "udp flow outlived 2 s");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["forward", "list", "-o", "json", "--config", p])).unwrap();
+    assert_eq!(
+        list,
+        serde_json::json!([{"protocol": "tcp", "port": "8081", "to": "10.244.0.2:80"}])
+    );
+    // A change that needs a restart refuses the whole reload: the forward
+    // added beside it is not applied either.
+    let more = "[[forward]]\nprotocol = \"udp\"\nport = 5353\nto = \"10.244.0.2:53\"\n";
+    let moved = grown.replace("[pod]\n", "[pod]\ntap = \"tapnat9\"\n") + more;
+    std::fs::write(&file.0, moved).unwrap();
+    gw.signal("-HUP");
+    let err = gw.wait_stderr("tapnat: reload: nothing changed", 1);
+    assert!(
+        err.contains("tapnat: reload: pod.tap cannot change while running; restart to apply"),
+        "{err}"
+    );
+    // A file that does not parse changes nothing either.
+    std::fs::write(&file.0, format!("{grown}[[forward]\n")).unwrap();
+    gw.signal("-HUP");
+    let err = gw.wait_stderr("nothing changed", 2);
+    assert!(err.contains(&format!("config file {p}")), "{err}");
+    // (Clients cannot read the broken file: they ask by the socket's path.)
+    let control = control_path("hup");
+    let control = control.to_str().unwrap();
+    let list: serde_json::Value = serde_json::from_str(&ok(&[
+        "forward",
+        "list",
+        "-o",
+        "json",
+        "--control",
+        control,
+    ]))
+    .unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert!(lab.pod.ip("link show tapnat0").is_ok());
+    echo(&mut conn, b"after the refusals");
+    echo(&mut c, b"forward after the refusals");
+    let mut c2 = connect_forward(&lab, 8081).unwrap();
+    echo(&mut c2, b"a new connection");
+    let err = gw.stop();
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn sighup_applies_a_new_masquerade_exclusion() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("ops-masq").unwrap();
+    let text = config_text(&lab, "masq", "");
+    let file = TempConfig::new("masq", &text);
+    let gw = run(&lab, &file, &text);
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5000));
+    let seen_from = |port: u16| {
+        let cli = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, port));
+        cli.send_to(b"hi", SocketAddrV4::new(SERVER_IP, 5000))
+            .unwrap();
+        let mut b = [0u8; 8];
+        let (_, peer) = srv.recv_from(&mut b).unwrap();
+        peer
+    };
+    let before = seen_from(43000);
+    assert_eq!(before.ip(), std::net::IpAddr::V4(GATEWAY_UPLINK_IP));
+    // The server's network becomes an excluded (routed) destination.
+    let rules = "[[masquerade]]\nsource = \"10.244.0.0/16\"\n\
+                 exclude = [\"10.244.0.0/16\", \"198.51.100.0/24\"]\n";
+    std::fs::write(&file.0, format!("{text}{rules}")).unwrap();
+    gw.signal("-HUP");
+    let err = gw.wait_stderr("tapnat: reload: applied", 1);
+    assert!(err.contains("applied masquerade ("), "{err}");
+    let after = seen_from(43001);
+    assert_eq!(
+        after,
+        SocketAddrV4::new(POD_IP, 43001).into(),
+        "not routed untranslated after the reload"
+    );
+    gw.stop();
+}
