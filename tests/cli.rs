@@ -1,34 +1,12 @@
 //! The command line: `tapnat run --config FILE` and `tapnat check`, as users'
 //! scripts call them.
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tapnat::lab::{Lab, Pinger, SERVER_IP};
 
 mod common;
-use common::root;
-
-fn tapnat() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tapnat"))
-}
-
-/// A config file removed on drop.
-struct TempConfig(PathBuf);
-
-impl TempConfig {
-    fn new(tag: &str, text: &str) -> TempConfig {
-        let p = std::env::temp_dir().join(format!("tapnat-{tag}-{}.toml", std::process::id()));
-        std::fs::write(&p, text).unwrap();
-        TempConfig(p)
-    }
-}
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use common::{root, tapnat, TempConfig};
 
 #[test]
 fn check_accepts_the_default_and_rejects_bad_keys_by_name() {

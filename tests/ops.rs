@@ -11,31 +11,7 @@ use std::time::{Duration, Instant};
 use tapnat::lab::{Lab, Pinger, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP};
 
 mod common;
-use common::{root, tcp_connect, tcp_listen, udp_in};
-
-fn tapnat() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tapnat"))
-}
-
-/// A config file removed on drop.
-struct TempConfig(PathBuf);
-
-impl TempConfig {
-    fn new(tag: &str, text: &str) -> TempConfig {
-        let p = std::env::temp_dir().join(format!("tapnat-ops-{tag}-{}.toml", std::process::id()));
-        std::fs::write(&p, text).unwrap();
-        TempConfig(p)
-    }
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use common::{root, tapnat, tcp_connect, tcp_listen, udp_in, TempConfig};
 
 /// A `tapnat run` we started, stopped by PID on drop (SIGTERM, then SIGKILL
 /// after 5 s) and waited for, also when the test fails. Its stderr is

@@ -9,6 +9,31 @@ use tapnat::lab::{self, Lab, Netns};
 
 pub const T: Duration = Duration::from_secs(3);
 
+/// The binary under test.
+pub fn tapnat() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tapnat"))
+}
+
+/// A config file in the temp directory, removed on drop.
+pub struct TempConfig(pub std::path::PathBuf);
+
+impl TempConfig {
+    pub fn new(tag: &str, text: &str) -> TempConfig {
+        let p = std::env::temp_dir().join(format!("tapnat-{tag}-{}.toml", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        TempConfig(p)
+    }
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Root or skip; under CI, root or fail.
 pub fn root() -> bool {
     if lab::is_root() {
