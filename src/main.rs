@@ -13,7 +13,7 @@ use tapnat::config::{Config, ConfigError, Reason};
 use tapnat::gateway::{panic_message, thread_role, Failure, Gateway, GatewayError};
 use tapnat::ops::filter::FlowFilter;
 use tapnat::ops::live::{Live, ReloadRefused};
-use tapnat::ops::metrics::{self, MetricsServer, TableSize};
+use tapnat::ops::metrics::{self, Gauges, MetricsServer};
 use tapnat::ops::report::{self, Format};
 use tapnat::ops::socket::{self, Access, Request, Response};
 
@@ -557,11 +557,15 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let _metrics = config.metrics.listen.and_then(|addr| {
         let observer = gw.observer();
         match MetricsServer::serve(addr.into(), move || {
-            let table = TableSize {
+            let (fragments_tracked, fragments_held) = observer.fragment_counts();
+            let gauges = Gauges {
                 entries: observer.flow_count(),
                 limit,
+                fragments_tracked,
+                fragments_held,
+                neighbours: observer.neighbour_count(),
             };
-            metrics::exposition(&observer.stats(), Some(table))
+            metrics::exposition(&observer.stats(), Some(gauges))
         }) {
             Ok(m) => Some(m),
             Err(e) => {

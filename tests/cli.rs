@@ -432,6 +432,33 @@ fn clients_find_the_gateway_by_its_config_and_metrics_count_traffic() {
         after.contains("# TYPE tapnat_drops_total counter"),
         "{after}"
     );
+    // `Pinger::ping` sends 56 bytes of payload: 84-byte IP packets, each
+    // way, and nothing else was translated.
+    for dir in ["in2out", "out2in"] {
+        let bytes = format!("tapnat_bytes_total{{direction=\"{dir}\"}}");
+        assert_eq!(sample(&after, &bytes), Some(3.0 * 84.0), "{after}");
+    }
+    for reason in ["timeout", "evicted", "flush"] {
+        let destroyed = format!("tapnat_flows_destroyed_total{{reason=\"{reason}\"}}");
+        assert_eq!(sample(&after, &destroyed), Some(0.0), "{after}");
+    }
+    assert_eq!(sample(&after, "tapnat_fragments_tracked"), Some(0.0));
+    assert_eq!(sample(&after, "tapnat_fragments_held"), Some(0.0));
+    // Gauges are published once per loop iteration of their thread: wait
+    // for the one that matters rather than race its store.
+    let settled = |series: &str, ok: &dyn Fn(f64) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let text = scrape();
+            match sample(&text, series) {
+                Some(v) if ok(v) => return text,
+                _ if Instant::now() > deadline => panic!("{series} never settled:\n{text}"),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    };
+    // At least the uplink's next hop, resolved for the pings.
+    settled("tapnat_neighbours", &|n| n >= 1.0);
     assert!(http_get(port, "/").starts_with("HTTP/1.1 404"));
     // `--config FILE` finds the socket, before or after the other arguments.
     let ask = |args: &[&str]| {
@@ -448,6 +475,15 @@ fn clients_find_the_gateway_by_its_config_and_metrics_count_traffic() {
     let stats: serde_json::Value =
         serde_json::from_str(&ask(&["stats", "--config", path, "-o", "json"])).unwrap();
     assert_eq!(stats["counters"]["in2out_packets"], 3, "{stats}");
+    assert_eq!(stats["counters"]["in2out_bytes"], 3 * 84, "{stats}");
+    // A flush is counted as the flows' end, and empties the table.
+    assert_eq!(ask(&["flush", "--config", path]), "1 flow(s) flushed\n");
+    let flushed = settled("tapnat_conntrack_entries", &|n| n == 0.0);
+    assert_eq!(
+        sample(&flushed, "tapnat_flows_destroyed_total{reason=\"flush\"}"),
+        Some(1.0),
+        "{flushed}"
+    );
     drop(run);
     assert!(!control.exists(), "control socket left behind");
 }

@@ -123,6 +123,9 @@ impl Control {
                 self.handle(msg);
             }
             self.retry_pending();
+            self.shared
+                .neighbours
+                .store(self.neighbours.len() as u64, Ordering::Relaxed);
         }
     }
 

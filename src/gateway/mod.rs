@@ -137,14 +137,28 @@ pub(crate) struct Shared {
     /// Why the gateway stopped by itself (see [`failure`]); bounded, the
     /// first failure is the one that matters.
     failures: (Sender<Failure>, Receiver<Failure>),
-    /// Live flows in worker k's table, stored by the worker once per loop
-    /// iteration (relaxed): a gauge that costs no worker a stall.
-    live_flows: Vec<AtomicU64>,
+    /// Worker k's gauges, stored by the worker once per loop iteration
+    /// (relaxed): gauges that cost no worker a stall.
+    gauges: Vec<WorkerGauges>,
+    /// Entries of the control thread's (authoritative) neighbour table,
+    /// stored by it once per loop iteration.
+    neighbours: AtomicU64,
     /// TEST-ONLY fault hook (debug builds only, never in a release binary):
     /// thread index + 1 (workers 0..N, then the control thread) that is to
     /// panic at its next loop iteration; 0 = none. See `Gateway::inject_panic`.
     #[cfg(debug_assertions)]
     fault: std::sync::atomic::AtomicUsize,
+}
+
+/// What one worker publishes for other threads (see `Worker::publish`).
+#[derive(Default)]
+struct WorkerGauges {
+    /// Live flows in its table.
+    flows: AtomicU64,
+    /// Datagrams its fragment cache tracks.
+    fragments_tracked: AtomicU64,
+    /// Fragments its cache holds until their first fragment comes.
+    fragments_held: AtomicU64,
 }
 
 impl Shared {
@@ -255,10 +269,29 @@ impl Observer {
     /// it (at most one loop iteration old); unlike [`Observer::flows`] it
     /// copies nothing and stalls no worker.
     pub fn flow_count(&self) -> u64 {
+        self.sum_gauges(|g| &g.flows)
+    }
+
+    /// Datagrams tracked and fragments held by every worker's fragment
+    /// cache, published like [`Observer::flow_count`].
+    pub fn fragment_counts(&self) -> (u64, u64) {
+        (
+            self.sum_gauges(|g| &g.fragments_tracked),
+            self.sum_gauges(|g| &g.fragments_held),
+        )
+    }
+
+    /// Entries of the neighbour table (IP -> MAC, both sides), as the
+    /// control thread last published it.
+    pub fn neighbour_count(&self) -> u64 {
+        self.shared.neighbours.load(Ordering::Relaxed)
+    }
+
+    fn sum_gauges(&self, field: impl Fn(&WorkerGauges) -> &AtomicU64) -> u64 {
         self.shared
-            .live_flows
+            .gauges
             .iter()
-            .map(|n| n.load(Ordering::Relaxed))
+            .map(|g| field(g).load(Ordering::Relaxed))
             .sum()
     }
 }

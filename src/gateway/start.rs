@@ -179,7 +179,7 @@ impl Shared {
             .map(|_| Waker::new())
             .collect::<Result<_, _>>()
             .map_err(GatewayError::Waker)?;
-        let live_flows = (0..pod.len()).map(|_| AtomicU64::new(0)).collect();
+        let gauges = (0..pod.len()).map(|_| Default::default()).collect();
         Ok(Shared {
             addressing: Arc::new(addressing),
             pod,
@@ -194,7 +194,8 @@ impl Shared {
             names: ["pod".into(), "uplink".into()],
             netns_watch: None,
             failures: bounded(FAILURES_KEPT),
-            live_flows,
+            gauges,
+            neighbours: AtomicU64::new(0),
             #[cfg(debug_assertions)]
             fault: std::sync::atomic::AtomicUsize::new(0),
         })

@@ -60,6 +60,11 @@ events {
     In2outPackets = "in2out_packets",
     /// Replies reverse-translated uplink -> pod.
     Out2inPackets = "out2in_packets",
+    /// IP bytes of the packets masqueraded pod -> uplink (a TSO super-frame
+    /// counts its whole length).
+    In2outBytes = "in2out_bytes",
+    /// IP bytes of the replies reverse-translated uplink -> pod.
+    Out2inBytes = "out2in_bytes",
     /// TCP segmentation-offload super-frames translated (each up to 64 KiB).
     GsoFrames = "gso_frames",
     /// ICMP errors about a flow, translated (both directions).
@@ -78,6 +83,14 @@ events {
     HandedOff = "handed_off",
     /// Flows created.
     FlowsCreated = "flows_created",
+    /// Flows removed because they timed out (by a lookup, a sweep, or to
+    /// make room in a full table).
+    FlowsExpired = "flows_expired",
+    /// Unreplied flows evicted to make room in a full table (early drop).
+    FlowsEvicted = "flows_evicted",
+    /// Flows removed by an operator: `tapnat flush`, or with a forward
+    /// removed at run time.
+    FlowsFlushed = "flows_flushed",
     /// ARP and ICMP echo frames handed to the gateway's own stack.
     LocalStackFrames = "local_stack_frames",
     /// ICMP errors the gateway originated (Time Exceeded).

@@ -15,6 +15,7 @@ use super::stats::{Counter, Counters};
 use super::{Buf, CtrlMsg, Shared, Side, WorkerMsg};
 use crate::device::Poller;
 use crate::nat::frag::FragKey;
+use crate::nat::TableStats;
 use crate::wire::{self, ICMP_ERROR_FRAME_MAX};
 
 /// Flow slots examined for expiry per wake-up: bounded work, never a stall.
@@ -47,6 +48,8 @@ pub(super) struct Worker {
     wake_ctrl: bool,
     /// A buffer to read the next frame into.
     spare: Option<Buf>,
+    /// The table's removal counts as last published to the counters.
+    published: TableStats,
 }
 
 impl Worker {
@@ -69,6 +72,7 @@ impl Worker {
             frag_news: Vec::new(),
             wake_ctrl: false,
             spare: None,
+            published: TableStats::default(),
         }
     }
 
@@ -115,7 +119,29 @@ impl Worker {
             let now = self.shared.now_ms();
             self.core.tick(now, EXPIRE_BUDGET, &mut self.actions);
             self.carry_out();
-            self.shared.live_flows[self.k].store(self.core.table().len() as u64, Ordering::Relaxed);
+            self.publish();
+        }
+    }
+
+    /// Once per loop iteration, never per packet: the gauges other threads
+    /// read (live flows, fragment cache) and the flows the table removed
+    /// since the last time (timeouts and evictions, counted by the table).
+    fn publish(&mut self) {
+        let g = &self.shared.gauges[self.k];
+        g.flows
+            .store(self.core.table().len() as u64, Ordering::Relaxed);
+        let (tracked, held) = self
+            .core
+            .frag_stats()
+            .map_or((0, 0), |f| (f.datagrams as u64, f.held as u64));
+        g.fragments_tracked.store(tracked, Ordering::Relaxed);
+        g.fragments_held.store(held, Ordering::Relaxed);
+        let now = self.core.table().stats();
+        if now != self.published {
+            let was = std::mem::replace(&mut self.published, now);
+            self.c.add(Counter::FlowsExpired, now.expired - was.expired);
+            self.c
+                .add(Counter::FlowsEvicted, now.early_dropped - was.early_dropped);
         }
     }
 
@@ -139,7 +165,9 @@ impl Worker {
                 self.carry_out();
             }
             WorkerMsg::Flush(pred, reply) => {
-                let _ = reply.send(self.core.table_mut().remove_where(|f| pred(f)));
+                let n = self.core.table_mut().remove_where(|f| pred(f));
+                self.c.add(Counter::FlowsFlushed, n as u64);
+                let _ = reply.send(n);
             }
             WorkerMsg::Forwards(change, reply) => self.change_forwards(&change, reply),
             WorkerMsg::Addressing(a) => self.core.set_addressing(a),
@@ -162,6 +190,10 @@ impl Worker {
             .core
             .table_mut()
             .change_forwards(&c.remove, &c.add, c.ext_addr, c.dry_run);
+        if let (Ok(n), false) = (&r, c.dry_run) {
+            // The removed forwards' flows went with them.
+            self.c.add(Counter::FlowsFlushed, *n as u64);
+        }
         let _ = reply.send(r);
     }
 

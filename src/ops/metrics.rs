@@ -8,6 +8,25 @@
 //! conntrack collector (`node_nf_conntrack_entries`,
 //! `node_nf_conntrack_entries_limit`).
 //!
+//! The families:
+//! - `tapnat_frames_total{side, direction="rx"|"tx"}`: frames per device.
+//! - `tapnat_packets_total{direction="in2out"|"out2in"}`: packets
+//!   translated; `tapnat_bytes_total{direction}`: their IP bytes (a TSO
+//!   super-frame counts its whole length).
+//! - `tapnat_drops_total{reason}`: frames dropped, one reason per `drop_`
+//!   counter.
+//! - `tapnat_flows_created_total`, and
+//!   `tapnat_flows_destroyed_total{reason="timeout"|"evicted"|"flush"}`:
+//!   flows that expired, were evicted unreplied to make room in a full table
+//!   (conntrack's early drop), or were removed by an operator (`tapnat
+//!   flush`, a forward removed with its flows).
+//! - `tapnat_<counter>_total` for every other counter of `tapnat stats`.
+//! - Gauges: `tapnat_conntrack_entries`, `tapnat_conntrack_entries_limit`,
+//!   `tapnat_fragments_tracked` (datagrams in the fragment caches),
+//!   `tapnat_fragments_held` (fragments waiting for their first fragment),
+//!   `tapnat_neighbours` (the neighbour table's entries); each at most one
+//!   loop iteration of its thread old.
+//!
 //! The listener is written by hand rather than taken from an HTTP crate: it
 //! serves one read-only path, one request per connection, and needs no
 //! async runtime; each connection gets its own short-lived thread with read
@@ -27,11 +46,19 @@ pub const MAX_CLIENTS: usize = 8;
 /// How long a client may take to send its request or read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The table size gauges: live flows and the configured bound.
+/// The gauges of a running gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TableSize {
+pub struct Gauges {
+    /// Live flows.
     pub entries: u64,
+    /// The flow table's bound (`nat.max_flows`).
     pub limit: u64,
+    /// Datagrams the fragment caches track.
+    pub fragments_tracked: u64,
+    /// Fragments held until their datagram's first fragment comes.
+    pub fragments_held: u64,
+    /// Entries of the neighbour table.
+    pub neighbours: u64,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -59,25 +86,84 @@ fn packet_direction(c: Counter) -> Option<&'static str> {
     }
 }
 
+/// The `direction` label of a translated-bytes counter.
+fn bytes_direction(c: Counter) -> Option<&'static str> {
+    match c {
+        Counter::In2outBytes => Some("in2out"),
+        Counter::Out2inBytes => Some("out2in"),
+        _ => None,
+    }
+}
+
+/// The `reason` label of a destroyed-flows counter.
+fn destroy_reason(c: Counter) -> Option<&'static str> {
+    match c {
+        Counter::FlowsExpired => Some("timeout"),
+        Counter::FlowsEvicted => Some("evicted"),
+        Counter::FlowsFlushed => Some("flush"),
+        _ => None,
+    }
+}
+
+/// One family whose series are the counters `label` names, with that
+/// label's value.
+fn labelled(
+    out: &mut String,
+    s: &Snapshot,
+    name: &str,
+    help: &str,
+    key: &str,
+    label: fn(Counter) -> Option<&'static str>,
+) {
+    family(out, name, "counter", help);
+    for c in Counter::ALL {
+        if let Some(v) = label(*c) {
+            let _ = writeln!(out, "{name}{{{key}=\"{v}\"}} {}", s.get(*c));
+        }
+    }
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    family(out, name, "gauge", help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
 /// The whole exposition: every counter (zeros included, so a series exists
 /// before its first event) and the table gauges when known.
-pub fn exposition(s: &Snapshot, table: Option<TableSize>) -> String {
+pub fn exposition(s: &Snapshot, gauges: Option<Gauges>) -> String {
     let mut out = String::new();
-    if let Some(t) = table {
-        family(
-            &mut out,
+    if let Some(g) = gauges {
+        let o = &mut out;
+        gauge(
+            o,
             "tapnat_conntrack_entries",
-            "gauge",
             "Live flows in the NAT table.",
+            g.entries,
         );
-        let _ = writeln!(out, "tapnat_conntrack_entries {}", t.entries);
-        family(
-            &mut out,
+        gauge(
+            o,
             "tapnat_conntrack_entries_limit",
-            "gauge",
             "The flow table's bound (nat.max_flows).",
+            g.limit,
         );
-        let _ = writeln!(out, "tapnat_conntrack_entries_limit {}", t.limit);
+        gauge(
+            o,
+            "tapnat_fragments_tracked",
+            "Fragmented datagrams the fragment caches track.",
+            g.fragments_tracked,
+        );
+        gauge(
+            o,
+            "tapnat_fragments_held",
+            "Fragments held until their datagram's first fragment arrives.",
+            g.fragments_held,
+        );
+        gauge(
+            o,
+            "tapnat_neighbours",
+            "Entries of the neighbour (IP to MAC) table.",
+            g.neighbours,
+        );
     }
     family(
         &mut out,
@@ -94,21 +180,30 @@ pub fn exposition(s: &Snapshot, table: Option<TableSize>) -> String {
             );
         }
     }
-    family(
+    labelled(
         &mut out,
+        s,
         "tapnat_packets_total",
-        "counter",
         "Packets translated, by direction.",
+        "direction",
+        packet_direction,
     );
-    for c in Counter::ALL {
-        if let Some(dir) = packet_direction(*c) {
-            let _ = writeln!(
-                out,
-                "tapnat_packets_total{{direction=\"{dir}\"}} {}",
-                s.get(*c)
-            );
-        }
-    }
+    labelled(
+        &mut out,
+        s,
+        "tapnat_bytes_total",
+        "IP bytes of the packets translated, by direction.",
+        "direction",
+        bytes_direction,
+    );
+    labelled(
+        &mut out,
+        s,
+        "tapnat_flows_destroyed_total",
+        "Flows removed, by reason: timed out, evicted from a full table, flushed.",
+        "reason",
+        destroy_reason,
+    );
     family(
         &mut out,
         "tapnat_drops_total",
@@ -124,7 +219,11 @@ pub fn exposition(s: &Snapshot, table: Option<TableSize>) -> String {
         );
     }
     for c in Counter::ALL {
-        if c.is_drop() || frame_labels(*c).is_some() || packet_direction(*c).is_some() {
+        let labelled = frame_labels(*c).is_some()
+            || packet_direction(*c).is_some()
+            || bytes_direction(*c).is_some()
+            || destroy_reason(*c).is_some();
+        if c.is_drop() || labelled {
             continue;
         }
         let name = format!("tapnat_{}_total", c.name());
@@ -222,6 +321,9 @@ mod tests {
         c.add(Counter::In2outPackets, 5);
         c.add(Counter::DropBadIpChecksum, 2);
         c.add(Counter::FlowsCreated, 3);
+        c.add(Counter::Out2inBytes, 1500);
+        c.add(Counter::FlowsEvicted, 6);
+        c.add(Counter::FlowsFlushed, 1);
         Snapshot::sum([&c])
     }
 
@@ -261,9 +363,12 @@ mod tests {
     fn exposition_is_well_formed_and_carries_the_values() {
         let text = exposition(
             &snapshot(),
-            Some(TableSize {
+            Some(Gauges {
                 entries: 4,
                 limit: 262144,
+                fragments_tracked: 2,
+                fragments_held: 3,
+                neighbours: 5,
             }),
         );
         check_format(&text);
@@ -276,6 +381,14 @@ mod tests {
             "tapnat_drops_total{reason=\"bad_ip_checksum\"} 2\n",
             "tapnat_drops_total{reason=\"runt\"} 0\n",
             "tapnat_flows_created_total 3\n",
+            "tapnat_bytes_total{direction=\"in2out\"} 0\n",
+            "tapnat_bytes_total{direction=\"out2in\"} 1500\n",
+            "tapnat_flows_destroyed_total{reason=\"timeout\"} 0\n",
+            "tapnat_flows_destroyed_total{reason=\"evicted\"} 6\n",
+            "tapnat_flows_destroyed_total{reason=\"flush\"} 1\n",
+            "tapnat_fragments_tracked 2\n",
+            "tapnat_fragments_held 3\n",
+            "tapnat_neighbours 5\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
@@ -284,6 +397,15 @@ mod tests {
             .filter(|l| l.starts_with("tapnat_drops_total{"))
             .count();
         assert_eq!(drops, Counter::ALL.iter().filter(|c| c.is_drop()).count());
+        // The labelled counters are not also exposed one family each.
+        for gone in [
+            "tapnat_in2out_bytes_total",
+            "tapnat_flows_expired_total",
+            "tapnat_flows_evicted_total",
+            "tapnat_flows_flushed_total",
+        ] {
+            assert!(!text.contains(gone), "{gone} in\n{text}");
+        }
     }
 
     #[test]

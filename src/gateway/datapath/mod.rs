@@ -245,6 +245,11 @@ impl Core {
         &mut self.table
     }
 
+    /// This worker's fragment cache now, if fragments are handled.
+    pub fn frag_stats(&self) -> Option<crate::nat::frag::FragStats> {
+        self.frags.as_ref().map(FragCache::stats)
+    }
+
     /// Rules changed at run time (forwards' steering): the next frame is
     /// classified with `a`.
     pub fn set_addressing(&mut self, a: Arc<Addressing>) {

@@ -137,6 +137,7 @@ impl Core {
         }
         wire::translate(buf.frame_mut(), &v, End::Src, ext_addr, ext_port, fit.csum);
         self.c.inc(Counter::In2outPackets);
+        self.c.add(Counter::In2outBytes, v.total_len as u64);
         if hairpin {
             return self.hairpin(buf, now, out);
         }
@@ -225,6 +226,7 @@ impl Core {
             fit.csum,
         );
         self.c.inc(Counter::Out2inPackets);
+        self.c.add(Counter::Out2inBytes, v.total_len as u64);
         self.send_on(Side::Pod, inside.src, buf, fit, out)
     }
 

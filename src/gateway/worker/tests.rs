@@ -2,7 +2,7 @@
 //! one side come out translated on the other, errors the core decides are
 //! built and written by the worker, and control-thread traffic goes to its
 //! channel. No TAP, no root.
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use crate::device::MemDevice;
 use crate::gateway::datapath::tests::{
     dst, pod_ep, rig, src, up_ep, view, Setup, EXT, GW, GW_MAC, ONE, ON_LINK, POD, REMOTE,
 };
-use crate::gateway::{Queues, Tuning};
+use crate::gateway::{Queues, Tuning, WorkerGauges};
 use crate::wire::{self, build, L4};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -258,4 +258,82 @@ fn a_panicking_worker_is_reported_by_name_and_stops_the_gateway() {
     assert!(w.shared.stop.load(Ordering::SeqCst));
     // The panic was caught: the thread itself ends normally.
     w.thread.take().unwrap().join().unwrap();
+}
+
+/// Waits until `f` holds, checking as the worker's loop goes round.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn the_worker_counts_bytes_and_removed_flows_and_publishes_its_gauges() {
+    let mut w = Running::start(Setup {
+        max_flows: 1,
+        ..ONE
+    });
+    let a = w.shared.addressing.clone();
+    let shared = w.shared.clone();
+    let gauge =
+        |which: fn(&WorkerGauges) -> &AtomicU64| which(&shared.gauges[0]).load(Ordering::Relaxed);
+    // One flow each way: the IP lengths are counted (20 + 8 + payload).
+    w.pod.inject(&build::udp(
+        &pod_ep(&a, POD, REMOTE),
+        5353,
+        53,
+        b"query",
+        true,
+    ));
+    Running::one_out(&w.uplink);
+    w.uplink.inject(&build::udp(
+        &up_ep(&a, REMOTE, EXT),
+        53,
+        5353,
+        b"answer",
+        true,
+    ));
+    Running::one_out(&w.pod);
+    assert_eq!(w.c.get(Counter::In2outBytes), 33);
+    assert_eq!(w.c.get(Counter::Out2inBytes), 34);
+    eventually("one live flow", || gauge(|g| &g.flows) == 1);
+    // A second flow of the pod finds the one-flow table full; the first
+    // (replied) flow cannot be dropped early, the second is refused.
+    w.pod
+        .inject(&build::udp(&pod_ep(&a, POD, REMOTE), 6000, 53, b"q", true));
+    eventually("the table full", || w.c.get(Counter::DropTableFull) == 1);
+    // A flush is counted with how many flows it removed.
+    let (tx, rx) = bounded(1);
+    let all: crate::gateway::live::FlowPredicate = Arc::new(|_| true);
+    w.to_worker.send(WorkerMsg::Flush(all, tx)).unwrap();
+    w.shared.wakers[0].wake();
+    assert_eq!(rx.recv_timeout(WAIT).unwrap(), 1);
+    assert_eq!(w.c.get(Counter::FlowsFlushed), 1);
+    eventually("no live flow", || gauge(|g| &g.flows) == 0);
+    // An unreplied flow is evicted to make room for the next one, and the
+    // table's own count of it reaches the counters.
+    w.pod
+        .inject(&build::udp(&pod_ep(&a, POD, REMOTE), 7000, 53, b"q", true));
+    w.pod
+        .inject(&build::udp(&pod_ep(&a, POD, REMOTE), 7001, 53, b"q", true));
+    eventually("an eviction counted", || {
+        w.c.get(Counter::FlowsEvicted) == 1
+    });
+    // A fragment that comes before its first fragment is held: the cache's
+    // gauges show one datagram and one fragment.
+    let mut big = build::udp(&pod_ep(&a, POD, REMOTE), 8000, 53, &[7u8; 3000], true);
+    big[14 + 6] &= !0x40;
+    big[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let c = wire::csum::checksum(&big[14..34]);
+    big[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    let mut pieces = Vec::new();
+    wire::fragment::fragment(&big, 1500, &mut |p: &[u8]| pieces.push(p.to_vec())).unwrap();
+    w.pod.inject(&pieces[1]);
+    eventually("a held fragment", || {
+        gauge(|g| &g.fragments_tracked) == 1 && gauge(|g| &g.fragments_held) == 1
+    });
+    w.stop();
+    assert_eq!(w.c.get(Counter::FlowsExpired), 0);
 }
