@@ -152,6 +152,15 @@ impl Addressing {
             .unwrap_or(port)
     }
 
+    /// Whether `ip` is the network or broadcast address of the pod or the
+    /// uplink subnet (a /31 or /32 has neither, RFC 3021): no host has it,
+    /// so a packet to it is dropped rather than resolved.
+    pub fn is_subnet_edge(&self, ip: Ipv4Addr) -> bool {
+        [self.pod_net, self.uplink_net]
+            .iter()
+            .any(|n| n.prefix_len < 31 && (ip == n.network() || ip == n.broadcast()))
+    }
+
     /// The next hop on the uplink for `dst`.
     pub fn uplink_next_hop(&self, dst: Ipv4Addr) -> Ipv4Addr {
         if self.uplink_net.contains(dst) {

@@ -739,3 +739,69 @@ fn icmp_error_about_a_hairpinned_packet_goes_back_to_the_sender() {
         tapnat::ops::report::stats(&s)
     );
 }
+
+#[test]
+fn fragmented_udp_routed_pod_to_pod_and_hairpinned_through_a_forward() {
+    if !root() {
+        return;
+    }
+    use tapnat::config::{Forward, ForwardProtocol};
+    use tapnat::lab::POD2_IP;
+    use tapnat::net::PortRange;
+    let (mut lab, gw) = start("frag-p2p", |c| {
+        c.forward = vec![Forward {
+            protocol: ForwardProtocol::Udp,
+            ports: PortRange {
+                first: 9000,
+                last: 9000,
+            },
+            to_addr: POD2_IP,
+            to_port: 9000,
+        }];
+    });
+    lab.add_pod2("frag-p2p", "tapnat0").unwrap();
+    let pod2 = lab.pod2.as_ref().unwrap();
+    // Pod to pod through the gateway (as with /32 pod routes); locked route
+    // MTUs make the kernels send DF-clear fragments.
+    lab.pod
+        .ip(&format!(
+            "route add {POD2_IP}/32 via {GATEWAY_POD_IP} mtu lock 1500"
+        ))
+        .unwrap();
+    lab.pod
+        .ip("route replace default via 10.244.0.1 mtu lock 1500")
+        .unwrap();
+    pod2.ip(&format!(
+        "route add {POD_IP}/32 via {GATEWAY_POD_IP} mtu lock 1500"
+    ))
+    .unwrap();
+    let a = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 7000));
+    let b = udp_in(pod2, SocketAddrV4::new(POD2_IP, 9000));
+    let mut buf = vec![0u8; 9000];
+    for round in 0..3u8 {
+        // 3000 bytes over MTU 1500: three fragments each way.
+        let data: Vec<u8> = (0..3000u32).map(|i| (i as u8) ^ round).collect();
+        a.send_to(&data, SocketAddrV4::new(POD2_IP, 9000)).unwrap();
+        let (n, peer) = b.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &data[..], "round {round} routed, whole");
+        assert_eq!(peer, SocketAddrV4::new(POD_IP, 7000).into(), "untranslated");
+        b.send_to(&data, peer).unwrap();
+        let (n, _) = a.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &data[..], "round {round} routed back, whole");
+        // Hairpinned: to the gateway's outside address and forwarded port.
+        a.send_to(&data, SocketAddrV4::new(GATEWAY_UPLINK_IP, 9000))
+            .unwrap();
+        let (n, peer) = b.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &data[..], "round {round} hairpinned, whole");
+        assert_eq!(
+            peer.ip(),
+            std::net::IpAddr::V4(GATEWAY_UPLINK_IP),
+            "the sender's outside mapping"
+        );
+    }
+    let s = gw.stats();
+    let report = tapnat::ops::report::stats(&s);
+    assert!(s.get(Counter::FragmentsTranslated) >= 18, "{report}");
+    assert!(s.get(Counter::Hairpinned) >= 9, "{report}");
+    assert_eq!(s.get(Counter::DropFragmentTimeout), 0, "{report}");
+}

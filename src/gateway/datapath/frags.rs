@@ -28,18 +28,28 @@ impl Core {
         if let Some(frags) = &mut self.frags {
             let released = &mut self.released;
             frags.first_seen(key, rewrite, now, &mut |b, r| released.push((b, r)));
-            self.drain_released(Some(rewrite), out);
+            self.drain_released(Some(rewrite), now, out);
         }
     }
 
     /// Handles buffers the fragment cache gave back: held fragments whose
     /// first fragment has now been seen go out rewritten like it; the others
     /// are dropped.
-    pub(super) fn drain_released(&mut self, rewrite: Option<FragRewrite>, out: &mut Actions) {
-        while let Some((buf, why)) = self.released.pop() {
+    pub(super) fn drain_released(
+        &mut self,
+        rewrite: Option<FragRewrite>,
+        now: u64,
+        out: &mut Actions,
+    ) {
+        // Taken out: a hairpinned fragment comes back in through the cache,
+        // whose own releases must not be mixed with these.
+        let mut released = std::mem::take(&mut self.released);
+        while let Some((buf, why)) = released.pop() {
             match (why, rewrite) {
                 (Release::Translate, Some(r)) => match wire::classify(buf.frame()) {
-                    Ok(wire::Classified::Ipv4(view)) => self.rewrite_fragment(buf, &view, r, out),
+                    Ok(wire::Classified::Ipv4(view)) => {
+                        self.rewrite_fragment(buf, &view, r, now, out)
+                    }
                     _ => self.pool.put(buf),
                 },
                 _ => out.push(Action::Drop {
@@ -48,6 +58,7 @@ impl Core {
                 }),
             }
         }
+        self.released = released;
     }
 
     /// A non-first fragment: it follows its datagram's first fragment.
@@ -59,9 +70,9 @@ impl Core {
         let key = frag_key(buf.frame(), &view);
         let released = &mut self.released;
         let answer = frags.later(key, buf, now, &mut |b, r| released.push((b, r)));
-        self.drain_released(None, out);
+        self.drain_released(None, now, out);
         match answer {
-            Later::Translate(rewrite, buf) => self.rewrite_fragment(buf, &view, rewrite, out),
+            Later::Translate(rewrite, buf) => self.rewrite_fragment(buf, &view, rewrite, now, out),
             Later::Held => self.c.inc(Counter::FragmentsHeld),
             Later::Refused(buf, _) => out.push(Action::Drop {
                 why: Counter::DropFragmentCacheFull,
@@ -75,6 +86,7 @@ impl Core {
         mut buf: Buf,
         view: &Ipv4View,
         r: FragRewrite,
+        now: u64,
         out: &mut Actions,
     ) {
         if view.ttl <= 1 {
@@ -91,6 +103,12 @@ impl Core {
         super::trim_padding(&mut buf, view);
         wire::translate(buf.frame_mut(), view, r.end, r.addr, 0, L4Csum::Full);
         self.c.inc(Counter::FragmentsTranslated);
+        if r.hairpin {
+            // Like its first fragment: back in as from the uplink, where the
+            // rewrite to the target recorded for the translated datagram
+            // applies (or the fragment waits for it).
+            return self.hairpin(buf, now, out);
+        }
         let mtu = self.a.mtu(r.egress);
         if view.total_len > mtu {
             return self.emit_fragmented(r.egress, r.next_hop, buf, mtu, out);

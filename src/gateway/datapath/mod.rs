@@ -55,13 +55,21 @@ const ROUTED_MAX: usize = 65536;
 const ROUTED_SWEEP_MS: u64 = 1000;
 
 /// How the non-first fragments of a datagram are rewritten: the address at
-/// one end (they carry no ports), and where they go.
+/// one end (they carry no ports; a routed datagram keeps its own), and where
+/// they go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FragRewrite {
     pub end: End,
     pub addr: Ipv4Addr,
     pub egress: Side,
     pub next_hop: Ipv4Addr,
+    /// The first fragment was hairpinned (a pod's datagram to an outside
+    /// address): after the source rewrite the fragment turns around the
+    /// same way, as if it had arrived on the uplink, and follows the
+    /// rewrite the first fragment recorded there (destination to the
+    /// target, egress pod side, the target as next hop). `egress` and
+    /// `next_hop` are unused then.
+    pub hairpin: bool,
 }
 
 /// A transit packet handed from the worker that read it to its owner, with
@@ -302,7 +310,7 @@ impl Core {
         if let Some(frags) = &mut self.frags {
             let released = &mut self.released;
             frags.expire(now, &mut |b, r| released.push((b, r)));
-            self.drain_released(None, out);
+            self.drain_released(None, now, out);
         }
     }
 
@@ -340,6 +348,11 @@ impl Core {
         now: u64,
         out: &mut Actions,
     ) {
+        if self.a.is_subnet_edge(view.dst) {
+            // A subnet's network or broadcast address: no next hop to resolve.
+            let why = Counter::DropNoRoute;
+            return out.push(Action::Drop { why, buf });
+        }
         match view.l4 {
             L4::IcmpError { .. } => return self.icmp_error(side, buf, view, now, out),
             L4::Fragment => return self.later_fragment(buf, view, now, out),

@@ -888,3 +888,183 @@ fn ethernet_padding_after_the_packet_is_not_forwarded() {
     assert_eq!(out.len(), packet_len);
     assert!(checksums_ok(&out));
 }
+
+/// `frame` (IPv4 in Ethernet, DF clear) with IP id `id`, cut to `mtu`.
+fn cut(mut f: Vec<u8>, id: u16, mtu: usize) -> Vec<Vec<u8>> {
+    f[14 + 4..14 + 6].copy_from_slice(&id.to_be_bytes());
+    clear_df(&mut f);
+    let mut out = Vec::new();
+    fragment::fragment(&f, mtu, &mut |p: &[u8]| out.push(p.to_vec())).unwrap();
+    out
+}
+
+/// Puts fragments (any order) back together as one unfragmented frame,
+/// checking each one's IPv4 header checksum on the way.
+fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
+    let mut parts: Vec<(usize, &[u8])> = frags
+        .iter()
+        .map(|f| {
+            let ihl = usize::from(f[14] & 0x0f) * 4;
+            assert_eq!(csum::sum(&f[14..14 + ihl]), 0xffff, "IPv4 header checksum");
+            let info = fragment::frag_info(f).unwrap();
+            (info.offset, &f[14 + ihl..14 + view(f).total_len])
+        })
+        .collect();
+    parts.sort_by_key(|p| p.0);
+    let first = frags
+        .iter()
+        .find(|f| fragment::frag_info(f).unwrap().offset == 0)
+        .unwrap();
+    let mut whole = first[..14 + 20].to_vec();
+    for (at, data) in parts {
+        assert_eq!(whole.len() - 34, at, "contiguous");
+        whole.extend_from_slice(data);
+    }
+    let total = (whole.len() - 14) as u16;
+    whole[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
+    whole[14 + 6..14 + 8].copy_from_slice(&[0, 0]);
+    whole[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let c = csum::checksum(&whole[14..34]);
+    whole[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    whole
+}
+
+/// Every action must be a frame sent to `to`; their frames.
+fn all_sent(actions: Vec<Action>, to: Side) -> Vec<Vec<u8>> {
+    actions
+        .into_iter()
+        .map(|a| match a {
+            Action::Send { side, buf } if side == to => buf.frame().to_vec(),
+            other => panic!("not sent to {to:?}: {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn fragments_of_a_routed_pod_to_pod_datagram_follow_the_first() {
+    let mut r = rig(ONE);
+    let ep = pod_ep(&r.a, POD, POD2);
+    // In order.
+    let frags = fragments(&ep, 5353, 1);
+    let out: Vec<Vec<u8>> = frags
+        .iter()
+        .map(|f| r.through(Side::Pod, f, Side::Pod))
+        .collect();
+    for f in &out {
+        let v = view(f);
+        assert_eq!((v.src, v.dst, v.ttl), (POD, POD2, 63), "untranslated");
+        assert_eq!(wire::macs(f), (POD_MAC, r.a.pod_mac), "to the other pod");
+    }
+    let whole = reassemble(&out);
+    assert!(checksums_ok(&whole));
+    assert_eq!(src(&whole), (POD, 5353));
+    // Out of order: the later ones wait for the first, then follow it.
+    let frags = fragments(&ep, 5354, 2);
+    assert!(r.input(Side::Pod, &frags[2]).is_empty(), "held");
+    assert!(r.input(Side::Pod, &frags[1]).is_empty(), "held");
+    let out = all_sent(r.input(Side::Pod, &frags[0]), Side::Pod);
+    assert_eq!(out.len(), 3);
+    assert!(out.iter().all(|f| view(f).dst == POD2));
+    assert!(checksums_ok(&reassemble(&out)));
+    assert_eq!(r.get(Counter::FragmentsTranslated), 4);
+    assert_eq!(r.get(Counter::FlowsCreated), 0);
+}
+
+#[test]
+fn fragments_of_a_routed_datagram_out_the_uplink_and_back_follow_the_first() {
+    let mut r = rig(ONE);
+    let frags = fragments(&pod_ep(&r.a, POD, EXCLUDED), 5353, 1);
+    let out: Vec<Vec<u8>> = frags
+        .iter()
+        .map(|f| r.through(Side::Pod, f, Side::Uplink))
+        .collect();
+    for f in &out {
+        assert_eq!((view(f).src, view(f).dst), (POD, EXCLUDED));
+        assert_eq!(wire::macs(f).0, GW_MAC, "through the uplink router");
+    }
+    assert!(checksums_ok(&reassemble(&out)));
+    // The reply, fragmented too, comes back in untranslated.
+    let mut reply = build::udp(&up_ep(&r.a, EXCLUDED, POD), 53, 5353, &[9u8; 3000], true);
+    reply[14 + 8] = 64;
+    let frags = cut(reply, 7, 1500);
+    assert!(r.input(Side::Uplink, &frags[1]).is_empty(), "held");
+    let mut back = all_sent(r.input(Side::Uplink, &frags[0]), Side::Pod);
+    back.push(r.through(Side::Uplink, &frags[2], Side::Pod));
+    assert_eq!(back.len(), 3);
+    assert!(back.iter().all(|f| view(f).dst == POD));
+    let whole = reassemble(&back);
+    assert!(checksums_ok(&whole));
+    assert_eq!(dst(&whole), (POD, 5353));
+    assert_eq!(r.get(Counter::FragmentsTranslated), 4);
+}
+
+#[test]
+fn fragments_of_a_hairpinned_datagram_reach_the_target_with_both_ends_rewritten() {
+    let mut r = rig(ONE);
+    let syn = |sport| {
+        build::tcp(
+            &pod_ep(&r.a, POD, EXT),
+            sport,
+            FORWARDED,
+            wire::TCP_SYN,
+            &[5u8; 3000],
+        )
+    };
+    let (a, b) = (syn(40000), syn(40001));
+    // In order.
+    let out: Vec<Vec<u8>> = cut(a, 1, 1500)
+        .iter()
+        .map(|f| r.through(Side::Pod, f, Side::Pod))
+        .collect();
+    assert_eq!(out.len(), 3);
+    for f in &out {
+        let v = view(f);
+        assert_eq!((v.src, v.dst, v.ttl), (EXT, TARGET, 63));
+        assert_eq!(wire::macs(f), (POD_MAC, r.a.pod_mac), "to the target");
+    }
+    let whole = reassemble(&out);
+    assert!(
+        checksums_ok(&whole),
+        "addresses and ports rewritten consistently"
+    );
+    assert_eq!((src(&whole), dst(&whole)), ((EXT, 40000), (TARGET, 80)));
+    // Out of order.
+    let frags = cut(b, 2, 1500);
+    assert!(r.input(Side::Pod, &frags[2]).is_empty(), "held");
+    assert!(r.input(Side::Pod, &frags[1]).is_empty(), "held");
+    let out = all_sent(r.input(Side::Pod, &frags[0]), Side::Pod);
+    assert_eq!(out.len(), 3);
+    assert!(out
+        .iter()
+        .all(|f| view(f).dst == TARGET && view(f).ttl == 63));
+    let whole = reassemble(&out);
+    assert!(checksums_ok(&whole));
+    assert_eq!((src(&whole), dst(&whole)), ((EXT, 40001), (TARGET, 80)));
+    assert_eq!(r.get(Counter::Hairpinned), 6);
+}
+
+#[test]
+fn packets_to_a_subnets_network_or_broadcast_address_are_dropped() {
+    let mut r = rig(ONE);
+    for to in [
+        Ipv4Addr::new(203, 0, 113, 255),
+        Ipv4Addr::new(203, 0, 113, 0),
+        Ipv4Addr::new(10, 244, 0, 0),
+        Ipv4Addr::new(10, 244, 255, 255),
+    ] {
+        let f = build::udp(&pod_ep(&r.a, POD, to), 1000, 53, b"x", true);
+        assert_eq!(
+            dropped(r.input(Side::Pod, &f)),
+            Counter::DropNoRoute,
+            "{to}"
+        );
+    }
+    assert_eq!(r.get(Counter::FlowsCreated), 0);
+    // An ordinary host on the uplink subnet is still resolved.
+    let f = build::udp(&pod_ep(&r.a, POD, ON_LINK), 1000, 53, b"x", true);
+    let acts = r.input(Side::Pod, &f);
+    assert!(
+        matches!(&acts[..], [Action::Resolve { side: Side::Uplink, next_hop, .. }] if *next_hop == ON_LINK),
+        "{acts:?}"
+    );
+}

@@ -132,6 +132,7 @@ impl Core {
                 addr: ext_addr,
                 egress: Side::Uplink,
                 next_hop,
+                hairpin,
             };
             self.first_fragment_done(frag_key(buf.frame(), &v), rewrite, now, out);
         }
@@ -214,6 +215,7 @@ impl Core {
                 addr: inside.src,
                 egress: Side::Pod,
                 next_hop: inside.src,
+                hairpin: false,
             };
             self.first_fragment_done(frag_key(buf.frame(), &v), rewrite, now, out);
         }
@@ -269,6 +271,9 @@ impl Core {
             }
             self.routed.insert(key, now);
         }
+        if v.is_fragment {
+            self.routed_fragment(&buf, &v, egress, next_hop, now, out);
+        }
         // Same address and port: only the TTL (and its checksum) change.
         wire::translate(buf.frame_mut(), &v, End::Src, v.src, t.sport, fit.csum);
         self.c.inc(Counter::RoutedPackets);
@@ -297,9 +302,34 @@ impl Core {
         else {
             return;
         };
+        if v.is_fragment {
+            self.routed_fragment(&buf, &v, Side::Pod, v.dst, now, out);
+        }
         // Same address and port (or echo id): only the TTL changes.
         wire::translate(buf.frame_mut(), &v, End::Dst, v.dst, dport, fit.csum);
         self.c.inc(Counter::RoutedPackets);
         self.send_on(Side::Pod, v.dst, buf, fit, out)
+    }
+
+    /// The first fragment of a routed datagram is on its way: its later
+    /// fragments follow it untranslated (the rewrite keeps the source
+    /// address), to the same egress and next hop.
+    fn routed_fragment(
+        &mut self,
+        buf: &Buf,
+        v: &Ipv4View,
+        egress: Side,
+        next_hop: std::net::Ipv4Addr,
+        now: u64,
+        out: &mut Actions,
+    ) {
+        let rewrite = FragRewrite {
+            end: End::Src,
+            addr: v.src,
+            egress,
+            next_hop,
+            hairpin: false,
+        };
+        self.first_fragment_done(frag_key(buf.frame(), v), rewrite, now, out);
     }
 }

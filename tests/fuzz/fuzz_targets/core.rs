@@ -84,12 +84,6 @@ const KEEP: usize = 1024;
 /// `CORE_TRACE=1` prints every action (to check what a seed reaches).
 static TRACE: std::sync::LazyLock<bool> =
     std::sync::LazyLock::new(|| std::env::var_os("CORE_TRACE").is_some());
-/// `CORE_KNOWN=1` skips the check that fails on the open finding in
-/// `crashes/core/` (a gateway address as next hop of a hairpinned later
-/// fragment), to fuzz on past it. The padding and GSO-fragment findings
-/// are fixed; their inputs are regression seeds now.
-static KNOWN: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var_os("CORE_KNOWN").is_some());
 const IP: fn(u8, u8, u8, u8) -> Ipv4Addr = Ipv4Addr::new;
 const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -435,10 +429,10 @@ impl World {
                     buf,
                     next_hop,
                 } => {
-                    // crashes/core/hairpin-later-fragment-to-own-address
+                    // corpus/core/seed-regression-hairpin-later-fragment-to-own-address
                     let own = self.a.is_local(next_hop) || self.a.is_outside(next_hop);
                     self.check_out(side, &buf, l4_in, false);
-                    assert!(!own || *KNOWN, "next hop {next_hop} is the gateway's");
+                    assert!(!own, "next hop {next_hop} is the gateway's");
                     self.pool.put(buf);
                 }
                 Action::Reject {
