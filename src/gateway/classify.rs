@@ -110,6 +110,12 @@ fn icmp_error_in(frame: &[u8], view: Ipv4View, egress: Egress) -> Disposition {
 
 fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     use Disposition::*;
+    // A pod may not speak as the gateway, as an outside (uplink or pool)
+    // address, or from a subnet's network or broadcast address: replies
+    // would be addressed to the gateway itself.
+    if a.is_local(view.src) || a.is_outside(view.src) || a.is_subnet_edge(view.src) {
+        return Drop(Counter::DropSpoofedSource);
+    }
     if view.dst == a.pod_ip() {
         return for_gateway(&view);
     }

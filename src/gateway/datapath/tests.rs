@@ -1068,3 +1068,24 @@ fn packets_to_a_subnets_network_or_broadcast_address_are_dropped() {
         "{acts:?}"
     );
 }
+
+#[test]
+fn a_pod_speaking_as_the_gateway_or_a_subnet_edge_is_spoofing() {
+    // Found by the core fuzz target: a SYN "from" 10.244.0.1 was translated
+    // and its reply resolved the gateway's own pod address.
+    let mut r = rig(ONE);
+    for src in [
+        Ipv4Addr::new(10, 244, 0, 1),
+        EXT,
+        Ipv4Addr::new(10, 244, 0, 0),
+        Ipv4Addr::new(10, 244, 255, 255),
+    ] {
+        let f = build::tcp(&pod_ep(&r.a, src, REMOTE), 40000, 443, wire::TCP_SYN, b"");
+        assert_eq!(
+            dropped(r.input(Side::Pod, &f)),
+            Counter::DropSpoofedSource,
+            "from {src}"
+        );
+    }
+    assert_eq!(r.get(Counter::FlowsCreated), 0);
+}
