@@ -20,29 +20,15 @@ impl FlowTable {
         inside_addr: Ipv4Addr,
         inside_port: u16,
     ) -> Result<(), ForwardError> {
-        if !self.ports.owns(ext_port) {
-            return Err(ForwardError::NotOwned);
-        }
-        if proto == Proto::Icmp {
-            return Err(ForwardError::Icmp);
-        }
-        let mk = (proto, inside_addr, inside_port);
-        if self.mappings.contains(&mk) {
-            return Err(ForwardError::InsideInUse);
-        }
+        self.can_add_forward(proto, ext_port, inside_addr, inside_port)?;
         // A port a deleted forward left in quarantine may be forwarded again
         // at once (its bit stays set, and the quarantine's end leaves a held
-        // port alone); one a dynamic mapping left may not.
-        if self.mappings.owner_of(proto, ext_port).is_none()
-            && self.ports.is_forward_cooling(proto, ext_port)
-        {
-            self.mappings.add_forward(mk, ext_addr, ext_port);
-            return Ok(());
+        // port alone); any other port is reserved now.
+        if !self.ports.is_used(proto, ext_port) {
+            self.ports.reserve(proto, ext_port);
         }
-        if !self.ports.reserve(proto, ext_port) {
-            return Err(ForwardError::PortInUse);
-        }
-        self.mappings.add_forward(mk, ext_addr, ext_port);
+        self.mappings
+            .add_forward((proto, inside_addr, inside_port), ext_addr, ext_port);
         Ok(())
     }
 
