@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::buf::{buffer_layout, Pool};
 use super::control::Control;
@@ -29,6 +29,12 @@ const PORT_REUSE_DELAY_MS: u64 = 120_000;
 const POOL_KEEP: usize = 1024;
 /// Batches waiting for one worker before hand-offs to it are dropped.
 const WORKER_QUEUE: usize = 1024;
+/// Messages waiting for the control thread before the workers drop new
+/// ones (counted as `drop_control_queue_full`). Local-stack frames are
+/// bounded apart (`local::LOCAL_QUEUED` a side) and small; each packet
+/// waiting for a next hop holds a pool buffer (up to 64 KiB with offload),
+/// so this bounds those to 32 MiB in the queue.
+const CTRL_QUEUE: usize = 512;
 /// Fragments and bytes one worker holds for datagrams whose first fragment
 /// has not arrived (virtual reassembly, README "NAT behaviour").
 const FRAGMENTS_HELD: usize = 256;
@@ -74,7 +80,7 @@ pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
     let seed = seed();
     let counters: Vec<Arc<Counters>> = (0..=n).map(|_| Arc::default()).collect();
     let cores = build_shards(config, &shared, n, seed, &counters[..n])?;
-    let (ctrl_tx, ctrl_rx) = unbounded();
+    let (ctrl_tx, ctrl_rx) = bounded(CTRL_QUEUE);
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded(WORKER_QUEUE)).unzip();
     let mut gateway = Gateway {
         shared,
@@ -196,6 +202,7 @@ impl Shared {
             failures: bounded(FAILURES_KEPT),
             gauges,
             neighbours: AtomicU64::new(0),
+            local: Default::default(),
             #[cfg(debug_assertions)]
             fault: std::sync::atomic::AtomicUsize::new(0),
         })
