@@ -55,6 +55,11 @@ impl Buf {
     pub fn vnet_mut(&mut self) -> &mut [u8] {
         &mut self.data[..self.hdr]
     }
+    /// The memory this buffer pins (its whole capacity, whatever the frame's
+    /// length): what the fragment cache charges for holding it.
+    pub fn pinned(&self) -> usize {
+        self.data.len()
+    }
     /// Header and frame, as the device reads and writes them.
     pub fn wire(&self) -> &[u8] {
         &self.data[..self.len]

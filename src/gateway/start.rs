@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::buf::{buffer_layout, Pool};
+use super::buf::{buffer_layout, Buf, Pool};
 use super::control::Control;
 use super::datapath::{Core, CoreParts};
 use super::failure::guarded;
@@ -36,7 +36,10 @@ const WORKER_QUEUE: usize = 1024;
 /// so this bounds those to 32 MiB in the queue.
 const CTRL_QUEUE: usize = 512;
 /// Fragments and bytes one worker holds for datagrams whose first fragment
-/// has not arrived (virtual reassembly, README "NAT behaviour").
+/// has not arrived (virtual reassembly, README "NAT behaviour"). The bytes
+/// are the buffers' whole capacity (a pool buffer is up to 64 KiB with
+/// offload, 2 KiB without), so this is the memory really pinned; one source
+/// address holds at most a quarter of either (`nat::frag::SOURCE_SHARE`).
 const FRAGMENTS_HELD: usize = 256;
 const FRAGMENT_BYTES_HELD: usize = 4 << 20;
 /// Failures kept for the runner: the first one says why; a few more (every
@@ -265,6 +268,7 @@ fn build_shards(
                 max_held_bytes: FRAGMENT_BYTES_HELD,
                 timeout_ms: ms(nat.timeouts.fragment),
             })
+            .charged_by(Buf::pinned)
         });
         cores.push(Core::new(CoreParts {
             worker: k,
