@@ -274,7 +274,7 @@ impl Worker {
                 self.recycle(buf);
             }
             Action::HandOff { worker, packet } => self.handoff[worker].push(packet),
-            Action::Local { side, buf } => self.to_local_stack(side, buf),
+            Action::Local { side, buf } => self.queue_local(side, buf),
             Action::Resolve {
                 side,
                 next_hop,
@@ -317,7 +317,7 @@ impl Worker {
     /// Queues a frame for the gateway's own stack: copied into a buffer of
     /// its own length (the pool buffer is reused at once), within the
     /// side's bound of waiting frames.
-    fn to_local_stack(&mut self, side: Side, buf: Buf) {
+    fn queue_local(&mut self, side: Side, buf: Buf) {
         if !self.shared.local.take(side) {
             self.c.inc(Counter::DropLocalQueueFull);
             return self.recycle(buf);
