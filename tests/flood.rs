@@ -493,7 +493,8 @@ fn echo_flood_at_the_outside_address_is_rate_limited_and_bounded() {
     };
     // A pod pings the gateway's pod-side address during the flood: that
     // side has its own reply budget.
-    let pinger: Arc<Mutex<Option<JoinHandle<(u32, u32)>>>> = Arc::default();
+    type Pings = Arc<Mutex<Option<JoinHandle<(u32, u32)>>>>;
+    let pinger: Pings = Arc::default();
     let p = pinger.clone();
     let Some((_lab, m)) = flood_test("fl-echo", "", 0, 1000, BOUND_MIB, make, move |lab| {
         let mut pinger = Pinger::new(&lab.pod).unwrap();
