@@ -37,9 +37,10 @@ const WORKER_QUEUE: usize = 1024;
 const CTRL_QUEUE: usize = 512;
 /// Fragments and bytes one worker holds for datagrams whose first fragment
 /// has not arrived (virtual reassembly, README "NAT behaviour"). The bytes
-/// are the buffers' whole capacity (a pool buffer is up to 64 KiB with
-/// offload, 2 KiB without), so this is the memory really pinned; one source
-/// address holds at most a quarter of either (`nat::frag::SOURCE_SHARE`).
+/// are the buffers' whole capacity, so this is the memory really pinned; a
+/// held fragment is first copied out of its pool buffer (up to 64 KiB with
+/// offload) into one of its own length. One source address holds at most a
+/// quarter of either (`nat::frag::SOURCE_SHARE`).
 const FRAGMENTS_HELD: usize = 256;
 const FRAGMENT_BYTES_HELD: usize = 4 << 20;
 /// Failures kept for the runner: the first one says why; a few more (every
@@ -269,6 +270,10 @@ fn build_shards(
                 timeout_ms: ms(nat.timeouts.fragment),
             })
             .charged_by(Buf::pinned)
+            .held_as({
+                let pool = shared.pool.clone();
+                Box::new(move |b| pool.compact(b))
+            })
         });
         cores.push(Core::new(CoreParts {
             worker: k,

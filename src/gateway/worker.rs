@@ -244,7 +244,7 @@ impl Worker {
 
     /// A buffer is free again: keep it for the next read, or give it back.
     fn recycle(&mut self, buf: Buf) {
-        if self.spare.is_none() {
+        if self.spare.is_none() && self.shared.pool.owns(&buf) {
             self.spare = Some(buf);
         } else {
             self.shared.pool.put(buf);

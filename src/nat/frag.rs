@@ -18,7 +18,8 @@
 //!   direction: an in2out and an out2in datagram could share a key only if a
 //!   pod's address equals a remote one, but keeping them apart costs nothing.
 //! * Buffer ownership: every buffer given to [`FragCache::later`] comes back
-//!   exactly once: at once in the [`Later`] answer, or later through the
+//!   exactly once (as the buffer [`FragCache::held_as`] made of it, if
+//!   set): at once in the [`Later`] answer, or later through the
 //!   `out` callback of [`FragCache::first_seen`] (to translate, or dropped
 //!   because its entry was evicted or timed out), [`FragCache::later`]
 //!   (dropped: a timed-out entry reclaimed) or [`FragCache::expire`]. The
@@ -227,8 +228,13 @@ pub struct FragCache<T, B> {
     share: (usize, usize),
     /// What a held buffer is charged.
     charge: fn(&B) -> usize,
+    /// What a buffer is turned into before it is held.
+    shrink: Option<Shrink<B>>,
     stats: FragStats,
 }
+
+/// Turns a buffer to be held into a smaller one (see [`FragCache::held_as`]).
+pub type Shrink<B> = Box<dyn FnMut(B) -> B + Send>;
 
 /// Fragments and bytes one source address holds.
 #[derive(Debug, Clone, Copy, Default)]
@@ -283,6 +289,7 @@ impl<T: Copy, B: AsRef<[u8]>> FragCache<T, B> {
             sources: HashMap::new(),
             share,
             charge: |b| b.as_ref().len(),
+            shrink: None,
             stats: FragStats::default(),
         }
     }
@@ -291,6 +298,15 @@ impl<T: Copy, B: AsRef<[u8]>> FragCache<T, B> {
     /// (the memory it pins: a pool buffer's capacity).
     pub fn charged_by(mut self, charge: fn(&B) -> usize) -> Self {
         self.charge = charge;
+        self
+    }
+
+    /// Turns a fragment that is to be held into `shrink(buf)` first (a copy
+    /// in a smaller buffer), charged as such; it is that buffer that comes
+    /// back. Called only once the fragment passed the held-count bound and
+    /// its source's share of it, so a flood at a full cache costs no copy.
+    pub fn held_as(mut self, shrink: Shrink<B>) -> Self {
+        self.shrink = Some(shrink);
         self
     }
 
@@ -362,11 +378,20 @@ impl<T: Copy, B: AsRef<[u8]>> FragCache<T, B> {
                 return Later::Translate(t, buf);
             }
         }
-        let len = (self.charge)(&buf);
         if self.stats.held >= self.max_held {
             self.stats.refused_fragments_full += 1;
             return Later::Refused(buf, FragRefused::HeldFragmentsFull);
         }
+        let mine = self.sources.get(&key.src).copied().unwrap_or_default();
+        if mine.fragments >= self.share.0 {
+            self.stats.refused_source_share += 1;
+            return Later::Refused(buf, FragRefused::SourceShareFull);
+        }
+        let buf = match &mut self.shrink {
+            Some(f) => f(buf),
+            None => buf,
+        };
+        let len = (self.charge)(&buf);
         let too_many_bytes = match self.stats.held_bytes.checked_add(len) {
             Some(b) => b > self.cfg.max_held_bytes,
             None => true,
@@ -375,8 +400,7 @@ impl<T: Copy, B: AsRef<[u8]>> FragCache<T, B> {
             self.stats.refused_bytes_full += 1;
             return Later::Refused(buf, FragRefused::HeldBytesFull);
         }
-        let mine = self.sources.get(&key.src).copied().unwrap_or_default();
-        if mine.fragments >= self.share.0 || mine.bytes.saturating_add(len) > self.share.1 {
+        if mine.bytes.saturating_add(len) > self.share.1 {
             self.stats.refused_source_share += 1;
             return Later::Refused(buf, FragRefused::SourceShareFull);
         }
@@ -973,6 +997,25 @@ mod tests {
         assert_eq!(expire(&mut c, u64::MAX).len(), 2);
         assert_eq!(c.stats().held_bytes, 0);
         assert!(c.sources.is_empty(), "no source left behind");
+    }
+
+    #[test]
+    fn held_buffers_are_shrunk_first_and_charged_as_shrunk() {
+        let mut c = Cache::new(cfg(8, 1, 1 << 20))
+            .held_as(Box::new(|mut b: Vec<u8>| {
+                b.truncate(10);
+                b
+            }))
+            .charged_by(|b| b.len());
+        let mut s = Sink::default();
+        assert_eq!(c.later(key(1), buf(1, 500), 0, &mut s.f()), Later::Held);
+        assert_eq!(c.stats().held_bytes, 10);
+        // Refused at the count bound: handed back as given, not shrunk.
+        assert_eq!(
+            c.later(key(2), buf(2, 500), 0, &mut s.f()),
+            Later::Refused(buf(2, 500), FragRefused::HeldFragmentsFull)
+        );
+        c.first_seen(key(1), 1, 0, &mut |b, _| assert_eq!(b, buf(1, 10)));
     }
 
     #[test]
