@@ -492,11 +492,22 @@ fn echo_flood_at_the_outside_address_is_rate_limited_and_bounded() {
         ))
     };
     // A pod pings the gateway's pod-side address during the flood: that
-    // side has its own reply budget.
+    // side has its own reply budget; ARP has its own on each side.
     type Pings = Arc<Mutex<Option<JoinHandle<(u32, u32)>>>>;
     let pinger: Pings = Arc::default();
     let p = pinger.clone();
     let Some((_lab, m)) = flood_test("fl-echo", "", 0, 1000, BOUND_MIB, make, move |lab| {
+        // Twice during the flood the upstream router forgets the gateway's
+        // MAC and must ask again, its ARP request among the echo flood.
+        let ext = lab.ext.name().to_owned();
+        std::thread::spawn(move || {
+            for _ in 0..2 {
+                std::thread::sleep(FLOOD / 3);
+                let _ = Command::new("ip")
+                    .args(["-n", &ext, "neigh", "flush", "dev", "tapnat1"])
+                    .status();
+            }
+        });
         let mut pinger = Pinger::new(&lab.pod).unwrap();
         *p.lock().unwrap() = Some(std::thread::spawn(move || {
             let until = Instant::now() + FLOOD;

@@ -132,7 +132,7 @@ impl Control {
     fn handle(&mut self, msg: CtrlMsg) {
         match msg {
             CtrlMsg::Local { side, frame } => {
-                self.shared.local.done(side);
+                self.shared.local.done(side, &frame);
                 self.local(side, &frame);
             }
             CtrlMsg::Seen(ip, mac) => self.learn(ip, mac),

@@ -7,9 +7,10 @@
 //!
 //! A frame for the local stack is copied out of its pool buffer into one of
 //! its own length ([`LocalFrame`]) before it is queued for the control
-//! thread, and at most [`LOCAL_QUEUED`] such frames wait per side
-//! ([`LocalBudget`]): a flood at the gateway's address pins at most
-//! `2 x LOCAL_QUEUED` frames of at most the MTU. Answers are rate-limited
+//! thread, and at most [`LOCAL_QUEUED`] such frames wait per side and kind,
+//! ARP or not ([`LocalBudget`]): a flood at the gateway's address pins at
+//! most `4 x LOCAL_QUEUED` frames of at most the MTU, and an echo flood
+//! never takes the places of the ARP requests. Answers are rate-limited
 //! per side, ARP and echo apart ([`ReplyLimit`]), so that an echo flood
 //! neither makes the gateway a traffic amplifier nor starves the ARP
 //! answers its neighbours need.
@@ -27,48 +28,55 @@ use crate::policy::Side;
 /// A frame for the local stack, copied into a buffer of its own length.
 pub type LocalFrame = Box<[u8]>;
 
-/// Frames waiting for the local stack, per side.
-pub const LOCAL_QUEUED: usize = 256;
+/// Frames waiting for the local stack, per side and kind (ARP, the rest).
+pub const LOCAL_QUEUED: usize = 128;
 /// Answers (echo replies, or ARP replies) per second and side, and the
 /// burst allowed above that rate.
 pub const REPLIES_PER_SEC: u64 = 1000;
 pub const REPLY_BURST: u64 = 200;
 
-/// Counts the frames queued for the local stack, per side, so a worker can
-/// refuse one more without asking the control thread. Shared by every
-/// thread (relaxed atomics: a bound, not a ledger).
+/// Counts the frames queued for the local stack, per side and kind, so a
+/// worker can refuse one more without asking the control thread. Shared by
+/// every thread (relaxed atomics: a bound, not a ledger).
 #[derive(Debug, Default)]
 pub struct LocalBudget {
-    queued: [AtomicUsize; 2],
+    queued: [AtomicUsize; 4],
 }
 
-fn index(side: Side) -> usize {
-    match side {
+fn index(side: Side, ask: Ask) -> usize {
+    let s = match side {
         Side::Pod => 0,
-        Side::Uplink => 1,
+        Side::Uplink => 2,
+    };
+    s + match ask {
+        Ask::Arp => 0,
+        Ask::Echo => 1,
     }
 }
 
 impl LocalBudget {
-    /// Takes a place for one frame on `side`; false when
-    /// [`LOCAL_QUEUED`] are already waiting.
-    pub fn take(&self, side: Side) -> bool {
-        let q = &self.queued[index(side)];
+    /// Takes a place for `frame` on `side`; false when [`LOCAL_QUEUED`] of
+    /// its kind are already waiting there.
+    pub fn take(&self, side: Side, frame: &[u8]) -> bool {
+        let q = &self.queued[index(side, Ask::of(frame))];
         if q.fetch_add(1, Ordering::Relaxed) >= LOCAL_QUEUED {
             q.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
         true
     }
-    /// Gives back a place: the frame was handled or not queued after all.
-    pub fn done(&self, side: Side) {
-        let _ = self.queued[index(side)]
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    /// Gives back the place of `frame`: handled, or not queued after all.
+    pub fn done(&self, side: Side, frame: &[u8]) {
+        let _ = self.queued[index(side, Ask::of(frame))].fetch_update(
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+            |n| n.checked_sub(1),
+        );
     }
-    /// Frames waiting on `side` now.
+    /// Frames of kind `ask` waiting on `side` now.
     #[cfg(test)]
-    pub fn queued(&self, side: Side) -> usize {
-        self.queued[index(side)].load(Ordering::Relaxed)
+    pub fn queued(&self, side: Side, ask: Ask) -> usize {
+        self.queued[index(side, ask)].load(Ordering::Relaxed)
     }
 }
 
@@ -118,6 +126,18 @@ pub enum Ask {
     Arp,
     /// Anything else the local stack answers (ICMP echo).
     Echo,
+}
+
+impl Ask {
+    /// The kind of a frame for the local stack, by its ethertype (ARP
+    /// requests and replies alike are [`Ask::Arp`] here).
+    pub fn of(frame: &[u8]) -> Ask {
+        if frame.get(12..14) == Some(&[0x08, 0x06]) {
+            Ask::Arp
+        } else {
+            Ask::Echo
+        }
+    }
 }
 
 /// The answers one side's stack gives: a bucket for ARP, one for echo.
@@ -286,17 +306,24 @@ mod tests {
 
     #[test]
     fn budget_refuses_past_its_bound_and_recovers() {
+        let mut echo = [0u8; 60];
+        echo[12..14].copy_from_slice(&[0x08, 0x00]);
+        let mut arp = [0u8; 42];
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!((Ask::of(&echo), Ask::of(&arp)), (Ask::Echo, Ask::Arp));
+        assert_eq!(Ask::of(&[]), Ask::Echo);
         let b = LocalBudget::default();
         for _ in 0..LOCAL_QUEUED {
-            assert!(b.take(Side::Uplink));
+            assert!(b.take(Side::Uplink, &echo));
         }
-        assert!(!b.take(Side::Uplink));
-        assert_eq!(b.queued(Side::Uplink), LOCAL_QUEUED);
-        assert!(b.take(Side::Pod), "the other side is apart");
-        b.done(Side::Uplink);
-        assert!(b.take(Side::Uplink));
+        assert!(!b.take(Side::Uplink, &echo));
+        assert_eq!(b.queued(Side::Uplink, Ask::Echo), LOCAL_QUEUED);
+        assert!(b.take(Side::Uplink, &arp), "ARP has its own places");
+        assert!(b.take(Side::Pod, &echo), "the other side is apart");
+        b.done(Side::Uplink, &echo);
+        assert!(b.take(Side::Uplink, &echo));
         let c = LocalBudget::default();
-        c.done(Side::Pod);
-        assert_eq!(c.queued(Side::Pod), 0, "never below zero");
+        c.done(Side::Pod, &arp);
+        assert_eq!(c.queued(Side::Pod, Ask::Arp), 0, "never below zero");
     }
 }

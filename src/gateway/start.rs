@@ -31,7 +31,7 @@ const POOL_KEEP: usize = 1024;
 const WORKER_QUEUE: usize = 1024;
 /// Messages waiting for the control thread before the workers drop new
 /// ones (counted as `drop_control_queue_full`). Local-stack frames are
-/// bounded apart (`local::LOCAL_QUEUED` a side) and small; each packet
+/// bounded apart (`local::LOCAL_QUEUED` a side and kind) and small; each packet
 /// waiting for a next hop holds a pool buffer (up to 64 KiB with offload),
 /// so this bounds those to 32 MiB in the queue.
 const CTRL_QUEUE: usize = 512;

@@ -165,8 +165,8 @@ drops {
     /// The control thread's queue was full (a flood): the frame or news
     /// for it was dropped by the worker.
     DropControlQueueFull = "drop_control_queue_full",
-    /// Too many frames already waiting for the gateway's own stack on that
-    /// side (ARP and echo for the gateway's addresses).
+    /// Too many frames of that kind (ARP, echo) already waiting for the
+    /// gateway's own stack on that side.
     DropLocalQueueFull = "drop_local_queue_full",
     /// An echo request or ARP request to the gateway beyond the reply rate
     /// limit of its side.

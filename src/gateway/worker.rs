@@ -318,7 +318,7 @@ impl Worker {
     /// its own length (the pool buffer is reused at once), within the
     /// side's bound of waiting frames.
     fn queue_local(&mut self, side: Side, buf: Buf) {
-        if !self.shared.local.take(side) {
+        if !self.shared.local.take(side, buf.frame()) {
             self.c.inc(Counter::DropLocalQueueFull);
             return self.recycle(buf);
         }
@@ -335,7 +335,7 @@ impl Worker {
             Err(e) => {
                 self.c.inc(Counter::DropControlQueueFull);
                 match e.into_inner() {
-                    CtrlMsg::Local { side, .. } => self.shared.local.done(side),
+                    CtrlMsg::Local { side, frame } => self.shared.local.done(side, &frame),
                     CtrlMsg::Resolve { buf, .. } => self.recycle(buf),
                     CtrlMsg::Seen(..) => {}
                 }

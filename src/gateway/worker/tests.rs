@@ -156,7 +156,8 @@ fn local_frames_are_copied_small_and_a_full_control_queue_drops_never_blocks() {
     w.stop();
     assert_eq!(w.c.get(Counter::DropControlQueueFull), 3);
     // The two queued still hold their places; the refused gave theirs back.
-    assert_eq!(w.shared.local.queued(Side::Uplink), 2);
+    let echo = crate::gateway::local::Ask::Echo;
+    assert_eq!(w.shared.local.queued(Side::Uplink, echo), 2);
     for _ in 0..2 {
         match w.ctrl.try_recv() {
             Ok(CtrlMsg::Local { side, frame }) => {
