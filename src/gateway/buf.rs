@@ -55,6 +55,26 @@ impl Buf {
     pub fn vnet_mut(&mut self) -> &mut [u8] {
         &mut self.data[..self.hdr]
     }
+    /// The memory this buffer pins (its whole capacity, whatever the frame's
+    /// length): what the fragment cache charges for holding it.
+    pub fn pinned(&self) -> usize {
+        self.data.len()
+    }
+    /// A copy of the header and frame in a buffer of their own length, when
+    /// that is less than half the capacity (a fragment to be held, so that
+    /// it does not pin a 64 KiB super-frame buffer); None when not worth it.
+    /// A compact buffer never goes back to a [`Pool`] (it would be read
+    /// into): [`Pool::put`] drops it.
+    pub fn compact_copy(&self) -> Option<Buf> {
+        if self.len.saturating_mul(2) > self.data.len() {
+            return None;
+        }
+        Some(Buf {
+            data: self.wire().into(),
+            len: self.len,
+            hdr: self.hdr,
+        })
+    }
     /// Header and frame, as the device reads and writes them.
     pub fn wire(&self) -> &[u8] {
         &self.data[..self.len]
@@ -127,12 +147,31 @@ impl Pool {
         b.len = b.data.len();
         b
     }
+    /// Takes a buffer back for reuse; one that is not this pool's size (a
+    /// [`Buf::compact`]ed one) is dropped.
     pub fn put(&self, b: Buf) {
-        let _ = self.free_tx.try_send(b);
+        if self.owns(&b) {
+            let _ = self.free_tx.try_send(b);
+        }
+    }
+    /// Whether `b` is a whole buffer of this pool's size, fit to read into.
+    pub fn owns(&self, b: &Buf) -> bool {
+        b.data.len() == self.size && b.hdr == self.hdr
     }
     /// Bytes of virtio-net header before each frame.
     pub fn hdr(&self) -> usize {
         self.hdr
+    }
+    /// `b`, or its compact copy (see [`Buf::compact_copy`]) with `b` back
+    /// in the pool.
+    pub fn compact(&self, b: Buf) -> Buf {
+        match b.compact_copy() {
+            Some(small) => {
+                self.put(b);
+                small
+            }
+            None => b,
+        }
     }
     /// A buffer holding `frame` behind a zeroed header; None when too big.
     pub fn frame(&self, frame: &[u8]) -> Option<Buf> {
@@ -173,6 +212,24 @@ mod tests {
             64,
             "a reused buffer is whole again"
         );
+    }
+
+    #[test]
+    fn compacted_buffers_keep_their_frame_and_never_reenter_the_pool() {
+        let pool = Pool::new(4, 4096, VNET_HDR_LEN);
+        let b = pool.frame(&[9; 100]).unwrap();
+        assert_eq!(b.pinned(), 4096);
+        let small = pool.compact(b);
+        assert_eq!(small.pinned(), VNET_HDR_LEN + 100);
+        assert_eq!(small.frame(), &[9; 100]);
+        assert_eq!(small.vnet(), &[0; VNET_HDR_LEN]);
+        assert!(!pool.owns(&small));
+        pool.put(small);
+        assert_eq!(pool.get().wire().len(), 4096, "a pool buffer, whole");
+        // More than half full: kept as it is.
+        let big = pool.compact(pool.frame(&[1; 3000]).unwrap());
+        assert_eq!(big.pinned(), 4096);
+        assert!(pool.owns(&big));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use hashbrown::HashMap;
 use smoltcp::wire::EthernetAddress;
 
 use super::failure::Failure;
-use super::local::LocalStack;
+use super::local::{Ask, LocalStack};
 use super::stats::{Counter, Counters};
 use super::{Buf, CtrlMsg, Shared, Side, WorkerMsg};
 use crate::device::Poller;
@@ -131,7 +131,10 @@ impl Control {
 
     fn handle(&mut self, msg: CtrlMsg) {
         match msg {
-            CtrlMsg::Local { side, buf } => self.local(side, buf),
+            CtrlMsg::Local { side, frame } => {
+                self.shared.local.done(side, &frame);
+                self.local(side, &frame);
+            }
             CtrlMsg::Seen(ip, mac) => self.learn(ip, mac),
             CtrlMsg::Resolve {
                 side,
@@ -148,52 +151,73 @@ impl Control {
     /// request for a local address (`arp_ignore = 0`), and a kernel next hop
     /// asks with whatever source address its packet has (a server's loopback
     /// address, say). Those requests are answered here.
-    fn local(&mut self, side: Side, buf: Buf) {
-        if let Ok(wire::Classified::Arp(smoltcp::wire::ArpRepr::EthernetIpv4 {
-            operation,
-            source_hardware_addr: mac,
-            source_protocol_addr: ip,
-            target_protocol_addr: target,
-            ..
-        })) = wire::classify(buf.frame())
-        {
-            let a = &self.shared.addressing;
-            let on_link = a.net(side).contains(ip) && ip != a.ip(side);
-            if on_link && mac.is_unicast() {
-                self.learn(ip, mac);
-            }
-            let a = &self.shared.addressing;
-            let smoltcp_has =
-                target == a.ip(side) || (side == Side::Pod && target == a.uplink_ip());
-            if !(on_link && smoltcp_has) {
-                self.c.inc(Counter::LocalStackFrames);
-                if operation == smoltcp::wire::ArpOperation::Request && mac.is_unicast() {
-                    let mut out = [0u8; wire::ARP_FRAME_MAX];
-                    let n = wire::build_arp_reply(&mut out, a.mac(side), target, mac, ip);
-                    match self.shared.send_frame(side, QUEUE, &out[..n]) {
-                        Ok(()) => self.c.inc(tx_counter(side)),
-                        Err(_) => self.c.inc(Counter::TapWriteFails),
-                    }
-                }
-                self.shared.pool.put(buf);
-                return;
-            }
-        }
-        self.c.inc(Counter::LocalStackFrames);
+    ///
+    /// Every request (ARP or echo) takes a token of its side's reply limit
+    /// (`local::ReplyLimit`) first; without one it is dropped unanswered
+    /// (`drop_local_rate_limited`). ARP replies to the gateway are always
+    /// learned from.
+    fn local(&mut self, side: Side, frame: &[u8]) {
         let now = self.shared.now_ms();
+        let ask = match wire::classify(frame) {
+            Ok(wire::Classified::Arp(smoltcp::wire::ArpRepr::EthernetIpv4 {
+                operation,
+                source_hardware_addr: mac,
+                source_protocol_addr: ip,
+                target_protocol_addr: target,
+                ..
+            })) => {
+                let a = &self.shared.addressing;
+                let on_link = a.net(side).contains(ip) && ip != a.ip(side);
+                if on_link && mac.is_unicast() {
+                    self.learn(ip, mac);
+                }
+                let stack = match side {
+                    Side::Pod => &mut self.pod_stack,
+                    Side::Uplink => &mut self.uplink_stack,
+                };
+                let request = operation == smoltcp::wire::ArpOperation::Request;
+                if request && !stack.allow(Ask::Arp, now) {
+                    self.c.inc(Counter::DropLocalRateLimited);
+                    return;
+                }
+                let a = &self.shared.addressing;
+                let smoltcp_has =
+                    target == a.ip(side) || (side == Side::Pod && target == a.uplink_ip());
+                if !(on_link && smoltcp_has) {
+                    self.c.inc(Counter::LocalStackFrames);
+                    if request && mac.is_unicast() {
+                        let mut out = [0u8; wire::ARP_FRAME_MAX];
+                        let n = wire::build_arp_reply(&mut out, a.mac(side), target, mac, ip);
+                        match self.shared.send_frame(side, QUEUE, &out[..n]) {
+                            Ok(()) => self.c.inc(tx_counter(side)),
+                            Err(_) => self.c.inc(Counter::TapWriteFails),
+                        }
+                    }
+                    return;
+                }
+                None
+            }
+            _ => Some(Ask::Echo),
+        };
         let stack = match side {
             Side::Pod => &mut self.pod_stack,
             Side::Uplink => &mut self.uplink_stack,
         };
+        if let Some(ask) = ask {
+            if !stack.allow(ask, now) {
+                self.c.inc(Counter::DropLocalRateLimited);
+                return;
+            }
+        }
+        self.c.inc(Counter::LocalStackFrames);
         let mut sent = 0;
-        for out in stack.input(buf.frame(), now) {
+        for out in stack.input(frame, now) {
             match self.shared.send_frame(side, QUEUE, &out) {
                 Ok(()) => sent += 1,
                 Err(_) => self.c.inc(Counter::TapWriteFails),
             }
         }
         self.c.add(tx_counter(side), sent);
-        self.shared.pool.put(buf);
     }
 
     /// Records a neighbour; on news, tells every worker and releases held packets.

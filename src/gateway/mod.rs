@@ -83,8 +83,13 @@ pub enum WorkerMsg {
 
 /// To the control thread.
 pub enum CtrlMsg {
-    /// A frame for the gateway's own stack (ARP for it, echo request to it).
-    Local { side: Side, buf: Buf },
+    /// A frame for the gateway's own stack (ARP for it, echo request to
+    /// it), copied out of its pool buffer; it holds a place in
+    /// [`Shared::local`] until handled.
+    Local {
+        side: Side,
+        frame: local::LocalFrame,
+    },
     /// A pod-side (address, MAC) the worker has not seen before.
     Seen(Ipv4Addr, EthernetAddress),
     /// A translated frame whose next hop's MAC the worker does not know.
@@ -143,6 +148,8 @@ pub(crate) struct Shared {
     /// Entries of the control thread's (authoritative) neighbour table,
     /// stored by it once per loop iteration.
     neighbours: AtomicU64,
+    /// Frames queued for the local stack, per side (bounded).
+    local: local::LocalBudget,
     /// TEST-ONLY fault hook (debug builds only, never in a release binary):
     /// thread index + 1 (workers 0..N, then the control thread) that is to
     /// panic at its next loop iteration; 0 = none. See `Gateway::inject_panic`.

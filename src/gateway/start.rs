@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::buf::{buffer_layout, Pool};
+use super::buf::{buffer_layout, Buf, Pool};
 use super::control::Control;
 use super::datapath::{Core, CoreParts};
 use super::failure::guarded;
@@ -29,8 +29,18 @@ const PORT_REUSE_DELAY_MS: u64 = 120_000;
 const POOL_KEEP: usize = 1024;
 /// Batches waiting for one worker before hand-offs to it are dropped.
 const WORKER_QUEUE: usize = 1024;
+/// Messages waiting for the control thread before the workers drop new
+/// ones (counted as `drop_control_queue_full`). Local-stack frames are
+/// bounded apart (`local::LOCAL_QUEUED` a side and kind) and small; each packet
+/// waiting for a next hop holds a pool buffer (up to 64 KiB with offload),
+/// so this bounds those to 32 MiB in the queue.
+const CTRL_QUEUE: usize = 512;
 /// Fragments and bytes one worker holds for datagrams whose first fragment
-/// has not arrived (virtual reassembly, README "NAT behaviour").
+/// has not arrived (virtual reassembly, README "NAT behaviour"). The bytes
+/// are the buffers' whole capacity, so this is the memory really pinned; a
+/// held fragment is first copied out of its pool buffer (up to 64 KiB with
+/// offload) into one of its own length. One source address holds at most a
+/// quarter of either (`nat::frag::SOURCE_SHARE`).
 const FRAGMENTS_HELD: usize = 256;
 const FRAGMENT_BYTES_HELD: usize = 4 << 20;
 /// Failures kept for the runner: the first one says why; a few more (every
@@ -74,7 +84,7 @@ pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
     let seed = seed();
     let counters: Vec<Arc<Counters>> = (0..=n).map(|_| Arc::default()).collect();
     let cores = build_shards(config, &shared, n, seed, &counters[..n])?;
-    let (ctrl_tx, ctrl_rx) = unbounded();
+    let (ctrl_tx, ctrl_rx) = bounded(CTRL_QUEUE);
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded(WORKER_QUEUE)).unzip();
     let mut gateway = Gateway {
         shared,
@@ -196,6 +206,7 @@ impl Shared {
             failures: bounded(FAILURES_KEPT),
             gauges,
             neighbours: AtomicU64::new(0),
+            local: Default::default(),
             #[cfg(debug_assertions)]
             fault: std::sync::atomic::AtomicUsize::new(0),
         })
@@ -257,6 +268,11 @@ fn build_shards(
                 max_held_fragments: FRAGMENTS_HELD,
                 max_held_bytes: FRAGMENT_BYTES_HELD,
                 timeout_ms: ms(nat.timeouts.fragment),
+            })
+            .charged_by(Buf::pinned)
+            .held_as({
+                let pool = shared.pool.clone();
+                Box::new(move |b| pool.compact(b))
             })
         });
         cores.push(Core::new(CoreParts {

@@ -162,6 +162,18 @@ drops {
     DropHandoffFull = "drop_handoff_full",
     /// Too many packets already waiting for one next hop.
     DropNeighbourQueueFull = "drop_neighbour_queue_full",
+    /// The control thread's queue was full (a flood): the frame or news
+    /// for it was dropped by the worker.
+    DropControlQueueFull = "drop_control_queue_full",
+    /// Too many frames of that kind (ARP, echo) already waiting for the
+    /// gateway's own stack on that side.
+    DropLocalQueueFull = "drop_local_queue_full",
+    /// An echo request or ARP request to the gateway beyond the reply rate
+    /// limit of its side.
+    DropLocalRateLimited = "drop_local_rate_limited",
+    /// A fragment refused because its source already holds its share of
+    /// the fragment cache.
+    DropFragmentSourceShare = "drop_fragment_source_share",
 }
 }
 

@@ -244,7 +244,7 @@ impl Worker {
 
     /// A buffer is free again: keep it for the next read, or give it back.
     fn recycle(&mut self, buf: Buf) {
-        if self.spare.is_none() {
+        if self.spare.is_none() && self.shared.pool.owns(&buf) {
             self.spare = Some(buf);
         } else {
             self.shared.pool.put(buf);
@@ -274,7 +274,7 @@ impl Worker {
                 self.recycle(buf);
             }
             Action::HandOff { worker, packet } => self.handoff[worker].push(packet),
-            Action::Local { side, buf } => self.tell_control(CtrlMsg::Local { side, buf }),
+            Action::Local { side, buf } => self.queue_local(side, buf),
             Action::Resolve {
                 side,
                 next_hop,
@@ -314,8 +314,33 @@ impl Worker {
         }
     }
 
+    /// Queues a frame for the gateway's own stack: copied into a buffer of
+    /// its own length (the pool buffer is reused at once), within the
+    /// side's bound of waiting frames.
+    fn queue_local(&mut self, side: Side, buf: Buf) {
+        if !self.shared.local.take(side, buf.frame()) {
+            self.c.inc(Counter::DropLocalQueueFull);
+            return self.recycle(buf);
+        }
+        let frame = buf.frame().into();
+        self.recycle(buf);
+        self.tell_control(CtrlMsg::Local { side, frame });
+    }
+
+    /// Never blocks: when the control thread's queue is full the message is
+    /// dropped (its buffer recycled) and counted.
     fn tell_control(&mut self, msg: CtrlMsg) {
-        let _ = self.links.ctrl.send(msg);
+        match self.links.ctrl.try_send(msg) {
+            Ok(()) => {}
+            Err(e) => {
+                self.c.inc(Counter::DropControlQueueFull);
+                match e.into_inner() {
+                    CtrlMsg::Local { side, frame } => self.shared.local.done(side, &frame),
+                    CtrlMsg::Resolve { buf, .. } => self.recycle(buf),
+                    CtrlMsg::Seen(..) => {}
+                }
+            }
+        }
         self.wake_ctrl = true;
     }
 

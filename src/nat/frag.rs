@@ -18,7 +18,8 @@
 //!   direction: an in2out and an out2in datagram could share a key only if a
 //!   pod's address equals a remote one, but keeping them apart costs nothing.
 //! * Buffer ownership: every buffer given to [`FragCache::later`] comes back
-//!   exactly once: at once in the [`Later`] answer, or later through the
+//!   exactly once (as the buffer [`FragCache::held_as`] made of it, if
+//!   set): at once in the [`Later`] answer, or later through the
 //!   `out` callback of [`FragCache::first_seen`] (to translate, or dropped
 //!   because its entry was evicted or timed out), [`FragCache::later`]
 //!   (dropped: a timed-out entry reclaimed) or [`FragCache::expire`]. The
@@ -41,7 +42,15 @@
 //!   refused: orphan fragments (which anyone outside can forge) must not push
 //!   out the entries of datagrams whose first fragment was translated.
 //! * At most `max_held_fragments` buffers and `max_held_bytes` bytes held in
-//!   total; beyond, fragments are refused and counted.
+//!   total; beyond, fragments are refused and counted. A held buffer is
+//!   charged what it pins: its length by default, or what the cache's
+//!   `charge` function says ([`FragCache::charged_by`]: the gateway charges
+//!   a pool buffer's whole capacity, not the frame in it).
+//! * No single source address holds more than `1/`[`SOURCE_SHARE`] of
+//!   either held bound (at least one fragment): one sender of orphan
+//!   fragments cannot take the cache from the others
+//!   ([`FragRefused::SourceShareFull`]). An orphan entry always holds a
+//!   fragment, so this bounds the entries one source creates too.
 //! * Memory: the entry slab and the held-slot slab grow on demand and never
 //!   beyond `max_datagrams` and `max_held_fragments` slots; the index is a
 //!   hashbrown map of at most `max_datagrams` `(FragKey, u32)` buckets, the
@@ -52,7 +61,8 @@
 //!   counts), a held slot `size_of::<Option<B>>() + 12` rounded up to 8 (40
 //!   for a boxed slice plus a length). The defaults (1024 datagrams, 256
 //!   held) cost about 90 KiB at most, besides the held buffers themselves,
-//!   which the caller's buffer pool must be sized for. Nothing is allocated
+//!   which the caller's buffer pool must be sized for, and a per-source map
+//!   of at most `max_held_fragments` `(Ipv4Addr, Share)` buckets. Nothing is allocated
 //!   once the slabs reached their high-water mark.
 //! * Each call costs O(1) plus the buffers it hands back; [`FragCache::expire`]
 //!   walks the LRU list from its oldest end and stops at the first live entry.
@@ -118,6 +128,8 @@ pub enum FragRefused {
     HeldFragmentsFull,
     /// Holding it would exceed `max_held_bytes`.
     HeldBytesFull,
+    /// Its source address already holds its share (see [`SOURCE_SHARE`]).
+    SourceShareFull,
 }
 
 /// What to do with a held buffer the cache hands back.
@@ -162,9 +174,14 @@ pub struct FragStats {
     pub refused_fragments_full: u64,
     /// Fragments refused with [`FragRefused::HeldBytesFull`].
     pub refused_bytes_full: u64,
+    /// Fragments refused with [`FragRefused::SourceShareFull`].
+    pub refused_source_share: u64,
     /// First fragments not remembered because `max_datagrams` is 0.
     pub not_cached: u64,
 }
+
+/// A source address holds at most this fraction (1/N) of the held bounds.
+pub const SOURCE_SHARE: usize = 4;
 
 /// "No index" in the intrusive lists.
 const NIL: u32 = u32::MAX;
@@ -205,7 +222,25 @@ pub struct FragCache<T, B> {
     held: Vec<HeldSlot<B>>,
     /// Free held slots, linked through `next`.
     free_held: u32,
+    /// What each source address holds now (only sources holding some).
+    sources: HashMap<Ipv4Addr, Share>,
+    /// Per-source bounds: fragments, bytes.
+    share: (usize, usize),
+    /// What a held buffer is charged.
+    charge: fn(&B) -> usize,
+    /// What a buffer is turned into before it is held.
+    shrink: Option<Shrink<B>>,
     stats: FragStats,
+}
+
+/// Turns a buffer to be held into a smaller one (see [`FragCache::held_as`]).
+pub type Shrink<B> = Box<dyn FnMut(B) -> B + Send>;
+
+/// Fragments and bytes one source address holds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Share {
+    fragments: usize,
+    bytes: usize,
 }
 
 impl<T, B> fmt::Debug for FragCache<T, B> {
@@ -236,6 +271,10 @@ impl<T: Copy, B: AsRef<[u8]>> FragCache<T, B> {
     pub fn new(cfg: FragCacheConfig) -> Self {
         let max_datagrams = cfg.max_datagrams.min(MAX_SLOTS);
         let max_held = cfg.max_held_fragments.min(MAX_SLOTS);
+        let share = (
+            (max_held / SOURCE_SHARE).max(1),
+            cfg.max_held_bytes / SOURCE_SHARE,
+        );
         FragCache {
             cfg,
             max_datagrams,
@@ -247,8 +286,28 @@ impl<T: Copy, B: AsRef<[u8]>> FragCache<T, B> {
             lru_tail: NIL,
             held: Vec::with_capacity(max_held.min(INITIAL_SLOTS)),
             free_held: NIL,
+            sources: HashMap::new(),
+            share,
+            charge: |b| b.as_ref().len(),
+            shrink: None,
             stats: FragStats::default(),
         }
+    }
+
+    /// Charges each held buffer `charge(buf)` bytes instead of its length
+    /// (the memory it pins: a pool buffer's capacity).
+    pub fn charged_by(mut self, charge: fn(&B) -> usize) -> Self {
+        self.charge = charge;
+        self
+    }
+
+    /// Turns a fragment that is to be held into `shrink(buf)` first (a copy
+    /// in a smaller buffer), charged as such; it is that buffer that comes
+    /// back. Called only once the fragment passed the held-count bound and
+    /// its source's share of it, so a flood at a full cache costs no copy.
+    pub fn held_as(mut self, shrink: Shrink<B>) -> Self {
+        self.shrink = Some(shrink);
+        self
     }
 
     pub fn config(&self) -> &FragCacheConfig {
@@ -319,11 +378,20 @@ impl<T: Copy, B: AsRef<[u8]>> FragCache<T, B> {
                 return Later::Translate(t, buf);
             }
         }
-        let len = buf.as_ref().len();
         if self.stats.held >= self.max_held {
             self.stats.refused_fragments_full += 1;
             return Later::Refused(buf, FragRefused::HeldFragmentsFull);
         }
+        let mine = self.sources.get(&key.src).copied().unwrap_or_default();
+        if mine.fragments >= self.share.0 {
+            self.stats.refused_source_share += 1;
+            return Later::Refused(buf, FragRefused::SourceShareFull);
+        }
+        let buf = match &mut self.shrink {
+            Some(f) => f(buf),
+            None => buf,
+        };
+        let len = (self.charge)(&buf);
         let too_many_bytes = match self.stats.held_bytes.checked_add(len) {
             Some(b) => b > self.cfg.max_held_bytes,
             None => true,
@@ -331,6 +399,10 @@ impl<T: Copy, B: AsRef<[u8]>> FragCache<T, B> {
         if too_many_bytes {
             self.stats.refused_bytes_full += 1;
             return Later::Refused(buf, FragRefused::HeldBytesFull);
+        }
+        if mine.bytes.saturating_add(len) > self.share.1 {
+            self.stats.refused_source_share += 1;
+            return Later::Refused(buf, FragRefused::SourceShareFull);
         }
         let i = match found {
             Some(i) => {
@@ -466,6 +538,7 @@ impl<T: Copy, B: AsRef<[u8]>> FragCache<T, B> {
 
     /// Hands all held fragments of entry `i` to `out` with `why`.
     fn release_held(&mut self, i: u32, why: Release, out: &mut impl FnMut(B, Release)) {
+        let src = self.entries[i as usize].key.src;
         let mut h = self.entries[i as usize].held_head;
         self.entries[i as usize].held_head = NIL;
         self.entries[i as usize].held_tail = NIL;
@@ -479,6 +552,13 @@ impl<T: Copy, B: AsRef<[u8]>> FragCache<T, B> {
             h = next;
             self.stats.held = self.stats.held.saturating_sub(1);
             self.stats.held_bytes = self.stats.held_bytes.saturating_sub(len);
+            if let Some(sh) = self.sources.get_mut(&src) {
+                sh.fragments = sh.fragments.saturating_sub(1);
+                sh.bytes = sh.bytes.saturating_sub(len);
+                if sh.fragments == 0 {
+                    self.sources.remove(&src);
+                }
+            }
             match why {
                 Release::Translate => self.stats.released += 1,
                 Release::TimedOut => self.stats.timed_out_fragments += 1,
@@ -519,6 +599,12 @@ impl<T: Copy, B: AsRef<[u8]>> FragCache<T, B> {
             self.held[tail as usize].next = h;
         }
         self.entries[i as usize].held_tail = h;
+        let sh = self
+            .sources
+            .entry(self.entries[i as usize].key.src)
+            .or_default();
+        sh.fragments += 1;
+        sh.bytes += len;
         self.stats.held += 1;
         self.stats.held_bytes += len;
         self.stats.held_total += 1;
@@ -809,36 +895,127 @@ mod tests {
         );
     }
 
+    /// Datagram `id` from source 10.0.0.`src`.
+    fn key_from(src: u8, id: u16) -> FragKey {
+        FragKey {
+            src: Ipv4Addr::new(10, 0, 0, src),
+            ..key(id)
+        }
+    }
+
     #[test]
     fn held_fragment_and_byte_bounds_refuse_and_count() {
-        let mut c = Cache::new(cfg(8, 3, 250));
+        // Each source may hold 3 fragments and 250 bytes (a quarter).
+        let mut c = Cache::new(cfg(16, 12, 1000));
         let mut s = Sink::default();
-        assert_eq!(c.later(key(1), buf(1, 100), 0, &mut s.f()), Later::Held);
-        assert_eq!(c.later(key(2), buf(2, 100), 0, &mut s.f()), Later::Held);
+        let mut held = |c: &mut Cache, src: u8, tag: u8, len: usize| {
+            c.later(key_from(src, u16::from(src)), buf(tag, len), 0, &mut s.f())
+        };
+        for src in 1..=4 {
+            assert_eq!(held(&mut c, src, src, 100), Later::Held);
+            assert_eq!(held(&mut c, src, src + 10, 100), Later::Held);
+        }
+        assert_eq!(held(&mut c, 5, 5, 50), Later::Held);
+        assert_eq!(held(&mut c, 5, 15, 50), Later::Held);
+        assert_eq!(held(&mut c, 6, 6, 50), Later::Held);
         assert_eq!(
-            c.later(key(1), buf(3, 51), 0, &mut s.f()),
-            Later::Refused(buf(3, 51), FragRefused::HeldBytesFull)
+            held(&mut c, 7, 7, 51),
+            Later::Refused(buf(7, 51), FragRefused::HeldBytesFull)
         );
-        assert_eq!(c.later(key(1), buf(4, 50), 0, &mut s.f()), Later::Held);
+        assert_eq!(held(&mut c, 7, 17, 50), Later::Held);
         assert_eq!(
-            c.later(key(3), buf(5, 1), 0, &mut s.f()),
-            Later::Refused(buf(5, 1), FragRefused::HeldFragmentsFull)
+            held(&mut c, 9, 9, 1),
+            Later::Refused(buf(9, 1), FragRefused::HeldFragmentsFull)
         );
         // A refused orphan creates no entry.
-        assert_eq!(c.len(), 2);
+        assert_eq!(c.len(), 7);
         // Known datagrams are unaffected by the held bounds.
-        c.first_seen(key(2), 20, 1, &mut s.f());
-        assert_eq!(s.take(), vec![(2, Release::Translate)]);
+        c.first_seen(key_from(2, 2), 20, 1, &mut s.f());
         assert_eq!(
-            c.later(key(2), buf(6, 1000), 1, &mut s.f()),
+            s.take(),
+            vec![(2, Release::Translate), (12, Release::Translate)]
+        );
+        assert_eq!(
+            c.later(key_from(2, 2), buf(6, 1000), 1, &mut s.f()),
             Later::Translate(20, buf(6, 1000))
         );
         // Room again once released.
-        assert_eq!(c.later(key(3), buf(7, 100), 1, &mut s.f()), Later::Held);
+        assert_eq!(
+            c.later(key_from(9, 9), buf(7, 100), 1, &mut s.f()),
+            Later::Held
+        );
         let st = c.stats();
         assert_eq!((st.refused_bytes_full, st.refused_fragments_full), (1, 1));
-        assert_eq!((st.held, st.held_bytes), (3, 250));
+        assert_eq!(st.refused_source_share, 0);
+        assert_eq!((st.held, st.held_bytes), (11, 6 * 100 + 4 * 50 + 100));
         assert!(s.0.is_empty());
+    }
+
+    #[test]
+    fn one_source_holds_at_most_its_share() {
+        let mut c = Cache::new(cfg(16, 16, 1 << 20));
+        let mut s = Sink::default();
+        // A quarter of 16 fragments, over any number of datagrams.
+        for id in 0..4 {
+            assert_eq!(
+                c.later(key_from(1, id), buf(1, 10), 0, &mut s.f()),
+                Later::Held
+            );
+        }
+        assert_eq!(
+            c.later(key_from(1, 9), buf(2, 10), 0, &mut s.f()),
+            Later::Refused(buf(2, 10), FragRefused::SourceShareFull)
+        );
+        assert_eq!(c.len(), 4, "a refused orphan made no entry");
+        assert_eq!(
+            c.later(key_from(2, 9), buf(3, 10), 0, &mut s.f()),
+            Later::Held
+        );
+        // Its share comes back as its fragments leave.
+        c.first_seen(key_from(1, 0), 5, 1, &mut s.f());
+        assert_eq!(s.take(), vec![(1, Release::Translate)]);
+        assert_eq!(
+            c.later(key_from(1, 9), buf(4, 10), 1, &mut s.f()),
+            Later::Held
+        );
+        assert_eq!(c.stats().refused_source_share, 1);
+        // Bytes too, charged as the cache is told: 600 of a 1000-byte share.
+        let mut c = Cache::new(cfg(16, 16, 4000)).charged_by(|_| 600);
+        assert_eq!(
+            c.later(key_from(1, 1), buf(1, 1), 0, &mut s.f()),
+            Later::Held
+        );
+        assert_eq!(
+            c.later(key_from(1, 2), buf(2, 1), 0, &mut s.f()),
+            Later::Refused(buf(2, 1), FragRefused::SourceShareFull)
+        );
+        assert_eq!(c.stats().held_bytes, 600);
+        assert_eq!(
+            c.later(key_from(2, 2), buf(3, 1), 0, &mut s.f()),
+            Later::Held
+        );
+        assert_eq!(expire(&mut c, u64::MAX).len(), 2);
+        assert_eq!(c.stats().held_bytes, 0);
+        assert!(c.sources.is_empty(), "no source left behind");
+    }
+
+    #[test]
+    fn held_buffers_are_shrunk_first_and_charged_as_shrunk() {
+        let mut c = Cache::new(cfg(8, 1, 1 << 20))
+            .held_as(Box::new(|mut b: Vec<u8>| {
+                b.truncate(10);
+                b
+            }))
+            .charged_by(|b| b.len());
+        let mut s = Sink::default();
+        assert_eq!(c.later(key(1), buf(1, 500), 0, &mut s.f()), Later::Held);
+        assert_eq!(c.stats().held_bytes, 10);
+        // Refused at the count bound: handed back as given, not shrunk.
+        assert_eq!(
+            c.later(key(2), buf(2, 500), 0, &mut s.f()),
+            Later::Refused(buf(2, 500), FragRefused::HeldFragmentsFull)
+        );
+        c.first_seen(key(1), 1, 0, &mut |b, _| assert_eq!(b, buf(1, 10)));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::{Action, Actions, Core, FragRewrite};
 use crate::gateway::buf::Buf;
 use crate::gateway::classify::{frag_key, frag_port};
 use crate::gateway::stats::Counter;
-use crate::nat::frag::{FragKey, Later, Release};
+use crate::nat::frag::{FragKey, FragRefused, Later, Release};
 use crate::policy::Side;
 use crate::wire::vnet::VnetHdr;
 use crate::wire::{self, csum, fragment, Ipv4View, L4Csum};
@@ -74,6 +74,10 @@ impl Core {
         match answer {
             Later::Translate(rewrite, buf) => self.rewrite_fragment(buf, &view, rewrite, now, out),
             Later::Held => self.c.inc(Counter::FragmentsHeld),
+            Later::Refused(buf, FragRefused::SourceShareFull) => out.push(Action::Drop {
+                why: Counter::DropFragmentSourceShare,
+                buf,
+            }),
             Later::Refused(buf, _) => out.push(Action::Drop {
                 why: Counter::DropFragmentCacheFull,
                 buf,

@@ -53,6 +53,17 @@ use translate::Transport;
 const ROUTED_MAX: usize = 65536;
 /// Routed sessions are swept for idleness at most this often.
 const ROUTED_SWEEP_MS: u64 = 1000;
+/// A routed session never answered is forgotten after this much idleness
+/// (like conntrack's unreplied UDP and ICMP, 30 s), whatever its transport's
+/// timeout: a pod cannot hold the table with one-packet sessions.
+const ROUTED_UNANSWERED_MS: u64 = 30_000;
+
+/// A routed session: when it last saw a packet, and whether a reply came.
+#[derive(Debug, Clone, Copy)]
+struct Routed {
+    seen_ms: u64,
+    answered: bool,
+}
 
 /// How the non-first fragments of a datagram are rewritten: the address at
 /// one end (they carry no ports; a routed datagram keeps its own), and where
@@ -186,7 +197,7 @@ pub struct Core {
     last_reported: Option<(Ipv4Addr, EthernetAddress)>,
     /// Routed (untranslated, excluded-destination) sessions, by their pod-side
     /// key, with the time last seen: only replies to these come back in.
-    routed: HashMap<InKey, u64>,
+    routed: HashMap<InKey, Routed>,
     routed_swept_ms: u64,
     /// Buffers the fragment cache handed back, processed after each call.
     released: Vec<(Buf, Release)>,
@@ -489,13 +500,18 @@ impl Core {
         }
         self.routed_swept_ms = now;
         let t = self.table.config().timeouts;
-        self.routed.retain(|k, seen| {
+        self.routed.retain(|k, r| {
             let idle = match k.proto {
                 crate::nat::Proto::Tcp => t.tcp_established_ms,
                 crate::nat::Proto::Udp => t.udp_ms,
                 crate::nat::Proto::Icmp => t.icmp_ms,
             };
-            now < *seen + idle
+            let idle = if r.answered {
+                idle
+            } else {
+                idle.min(ROUTED_UNANSWERED_MS)
+            };
+            now < r.seen_ms.saturating_add(idle)
         });
     }
 }

@@ -495,6 +495,34 @@ fn excluded_destinations_are_routed_and_only_replies_come_back() {
 }
 
 #[test]
+fn unanswered_routed_sessions_expire_after_30_s_answered_ones_keep_their_timeout() {
+    let mut r = rig(ONE);
+    let q = |r: &Rig, sport| build::udp(&pod_ep(&r.a, POD, EXCLUDED), sport, 53, b"q", true);
+    let a = |r: &Rig, dport| build::udp(&up_ep(&r.a, EXCLUDED, POD), 53, dport, b"a", true);
+    let (lonely, answered) = (q(&r, 1000), q(&r, 1001));
+    r.through(Side::Pod, &lonely, Side::Uplink);
+    r.through(Side::Pod, &answered, Side::Uplink);
+    let reply = a(&r, 1001);
+    r.through(Side::Uplink, &reply, Side::Pod);
+    // Past 30 s idle (and a sweep): the unanswered one is gone, the answered
+    // one lives on its UDP timeout (300 s here).
+    r.now += 31_000;
+    r.core.tick(r.now, 256, &mut r.out);
+    r.take();
+    let late = a(&r, 1000);
+    assert_eq!(dropped(r.input(Side::Uplink, &late)), Counter::DropNoFlow);
+    r.through(Side::Uplink, &reply, Side::Pod);
+    r.now += 299_000;
+    r.core.tick(r.now, 256, &mut r.out);
+    r.take();
+    r.through(Side::Uplink, &reply, Side::Pod);
+    r.now += 301_000;
+    r.core.tick(r.now, 256, &mut r.out);
+    r.take();
+    assert_eq!(dropped(r.input(Side::Uplink, &reply)), Counter::DropNoFlow);
+}
+
+#[test]
 fn ttl_1_gets_time_exceeded_back_to_the_sender() {
     let mut r = rig(ONE);
     let mut e = pod_ep(&r.a, POD, REMOTE);

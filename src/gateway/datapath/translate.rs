@@ -269,7 +269,13 @@ impl Core {
                 let why = Counter::DropTableFull;
                 return out.push(Action::Drop { why, buf });
             }
-            self.routed.insert(key, now);
+            self.routed
+                .entry(key)
+                .and_modify(|r| r.seen_ms = now)
+                .or_insert(super::Routed {
+                    seen_ms: now,
+                    answered: false,
+                });
         }
         if v.is_fragment {
             self.routed_fragment(&buf, &v, egress, next_hop, now, out);
@@ -293,11 +299,12 @@ impl Core {
             dst: v.src,
             dport: sport,
         };
-        let Some(seen) = self.routed.get_mut(&key) else {
+        let Some(r) = self.routed.get_mut(&key) else {
             let why = Counter::DropNoFlow;
             return out.push(Action::Drop { why, buf });
         };
-        *seen = now;
+        r.seen_ms = now;
+        r.answered = true;
         let Some((mut buf, fit)) = self.forwardable(Side::Uplink, Side::Pod, buf, &v, now, out)
         else {
             return;

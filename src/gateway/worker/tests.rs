@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, unbounded, Receiver};
+use crossbeam_channel::{bounded, Receiver};
 
 use super::*;
 use crate::device::MemDevice;
@@ -36,6 +36,15 @@ impl Running {
     /// As [`Running::start`], with `pod_queue` read and written instead of
     /// the in-memory pod device; the worker runs guarded, as in a gateway.
     fn start_with(s: Setup, pod_queue: Option<Box<dyn crate::device::FrameIo>>) -> Running {
+        Running::start_full(s, pod_queue, 1024)
+    }
+
+    /// As [`Running::start_with`], with a control queue of `ctrl_cap`.
+    fn start_full(
+        s: Setup,
+        pod_queue: Option<Box<dyn crate::device::FrameIo>>,
+        ctrl_cap: usize,
+    ) -> Running {
         let r = rig(s);
         let pod = Arc::new(MemDevice::new().unwrap());
         let uplink = Arc::new(MemDevice::new().unwrap());
@@ -61,7 +70,7 @@ impl Running {
             .unwrap(),
         );
         let (to_worker, rx) = bounded(16);
-        let (ctrl_tx, ctrl) = unbounded();
+        let (ctrl_tx, ctrl) = bounded(ctrl_cap);
         let links = Links {
             rx,
             peers: vec![to_worker.clone()],
@@ -131,6 +140,34 @@ fn frames_in_on_one_side_come_out_translated_on_the_other() {
         w.ctrl.recv_timeout(WAIT),
         Ok(CtrlMsg::Seen(POD, _))
     ));
+}
+
+#[test]
+fn local_frames_are_copied_small_and_a_full_control_queue_drops_never_blocks() {
+    let mut w = Running::start_full(ONE, None, 2);
+    let a = w.shared.addressing.clone();
+    let ping = build::icmp_echo(&up_ep(&a, REMOTE, EXT), true, 7, 1, &[1; 100]);
+    for _ in 0..5 {
+        w.uplink.inject(&ping);
+    }
+    eventually("the worker read all five", || {
+        w.c.get(Counter::UplinkRxFrames) == 5
+    });
+    w.stop();
+    assert_eq!(w.c.get(Counter::DropControlQueueFull), 3);
+    // The two queued still hold their places; the refused gave theirs back.
+    let echo = crate::gateway::local::Ask::Echo;
+    assert_eq!(w.shared.local.queued(Side::Uplink, echo), 2);
+    for _ in 0..2 {
+        match w.ctrl.try_recv() {
+            Ok(CtrlMsg::Local { side, frame }) => {
+                assert_eq!(side, Side::Uplink);
+                assert_eq!(&frame[..], &ping[..], "the frame alone, in its own buffer");
+            }
+            _ => panic!("not a local frame"),
+        }
+    }
+    assert!(w.ctrl.try_recv().is_err());
 }
 
 #[test]

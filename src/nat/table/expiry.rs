@@ -9,13 +9,16 @@
 //! * Early drop (like conntrack's `early_drop` of non-assured entries)
 //!   looks at [`EARLY_DROP_SCAN`] slots from the sweep cursor: the first
 //!   expired flow found goes, else the least recently seen unreplied one;
-//!   replied flows are never evicted for a new one.
+//!   replied flows are never evicted for a new one. A TCP flow whose
+//!   handshake has not completed (SYN, or SYN and SYN-ACK, without the final
+//!   ACK: a SYN flood at a forward, answered by the pod) counts as
+//!   unreplied here, as conntrack's SYN_RECV is not assured.
 //!
 //! This part only chooses; the facade removes (a removal also touches the
 //! mappings, the filter and the ports).
 
 use super::slab::Slab;
-use super::types::{Flow, Timeouts};
+use super::types::{Flow, FlowState, TcpState, Timeouts};
 
 /// Slots examined for an expired or unreplied victim when the table is full
 /// (conntrack's early_drop looks at a bounded number of buckets too).
@@ -25,6 +28,17 @@ pub const EARLY_DROP_SCAN: usize = 128;
 #[inline]
 pub(super) fn is_expired(f: &Flow, t: &Timeouts, now_ms: u64) -> bool {
     now_ms >= f.expires_at_ms(t)
+}
+
+/// Whether early drop may evict `f`: never replied, or a TCP handshake
+/// that never completed.
+#[inline]
+fn evictable(f: &Flow) -> bool {
+    !f.replied
+        || matches!(
+            f.state,
+            FlowState::Tcp(TcpState::SynSent | TcpState::SynReceived)
+        )
 }
 
 /// What early drop found to free a slot.
@@ -75,7 +89,7 @@ impl Sweep {
                 if is_expired(f, t, now_ms) {
                     return Some(Victim::Expired(c));
                 }
-                if !f.replied && victim.is_none_or(|(_, seen)| f.last_seen_ms < seen) {
+                if evictable(f) && victim.is_none_or(|(_, seen)| f.last_seen_ms < seen) {
                     victim = Some((c, f.last_seen_ms));
                 }
             }

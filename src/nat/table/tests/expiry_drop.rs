@@ -92,6 +92,38 @@ fn early_drop_picks_oldest_unreplied() {
 }
 
 #[test]
+fn early_drop_takes_a_half_open_tcp_flow_never_an_established_one() {
+    let mut t = FlowTable::new(cfg(0, 1, 1024, 65535, 2));
+    let est = ik(Proto::Tcp, 2, 5000, 9, 443);
+    let id = t.create(&est, EXT, 0).unwrap();
+    acc(&mut t, id, Direction::In2Out, SYN, 60, 0);
+    acc(&mut t, id, Direction::Out2In, SYNACK, 60, 0);
+    acc(&mut t, id, Direction::In2Out, ACK, 52, 0);
+    assert_eq!(tcp_state(&t, id), TcpState::Established);
+    // Answered with a SYN-ACK, never ACKed (the other end of a SYN flood).
+    let half = ik(Proto::Tcp, 2, 5001, 9, 443);
+    let id = t.create(&half, EXT, 1).unwrap();
+    acc(&mut t, id, Direction::In2Out, SYN, 60, 1);
+    acc(&mut t, id, Direction::Out2In, SYNACK, 60, 1);
+    assert!(t.get(id).replied);
+    assert_eq!(tcp_state(&t, id), TcpState::SynReceived);
+    let new = ik(Proto::Tcp, 3, 6000, 9, 443);
+    let id = t.create(&new, EXT, 2).unwrap();
+    assert_eq!(t.stats().early_dropped, 1);
+    assert_eq!(t.lookup_in2out(&half, 2), None);
+    assert!(t.lookup_in2out(&est, 2).is_some());
+    // Once the new one is established too, nothing is left to evict.
+    acc(&mut t, id, Direction::In2Out, SYN, 60, 2);
+    acc(&mut t, id, Direction::Out2In, SYNACK, 60, 2);
+    acc(&mut t, id, Direction::In2Out, ACK, 52, 2);
+    assert_eq!(
+        t.create(&ik(Proto::Tcp, 4, 6000, 9, 443), EXT, 3),
+        Err(CreateError::TableFull)
+    );
+    check_consistent(&t);
+}
+
+#[test]
 fn max_flows_zero() {
     let mut t = FlowTable::new(cfg(0, 1, 1024, 65535, 0));
     assert_eq!(
