@@ -156,6 +156,27 @@ pub fn set_mtu(sock: BorrowedFd<'_>, name: &str, mtu: u16) -> io::Result<()> {
     Ok(())
 }
 
+/// `ioctl(sock, SIOCSIFTXQLEN, ifr)`: the interface's transmit queue length.
+/// On a TUN/TAP device this is also the size of each queue's `ptr_ring`, the
+/// frames the kernel holds for the reader before it drops (drivers/net/tun.c
+/// resizes the rings on the change).
+pub fn set_tx_queue_len(sock: BorrowedFd<'_>, name: &str, qlen: u32) -> io::Result<()> {
+    let mut ifr = ifreq_for(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    ifr.ifr_ifru.ifru_ifindex =
+        libc::c_int::try_from(qlen).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `sock` is live; SIOCSIFTXQLEN reads one `ifreq` (name and the
+    // `ifr_qlen` int, the same union member as `ifru_ifindex`) from the
+    // pointer, which points to a local that outlives the call.
+    cvt(unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCSIFTXQLEN,
+            &mut ifr as *mut libc::ifreq,
+        )
+    })?;
+    Ok(())
+}
+
 /// Set `IFF_UP` on the interface (SIOCGIFFLAGS, then SIOCSIFFLAGS), keeping its other flags.
 pub fn bring_up(sock: BorrowedFd<'_>, name: &str) -> io::Result<()> {
     let mut ifr = ifreq_for(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
