@@ -144,3 +144,80 @@ fn a_udp_burst_is_not_dropped_at_the_tap() {
     assert_eq!(received + overflows, sent, "{what}");
     drop(gw);
 }
+
+/// CPU time (utime + stime, in clock ticks) of this process's worker
+/// threads (`tapnat-w*`).
+fn worker_ticks() -> u64 {
+    let mut ticks = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("tapnat-w") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the `(comm)`: state is the 3rd field, utime the 14th.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        ticks += f[0] + f[1];
+    }
+    ticks
+}
+
+/// Adaptive polling: after traffic a worker polls without sleeping for
+/// `workers.busy_poll` (here the longest, 1 s, so that the two phases can be
+/// told apart by CPU time), then sleeps in poll(2) and burns nothing.
+#[test]
+fn busy_poll_spins_after_traffic_then_sleeps() {
+    if !root() {
+        return;
+    }
+    // No IPv6 on the new TAPs: its router solicitations and MLD reports are
+    // traffic too, and would restart the spinning at odd moments.
+    let lab = tapnat::lab::Lab::new("perf-spin").expect("namespaces");
+    for ns in [&lab.pod, &lab.ext] {
+        let ok = ns
+            .command("sysctl")
+            .args(["-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    let (lab, gw) = start_in(lab, |c| {
+        c.workers.threads = 1;
+        c.workers.busy_poll = Duration::from_secs(1);
+    });
+    let to = SocketAddrV4::new(SERVER_IP, 7002);
+    let rx = udp_in(&lab.ext, to);
+    let tx = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 0));
+    // Idle first: no traffic yet, so no spinning.
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = worker_ticks();
+    std::thread::sleep(Duration::from_millis(500));
+    let idle_before = worker_ticks() - t0;
+    tx.send_to(&[1u8; 32], to).unwrap();
+    let mut b = [0u8; 64];
+    rx.recv(&mut b).expect("the datagram arrives");
+    let t1 = worker_ticks();
+    std::thread::sleep(Duration::from_millis(500));
+    let spinning = worker_ticks() - t1;
+    // Past the 1 s budget: asleep again.
+    std::thread::sleep(Duration::from_millis(800));
+    let t2 = worker_ticks();
+    std::thread::sleep(Duration::from_millis(500));
+    let idle_after = worker_ticks() - t2;
+    let what = format!(
+        "worker CPU ticks in 500 ms: idle {idle_before}, spinning {spinning}, idle again {idle_after}"
+    );
+    eprintln!("{what}");
+    // A tick is 10 ms: spinning takes at least a tenth of a core even on a
+    // loaded machine; asleep, at most 3 %.
+    assert!(spinning >= 5, "{what}");
+    assert!(idle_before <= 1 && idle_after <= 1, "{what}");
+    drop(gw);
+}

@@ -85,18 +85,24 @@ impl Worker {
         let pod = poller.add(self.shared.pod[self.k].poll_fd());
         let uplink = poller.add(self.shared.uplink[self.k].poll_fd());
         let wake = poller.add(self.shared.wakers[self.k].as_raw_fd());
+        // Adaptive polling: for `busy` after the last frame or message, poll
+        // without sleeping, so that the answer to what was just forwarded
+        // (a request's response, the next segment) costs no sleep and
+        // wake-up; then sleep in poll(2) again, so an idle worker burns no CPU.
         let busy = self.shared.tuning.busy_poll;
         let mut spin_until = Instant::now();
+        let mut ticked = u64::MAX;
         while !self.shared.stop.load(Ordering::Relaxed) {
             #[cfg(debug_assertions)]
             self.shared.fault_point(self.k);
-            let timeout = if !busy.is_zero() && Instant::now() < spin_until {
-                Duration::ZERO
-            } else {
-                IDLE_WAIT
+            let spinning = !busy.is_zero() && Instant::now() < spin_until;
+            let timeout = if spinning { Duration::ZERO } else { IDLE_WAIT };
+            let ready = match poller.wait(Some(timeout)) {
+                Ok(n) => n,
+                Err(_) => continue,
             };
-            if poller.wait(Some(timeout)).is_err() {
-                continue;
+            if ready == 0 && spinning {
+                std::hint::spin_loop();
             }
             let mut work = 0;
             if poller.readable(wake) {
@@ -116,10 +122,16 @@ impl Worker {
             if work > 0 && !busy.is_zero() {
                 spin_until = Instant::now() + busy;
             }
+            // Expiry and the gauges after work, and otherwise once per
+            // millisecond at most: a spinning worker does not scan the
+            // table on every empty poll.
             let now = self.shared.now_ms();
-            self.core.tick(now, EXPIRE_BUDGET, &mut self.actions);
-            self.carry_out();
-            self.publish();
+            if work > 0 || now != ticked {
+                ticked = now;
+                self.core.tick(now, EXPIRE_BUDGET, &mut self.actions);
+                self.carry_out();
+                self.publish();
+            }
         }
     }
 
