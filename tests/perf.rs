@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tapnat::device::tap::TX_QUEUE_LEN;
+use tapnat::device::{FrameIo, Tap, TapOptions, UringTap};
 use tapnat::lab::{Netns, POD_IP, SERVER_IP};
 
 mod common;
@@ -16,16 +17,21 @@ use common::*;
 /// One `ip -s -j link show` field of `dev` in `ns`: `txqlen`, or a
 /// `stats64.tx` counter such as `dropped`.
 fn link_field(ns: &Netns, dev: &str, tx_stat: Option<&str>) -> u64 {
+    link_stat(ns, dev, tx_stat.map(|s| ("tx", s)))
+}
+
+/// `txqlen` (None) or a `stats64` counter (`("rx", "packets")`) of `dev`.
+fn link_stat(ns: &Netns, dev: &str, stat: Option<(&str, &str)>) -> u64 {
     let out = ns.ip(&format!("-s -j link show dev {dev}")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let link = &v[0];
-    let field = match tx_stat {
+    let field = match stat {
         None => &link["txqlen"],
-        Some(s) => &link["stats64"]["tx"][s],
+        Some((dir, s)) => &link["stats64"][dir][s],
     };
     field
         .as_u64()
-        .unwrap_or_else(|| panic!("no {tx_stat:?} in {out}"))
+        .unwrap_or_else(|| panic!("no {stat:?} in {out}"))
 }
 
 /// Sends `n` 64-byte datagrams back to back from the pod while a thread in
@@ -219,5 +225,119 @@ fn busy_poll_spins_after_traffic_then_sleeps() {
     // loaded machine; asleep, at most 3 %.
     assert!(spinning >= 5, "{what}");
     assert!(idle_before <= 1 && idle_after <= 1, "{what}");
+    drop(gw);
+}
+
+/// The io_uring queue itself, against the kernel's own TAP: a batch of reads
+/// returns the frames queued, in order, and stops at the empty queue; a batch
+/// of writes puts every frame into the kernel.
+#[test]
+fn uring_tap_reads_and_writes_bursts() {
+    if !root() {
+        return;
+    }
+    let ns = Netns::new("perf-uring").unwrap();
+    let tap = Tap::open("tur0", Some(&ns.path()), 1500, TapOptions::default()).unwrap();
+    let tap = match UringTap::new(tap) {
+        Ok(u) => u,
+        Err((_, e)) => panic!("io_uring setup failed on this kernel: {e}"),
+    };
+    assert!(tap.batches());
+    ns.ip("link set tur0 up").unwrap();
+    ns.ip("-4 addr add 192.0.2.1/24 dev tur0").unwrap();
+    ns.ip("neigh add 192.0.2.2 lladdr 02:00:00:00:00:02 dev tur0")
+        .unwrap();
+    let to = SocketAddrV4::new("192.0.2.2".parse().unwrap(), 9);
+    let tx = ns.run(|| UdpSocket::bind("192.0.2.1:0")).unwrap().unwrap();
+    // Drain whatever the kernel sent on link-up (IPv6 router solicitations).
+    let mut scratch = vec![0u8; 2048];
+    std::thread::sleep(Duration::from_millis(50));
+    while tap.read(&mut scratch).is_ok() {}
+    for i in 0..5u8 {
+        tx.send_to(&[i; 40], to).unwrap();
+    }
+    let mut store = vec![vec![0u8; 2048]; 8];
+    let mut lens = [0usize; 8];
+    let n = {
+        let mut bufs: Vec<&mut [u8]> = store.iter_mut().map(|b| b.as_mut_slice()).collect();
+        tap.read_batch(&mut bufs, &mut lens).unwrap()
+    };
+    // Only IPv4 UDP to port 9, in the order sent (anything else is skipped).
+    let udp: Vec<&[u8]> = store[..n]
+        .iter()
+        .zip(&lens)
+        .map(|(b, &l)| &b[..l])
+        .filter(|f| f.len() == 14 + 20 + 8 + 40 && f[12..14] == [8, 0] && f[14 + 9] == 17)
+        .collect();
+    assert_eq!(udp.len(), 5, "{n} frames read: {lens:?}");
+    for (i, f) in udp.iter().enumerate() {
+        assert_eq!(f[14 + 28], i as u8, "frame {i} in order");
+    }
+    let mut more = [&mut scratch[..]];
+    let e = tap.read_batch(&mut more, &mut lens[..1]).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+
+    let before = link_stat(&ns, "tur0", Some(("rx", "packets")));
+    let frames: Vec<&[u8]> = udp.clone();
+    assert_eq!(tap.write_batch(&frames), 5);
+    let after = link_stat(&ns, "tur0", Some(("rx", "packets")));
+    assert_eq!(after - before, 5);
+}
+
+/// io_uring rings open in this process (`anon_inode:[io_uring]` fds).
+fn io_uring_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().contains("io_uring"))
+        .count()
+}
+
+/// The gateway with `workers.io_uring = true`: every worker queue has its
+/// ring, a burst arrives whole, and TCP both ways is intact.
+#[test]
+fn io_uring_gateway_forwards_bursts_and_tcp() {
+    if !root() {
+        return;
+    }
+    let rings_before = io_uring_fds();
+    let (lab, gw) = start("perf-iour", |c| {
+        c.workers.threads = 2;
+        c.workers.io_uring = true;
+    });
+    assert!(
+        io_uring_fds() >= rings_before + 4,
+        "a ring per queue, 2 workers x 2 TAPs"
+    );
+    let tap = lab.config().pod.tap;
+    let (sent, received, dropped, overflows) = burst(&lab, &tap, 3000, 7003);
+    let what = format!(
+        "sent {sent}, received {received}, dropped at the TAP {dropped}, overflows {overflows}"
+    );
+    assert_eq!(received + overflows, sent, "{what}");
+    assert_eq!(dropped, 0, "{what}");
+
+    // 4 MB each way through one connection, checked byte by byte.
+    let srv = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 7004));
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = srv.accept().unwrap();
+        let mut got = vec![0u8; 4 << 20];
+        s.read_exact(&mut got).unwrap();
+        s.write_all(&got).unwrap();
+    });
+    let mut c = tcp_connect(&lab.pod, SocketAddrV4::new(SERVER_IP, 7004)).unwrap();
+    let data: Vec<u8> = (0..4usize << 20).map(|i| (i % 251) as u8).collect();
+    {
+        use std::io::{Read, Write};
+        let mut w = c.try_clone().unwrap();
+        let send = data.clone();
+        let writer = std::thread::spawn(move || w.write_all(&send).unwrap());
+        let mut back = vec![0u8; data.len()];
+        c.read_exact(&mut back).unwrap();
+        writer.join().unwrap();
+        assert!(back == data, "the echoed bytes differ");
+    }
+    server.join().unwrap();
     drop(gw);
 }

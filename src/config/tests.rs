@@ -59,6 +59,7 @@ pub(super) fn expected_default() -> Config {
             threads: 0,
             busy_poll: Duration::ZERO,
             offload: true,
+            io_uring: false,
             pin: false,
         },
         control: ControlConfig {
@@ -238,6 +239,7 @@ fn every_scalar_key_is_settable_from_env() {
         ("nat.fragments_max", "0"),
         ("workers.threads", "3"),
         ("workers.offload", "false"),
+        ("workers.io_uring", "true"),
         ("workers.pin", "true"),
         ("control.socket", "/tmp/t.sock"),
         ("control.group", "tapnat"),
@@ -296,6 +298,7 @@ fn every_scalar_key_is_settable_from_env() {
             threads: 3,
             busy_poll: Duration::from_micros(50),
             offload: false,
+            io_uring: true,
             pin: true,
         }
     );

@@ -27,6 +27,34 @@ pub trait FrameIo: Send + Sync {
     /// An fd that poll(2) reports readable while frames may be queued; it
     /// stays open as long as the device.
     fn poll_fd(&self) -> RawFd;
+    /// Whether [`FrameIo::read_batch`] and [`FrameIo::write_batch`] cost
+    /// less than a `read`/`write` per frame, so that the worker should
+    /// gather a burst's frames and hand them over together.
+    fn batches(&self) -> bool {
+        false
+    }
+    /// Reads up to `bufs.len()` frames, one into each buffer in order;
+    /// `lens[i]` is the length of the frame in `bufs[i]`. Returns how many
+    /// were read, at least one: an empty queue (`WouldBlock`) or a failure
+    /// before the first frame is the error, one after it ends the burst
+    /// (the next read sees it again).
+    ///
+    /// # Panics
+    /// If `lens` is shorter than `bufs`.
+    fn read_batch(&self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> io::Result<usize> {
+        for (i, buf) in bufs.iter_mut().enumerate() {
+            match self.read(buf) {
+                Ok(n) => lens[i] = n,
+                Err(e) if i == 0 => return Err(e),
+                Err(_) => return Ok(i),
+            }
+        }
+        Ok(bufs.len())
+    }
+    /// Writes each of `frames` whole; returns how many were written.
+    fn write_batch(&self, frames: &[&[u8]]) -> usize {
+        frames.iter().filter(|f| self.write(f).is_ok()).count()
+    }
 }
 
 impl FrameIo for Tap {
@@ -52,5 +80,14 @@ impl<T: FrameIo + ?Sized> FrameIo for std::sync::Arc<T> {
     }
     fn poll_fd(&self) -> RawFd {
         (**self).poll_fd()
+    }
+    fn batches(&self) -> bool {
+        (**self).batches()
+    }
+    fn read_batch(&self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> io::Result<usize> {
+        (**self).read_batch(bufs, lens)
+    }
+    fn write_batch(&self, frames: &[&[u8]]) -> usize {
+        (**self).write_batch(frames)
     }
 }

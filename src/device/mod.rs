@@ -14,6 +14,7 @@ pub mod poll;
 pub mod steer;
 pub mod sys;
 pub mod tap;
+pub mod uring;
 pub mod watch;
 
 pub use io::FrameIo;
@@ -24,4 +25,5 @@ pub use netns::{run_in_netns, run_in_netns_file};
 pub use packet::PacketSocket;
 pub use poll::{Poller, Waker};
 pub use tap::{Tap, TapError, TapOptions, VNET_HDR_LEN};
+pub use uring::UringTap;
 pub use watch::NetnsWatch;

@@ -432,6 +432,134 @@ pub fn geteuid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// A new io_uring of `entries` submission slots (a power of two), with the
+/// completion work deferred to our own `io_uring_enter` where the kernel has
+/// it (`IORING_SETUP_COOP_TASKRUN`, 5.19), plainly otherwise.
+pub fn uring_new(entries: u32) -> io::Result<io_uring::IoUring> {
+    io_uring::IoUring::builder()
+        .setup_coop_taskrun()
+        .build(entries)
+        .or_else(|_| io_uring::IoUring::new(entries))
+}
+
+/// Reads one frame into each of `bufs` from `fd` through `ring`: one
+/// `io_uring_enter` per `ring`-full, waiting for every read to complete.
+/// `res[i]` is what `read(2)` would have returned for `bufs[i]` (a length,
+/// or `-errno`: `-EAGAIN` when nothing was queued any more).
+///
+/// # Panics
+/// If `res` is shorter than `bufs`.
+pub fn uring_read_batch(
+    ring: &mut io_uring::IoUring,
+    fd: BorrowedFd<'_>,
+    bufs: &mut [&mut [u8]],
+    res: &mut [i32],
+) {
+    let fd = io_uring::types::Fd(fd.as_raw_fd());
+    let res = &mut res[..bufs.len()];
+    let entries = bufs.iter_mut().map(|b| {
+        let len = u32::try_from(b.len()).unwrap_or(u32::MAX);
+        // Offset -1: the file position, as read(2) (tun ignores it).
+        // RWF_NOWAIT: an empty queue completes with EAGAIN at once; without
+        // it io_uring would arm a poll and the read wait for a frame (it
+        // does not go by the fd's O_NONBLOCK).
+        io_uring::opcode::Read::new(fd, b.as_mut_ptr(), len)
+            .offset(u64::MAX)
+            .rw_flags(libc::RWF_NOWAIT)
+            .build()
+    });
+    // SAFETY: every entry points into one of `bufs`, which stay borrowed
+    // (mutably, so nothing else touches them) until `uring_run` returns, and
+    // it returns only once the kernel has completed every entry it was given.
+    unsafe { uring_run(ring, entries, res) }
+}
+
+/// Writes each of `frames` to `fd` through `ring` (see [`uring_read_batch`]);
+/// `res[i]` is what `write(2)` would have returned for `frames[i]`.
+///
+/// # Panics
+/// If `res` is shorter than `frames`.
+pub fn uring_write_batch(
+    ring: &mut io_uring::IoUring,
+    fd: BorrowedFd<'_>,
+    frames: &[&[u8]],
+    res: &mut [i32],
+) {
+    let fd = io_uring::types::Fd(fd.as_raw_fd());
+    let res = &mut res[..frames.len()];
+    let entries = frames.iter().map(|f| {
+        let len = u32::try_from(f.len()).unwrap_or(u32::MAX);
+        // RWF_NOWAIT: never wait (a TAP write does not block anyway).
+        io_uring::opcode::Write::new(fd, f.as_ptr(), len)
+            .offset(u64::MAX)
+            .rw_flags(libc::RWF_NOWAIT)
+            .build()
+    });
+    // SAFETY: every entry points into one of `frames`, borrowed until
+    // `uring_run` returns, which is after the kernel completed every entry.
+    unsafe { uring_run(ring, entries, res) }
+}
+
+/// Submits `entries` (one per slot of `res`) in ring-sized chunks and waits,
+/// chunk by chunk, until every one has completed; `res[i]` gets the result
+/// of the `i`-th entry.
+///
+/// # Safety
+/// Every buffer an entry points to must stay valid, and not be accessed
+/// otherwise, until this function returns. This function upholds its side:
+/// it does not return while the kernel may still use an entry. If the kernel
+/// refuses the ring itself (an `io_uring_enter` error other than EINTR,
+/// EAGAIN or EBUSY, which cannot happen for a well-formed ring we own),
+/// entries may be in flight with no way to wait for them, so the process
+/// aborts rather than let the kernel write into freed memory.
+unsafe fn uring_run(
+    ring: &mut io_uring::IoUring,
+    entries: impl Iterator<Item = io_uring::squeue::Entry>,
+    res: &mut [i32],
+) {
+    let mut entries = entries.enumerate().peekable();
+    while entries.peek().is_some() {
+        let mut pushed = 0usize;
+        {
+            let mut sq = ring.submission();
+            while !sq.is_full() {
+                let Some((i, e)) = entries.next() else { break };
+                let e = e.user_data(i as u64);
+                // SAFETY: the caller keeps the entry's buffer valid until we
+                // return; the queue is not full, so the push succeeds.
+                if unsafe { sq.push(&e) }.is_err() {
+                    break;
+                }
+                pushed += 1;
+            }
+        }
+        let mut done = 0usize;
+        while done < pushed {
+            match ring.submit_and_wait(pushed - done) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => {
+                    eprintln!("tapnat: io_uring_enter failed with entries in flight: {e}");
+                    std::process::abort();
+                }
+            }
+            for cqe in ring.completion() {
+                if let Some(slot) = usize::try_from(cqe.user_data())
+                    .ok()
+                    .and_then(|i| res.get_mut(i))
+                {
+                    *slot = cqe.result();
+                }
+                done += 1;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use super::worker::{Links, Worker};
 use super::{CtrlMsg, Gateway, GatewayError, Queues, Shared, Tuning, WorkerMsg};
 use crate::config::{self, Config};
 use crate::device::steer::{self, SteerBy};
-use crate::device::{FrameIo, NetnsWatch, Tap, TapError, TapOptions, Waker};
+use crate::device::{FrameIo, NetnsWatch, Tap, TapError, TapOptions, UringTap, Waker};
 use crate::nat::frag::{FragCache, FragCacheConfig};
 use crate::nat::{Filtering, FlowTable, TableConfig, Timeouts};
 use crate::policy::{forwarded_ports, Addressing};
@@ -57,6 +57,7 @@ impl Tuning {
         Tuning {
             offload: config.workers.offload,
             busy_poll: config.workers.busy_poll,
+            io_uring: config.workers.io_uring,
             pin: config.workers.pin,
         }
     }
@@ -118,9 +119,25 @@ fn open_queues(
     Ok(queues)
 }
 
-fn boxed(taps: Vec<Tap>) -> Queues {
+/// The worker queues: with `uring`, each with its own io_uring where the
+/// kernel gives one, plain read/write (and a warning) where it does not.
+fn boxed(taps: Vec<Tap>, uring: bool) -> Queues {
     taps.into_iter()
-        .map(|t| Box::new(t) as Box<dyn FrameIo>)
+        .map(|t| {
+            if !uring {
+                return Box::new(t) as Box<dyn FrameIo>;
+            }
+            match UringTap::new(t) {
+                Ok(u) => Box::new(u) as Box<dyn FrameIo>,
+                Err((t, e)) => {
+                    eprintln!(
+                        "tapnat: warning: no io_uring for {} ({e}); using read/write",
+                        t.name()
+                    );
+                    Box::new(t)
+                }
+            }
+        })
         .collect()
 }
 
@@ -155,8 +172,8 @@ fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, Gat
     let names = [pod_q[0].name().to_owned(), uplink_q[0].name().to_owned()];
     let mut shared = Shared::new(
         Addressing::from_config(config),
-        boxed(pod_q),
-        boxed(uplink_q),
+        boxed(pod_q, tuning.io_uring),
+        boxed(uplink_q, tuning.io_uring),
         Pool::new(POOL_KEEP, size, hdr),
         tuning,
         steering,

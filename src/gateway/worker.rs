@@ -48,6 +48,19 @@ pub(super) struct Worker {
     wake_ctrl: bool,
     /// A buffer to read the next frame into.
     spare: Option<Buf>,
+    /// Whether our queue of each side (pod, uplink) takes bursts
+    /// ([`crate::device::FrameIo::batches`]): its frames are then read
+    /// [`Worker::batch`] at a time into `stash`, and frames to send to it
+    /// wait in `outbox` until the burst is done.
+    batching: [bool; 2],
+    /// Buffers to read the next batch into (batching only).
+    stash: Vec<Buf>,
+    /// Frames to send, by side (pod, uplink), written together (batching only).
+    outbox: [Vec<Buf>; 2],
+    /// Reads to ask for in the next batch, by side: twice what the last
+    /// batch found, 2 to [`READ_BURST`], so a lone request costs one empty
+    /// read and a flood full bursts.
+    batch: [usize; 2],
     /// The table's removal counts as last published to the counters.
     published: TableStats,
 }
@@ -72,6 +85,10 @@ impl Worker {
             frag_news: Vec::new(),
             wake_ctrl: false,
             spare: None,
+            batching: [false; 2],
+            stash: Vec::new(),
+            outbox: [Vec::new(), Vec::new()],
+            batch: [2, 2],
             published: TableStats::default(),
         }
     }
@@ -81,6 +98,10 @@ impl Worker {
             // Best effort: a CPU that is not there just leaves the thread unpinned.
             let _ = crate::device::sys::pin_current_thread(self.k);
         }
+        self.batching = [
+            self.shared.pod[self.k].batches(),
+            self.shared.uplink[self.k].batches(),
+        ];
         let mut poller = Poller::new();
         let pod = poller.add(self.shared.pod[self.k].poll_fd());
         let uplink = poller.add(self.shared.uplink[self.k].poll_fd());
@@ -113,11 +134,12 @@ impl Worker {
                 }
             }
             if poller.readable(pod) {
-                work += self.read_burst(Side::Pod);
+                work += self.read_any(Side::Pod);
             }
             if poller.readable(uplink) {
-                work += self.read_burst(Side::Uplink);
+                work += self.read_any(Side::Uplink);
             }
+            self.send_outbox();
             self.flush();
             if work > 0 && !busy.is_zero() {
                 spin_until = Instant::now() + busy;
@@ -130,6 +152,7 @@ impl Worker {
                 ticked = now;
                 self.core.tick(now, EXPIRE_BUDGET, &mut self.actions);
                 self.carry_out();
+                self.send_outbox();
                 self.publish();
             }
         }
@@ -209,6 +232,104 @@ impl Worker {
         let _ = reply.send(r);
     }
 
+    fn read_any(&mut self, side: Side) -> usize {
+        if self.batching[side_index(side)] {
+            self.read_batch(side)
+        } else {
+            self.read_burst(side)
+        }
+    }
+
+    /// Reads one batch from our queue of `side` (a queue that
+    /// [`crate::device::FrameIo::batches`]), hands every frame to the core
+    /// and sends what it decided together.
+    fn read_batch(&mut self, side: Side) -> usize {
+        let now = self.shared.now_ms();
+        let shared = self.shared.clone();
+        let dev = shared.device(side, self.k);
+        let want = self.batch[side_index(side)];
+        if let Some(b) = self.spare.take() {
+            self.stash.push(b);
+        }
+        while self.stash.len() < want {
+            self.stash.push(self.shared.pool.get());
+        }
+        let mut lens = [0usize; READ_BURST];
+        let first = self.stash.len() - want;
+        let read = {
+            let mut bufs: Vec<&mut [u8]> = self.stash[first..]
+                .iter_mut()
+                .map(Buf::read_space)
+                .collect();
+            dev.read_batch(&mut bufs, &mut lens[..want])
+        };
+        let n = match read {
+            Ok(n) => n,
+            Err(e) => {
+                self.read_failed(side, e);
+                0
+            }
+        };
+        self.batch[side_index(side)] = (2 * n).clamp(2, READ_BURST);
+        let mut got: Vec<Buf> = self.stash.drain(first..first + n).collect();
+        for (mut buf, &len) in got.drain(..).zip(&lens[..n]) {
+            if buf.set_wire_len(len) {
+                self.c.inc(match side {
+                    Side::Pod => Counter::PodRxFrames,
+                    Side::Uplink => Counter::UplinkRxFrames,
+                });
+                self.core.frame(side, buf, now, &mut self.actions);
+                self.carry_out();
+            } else {
+                self.c.inc(Counter::DropRunt);
+                self.recycle(buf);
+            }
+        }
+        self.send_outbox();
+        n
+    }
+
+    /// Writes the frames waiting in the outbox, a side at a time.
+    fn send_outbox(&mut self) {
+        for side in [Side::Pod, Side::Uplink] {
+            let i = side_index(side);
+            if self.outbox[i].is_empty() {
+                continue;
+            }
+            let out = std::mem::take(&mut self.outbox[i]);
+            let frames: Vec<&[u8]> = out.iter().map(Buf::wire).collect();
+            let ok = self.shared.device(side, self.k).write_batch(&frames);
+            drop(frames);
+            self.c.add(tx_counter(side), ok as u64);
+            self.c.add(Counter::TapWriteFails, (out.len() - ok) as u64);
+            for buf in out {
+                self.recycle(buf);
+            }
+        }
+    }
+
+    /// Counts a failed read other than an empty queue; a dead device stops
+    /// the gateway.
+    fn read_failed(&mut self, side: Side, e: std::io::Error) {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ) {
+            return;
+        }
+        self.c.inc(Counter::TapReadFails);
+        // A dead fd stays dead: stop the gateway rather than spin on
+        // poll(2) reporting POLLERR for ever.
+        if device_gone(&e) {
+            let device = self.shared.name(side).to_owned();
+            self.shared.fail(Failure::DeviceGone {
+                side,
+                device,
+                error: e,
+            });
+        }
+    }
+
     /// Reads up to [`READ_BURST`] frames from our queue of `side`.
     fn read_burst(&mut self, side: Side) -> usize {
         let now = self.shared.now_ms();
@@ -231,22 +352,7 @@ impl Worker {
                 }
                 Err(e) => {
                     self.spare = Some(buf);
-                    if !matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                    ) {
-                        self.c.inc(Counter::TapReadFails);
-                        // A dead fd stays dead: stop the gateway rather than
-                        // spin on poll(2) reporting POLLERR for ever.
-                        if device_gone(&e) {
-                            let device = self.shared.name(side).to_owned();
-                            self.shared.fail(Failure::DeviceGone {
-                                side,
-                                device,
-                                error: e,
-                            });
-                        }
-                    }
+                    self.read_failed(side, e);
                     return n;
                 }
             }
@@ -258,6 +364,11 @@ impl Worker {
     fn recycle(&mut self, buf: Buf) {
         if self.spare.is_none() && self.shared.pool.owns(&buf) {
             self.spare = Some(buf);
+        } else if self.batching.contains(&true)
+            && self.stash.len() < READ_BURST
+            && self.shared.pool.owns(&buf)
+        {
+            self.stash.push(buf);
         } else {
             self.shared.pool.put(buf);
         }
@@ -274,6 +385,9 @@ impl Worker {
 
     fn act(&mut self, action: Action) {
         match action {
+            Action::Send { side, buf } if self.batching[side_index(side)] => {
+                self.outbox[side_index(side)].push(buf);
+            }
             Action::Send { side, buf } => {
                 match self.shared.send_buf(side, self.k, &buf) {
                     Ok(()) => self.c.inc(tx_counter(side)),
@@ -386,6 +500,13 @@ impl Worker {
         if std::mem::take(&mut self.wake_ctrl) {
             self.shared.ctrl_waker.wake();
         }
+    }
+}
+
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::Pod => 0,
+        Side::Uplink => 1,
     }
 }
 
