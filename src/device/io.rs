@@ -33,19 +33,24 @@ pub trait FrameIo: Send + Sync {
     fn batches(&self) -> bool {
         false
     }
-    /// Reads up to `bufs.len()` frames, one into each buffer in order;
-    /// `lens[i]` is the length of the frame in `bufs[i]`. Returns how many
-    /// were read, at least one: an empty queue (`WouldBlock`) or a failure
-    /// before the first frame is the error, one after it ends the burst
-    /// (the next read sees it again).
+    /// Reads up to `bufs.len()` frames, at most one into each buffer, in
+    /// the order of the buffers; `lens[i]` is the length of the frame in
+    /// `bufs[i]`, 0 when that buffer got none (an empty queue or a failed
+    /// read: one read may find nothing and a later one of the same batch a
+    /// frame that came meanwhile). Returns how many frames were read, at
+    /// least one; when none, the first read's error (`WouldBlock` for an
+    /// empty queue).
     ///
     /// # Panics
     /// If `lens` is shorter than `bufs`.
     fn read_batch(&self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> io::Result<usize> {
+        lens[..bufs.len()].fill(0);
         for (i, buf) in bufs.iter_mut().enumerate() {
             match self.read(buf) {
                 Ok(n) => lens[i] = n,
                 Err(e) if i == 0 => return Err(e),
+                // Frames come in order: after an empty read, the next
+                // burst reads on.
                 Err(_) => return Ok(i),
             }
         }

@@ -90,17 +90,27 @@ impl FrameIo for UringTap {
         res.clear();
         res.resize(bufs.len(), 0);
         sys::uring_read_batch(&mut lock(&self.ring), self.tap.as_fd(), bufs, &mut res);
+        // The reads ran one after another while frames kept coming: an empty
+        // one can be followed by one that found a frame, so each counts.
+        let mut frames = 0;
+        let mut first_err = None;
         for (i, &r) in res.iter().enumerate() {
             match result(r) {
-                Ok(n) => lens[i] = n,
-                // The first failure ends the burst (an empty queue, or an
-                // error the next read sees again); reads after an empty one
-                // found nothing either, since frames come in order.
-                Err(e) if i == 0 => return Err(e),
-                Err(_) => return Ok(i),
+                Ok(n) if n > 0 => {
+                    lens[i] = n;
+                    frames += 1;
+                }
+                Ok(_) => lens[i] = 0,
+                Err(e) => {
+                    lens[i] = 0;
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        Ok(bufs.len())
+        match first_err {
+            Some(e) if frames == 0 => Err(e),
+            _ => Ok(frames),
+        }
     }
     fn write_batch(&self, frames: &[&[u8]]) -> usize {
         let mut res = lock(&self.res);

@@ -271,9 +271,16 @@ impl Worker {
             }
         };
         self.batch[side_index(side)] = (2 * n).clamp(2, READ_BURST);
-        let mut got: Vec<Buf> = self.stash.drain(first..first + n).collect();
-        for (mut buf, &len) in got.drain(..).zip(&lens[..n]) {
-            if buf.set_wire_len(len) {
+        if n == 0 {
+            return 0;
+        }
+        let got: Vec<Buf> = self.stash.drain(first..).collect();
+        for (mut buf, &len) in got.into_iter().zip(&lens[..want]) {
+            if len == 0 {
+                // No frame in this one (a read after an empty one can still
+                // find a frame that came meanwhile, so look at them all).
+                self.stash.push(buf);
+            } else if buf.set_wire_len(len) {
                 self.c.inc(match side {
                     Side::Pod => Counter::PodRxFrames,
                     Side::Uplink => Counter::UplinkRxFrames,
