@@ -319,6 +319,24 @@ fn uring_tap_reads_and_writes_bursts() {
     assert_eq!(after - before, 5);
 }
 
+/// When io_uring cannot be set up, the queue comes back whole and works
+/// with read/write (what the gateway then uses).
+#[test]
+fn a_failed_ring_setup_hands_the_tap_back() {
+    if !root() {
+        return;
+    }
+    let ns = Netns::new("perf-nour").unwrap();
+    let tap = Tap::open("tur1", Some(&ns.path()), 1500, TapOptions::default()).unwrap();
+    let (tap, e) = UringTap::with_entries(tap, 0).expect_err("a ring of 0 entries is refused");
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+    assert!(!tap.batches());
+    let before = link_stat(&ns, "tur1", Some(("rx", "packets")));
+    let frame = [0xffu8; 60];
+    tap.send(&frame).unwrap();
+    assert_eq!(link_stat(&ns, "tur1", Some(("rx", "packets"))) - before, 1);
+}
+
 /// io_uring rings open in this process (`anon_inode:[io_uring]` fds).
 fn io_uring_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")

@@ -51,7 +51,13 @@ impl UringTap {
     /// `tap` with a ring of [`RING_ENTRIES`], or `tap` back with the reason
     /// io_uring could not be set up.
     pub fn new(tap: Tap) -> Result<UringTap, (Tap, io::Error)> {
-        match sys::uring_new(RING_ENTRIES) {
+        UringTap::with_entries(tap, RING_ENTRIES)
+    }
+
+    /// [`UringTap::new`] with a ring of `entries` (a power of two; the
+    /// kernel refuses 0 and more than 32768).
+    pub fn with_entries(tap: Tap, entries: u32) -> Result<UringTap, (Tap, io::Error)> {
+        match sys::uring_new(entries) {
             Ok(ring) => Ok(UringTap {
                 tap,
                 ring: Mutex::new(ring),

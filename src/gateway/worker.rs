@@ -58,8 +58,8 @@ pub(super) struct Worker {
     /// Frames to send, by side (pod, uplink), written together (batching only).
     outbox: [Vec<Buf>; 2],
     /// Reads to ask for in the next batch, by side: twice what the last
-    /// batch found, 2 to [`READ_BURST`], so a lone request costs one empty
-    /// read and a flood full bursts.
+    /// read found, 2 to [`READ_BURST`]; below 4 (the last read found one
+    /// frame or none) the next read goes frame by frame.
     batch: [usize; 2],
     /// The table's removal counts as last published to the counters.
     published: TableStats,
@@ -232,12 +232,23 @@ impl Worker {
         let _ = reply.send(r);
     }
 
+    /// Reads what is queued on `side`: a batch when the queue takes them
+    /// and the last read found more than one frame (a flood), else frame by
+    /// frame, since a lone frame costs less through read(2) than through a
+    /// batch (the request/response case).
     fn read_any(&mut self, side: Side) -> usize {
-        if self.batching[side_index(side)] {
+        let i = side_index(side);
+        if !self.batching[i] {
+            return self.read_burst(side);
+        }
+        let n = if self.batch[i] >= 4 {
             self.read_batch(side)
         } else {
             self.read_burst(side)
-        }
+        };
+        self.batch[i] = (2 * n).clamp(2, READ_BURST);
+        self.send_outbox();
+        n
     }
 
     /// Reads one batch from our queue of `side` (a queue that
@@ -270,7 +281,6 @@ impl Worker {
                 0
             }
         };
-        self.batch[side_index(side)] = (2 * n).clamp(2, READ_BURST);
         if n == 0 {
             return 0;
         }
@@ -292,11 +302,11 @@ impl Worker {
                 self.recycle(buf);
             }
         }
-        self.send_outbox();
         n
     }
 
-    /// Writes the frames waiting in the outbox, a side at a time.
+    /// Writes the frames waiting in the outbox, a side at a time: one
+    /// frame with write(2), more as one batch.
     fn send_outbox(&mut self) {
         for side in [Side::Pod, Side::Uplink] {
             let i = side_index(side);
@@ -304,9 +314,14 @@ impl Worker {
                 continue;
             }
             let out = std::mem::take(&mut self.outbox[i]);
-            let frames: Vec<&[u8]> = out.iter().map(Buf::wire).collect();
-            let ok = self.shared.device(side, self.k).write_batch(&frames);
-            drop(frames);
+            let dev = self.shared.device(side, self.k);
+            let ok = match &out[..] {
+                [one] => usize::from(dev.write(one.wire()).is_ok()),
+                all => {
+                    let frames: Vec<&[u8]> = all.iter().map(Buf::wire).collect();
+                    dev.write_batch(&frames)
+                }
+            };
             self.c.add(tx_counter(side), ok as u64);
             self.c.add(Counter::TapWriteFails, (out.len() - ok) as u64);
             for buf in out {
