@@ -59,7 +59,7 @@ pub(super) fn expected_default() -> Config {
             threads: 0,
             busy_poll: Duration::ZERO,
             offload: true,
-            io_uring: false,
+            io_uring: true,
             pin: false,
         },
         control: ControlConfig {
@@ -239,7 +239,7 @@ fn every_scalar_key_is_settable_from_env() {
         ("nat.fragments_max", "0"),
         ("workers.threads", "3"),
         ("workers.offload", "false"),
-        ("workers.io_uring", "true"),
+        ("workers.io_uring", "false"),
         ("workers.pin", "true"),
         ("control.socket", "/tmp/t.sock"),
         ("control.group", "tapnat"),
@@ -298,7 +298,7 @@ fn every_scalar_key_is_settable_from_env() {
             threads: 3,
             busy_poll: Duration::from_micros(50),
             offload: false,
-            io_uring: true,
+            io_uring: false,
             pin: true,
         }
     );
