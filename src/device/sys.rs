@@ -543,7 +543,11 @@ unsafe fn uring_run(
                         Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
                     ) => {}
                 Err(e) => {
-                    eprintln!("tapnat: io_uring_enter failed with entries in flight: {e}");
+                    use std::io::Write as _;
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "tapnat: io_uring_enter failed with entries in flight: {e}"
+                    );
                     std::process::abort();
                 }
             }

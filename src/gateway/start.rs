@@ -130,7 +130,9 @@ fn boxed(taps: Vec<Tap>, uring: bool) -> Queues {
             match UringTap::new(t) {
                 Ok(u) => Box::new(u) as Box<dyn FrameIo>,
                 Err((t, e)) => {
-                    eprintln!(
+                    use std::io::Write as _;
+                    let _ = writeln!(
+                        std::io::stderr(),
                         "tapnat: warning: no io_uring for {} ({e}); using read/write",
                         t.name()
                     );
