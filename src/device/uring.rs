@@ -14,9 +14,12 @@
 //! provided buffers would avoid the empty reads, but they fill buffers the
 //! kernel picks, and the workers read into their own pool buffers; not done.
 //!
-//! Only the worker that owns the queue batches; single frames (the control
-//! thread's, ICMP errors) still use `write(2)`. The ring is behind a mutex
-//! for `Sync`; only its worker takes it.
+//! Only the worker that owns the queue batches, and only bursts: a lone
+//! frame costs less through `read(2)`/`write(2)` than through a batch, so
+//! the worker reads frame by frame after a read that found at most one and
+//! writes a lone frame directly; the control thread's frames and ICMP
+//! errors always use `write(2)`. The ring is behind a mutex for `Sync`;
+//! only its worker takes it.
 use std::io;
 use std::os::fd::{AsFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
