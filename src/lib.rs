@@ -27,4 +27,5 @@ pub mod nat;
 pub mod net;
 pub mod ops;
 pub mod policy;
+pub mod sandbox;
 pub mod wire;
