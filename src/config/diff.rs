@@ -135,6 +135,8 @@ mod tests {
                 true,
             ),
             ("[nat]\nfragments_max = 5\n", "nat.fragments_max", false),
+            ("[run]\nseccomp = false\n", "run.seccomp", false),
+            ("[run]\nrun_as = \"nobody\"\n", "run.run_as", false),
             (
                 "[nat.timeouts]\nfragment = \"3s\"\n",
                 "nat.timeouts.fragment",
