@@ -371,6 +371,7 @@ fn a_system_call_outside_the_filter_kills_the_process_with_sigsys() {
     assert_eq!(pings(&lab), 2, "{}", gw.stderr());
     gw.signal("-PWR");
     let status = gw.ended().expect("killed");
+    use std::os::unix::process::ExitStatusExt as _;
     assert_eq!(
         status.signal(),
         Some(libc::SIGSYS),
