@@ -25,7 +25,7 @@
 //!
 //! The lists were found by running the end-to-end tests (`tests/ops.rs`,
 //! `tests/cli.rs`, `tests/sandbox.rs`) under `strace -f`, one list per thread
-//! role in [`allowed`]. To extend one: trace the new code the same way
+//! role in `allowed`. To extend one: trace the new code the same way
 //! (`strace -ff -o /tmp/t -p PID`; each thread's trace starts with its
 //! `prctl(PR_SET_NAME, "tapnat-...")`), add the calls to its role with a
 //! comment, and run `cargo test --test sandbox`.
