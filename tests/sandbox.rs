@@ -262,7 +262,11 @@ fn a_running_gateway_holds_no_privilege_and_still_does_everything() {
     }
     let lab = Lab::new("sbx-run").unwrap();
     let port = metrics_port();
-    let text = config_text(&lab, &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    // workers.pin: the workers pin themselves under their filters.
+    let text = config_text(
+        &lab,
+        &format!("pin = true\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
     let file = TempConfig::new("sbx-run", &text);
     let control = SocketPath::new("run");
     let mut gw = start(&lab, &file, &text, &control);
