@@ -4,6 +4,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
+#[cfg(debug_assertions)]
+use libc::SIGPWR;
 use sd_notify::NotifyState;
 #[cfg(debug_assertions)]
 use signal_hook::consts::SIGUSR2;
@@ -16,6 +18,7 @@ use tapnat::ops::live::{Live, ReloadRefused};
 use tapnat::ops::metrics::{self, Gauges, MetricsServer};
 use tapnat::ops::report::{self, Format};
 use tapnat::ops::socket::{self, Access, Request, Response};
+use tapnat::sandbox::{self, Role, SandboxError};
 
 const USAGE: &str = "\
 tapnat: a userspace IPv4 masquerading NAT gateway between two TAP devices
@@ -49,8 +52,9 @@ usage:
                                 a bounded run with churning flows: resident memory and live flows over time (root)
 
 exit status: 0 clean stop, 64 bad command line, 69 a device could not be opened (or no gateway
-  answers), 70 a thread of the running gateway panicked, 71 no signal handlers, 74 a device (or its
-  namespace) went away under the running gateway, 77 refused by the gateway, 78 bad config
+  answers), 70 a thread of the running gateway panicked, 71 no signal handlers or cannot drop
+  privileges, 74 a device (or its namespace) went away under the running gateway, 77 refused by
+  the gateway, 78 bad config; killed by SIGSYS: a system call outside its seccomp filter
 
 environment: TAPNAT_SECTION__KEY=value overrides a key (e.g. TAPNAT_POD__TAP=tap9)";
 
@@ -82,6 +86,8 @@ enum MainError {
     Gateway(#[from] GatewayError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("cannot drop privileges")]
+    Sandbox(#[source] SandboxError),
     #[cfg(feature = "lab")]
     #[error("demo failed: {0}")]
     Demo(String),
@@ -118,7 +124,7 @@ impl MainError {
             MainError::Usage(_) => 64,
             MainError::Config(_) => 78,
             MainError::Gateway(_) => 69,
-            MainError::Signals(_) => 71,
+            MainError::Signals(_) | MainError::Sandbox(_) => 71,
             #[cfg(feature = "lab")]
             MainError::Demo(_) | MainError::Bench(_) | MainError::Soak(_) => 1,
             MainError::Control(_) => 69,
@@ -227,6 +233,20 @@ fn control_access(config: &Config) -> Result<Access, MainError> {
             })
         }),
     }
+}
+
+/// The user `run.run_as` names; one that does not exist is a config error
+/// (exit 78), found before any device is opened.
+fn run_as(config: &Config) -> Result<Option<sandbox::User>, MainError> {
+    let Some(name) = &config.run.run_as else {
+        return Ok(None);
+    };
+    sandbox::lookup_user(name).map(Some).map_err(|_| {
+        MainError::Config(ConfigError::Invalid {
+            key: "run.run_as".into(),
+            reason: Reason::NoSuchUser { name: name.clone() },
+        })
+    })
 }
 
 /// `tapnat flows` and `tapnat stats`: ask the gateway, print its answer.
@@ -475,6 +495,7 @@ fn forward_signals(mut signals: Signals, events: Sender<Event>) -> Result<(), Ma
     std::thread::Builder::new()
         .name("tapnat-signals".into())
         .spawn(move || {
+            sandbox::enter(Role::Signals);
             for sig in signals.forever() {
                 if events.send(Event::Signal(sig)).is_err() {
                     break;
@@ -501,6 +522,10 @@ fn wait(gw: &Gateway, events: &Receiver<Event>, reload: impl Fn()) -> Result<(),
                 // the last worker panic; see `Gateway::inject_panic`.
                 #[cfg(debug_assertions)]
                 Ok(Event::Signal(SIGUSR2)) => gw.inject_panic(gw.workers() - 1),
+                // TEST-ONLY, likewise: SIGPWR makes the last worker make a
+                // system call outside its seccomp filter.
+                #[cfg(debug_assertions)]
+                Ok(Event::Signal(SIGPWR)) => gw.inject_forbidden_syscall(gw.workers() - 1),
                 Ok(Event::Signal(_)) | Err(_) => return Ok(()),
                 Ok(Event::Panicked(text)) => return Err(MainError::Panicked(text)),
             },
@@ -526,11 +551,14 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let f = flags(args, Takes::Config)?;
     let config = load(&f)?;
     let access = control_access(&config)?;
+    // Every thread locks itself down as it starts, the main thread once the
+    // sockets are bound (see `tapnat::sandbox`).
+    sandbox::prepare(run_as(&config)?, config.run.seccomp).map_err(MainError::Sandbox)?;
     #[cfg(not(debug_assertions))]
     let signals = Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP]).map_err(MainError::Signals)?;
     #[cfg(debug_assertions)]
-    let signals =
-        Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP, SIGUSR2]).map_err(MainError::Signals)?;
+    let signals = Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP, SIGUSR2, SIGPWR])
+        .map_err(MainError::Signals)?;
     let signal_handle = signals.handle();
     let (events_tx, events) = unbounded();
     report_panics(events_tx.clone());
@@ -574,6 +602,8 @@ fn run(args: &[String]) -> Result<(), MainError> {
             }
         }
     });
+    // Set up: the main thread gives up its privilege last.
+    sandbox::try_enter(Role::Main).map_err(MainError::Sandbox)?;
     let a = gw.addressing();
     say!(
         "tapnat: running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s){}",

@@ -75,6 +75,8 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         ("control.socket", o.control.socket != n.control.socket),
         ("control.group", o.control.group != n.control.group),
         ("metrics.listen", o.metrics.listen != n.metrics.listen),
+        ("run.run_as", o.run.run_as != n.run.run_as),
+        ("run.seccomp", o.run.seccomp != n.run.seccomp),
     ]
     .into_iter()
     .filter_map(|(key, differs)| differs.then_some(key))
@@ -133,6 +135,8 @@ mod tests {
                 true,
             ),
             ("[nat]\nfragments_max = 5\n", "nat.fragments_max", false),
+            ("[run]\nseccomp = false\n", "run.seccomp", false),
+            ("[run]\nrun_as = \"nobody\"\n", "run.run_as", false),
             (
                 "[nat.timeouts]\nfragment = \"3s\"\n",
                 "nat.timeouts.fragment",

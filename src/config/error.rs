@@ -108,6 +108,12 @@ pub enum Reason {
     /// Not a user or group name (empty, or with `:`, `/` or whitespace).
     #[error("{name:?} is not a group name")]
     BadGroupName { name: String },
+    /// Not a user name (with `:`, `/` or whitespace).
+    #[error("{name:?} is not a user name")]
+    BadUserName { name: String },
+    /// No user of that name in the system's user database.
+    #[error("no user {name:?} on this system")]
+    NoSuchUser { name: String },
     /// No group of that name in the system's group database.
     #[error("no group {name:?} on this system")]
     NoSuchGroup { name: String },

@@ -41,6 +41,7 @@ mod ops;
 mod pod;
 mod reader;
 mod rules;
+mod run;
 #[cfg(test)]
 mod tests;
 mod uplink;
@@ -221,6 +222,16 @@ pub struct MetricsConfig {
     pub listen: Option<std::net::SocketAddrV4>,
 }
 
+/// The `[run]` table: privilege after set-up (see `crate::sandbox`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunConfig {
+    /// Switch to this user (and its primary group) once set up; `None`:
+    /// stay root, without capabilities.
+    pub run_as: Option<String>,
+    /// Install a seccomp filter per thread.
+    pub seccomp: bool,
+}
+
 /// A complete, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -233,6 +244,7 @@ pub struct Config {
     pub workers: WorkersConfig,
     pub control: ControlConfig,
     pub metrics: MetricsConfig,
+    pub run: RunConfig,
 }
 
 impl Config {
@@ -281,6 +293,7 @@ struct Raw {
     workers: workers::Raw,
     control: ops::RawControl,
     metrics: ops::RawMetrics,
+    run: run::Raw,
 }
 
 /// Layer the embedded default, `user` (text, origin) and the `TAPNAT_`
@@ -299,6 +312,7 @@ fn build(user: Option<(&str, &str)>, env: &[(&str, &str)]) -> Result<Config, Con
     let workers = workers::check(raw.workers)?;
     let control = ops::check_control(raw.control)?;
     let metrics = ops::check_metrics(raw.metrics)?;
+    let run = run::check(raw.run)?;
     Ok(Config {
         pod,
         uplink,
@@ -309,6 +323,7 @@ fn build(user: Option<(&str, &str)>, env: &[(&str, &str)]) -> Result<Config, Con
         workers,
         control,
         metrics,
+        run,
     })
 }
 
@@ -336,6 +351,7 @@ fn read(mut root: reader::Table<'_>) -> Result<Raw, ConfigError> {
         workers: workers::read(root.table("workers")?)?,
         control: ops::read_control(root.table("control")?)?,
         metrics: ops::read_metrics(root.table("metrics")?)?,
+        run: run::read(root.table("run")?)?,
     };
     root.finish()?;
     Ok(raw)

@@ -66,6 +66,10 @@ pub(super) fn expected_default() -> Config {
             group: None,
         },
         metrics: MetricsConfig { listen: None },
+        run: RunConfig {
+            run_as: None,
+            seccomp: true,
+        },
     }
 }
 
@@ -242,6 +246,8 @@ fn every_scalar_key_is_settable_from_env() {
         ("control.socket", "/tmp/t.sock"),
         ("control.group", "tapnat"),
         ("metrics.listen", "127.0.0.1:9469"),
+        ("run.run_as", "nobody"),
+        ("run.seccomp", "false"),
     ];
     // Every scalar key of the embedded default (and the keys it leaves
     // out, whose absence means "none") is in the list above.
@@ -250,6 +256,7 @@ fn every_scalar_key_is_settable_from_env() {
         "uplink.netns",
         "control.group",
         "metrics.listen",
+        "run.run_as",
     ]
     .map(String::from)
     .to_vec();

@@ -411,6 +411,32 @@ pub fn geteuid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Switches the calling thread (only it: the raw system calls, not glibc's
+/// wrappers, which signal every thread to do the same) to `uid` and `gid`,
+/// with `gid` as its only group. Needs CAP_SETGID and CAP_SETUID; the
+/// switch from uid 0 clears the thread's permitted and effective
+/// capabilities.
+pub fn set_thread_ids(uid: u32, gid: u32) -> io::Result<()> {
+    let groups = [gid as libc::gid_t];
+    // SAFETY: setgroups(2) reads `groups.len()` gids from a live array of
+    // that many; the syscall takes no other memory.
+    cvt(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) } as i32)?;
+    // SAFETY: setresgid(2) and setresuid(2) take three integers and touch
+    // no memory of ours.
+    cvt(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) } as i32)?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) } as i32)?;
+    Ok(())
+}
+
+/// `PR_SET_NO_NEW_PRIVS` for the calling thread (and the threads it
+/// spawns): no exec can grant privilege again.
+pub fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: prctl(2) with PR_SET_NO_NEW_PRIVS takes integers only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

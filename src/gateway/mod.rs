@@ -157,6 +157,11 @@ pub(crate) struct Shared {
     fault: std::sync::atomic::AtomicUsize,
 }
 
+/// TEST-ONLY: the bit of `Shared::fault` that asks for a forbidden system
+/// call rather than a panic.
+#[cfg(debug_assertions)]
+const SYSCALL_FAULT: usize = 1 << (usize::BITS - 1);
+
 /// What one worker publishes for other threads (see `Worker::publish`).
 #[derive(Default)]
 struct WorkerGauges {
@@ -177,10 +182,22 @@ impl Shared {
     }
     /// TEST-ONLY fault hook: panics if thread `index` was asked to (debug
     /// builds only; a release build has no such check).
+    /// With [`SYSCALL_FAULT`] set, the thread makes a system call outside
+    /// every seccomp list instead (see `crate::sandbox`).
     #[cfg(debug_assertions)]
     fn fault_point(&self, index: usize) {
-        if self.fault.load(Ordering::Relaxed) == index + 1 {
+        let f = self.fault.load(Ordering::Relaxed);
+        if f & !SYSCALL_FAULT == index + 1 {
             self.fault.store(0, Ordering::Relaxed);
+            if f & SYSCALL_FAULT != 0 {
+                let ppid = crate::sandbox::forbidden_syscall();
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "tapnat: test-only fault: getppid() = {ppid}, no seccomp filter stopped it"
+                );
+                return;
+            }
             panic!("test-only fault injected");
         }
     }
@@ -363,6 +380,21 @@ impl Gateway {
     #[cfg(debug_assertions)]
     pub fn inject_panic(&self, index: usize) {
         self.shared.fault.store(index + 1, Ordering::Relaxed);
+        match self.shared.wakers.get(index) {
+            Some(w) => w.wake(),
+            None => self.shared.ctrl_waker.wake(),
+        }
+    }
+
+    /// TEST-ONLY fault hook, debug builds only, like
+    /// [`Gateway::inject_panic`]: thread `index` makes a system call that no
+    /// seccomp list allows, so that the end-to-end tests (through `tapnat
+    /// run`'s SIGPWR, also debug-only) see the filter kill the process.
+    #[cfg(debug_assertions)]
+    pub fn inject_forbidden_syscall(&self, index: usize) {
+        self.shared
+            .fault
+            .store((index + 1) | SYSCALL_FAULT, Ordering::Relaxed);
         match self.shared.wakers.get(index) {
             Some(w) => w.wake(),
             None => self.shared.ctrl_waker.wake(),

@@ -305,7 +305,12 @@ fn spawn_workers(
         let shared = gw.shared.clone();
         let t = std::thread::Builder::new()
             .name(format!("tapnat-w{k}"))
-            .spawn(move || guarded(&shared, format!("worker {k}"), || w.run()))
+            .spawn(move || {
+                guarded(&shared, format!("worker {k}"), || {
+                    crate::sandbox::enter(crate::sandbox::Role::Worker);
+                    w.run()
+                })
+            })
             .map_err(GatewayError::Thread)?;
         gw.threads.push(t);
     }
@@ -318,7 +323,12 @@ fn spawn_control(gw: &mut Gateway, rx: Receiver<CtrlMsg>, seed: u64) -> Result<(
     let shared = gw.shared.clone();
     let t = std::thread::Builder::new()
         .name("tapnat-ctl".into())
-        .spawn(move || guarded(&shared, "control thread".into(), || ctl.run()))
+        .spawn(move || {
+            guarded(&shared, "control thread".into(), || {
+                crate::sandbox::enter(crate::sandbox::Role::Control);
+                ctl.run()
+            })
+        })
         .map_err(GatewayError::Thread)?;
     gw.threads.push(t);
     Ok(())

@@ -257,6 +257,7 @@ impl MetricsServer {
         std::thread::Builder::new()
             .name("tapnat-metrics".into())
             .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::Role::Metrics);
                 for conn in listener.incoming().flatten() {
                     if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
                         busy.fetch_sub(1, Ordering::AcqRel);

@@ -176,6 +176,7 @@ impl ControlSocket {
         std::thread::Builder::new()
             .name("tapnat-control".into())
             .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::Role::ControlSocket);
                 for conn in listener.incoming().flatten() {
                     if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
                         busy.fetch_sub(1, Ordering::AcqRel);
