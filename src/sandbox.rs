@@ -239,6 +239,15 @@ fn common(pid: u32) -> Vec<Allow> {
         Any(libc::SYS_close),
         // signal-hook's handler: send(fd, "X", 1, MSG_DONTWAIT).
         Any(libc::SYS_sendto),
+        // glibc's malloc reads /proc/sys/vm/overcommit_memory (read-only,
+        // O_CLOEXEC; then `read`, in every role's list) the first time it
+        // shrinks a thread arena's heap: a worker freeing memory after a
+        // flood was killed here.
+        ArgEq(
+            libc::SYS_openat,
+            2,
+            (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+        ),
     ];
     v.extend(poll());
     v
