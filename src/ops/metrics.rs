@@ -16,10 +16,11 @@
 //! - `tapnat_drops_total{reason}`: frames dropped, one reason per `drop_`
 //!   counter.
 //! - `tapnat_flows_created_total`, and
-//!   `tapnat_flows_destroyed_total{reason="timeout"|"evicted"|"flush"}`:
+//!   `tapnat_flows_destroyed_total{reason="timeout"|"evicted"|"flush"|"address_change"}`:
 //!   flows that expired, were evicted unreplied to make room in a full table
-//!   (conntrack's early drop), or were removed by an operator (`tapnat
-//!   flush`, a forward removed with its flows).
+//!   (conntrack's early drop), were removed by an operator (`tapnat
+//!   flush`, a forward removed with its flows), or lost their outside
+//!   address (`uplink.address = "dhcp"`: a new lease or none).
 //! - `tapnat_<counter>_total` for every other counter of `tapnat stats`.
 //! - Gauges: `tapnat_conntrack_entries`, `tapnat_conntrack_entries_limit`,
 //!   `tapnat_fragments_tracked` (datagrams in the fragment caches),
@@ -101,6 +102,7 @@ fn destroy_reason(c: Counter) -> Option<&'static str> {
         Counter::FlowsExpired => Some("timeout"),
         Counter::FlowsEvicted => Some("evicted"),
         Counter::FlowsFlushed => Some("flush"),
+        Counter::FlowsAddressChange => Some("address_change"),
         _ => None,
     }
 }
@@ -200,7 +202,7 @@ pub fn exposition(s: &Snapshot, gauges: Option<Gauges>) -> String {
         &mut out,
         s,
         "tapnat_flows_destroyed_total",
-        "Flows removed, by reason: timed out, evicted from a full table, flushed.",
+        "Flows removed, by reason: timed out, evicted from a full table, flushed, outside address gone.",
         "reason",
         destroy_reason,
     );

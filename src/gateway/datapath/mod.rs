@@ -260,6 +260,11 @@ impl Core {
 
     /// Rules changed at run time (forwards' steering): the next frame is
     /// classified with `a`.
+    /// The addressing this core translates with.
+    pub fn addressing(&self) -> &Arc<Addressing> {
+        &self.a
+    }
+
     pub fn set_addressing(&mut self, a: Arc<Addressing>) {
         self.a = a;
     }

@@ -60,6 +60,7 @@ pub(crate) fn addressing(uplink_mtu: usize) -> Addressing {
         uplink_mac: mac_for(EXT, 1),
         uplink_net: net(EXT, 24),
         uplink_gateway: GW,
+        dhcp: false,
         uplink_mtu,
         masquerade: vec![MasqueradeRule {
             source: net(Ipv4Addr::new(10, 244, 0, 0), 16),

@@ -111,7 +111,7 @@ impl Drop for Running {
 #[test]
 fn frames_in_on_one_side_come_out_translated_on_the_other() {
     let mut w = Running::start(ONE);
-    let a = w.shared.addressing.clone();
+    let a = w.shared.addressing();
     let q = build::udp(&pod_ep(&a, POD, REMOTE), 5353, 53, b"query", true);
     w.pod.inject(&q);
     let out = Running::one_out(&w.uplink);
@@ -136,7 +136,7 @@ fn frames_in_on_one_side_come_out_translated_on_the_other() {
 #[test]
 fn the_worker_writes_the_icmp_errors_the_core_decides() {
     let mut w = Running::start(ONE);
-    let a = w.shared.addressing.clone();
+    let a = w.shared.addressing();
     let mut e = pod_ep(&a, POD, REMOTE);
     e.ttl = 1;
     w.pod.inject(&build::udp(&e, 1000, 53, b"q", true));
@@ -153,7 +153,7 @@ fn the_worker_writes_the_icmp_errors_the_core_decides() {
 #[test]
 fn unknown_next_hops_and_local_frames_go_to_the_control_thread() {
     let w = Running::start(ONE);
-    let a = w.shared.addressing.clone();
+    let a = w.shared.addressing();
     w.pod
         .inject(&build::udp(&pod_ep(&a, POD, ON_LINK), 5353, 53, b"q", true));
     let mut saw_resolve = false;
@@ -275,7 +275,7 @@ fn the_worker_counts_bytes_and_removed_flows_and_publishes_its_gauges() {
         max_flows: 1,
         ..ONE
     });
-    let a = w.shared.addressing.clone();
+    let a = w.shared.addressing();
     let shared = w.shared.clone();
     let gauge =
         |which: fn(&WorkerGauges) -> &AtomicU64| which(&shared.gauges[0]).load(Ordering::Relaxed);
