@@ -54,6 +54,11 @@ impl phy::Device for QueueDevice {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.mtu + 14;
+        // With offload on, the kernel hands a TAP UDP datagrams with only a
+        // partial checksum (virtio NEEDS_CSUM), which smoltcp would reject;
+        // the only UDP fed here is DHCP (picked by port), so the UDP
+        // checksum is computed on what smoltcp sends, not verified.
+        caps.checksum.udp = smoltcp::phy::Checksum::Tx;
         caps
     }
 }

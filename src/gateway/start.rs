@@ -89,7 +89,7 @@ pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
             config.pod.address,
             config.masquerade.iter().map(|r| r.source).collect(),
             config.uplink.gateway,
-            config.uplink.dhcp_max_lease.map(|d| ms(d)),
+            config.uplink.dhcp_max_lease.map(ms),
         ),
         max_lease: config.uplink.dhcp_max_lease,
     });

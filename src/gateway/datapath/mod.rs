@@ -266,6 +266,8 @@ impl Core {
     }
 
     pub fn set_addressing(&mut self, a: Arc<Addressing>) {
+        // The next hop may be another (a new DHCP lease): its MAC, if known.
+        self.gateway_mac = self.neighbours.get(&a.uplink_gateway).copied();
         self.a = a;
     }
 
