@@ -20,8 +20,9 @@ use tapnat::gateway::stats::Counter;
 use tapnat::gateway::Gateway;
 use tapnat::lab::{Lab, Netns, POD_IP, SERVER_IP};
 use tapnat::net::PortRange;
-use tapnat::ops::record::DhcpRecord;
+use tapnat::ops::live::Live;
 use tapnat::ops::report;
+use tapnat::ops::socket::{respond, Request, Response};
 
 /// The DHCP server's address on the uplink, and so the leases' router.
 const ROUTER: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
@@ -209,11 +210,14 @@ fn the_outside_address_follows_the_dhcp_lease_and_old_flows_are_flushed() {
         assert!(Instant::now() < deadline, "no drop_no_lease counted");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let text = report::stats_lines(&tapnat::ops::record::StatsRecord {
-        dhcp: DhcpRecord::of(&gw.observer()),
-        ..tapnat::ops::record::StatsRecord::from(&gw.stats())
-    });
+    let live = Live::new(gw.observer(), &config);
+    let stats = || match respond(Request::Stats, &live) {
+        Response::Stats(s) => s,
+        other => panic!("{other:?}"),
+    };
+    let text = report::stats_lines(&stats());
     assert!(text.starts_with("uplink lease: none (DHCP)"), "{text}");
+    assert!(report::json(&stats()).contains("\"lease\": null"));
 
     let first = Dnsmasq::start(&lab.ext, &up, 50, 59, "a");
     let lease = wait_lease(&gw, Duration::from_secs(15), |_| true);
@@ -231,14 +235,17 @@ fn the_outside_address_follows_the_dhcp_lease_and_old_flows_are_flushed() {
         leases.contains(&a1.to_string()) && leases.to_lowercase().contains(&mac.to_lowercase()),
         "lease file lacks {a1} {mac}:\n{leases}"
     );
-    let rec = DhcpRecord::of(&gw.observer()).unwrap();
-    let text = report::lease_line(&rec);
+    // What `tapnat stats` prints (text and JSON), from the socket's handler.
+    let text = report::stats_lines(&stats());
     assert!(
         text.starts_with(&format!(
             "uplink lease: {a1}/24 via {ROUTER} from {ROUTER}, "
         )),
         "{text}"
     );
+    let json: serde_json::Value = serde_json::from_str(&report::json(&stats())).unwrap();
+    assert_eq!(json["dhcp"]["lease"]["address"], format!("{a1}/24"));
+    assert!(json["dhcp"]["lease"]["secs_left"].as_u64().unwrap() <= MAX_LEASE.as_secs());
 
     // Flows on the first address: UDP and TCP, and the forward on it.
     assert_eq!(udp_source_seen(&lab, &pod_udp, &server_udp), a1);
@@ -296,12 +303,14 @@ fn the_outside_address_follows_the_dhcp_lease_and_old_flows_are_flushed() {
         !forward_reaches_pod(&lab, &pod_listener, a1),
         "forward still on {a1}"
     );
-    let text = report::lease_line(&DhcpRecord::of(&gw.observer()).unwrap());
+    let text = report::stats_lines(&stats());
+    assert!(text.contains("flows_address_change"), "{text}");
     assert!(
         text.starts_with(&format!("uplink lease: {a2}/24 via {ROUTER}")),
         "{text}"
     );
     drop(second);
+    drop(live);
     gw.stop();
     assert!(
         started.elapsed() < Duration::from_secs(60),
