@@ -564,6 +564,11 @@ fn run(args: &[String]) -> Result<(), MainError> {
                 fragments_tracked,
                 fragments_held,
                 neighbours: observer.neighbour_count(),
+                dhcp_lease_seconds: observer.addressing().dhcp.then(|| {
+                    observer
+                        .lease()
+                        .map_or(0, |l| l.secs_left(observer.now_ms()))
+                }),
             };
             metrics::exposition(&observer.stats(), Some(gauges))
         }) {

@@ -26,7 +26,8 @@
 //!   `tapnat_fragments_tracked` (datagrams in the fragment caches),
 //!   `tapnat_fragments_held` (fragments waiting for their first fragment),
 //!   `tapnat_neighbours` (the neighbour table's entries); each at most one
-//!   loop iteration of its thread old.
+//!   loop iteration of its thread old. With `uplink.address = "dhcp"` also
+//!   `tapnat_dhcp_lease_seconds` (time left on the lease, 0 without one).
 //!
 //! The listener is written by hand rather than taken from an HTTP crate: it
 //! serves one read-only path, one request per connection, and needs no
@@ -60,6 +61,8 @@ pub struct Gauges {
     pub fragments_held: u64,
     /// Entries of the neighbour table.
     pub neighbours: u64,
+    /// With `uplink.address = "dhcp"`: seconds left on the lease (0: none).
+    pub dhcp_lease_seconds: Option<u64>,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -166,6 +169,14 @@ pub fn exposition(s: &Snapshot, gauges: Option<Gauges>) -> String {
             "Entries of the neighbour (IP to MAC) table.",
             g.neighbours,
         );
+        if let Some(left) = g.dhcp_lease_seconds {
+            gauge(
+                o,
+                "tapnat_dhcp_lease_seconds",
+                "Seconds left on the uplink's DHCP lease (0: no lease).",
+                left,
+            );
+        }
     }
     family(
         &mut out,
@@ -371,6 +382,7 @@ mod tests {
                 fragments_tracked: 2,
                 fragments_held: 3,
                 neighbours: 5,
+                dhcp_lease_seconds: Some(57),
             }),
         );
         check_format(&text);
@@ -391,6 +403,7 @@ mod tests {
             "tapnat_fragments_tracked 2\n",
             "tapnat_fragments_held 3\n",
             "tapnat_neighbours 5\n",
+            "tapnat_dhcp_lease_seconds 57\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
