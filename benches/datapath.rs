@@ -38,6 +38,7 @@ fn addressing() -> Addressing {
         uplink_net: net(EXT, 24),
         uplink_gateway: GW,
         uplink_mtu: 1500,
+        dhcp: false,
         masquerade: vec![MasqueradeRule {
             source: net(Ipv4Addr::new(10, 244, 0, 0), 16),
             exclude: vec![net(Ipv4Addr::new(10, 244, 0, 0), 16)],

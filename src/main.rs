@@ -592,6 +592,11 @@ fn run(args: &[String]) -> Result<(), MainError> {
                 fragments_tracked,
                 fragments_held,
                 neighbours: observer.neighbour_count(),
+                dhcp_lease_seconds: observer.addressing().dhcp.then(|| {
+                    observer
+                        .lease()
+                        .map_or(0, |l| l.secs_left(observer.now_ms()))
+                }),
             };
             metrics::exposition(&observer.stats(), Some(gauges))
         }) {
@@ -605,15 +610,21 @@ fn run(args: &[String]) -> Result<(), MainError> {
     // Set up: the main thread gives up its privilege last.
     sandbox::try_enter(Role::Main).map_err(MainError::Sandbox)?;
     let a = gw.addressing();
+    // With DHCP the address and next hop come later (logged then).
+    let (uplink_addr, via) = if a.has_address() {
+        (a.uplink_net.to_string(), a.uplink_gateway.to_string())
+    } else {
+        ("dhcp".to_string(), "the lease's router".to_string())
+    };
     say!(
         "tapnat: running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s){}",
         config.pod.tap,
         a.pod_net,
         a.pod_mac,
         config.uplink.tap,
-        a.uplink_net,
+        uplink_addr,
         a.uplink_mac,
-        a.uplink_gateway,
+        via,
         gw.workers(),
         if gw.workers() > 1 && !gw.steering() {
             " (no eBPF queue steering: a new flow's first packets may take a hand-off)"
@@ -623,7 +634,7 @@ fn run(args: &[String]) -> Result<(), MainError> {
     );
     // systemd `Type=notify`: ready once the devices are up and the workers
     // run (a no-op without $NOTIFY_SOCKET).
-    let status = format!("forwarding {} -> {}", a.pod_net, a.uplink_net);
+    let status = format!("forwarding {} -> {}", a.pod_net, uplink_addr);
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     let outcome = wait(&gw, &events, || reload(&f, &live));
     signal_handle.close();

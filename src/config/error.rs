@@ -93,6 +93,10 @@ pub enum Reason {
         value: String,
         expected: &'static [&'static str],
     },
+    /// A SNAT pool while `uplink.address = "dhcp"`: the pool must lie in the
+    /// uplink subnet, which only a lease names.
+    #[error("a SNAT pool needs a fixed uplink.address (its subnet); with uplink.address = \"dhcp\" use [[masquerade]]")]
+    PoolWithDhcp,
     /// `uplink.kind = "raw"`, which this version does not build yet.
     #[error("\"raw\" (AF_PACKET on an existing interface) is not supported yet by this version; use \"tap\"")]
     RawUplink,

@@ -84,6 +84,34 @@ pub enum UplinkKind {
     Tap,
 }
 
+/// `uplink.address`: a fixed address, or one a DHCPv4 server leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UplinkAddress {
+    /// `"203.0.113.10/24"`: the address with the uplink subnet's prefix.
+    Static(Ipv4Net),
+    /// `"dhcp"`: the address, prefix and next hop come from a lease.
+    Dhcp,
+}
+
+impl UplinkAddress {
+    /// The fixed address, `None` with DHCP.
+    pub fn fixed(&self) -> Option<Ipv4Net> {
+        match *self {
+            UplinkAddress::Static(net) => Some(net),
+            UplinkAddress::Dhcp => None,
+        }
+    }
+}
+
+impl std::fmt::Display for UplinkAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UplinkAddress::Static(net) => write!(f, "{net}"),
+            UplinkAddress::Dhcp => f.write_str("dhcp"),
+        }
+    }
+}
+
 /// The `[pod]` table: the inside.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodConfig {
@@ -99,8 +127,14 @@ pub struct PodConfig {
 pub struct UplinkConfig {
     pub kind: UplinkKind,
     pub tap: String,
-    pub address: Ipv4Net,
+    pub address: UplinkAddress,
+    /// The next hop; with [`UplinkAddress::Dhcp`] only a fallback for a
+    /// lease that names no router (and only when inside the leased subnet).
     pub gateway: Ipv4Addr,
+    /// Not a config key: caps the lease time the DHCP server grants, so
+    /// that renewals come sooner (the end-to-end test sets it, as dnsmasq
+    /// grants no lease under 2 minutes). `None`: the server's lease time.
+    pub dhcp_max_lease: Option<std::time::Duration>,
     /// `None`: the namespace tapnat runs in.
     pub netns: Option<PathBuf>,
     pub mtu: u16,

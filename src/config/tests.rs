@@ -26,7 +26,8 @@ pub(super) fn expected_default() -> Config {
         uplink: UplinkConfig {
             kind: UplinkKind::Tap,
             tap: "tapnat1".into(),
-            address: net("203.0.113.10/24"),
+            address: crate::config::UplinkAddress::Static(net("203.0.113.10/24")),
+            dhcp_max_lease: None,
             gateway: Ipv4Addr::new(203, 0, 113, 1),
             netns: None,
             mtu: 1500,

@@ -4,7 +4,7 @@ use super::{
     error::{at, AddressForm, Overlap, Reason, Side},
     reader::Table,
     values::{self, net_of},
-    ConfigError, PodConfig, UplinkConfig, UplinkKind, MAX_MTU, MIN_MTU,
+    ConfigError, PodConfig, UplinkAddress, UplinkConfig, UplinkKind, MAX_MTU, MIN_MTU,
 };
 
 pub(super) struct Raw {
@@ -40,20 +40,20 @@ pub(super) fn check(raw: Raw, pod: &PodConfig) -> Result<UplinkConfig, ConfigErr
             }))
         }
     };
-    let address = values::host_address(&raw.address).map_err(at("uplink.address"))?;
-    let gateway = next_hop(&raw.gateway, &address).map_err(at("uplink.gateway"))?;
-    if pod.address.overlaps(&address) {
-        return Err(at("uplink.address")(Reason::Overlaps {
-            value: net_of(&address).to_string(),
-            with: Overlap::PodSubnet,
-            other: net_of(&pod.address).to_string(),
-        }));
+    let address = address(&raw.address, pod)?;
+    let gateway = match address {
+        UplinkAddress::Static(net) => next_hop(&raw.gateway, &net),
+        // Only a fallback for a lease without a router: checked against
+        // the leased subnet when there is one.
+        UplinkAddress::Dhcp => values::ipv4(&raw.gateway, &raw.gateway, AddressForm::Address),
     }
+    .map_err(at("uplink.gateway"))?;
     let uplink = UplinkConfig {
         kind,
         tap: values::tap_name(raw.tap).map_err(at("uplink.tap"))?,
         address,
         gateway,
+        dhcp_max_lease: None,
         netns: values::netns(raw.netns).map_err(at("uplink.netns"))?,
         mtu: values::bounded(raw.mtu, MIN_MTU..=MAX_MTU, None).map_err(at("uplink.mtu"))?,
     };
@@ -61,6 +61,23 @@ pub(super) fn check(raw: Raw, pod: &PodConfig) -> Result<UplinkConfig, ConfigErr
         return Err(at("uplink.tap")(Reason::SameTap { name: uplink.tap }));
     }
     Ok(uplink)
+}
+
+/// `uplink.address`: `"dhcp"`, or a host address with its prefix that
+/// does not overlap the pod subnet.
+fn address(s: &str, pod: &PodConfig) -> Result<UplinkAddress, ConfigError> {
+    if s == "dhcp" {
+        return Ok(UplinkAddress::Dhcp);
+    }
+    let address = values::host_address(s).map_err(at("uplink.address"))?;
+    if pod.address.overlaps(&address) {
+        return Err(at("uplink.address")(Reason::Overlaps {
+            value: net_of(&address).to_string(),
+            with: Overlap::PodSubnet,
+            other: net_of(&pod.address).to_string(),
+        }));
+    }
+    Ok(UplinkAddress::Static(address))
 }
 
 /// `uplink.gateway`: a host of the uplink subnet other than the gateway's
@@ -160,7 +177,10 @@ mod tests {
             "[uplink]\naddress = \"203.0.113.0/31\"\ngateway = \"203.0.113.1\"\n",
         )
         .unwrap();
-        assert_eq!(c.uplink.address, net("203.0.113.0/31"));
+        assert_eq!(
+            c.uplink.address,
+            crate::config::UplinkAddress::Static(net("203.0.113.0/31"))
+        );
     }
 
     #[test]
@@ -226,5 +246,29 @@ mod tests {
             e.to_string(),
             "config key `uplink.tap`: \"t\" is also pod.tap, in the same network namespace"
         );
+    }
+
+    #[test]
+    fn dhcp_address_and_its_limits() {
+        use crate::config::UplinkAddress;
+        let c = Config::from_toml_str("[uplink]\naddress = \"dhcp\"\n").unwrap();
+        assert_eq!(c.uplink.address, UplinkAddress::Dhcp);
+        assert_eq!(c.uplink.address.to_string(), "dhcp");
+        // The gateway is only a fallback: not checked against a subnet.
+        let c = Config::from_toml_str("[uplink]\naddress = \"dhcp\"\ngateway = \"192.0.2.1\"\n")
+            .unwrap();
+        assert_eq!(c.uplink.gateway, std::net::Ipv4Addr::new(192, 0, 2, 1));
+        let e = err("[uplink]\naddress = \"dhcp\"\ngateway = \"nope\"\n");
+        assert!(matches!(
+            reason(&e, "uplink.gateway"),
+            Reason::BadAddress { .. }
+        ));
+        let e = err(
+            "[uplink]\naddress = \"dhcp\"\n[[snat]]\nsource = \"10.244.1.0/24\"\nto = \"192.0.2.9\"\n",
+        );
+        assert_eq!(reason(&e, "snat[0].to"), &Reason::PoolWithDhcp);
+        assert_mentions(&e.to_string(), &["fixed uplink.address", "dhcp"]);
+        let e = err("[uplink]\naddress = \"DHCP\"\n");
+        assert!(matches!(reason(&e, "uplink.address"), Reason::BadCidr(_)));
     }
 }

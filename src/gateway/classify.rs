@@ -126,6 +126,11 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     if egress == Egress::Refuse {
         return Drop(Counter::DropSpoofedSource);
     }
+    // DHCP without a lease: nothing leaves by the uplink (pod to pod still
+    // goes).
+    if !a.has_address() && !a.pod_net.contains(view.dst) {
+        return Drop(Counter::DropNoLease);
+    }
     // Echo to the uplink address is the gateway's; TCP and UDP to an outside
     // address are hairpinned by the worker.
     if view.dst == a.uplink_ip() && matches!(view.l4, L4::IcmpEcho { request: true, .. }) {
@@ -163,8 +168,31 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     }
 }
 
+/// With `uplink.address = "dhcp"`: a DHCP server's reply (UDP 67 -> 68) to
+/// the client, broadcast or to the address it offers or leased. Without a
+/// lease any destination will do: an offer goes to the address offered.
+fn dhcp_reply(a: &Addressing, view: &Ipv4View) -> bool {
+    a.dhcp
+        && !view.is_fragment
+        && matches!(
+            view.l4,
+            L4::Udp {
+                sport: 67,
+                dport: 68,
+                ..
+            }
+        )
+        && (!a.has_address()
+            || view.dst == a.uplink_ip()
+            || view.dst.is_broadcast()
+            || view.dst == a.uplink_net.broadcast())
+}
+
 fn uplink(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     use Disposition::*;
+    if dhcp_reply(a, &view) {
+        return Local;
+    }
     let routed_back = !a.is_outside(view.dst) && a.egress(view.dst, view.src) == Egress::Route;
     if !a.is_outside(view.dst) && !routed_back {
         return Drop(Counter::DropNotForUs);
@@ -198,7 +226,7 @@ fn arp(a: &Addressing, side: Side, repr: ArpRepr) -> (Disposition, Sighting) {
         return (Disposition::Drop(Counter::DropBadArp), None);
     };
     let ours = match side {
-        Side::Pod => target == a.pod_ip() || target == a.uplink_ip(),
+        Side::Pod => a.is_local(target),
         Side::Uplink => a.is_outside(target),
     };
     let seen =
@@ -398,5 +426,126 @@ mod tests {
             classify(&a, Side::Pod, &out[..n]).0,
             Disposition::Drop(Counter::DropArpIgnored)
         );
+    }
+
+    fn dhcp_addressing() -> Addressing {
+        let mut c = Config::from_toml_str(DEFAULT_TOML).unwrap();
+        c.uplink.address = crate::config::UplinkAddress::Dhcp;
+        Addressing::from_config(&c)
+    }
+
+    #[test]
+    fn without_a_lease_nothing_leaves_and_no_arp_is_answered_but_dhcp_replies_come_in() {
+        let a = dhcp_addressing();
+        assert!(a.dhcp && !a.has_address());
+        let out = build::udp(
+            &ep(&a, Side::Pod, [10, 244, 0, 2], [198, 51, 100, 1]),
+            5,
+            6,
+            b"",
+            true,
+        );
+        assert_eq!(
+            classify(&a, Side::Pod, &out).0,
+            Disposition::Drop(Counter::DropNoLease)
+        );
+        // Pod to pod needs no lease.
+        let routed = build::udp(
+            &ep(&a, Side::Pod, [10, 244, 0, 2], [10, 244, 0, 3]),
+            5,
+            6,
+            b"",
+            true,
+        );
+        assert!(matches!(
+            classify(&a, Side::Pod, &routed).0,
+            Disposition::Transit { .. }
+        ));
+        // An offer, unicast to the address offered.
+        let offer = build::udp(
+            &ep(&a, Side::Uplink, [192, 0, 2, 1], [192, 0, 2, 50]),
+            67,
+            68,
+            b"x",
+            true,
+        );
+        assert_eq!(classify(&a, Side::Uplink, &offer).0, Disposition::Local);
+        let not_dhcp = build::udp(
+            &ep(&a, Side::Uplink, [192, 0, 2, 1], [192, 0, 2, 50]),
+            53,
+            68,
+            b"x",
+            true,
+        );
+        assert_eq!(
+            classify(&a, Side::Uplink, &not_dhcp).0,
+            Disposition::Drop(Counter::DropNotForUs)
+        );
+        let mut arp = [0u8; 64];
+        let n = wire::build_arp_request(
+            &mut arp,
+            EthernetAddress([2, 0, 0, 0, 0, 9]),
+            Ipv4Addr::new(192, 0, 2, 1),
+            Ipv4Addr::UNSPECIFIED,
+        );
+        assert_eq!(
+            classify(&a, Side::Uplink, &arp[..n]).0,
+            Disposition::Drop(Counter::DropArpIgnored)
+        );
+        // The same frames once leased: translated, and DHCP only to us.
+        let leased = a.with_uplink(Some((
+            "192.0.2.50/24".parse().unwrap(),
+            Ipv4Addr::new(192, 0, 2, 1),
+        )));
+        assert!(matches!(
+            classify(&leased, Side::Pod, &out).0,
+            Disposition::Transit { egress: Egress::Nat(ip), .. } if ip == Ipv4Addr::new(192, 0, 2, 50)
+        ));
+        assert_eq!(
+            classify(&leased, Side::Uplink, &offer).0,
+            Disposition::Local
+        );
+        let n = wire::build_arp_request(
+            &mut arp,
+            EthernetAddress([2, 0, 0, 0, 0, 9]),
+            Ipv4Addr::new(192, 0, 2, 1),
+            Ipv4Addr::new(192, 0, 2, 50),
+        );
+        assert_eq!(
+            classify(&leased, Side::Uplink, &arp[..n]).0,
+            Disposition::Local
+        );
+        let elsewhere = build::udp(
+            &ep(&a, Side::Uplink, [192, 0, 2, 1], [192, 0, 2, 51]),
+            67,
+            68,
+            b"x",
+            true,
+        );
+        assert_eq!(
+            classify(&leased, Side::Uplink, &elsewhere).0,
+            Disposition::Drop(Counter::DropNotForUs)
+        );
+        // A fixed address never takes DHCP replies for the local stack.
+        assert!(matches!(
+            classify(
+                &addressing(),
+                Side::Uplink,
+                &build::udp(
+                    &ep(
+                        &addressing(),
+                        Side::Uplink,
+                        [203, 0, 113, 1],
+                        [203, 0, 113, 10]
+                    ),
+                    67,
+                    68,
+                    b"x",
+                    true,
+                )
+            )
+            .0,
+            Disposition::Transit { port: 68, .. }
+        ));
     }
 }

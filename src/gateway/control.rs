@@ -11,8 +11,9 @@ use crossbeam_channel::{Receiver, Sender};
 use hashbrown::HashMap;
 use smoltcp::wire::EthernetAddress;
 
+use super::dhcp::{Change, LeaseState};
 use super::failure::Failure;
-use super::local::{Ask, LocalStack};
+use super::local::{Ask, DhcpEvent, LocalStack};
 use super::stats::{Counter, Counters};
 use super::{Buf, CtrlMsg, Shared, Side, WorkerMsg};
 use crate::device::Poller;
@@ -42,6 +43,15 @@ pub(super) struct Control {
     uplink_stack: LocalStack,
     neighbours: HashMap<Ipv4Addr, EthernetAddress>,
     pending: HashMap<Ipv4Addr, Pending>,
+    /// With `uplink.address = "dhcp"`: the lease in use (the client is a
+    /// socket on `uplink_stack`).
+    dhcp: Option<LeaseState>,
+}
+
+/// `uplink.address = "dhcp"`: the lease checks and the lease-time cap.
+pub(super) struct DhcpSetup {
+    pub(super) state: LeaseState,
+    pub(super) max_lease: Option<Duration>,
 }
 
 pub(super) fn tx_counter(side: Side) -> Counter {
@@ -58,25 +68,18 @@ impl Control {
         workers: Vec<Sender<WorkerMsg>>,
         rx: Receiver<CtrlMsg>,
         seed: u64,
+        dhcp: Option<DhcpSetup>,
     ) -> Control {
-        let a = &shared.addressing;
+        let a = shared.addressing();
         let now = shared.now_ms();
-        let pod_stack = LocalStack::new(
-            a.pod_mac,
-            &[(a.pod_ip(), a.pod_net.prefix_len), (a.uplink_ip(), 32)],
-            None,
-            a.pod_mtu,
-            now,
-            seed,
-        );
-        let uplink_stack = LocalStack::new(
-            a.uplink_mac,
-            &[(a.uplink_ip(), a.uplink_net.prefix_len)],
-            Some(a.uplink_gateway),
-            a.uplink_mtu,
-            now,
-            seed ^ 1,
-        );
+        let pod_stack =
+            LocalStack::new(a.pod_mac, &pod_stack_addrs(&a), None, a.pod_mtu, now, seed);
+        let (addrs, gateway) = uplink_stack_addrs(&a);
+        let mut uplink_stack =
+            LocalStack::new(a.uplink_mac, &addrs, gateway, a.uplink_mtu, now, seed ^ 1);
+        if let Some(d) = &dhcp {
+            uplink_stack.start_dhcp(d.max_lease);
+        }
         Control {
             shared,
             c,
@@ -86,6 +89,7 @@ impl Control {
             uplink_stack,
             neighbours: HashMap::new(),
             pending: HashMap::new(),
+            dhcp: dhcp.map(|d| d.state),
         }
     }
 
@@ -98,8 +102,10 @@ impl Control {
             .as_ref()
             .map(|(w, paths)| (poller.add(w.poll_fd()), w, paths));
         // Ask for the next hop's MAC at once, so the first packet out does not wait.
-        let gw = self.shared.addressing.uplink_gateway;
-        self.send_arp_request(Side::Uplink, gw);
+        let a = self.shared.addressing();
+        if a.has_address() {
+            self.send_arp_request(Side::Uplink, a.uplink_gateway);
+        }
         while !self.shared.stop.load(Ordering::Relaxed) {
             #[cfg(debug_assertions)]
             self.shared.fault_point(self.workers.len());
@@ -123,6 +129,7 @@ impl Control {
                 self.handle(msg);
             }
             self.retry_pending();
+            self.dhcp_poll();
             self.shared
                 .neighbours
                 .store(self.neighbours.len() as u64, Ordering::Relaxed);
@@ -166,7 +173,7 @@ impl Control {
                 target_protocol_addr: target,
                 ..
             })) => {
-                let a = &self.shared.addressing;
+                let a = self.shared.addressing();
                 let on_link = a.net(side).contains(ip) && ip != a.ip(side);
                 if on_link && mac.is_unicast() {
                     self.learn(ip, mac);
@@ -180,7 +187,6 @@ impl Control {
                     self.c.inc(Counter::DropLocalRateLimited);
                     return;
                 }
-                let a = &self.shared.addressing;
                 let smoltcp_has =
                     target == a.ip(side) || (side == Side::Pod && target == a.uplink_ip());
                 if !(on_link && smoltcp_has) {
@@ -240,7 +246,7 @@ impl Control {
     }
 
     fn send_to(&self, side: Side, mac: EthernetAddress, mut buf: Buf) {
-        wire::set_macs(buf.frame_mut(), mac, self.shared.addressing.mac(side));
+        wire::set_macs(buf.frame_mut(), mac, self.shared.addressing().mac(side));
         match self.shared.send_buf(side, QUEUE, &buf) {
             Ok(()) => self.c.inc(tx_counter(side)),
             Err(_) => self.c.inc(Counter::TapWriteFails),
@@ -306,7 +312,7 @@ impl Control {
     }
 
     fn send_arp_request(&self, side: Side, target: Ipv4Addr) {
-        let a = &self.shared.addressing;
+        let a = self.shared.addressing();
         let mut out = [0u8; wire::ARP_FRAME_MAX];
         let n = wire::build_arp_request(&mut out, a.mac(side), a.ip(side), target);
         match self.shared.send_frame(side, QUEUE, &out[..n]) {
@@ -315,6 +321,113 @@ impl Control {
                 self.c.inc(tx_counter(side));
             }
             Err(_) => self.c.inc(Counter::TapWriteFails),
+        }
+    }
+}
+
+/// The pod stack answers ping on the gateway's pod address and on the
+/// outside address (when there is one).
+fn pod_stack_addrs(a: &super::Addressing) -> Vec<(Ipv4Addr, u8)> {
+    let mut v = vec![(a.pod_ip(), a.pod_net.prefix_len)];
+    if a.has_address() {
+        v.push((a.uplink_ip(), 32));
+    }
+    v
+}
+
+/// The uplink stack's address and default route; none without a lease.
+fn uplink_stack_addrs(a: &super::Addressing) -> (Vec<(Ipv4Addr, u8)>, Option<Ipv4Addr>) {
+    if a.has_address() {
+        (
+            vec![(a.uplink_ip(), a.uplink_net.prefix_len)],
+            Some(a.uplink_gateway),
+        )
+    } else {
+        (Vec::new(), None)
+    }
+}
+
+/// A line on stderr (a closed stderr is ignored): the few DHCP events
+/// that change the outside address, once each.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "tapnat: {line}");
+}
+
+impl Control {
+    /// With DHCP: lets the client send what is due and applies its news.
+    fn dhcp_poll(&mut self) {
+        if self.dhcp.is_none() {
+            return;
+        }
+        let now = self.shared.now_ms();
+        let mut sent = 0;
+        for out in self.uplink_stack.poll(now) {
+            match self.shared.send_frame(Side::Uplink, QUEUE, &out) {
+                Ok(()) => sent += 1,
+                Err(_) => self.c.inc(Counter::TapWriteFails),
+            }
+        }
+        self.c.add(tx_counter(Side::Uplink), sent);
+        while let Some(event) = self.uplink_stack.dhcp_event() {
+            let Some(state) = self.dhcp.as_mut() else {
+                return;
+            };
+            let change = match event {
+                DhcpEvent::Configured(offer) => {
+                    let (change, refused) = state.configured(offer, now);
+                    if let Some(why) = refused {
+                        say(format_args!(
+                            "DHCP lease of {} not used: {why}",
+                            offer.address
+                        ));
+                    }
+                    change
+                }
+                DhcpEvent::Deconfigured => state.deconfigured(),
+            };
+            let lease = state.current();
+            *self
+                .shared
+                .lease
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = lease;
+            if let Change::Readdress { old, new } = change {
+                self.readdress(old, new);
+            }
+        }
+    }
+
+    /// The outside address or next hop changed: both stacks and every
+    /// worker take the new one (the workers flush the flows on the old
+    /// address and move the forwards, see `Worker::readdress`).
+    fn readdress(
+        &mut self,
+        old: Option<crate::net::Ipv4Net>,
+        new: Option<(crate::net::Ipv4Net, Ipv4Addr)>,
+    ) {
+        let (_, a) = self
+            .shared
+            .publish_addressing(&self.workers, |cur| cur.with_uplink(new));
+        let (addrs, gateway) = uplink_stack_addrs(&a);
+        self.uplink_stack.set_addrs(&addrs, gateway);
+        self.pod_stack.set_addrs(&pod_stack_addrs(&a), None);
+        self.c.inc(Counter::UplinkAddressChanges);
+        match (old, new) {
+            (None, Some((net, gw))) => say(format_args!("uplink address {net} via {gw} (DHCP)")),
+            (Some(o), Some((net, gw))) if o.addr != net.addr => say(format_args!(
+                "uplink address changed from {o} to {net} via {gw} (DHCP): flows on {} flushed",
+                o.addr
+            )),
+            (Some(_), Some((_, gw))) => say(format_args!("uplink next hop now {gw} (DHCP)")),
+            (Some(o), None) => say(format_args!(
+                "uplink DHCP lease of {o} lost: flows on {} flushed; outbound traffic is dropped until a new lease",
+                o.addr
+            )),
+            (None, None) => {}
+        }
+        if let Some((_, gw)) = new {
+            self.send_arp_request(Side::Uplink, gw);
         }
     }
 }

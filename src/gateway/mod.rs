@@ -31,6 +31,7 @@ mod buf;
 mod classify;
 mod control;
 pub mod datapath;
+pub mod dhcp;
 pub(crate) mod failure;
 mod live;
 mod local;
@@ -40,7 +41,7 @@ mod worker;
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -121,7 +122,13 @@ type Queues = Vec<Box<dyn FrameIo>>;
 
 /// What the workers and the control thread share.
 pub(crate) struct Shared {
-    addressing: Arc<Addressing>,
+    /// The addressing now: replaced whole on a reload or a new DHCP lease
+    /// (never read per packet: each worker's core has its own copy, sent
+    /// with `WorkerMsg::Addressing`). See [`Shared::publish_addressing`].
+    addressing: RwLock<Arc<Addressing>>,
+    /// The DHCP lease in use (`uplink.address = "dhcp"`), as the control
+    /// thread last stored it.
+    lease: Mutex<Option<dhcp::Lease>>,
     /// Queue k of each device belongs to worker k; the control thread
     /// writes on queue 0.
     pod: Queues,
@@ -174,6 +181,37 @@ struct WorkerGauges {
 }
 
 impl Shared {
+    /// The addressing now.
+    fn addressing(&self) -> Arc<Addressing> {
+        self.addressing
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+    /// Replaces the addressing with what `make` builds from the current one
+    /// and sends it to every worker, holding the lock until all are sent
+    /// so that two publishers (a reload, a lease change) reach every worker
+    /// in the order they stored. Workers never take this lock, and the
+    /// control thread's channel is unbounded, so the sends cannot wait on
+    /// the lock. Returns the old and the new addressing.
+    fn publish_addressing(
+        &self,
+        workers: &[Sender<WorkerMsg>],
+        make: impl FnOnce(&Addressing) -> Addressing,
+    ) -> (Arc<Addressing>, Arc<Addressing>) {
+        let mut cur = self
+            .addressing
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let new = Arc::new(make(&cur));
+        let old = std::mem::replace(&mut *cur, new.clone());
+        for (k, w) in workers.iter().enumerate() {
+            if w.send(WorkerMsg::Addressing(new.clone())).is_ok() {
+                self.wakers[k].wake();
+            }
+        }
+        (old, new)
+    }
     fn name(&self, side: Side) -> &str {
         match side {
             Side::Pod => &self.names[0],
@@ -311,6 +349,21 @@ impl Observer {
         self.shared.neighbours.load(Ordering::Relaxed)
     }
 
+    /// The DHCP lease in use and the gateway clock (ms) to read its time
+    /// left against; `None` without a lease.
+    pub fn lease(&self) -> Option<dhcp::Lease> {
+        *self
+            .shared
+            .lease
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The gateway clock (ms since start), as [`dhcp::Lease`] times are.
+    pub fn now_ms(&self) -> u64 {
+        self.shared.now_ms()
+    }
+
     fn sum_gauges(&self, field: impl Fn(&WorkerGauges) -> &AtomicU64) -> u64 {
         self.shared
             .gauges
@@ -327,9 +380,15 @@ impl Gateway {
         start::start(config)
     }
 
-    /// The gateway's addresses, MACs and rules.
-    pub fn addressing(&self) -> &Addressing {
-        &self.shared.addressing
+    /// The gateway's addresses, MACs and rules now.
+    pub fn addressing(&self) -> Arc<Addressing> {
+        self.shared.addressing()
+    }
+
+    /// The DHCP lease in use (`uplink.address = "dhcp"`); `None` without
+    /// one or with a fixed address.
+    pub fn lease(&self) -> Option<dhcp::Lease> {
+        self.observer().lease()
     }
 
     /// How many worker threads translate packets.

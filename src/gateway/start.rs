@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::buf::{buffer_layout, Buf, Pool};
-use super::control::Control;
+use super::control::{Control, DhcpSetup};
 use super::datapath::{Core, CoreParts};
+use super::dhcp::LeaseState;
 use super::failure::guarded;
 use super::stats::Counters;
 use super::worker::{Links, Worker};
@@ -93,7 +94,16 @@ pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
         threads: Vec::new(),
     };
     spawn_workers(&mut gateway, cores, receivers, &ctrl_tx)?;
-    spawn_control(&mut gateway, ctrl_rx, seed)?;
+    let dhcp = config.uplink.address.fixed().is_none().then(|| DhcpSetup {
+        state: LeaseState::new(
+            config.pod.address,
+            config.masquerade.iter().map(|r| r.source).collect(),
+            config.uplink.gateway,
+            config.uplink.dhcp_max_lease.map(ms),
+        ),
+        max_lease: config.uplink.dhcp_max_lease,
+    });
+    spawn_control(&mut gateway, ctrl_rx, seed, dhcp)?;
     Ok(gateway)
 }
 
@@ -191,7 +201,8 @@ impl Shared {
             .map_err(GatewayError::Waker)?;
         let gauges = (0..pod.len()).map(|_| Default::default()).collect();
         Ok(Shared {
-            addressing: Arc::new(addressing),
+            addressing: std::sync::RwLock::new(Arc::new(addressing)),
+            lease: std::sync::Mutex::new(None),
             pod,
             uplink,
             wakers,
@@ -236,10 +247,17 @@ fn flow_table(config: &Config, k: usize, n: usize, seed: u64) -> Result<FlowTabl
         },
         port_reuse_delay_ms: PORT_REUSE_DELAY_MS,
     });
+    let uplink_addr = config
+        .uplink
+        .address
+        .fixed()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED, |net| net.addr);
     for (proto, ext, to, to_port) in forwarded_ports(&config.forward) {
         if usize::from(ext) % n == k {
             table
-                .add_forward(proto, config.uplink.address.addr, ext, to, to_port)
+                // With DHCP the forwards wait on 0.0.0.0 (nobody's) and
+                // move to each leased address (see `Worker::readdress`).
+                .add_forward(proto, uplink_addr, ext, to, to_port)
                 .map_err(|e| GatewayError::Forward(ext, e))?;
         }
     }
@@ -278,7 +296,7 @@ fn build_shards(
         cores.push(Core::new(CoreParts {
             worker: k,
             workers: n,
-            addressing: shared.addressing.clone(),
+            addressing: shared.addressing(),
             table: flow_table(config, k, n, seed)?,
             frags,
             icmp_limit,
@@ -317,9 +335,14 @@ fn spawn_workers(
     Ok(())
 }
 
-fn spawn_control(gw: &mut Gateway, rx: Receiver<CtrlMsg>, seed: u64) -> Result<(), GatewayError> {
+fn spawn_control(
+    gw: &mut Gateway,
+    rx: Receiver<CtrlMsg>,
+    seed: u64,
+    dhcp: Option<DhcpSetup>,
+) -> Result<(), GatewayError> {
     let c = gw.counters[gw.workers.len()].clone();
-    let ctl = Control::new(gw.shared.clone(), c, gw.workers.clone(), rx, seed);
+    let ctl = Control::new(gw.shared.clone(), c, gw.workers.clone(), rx, seed, dhcp);
     let shared = gw.shared.clone();
     let t = std::thread::Builder::new()
         .name("tapnat-ctl".into())

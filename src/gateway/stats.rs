@@ -91,6 +91,12 @@ events {
     /// Flows removed by an operator: `tapnat flush`, or with a forward
     /// removed at run time.
     FlowsFlushed = "flows_flushed",
+    /// Flows removed because the outside address they used went away (a
+    /// new DHCP lease, or the lease lost), as MASQUERADE flushes them.
+    FlowsAddressChange = "flows_address_change",
+    /// Changes of the outside address by DHCP (a first lease, a new
+    /// address, a lost lease).
+    UplinkAddressChanges = "uplink_address_changes",
     /// ARP and ICMP echo frames handed to the gateway's own stack.
     LocalStackFrames = "local_stack_frames",
     /// ICMP errors the gateway originated (Time Exceeded).
@@ -103,6 +109,8 @@ events {
     IcmpErrorsRateLimited = "icmp_errors_rate_limited",
 }
 drops {
+    /// Outbound while `uplink.address = "dhcp"` has no lease yet.
+    DropNoLease = "drop_no_lease",
     /// Shorter than an Ethernet header.
     DropRunt = "drop_runt",
     /// Truncated or non-IPv4 ARP.

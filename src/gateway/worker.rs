@@ -12,7 +12,7 @@ use super::control::tx_counter;
 use super::datapath::{Action, Actions, Core, FragRewrite, Packet};
 use super::failure::{device_gone, Failure};
 use super::stats::{Counter, Counters};
-use super::{Buf, CtrlMsg, Shared, Side, WorkerMsg};
+use super::{Addressing, Buf, CtrlMsg, Shared, Side, WorkerMsg};
 use crate::device::Poller;
 use crate::nat::frag::FragKey;
 use crate::nat::TableStats;
@@ -170,7 +170,7 @@ impl Worker {
                 let _ = reply.send(n);
             }
             WorkerMsg::Forwards(change, reply) => self.change_forwards(&change, reply),
-            WorkerMsg::Addressing(a) => self.core.set_addressing(a),
+            WorkerMsg::Addressing(a) => self.readdress(a),
             WorkerMsg::Limits(l) => {
                 self.core
                     .table_mut()
@@ -186,15 +186,52 @@ impl Worker {
         c: &super::live::ForwardChange,
         reply: Sender<super::live::ForwardReply>,
     ) {
+        // With DHCP the address may have changed since the change was
+        // made: forwards go on the address this worker translates to now.
+        let ext_addr = match self.core.addressing() {
+            a if a.dhcp => a.uplink_ip(),
+            _ => c.ext_addr,
+        };
         let r = self
             .core
             .table_mut()
-            .change_forwards(&c.remove, &c.add, c.ext_addr, c.dry_run);
+            .change_forwards(&c.remove, &c.add, ext_addr, c.dry_run);
         if let (Ok(n), false) = (&r, c.dry_run) {
             // The removed forwards' flows went with them.
             self.c.add(Counter::FlowsFlushed, *n as u64);
         }
         let _ = reply.send(r);
+    }
+
+    /// New addressing (a reload, a DHCP lease). When the outside address
+    /// changed, every flow on the old one is flushed (MASQUERADE's
+    /// `masq_inet_event`) and the forwards move to the new one (to
+    /// `0.0.0.0`, nobody's, while there is no lease). Counted
+    /// `flows_address_change`.
+    fn readdress(&mut self, a: Arc<Addressing>) {
+        let old = self.core.addressing().clone();
+        if old.uplink_ip() != a.uplink_ip() {
+            let gone = old.uplink_ip();
+            let table = self.core.table_mut();
+            let mut n = if old.has_address() {
+                table.remove_where(|f| f.ext_addr == gone)
+            } else {
+                0
+            };
+            let ports: Vec<_> = a
+                .forward_targets
+                .iter()
+                .map(|(&(proto, to, to_port), &ext)| (proto, ext, to, to_port))
+                .collect();
+            let remove: Vec<_> = ports.iter().map(|&(p, ext, _, _)| (p, ext)).collect();
+            // The same ports, freed and taken back at once: nothing else
+            // can hold them, so this is not refused.
+            if let Ok(k) = table.change_forwards(&remove, &ports, a.uplink_ip(), false) {
+                n += k;
+            }
+            self.c.add(Counter::FlowsAddressChange, n as u64);
+        }
+        self.core.set_addressing(a);
     }
 
     /// Reads up to [`READ_BURST`] frames from our queue of `side`.
@@ -298,7 +335,7 @@ impl Worker {
                 buf,
             } => {
                 self.c.inc(why);
-                let a = &self.shared.addressing;
+                let a = self.core.addressing().clone();
                 let mut out = [0u8; ICMP_ERROR_FRAME_MAX];
                 let n =
                     wire::build_icmp_error(&mut out, buf.frame(), &view, a.mac(to), a.ip(to), kind);

@@ -244,7 +244,9 @@ impl Lab {
         self.pod.wait_for_link(pod_tap, Duration::from_secs(5))?;
         self.ext.wait_for_link(up_tap, Duration::from_secs(5))?;
         let pod_prefix = config.pod.address.prefix_len;
-        let up_prefix = config.uplink.address.prefix_len;
+        // With DHCP the external side is the lab's DHCP server, on
+        // uplink.gateway/24 (the leases it hands out are in that subnet).
+        let up_prefix = config.uplink.address.fixed().map_or(24, |n| n.prefix_len);
         self.pod
             .ip(&format!("addr add {POD_IP}/{pod_prefix} dev {pod_tap}"))?;
         self.pod.ip(&format!("link set {pod_tap} up"))?;

@@ -108,7 +108,7 @@ fn refusal(r: ForwardRefused, added: &[Forward]) -> String {
 impl Live {
     /// The state of a gateway just started with `config`.
     pub fn new(observer: Observer, config: &Config) -> Live {
-        let addressing = Arc::new(observer.addressing().clone());
+        let addressing = observer.addressing();
         Live {
             observer,
             state: Mutex::new(State {

@@ -16,16 +16,18 @@
 //! - `tapnat_drops_total{reason}`: frames dropped, one reason per `drop_`
 //!   counter.
 //! - `tapnat_flows_created_total`, and
-//!   `tapnat_flows_destroyed_total{reason="timeout"|"evicted"|"flush"}`:
+//!   `tapnat_flows_destroyed_total{reason="timeout"|"evicted"|"flush"|"address_change"}`:
 //!   flows that expired, were evicted unreplied to make room in a full table
-//!   (conntrack's early drop), or were removed by an operator (`tapnat
-//!   flush`, a forward removed with its flows).
+//!   (conntrack's early drop), were removed by an operator (`tapnat
+//!   flush`, a forward removed with its flows), or lost their outside
+//!   address (`uplink.address = "dhcp"`: a new lease or none).
 //! - `tapnat_<counter>_total` for every other counter of `tapnat stats`.
 //! - Gauges: `tapnat_conntrack_entries`, `tapnat_conntrack_entries_limit`,
 //!   `tapnat_fragments_tracked` (datagrams in the fragment caches),
 //!   `tapnat_fragments_held` (fragments waiting for their first fragment),
 //!   `tapnat_neighbours` (the neighbour table's entries); each at most one
-//!   loop iteration of its thread old.
+//!   loop iteration of its thread old. With `uplink.address = "dhcp"` also
+//!   `tapnat_dhcp_lease_seconds` (time left on the lease, 0 without one).
 //!
 //! The listener is written by hand rather than taken from an HTTP crate: it
 //! serves one read-only path, one request per connection, and needs no
@@ -59,6 +61,8 @@ pub struct Gauges {
     pub fragments_held: u64,
     /// Entries of the neighbour table.
     pub neighbours: u64,
+    /// With `uplink.address = "dhcp"`: seconds left on the lease (0: none).
+    pub dhcp_lease_seconds: Option<u64>,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -101,6 +105,7 @@ fn destroy_reason(c: Counter) -> Option<&'static str> {
         Counter::FlowsExpired => Some("timeout"),
         Counter::FlowsEvicted => Some("evicted"),
         Counter::FlowsFlushed => Some("flush"),
+        Counter::FlowsAddressChange => Some("address_change"),
         _ => None,
     }
 }
@@ -164,6 +169,14 @@ pub fn exposition(s: &Snapshot, gauges: Option<Gauges>) -> String {
             "Entries of the neighbour (IP to MAC) table.",
             g.neighbours,
         );
+        if let Some(left) = g.dhcp_lease_seconds {
+            gauge(
+                o,
+                "tapnat_dhcp_lease_seconds",
+                "Seconds left on the uplink's DHCP lease (0: no lease).",
+                left,
+            );
+        }
     }
     family(
         &mut out,
@@ -200,7 +213,7 @@ pub fn exposition(s: &Snapshot, gauges: Option<Gauges>) -> String {
         &mut out,
         s,
         "tapnat_flows_destroyed_total",
-        "Flows removed, by reason: timed out, evicted from a full table, flushed.",
+        "Flows removed, by reason: timed out, evicted from a full table, flushed, outside address gone.",
         "reason",
         destroy_reason,
     );
@@ -370,6 +383,7 @@ mod tests {
                 fragments_tracked: 2,
                 fragments_held: 3,
                 neighbours: 5,
+                dhcp_lease_seconds: Some(57),
             }),
         );
         check_format(&text);
@@ -390,6 +404,7 @@ mod tests {
             "tapnat_fragments_tracked 2\n",
             "tapnat_fragments_held 3\n",
             "tapnat_neighbours 5\n",
+            "tapnat_dhcp_lease_seconds 57\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

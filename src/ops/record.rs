@@ -71,6 +71,47 @@ impl From<&Flow> for FlowRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsRecord {
     pub counters: BTreeMap<String, u64>,
+    /// With `uplink.address = "dhcp"` only: the lease in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<DhcpRecord>,
+}
+
+/// The DHCP client's state, as `tapnat stats` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DhcpRecord {
+    /// `None` (JSON `null`): no lease, outbound traffic is dropped.
+    pub lease: Option<LeaseRecord>,
+}
+
+/// One DHCP lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// The outside address with the leased subnet's prefix (`A.B.C.D/N`).
+    pub address: String,
+    /// The next hop.
+    pub router: Ipv4Addr,
+    /// The DHCP server that granted it.
+    pub server: Ipv4Addr,
+    /// Seconds until the lease ends (it is renewed at about half of it).
+    pub secs_left: u64,
+}
+
+impl DhcpRecord {
+    /// A running gateway's DHCP state; `None` with a fixed address.
+    pub fn of(observer: &crate::gateway::Observer) -> Option<DhcpRecord> {
+        if !observer.addressing().dhcp {
+            return None;
+        }
+        let now = observer.now_ms();
+        Some(DhcpRecord {
+            lease: observer.lease().map(|l| LeaseRecord {
+                address: l.address.to_string(),
+                router: l.router,
+                server: l.server,
+                secs_left: l.secs_left(now),
+            }),
+        })
+    }
 }
 
 impl From<&Snapshot> for StatsRecord {
@@ -80,6 +121,7 @@ impl From<&Snapshot> for StatsRecord {
                 .iter()
                 .map(|c| (c.name().to_string(), s.get(*c)))
                 .collect(),
+            dhcp: None,
         }
     }
 }

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::filter::FlowFilter;
 use super::live::Live;
-use super::record::{FlowRecord, ForwardRecord, StatsRecord};
+use super::record::{DhcpRecord, FlowRecord, ForwardRecord, StatsRecord};
 use crate::device::sys;
 
 /// Where `tapnat run` listens and the client commands ask by default.
@@ -232,7 +232,10 @@ pub fn respond(request: Request, live: &Live) -> Response {
                 .filter(|f| filter.matches(f))
                 .collect(),
         ),
-        Request::Stats => Response::Stats(StatsRecord::from(&observer.stats())),
+        Request::Stats => Response::Stats(StatsRecord {
+            dhcp: DhcpRecord::of(observer),
+            ..StatsRecord::from(&observer.stats())
+        }),
         Request::Flush { filter } => Response::Flushed(live.flush(&filter)),
         Request::ForwardAdd { protocol, port, to } => {
             match live.forward_add(&protocol, &port, &to) {

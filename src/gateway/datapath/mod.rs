@@ -271,7 +271,14 @@ impl Core {
 
     /// Rules changed at run time (forwards' steering): the next frame is
     /// classified with `a`.
+    /// The addressing this core translates with.
+    pub fn addressing(&self) -> &Arc<Addressing> {
+        &self.a
+    }
+
     pub fn set_addressing(&mut self, a: Arc<Addressing>) {
+        // The next hop may be another (a new DHCP lease): its MAC, if known.
+        self.gateway_mac = self.neighbours.get(&a.uplink_gateway).copied();
         self.a = a;
     }
 

@@ -18,14 +18,14 @@ use crate::wire::{csum, fragment, Classified, ICMP_ERROR_FRAME_MAX};
 
 pub(crate) const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
-const TARGET: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 9);
+pub(crate) const TARGET: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 9);
 pub(crate) const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const EXCLUDED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 pub(crate) const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub(crate) const GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub(crate) const ON_LINK: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 77);
-const FORWARDED: u16 = 8080;
+pub(crate) const FORWARDED: u16 = 8080;
 pub(crate) const POD_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 2]);
 pub(crate) const GW_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 0xfe]);
 const PORT_UNREACHABLE: IcmpErrorKind = IcmpErrorKind {
@@ -60,6 +60,7 @@ pub(crate) fn addressing(uplink_mtu: usize) -> Addressing {
         uplink_mac: mac_for(EXT, 1),
         uplink_net: net(EXT, 24),
         uplink_gateway: GW,
+        dhcp: false,
         uplink_mtu,
         masquerade: vec![MasqueradeRule {
             source: net(Ipv4Addr::new(10, 244, 0, 0), 16),

@@ -178,6 +178,7 @@ impl World {
             uplink_mac: mac_for(EXT, 1),
             uplink_net: net(EXT, 24),
             uplink_gateway: GW,
+            dhcp: false,
             uplink_mtu,
             masquerade: vec![MasqueradeRule {
                 source: net(IP(10, 244, 0, 0), 16),
