@@ -34,6 +34,7 @@ pub mod datapath;
 pub(crate) mod failure;
 mod live;
 mod local;
+pub mod neighbour;
 mod start;
 pub mod stats;
 mod worker;
@@ -45,7 +46,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use smoltcp::wire::EthernetAddress;
 
 use crate::device::{FrameIo, TapError, Waker};
 use crate::nat::frag::FragKey;
@@ -64,8 +64,11 @@ use stats::{Counters, Snapshot};
 pub enum WorkerMsg {
     /// Packets this worker owns, read by another.
     Packets(Vec<Packet>),
-    /// A neighbour was learned or changed.
-    Neighbour(Ipv4Addr, EthernetAddress),
+    /// A neighbour was learned, changed, went stale or was removed.
+    Neighbour(Ipv4Addr, neighbour::News),
+    /// A frame the control thread made (an ICMP error to translate back
+    /// to its sender): handle it as if it had been read on `Side`.
+    Frame(Side, Buf),
     /// Send a copy of the flow table.
     Flows(Sender<Vec<Flow>>),
     /// The first fragment of a datagram this worker tracks was translated:
@@ -85,8 +88,9 @@ pub enum WorkerMsg {
 pub enum CtrlMsg {
     /// A frame for the gateway's own stack (ARP for it, echo request to it).
     Local { side: Side, buf: Buf },
-    /// A pod-side (address, MAC) the worker has not seen before.
-    Seen(Ipv4Addr, EthernetAddress),
+    /// What a worker noticed about a neighbour (ARP overheard, a stale
+    /// entry used or confirmed).
+    Neighbour(neighbour::Event),
     /// A translated frame whose next hop's MAC the worker does not know.
     Resolve {
         side: Side,
@@ -300,7 +304,17 @@ impl Gateway {
     /// Opens both devices and starts the workers and the control thread.
     /// The config must have been validated (see `Config::load`).
     pub fn start(config: &crate::config::Config) -> Result<Gateway, GatewayError> {
-        start::start(config)
+        start::start(config, neighbour::Params::LINUX)
+    }
+
+    /// As [`Gateway::start`] with other neighbour timers than Linux's
+    /// defaults: for tests that must see a neighbour age within seconds.
+    #[doc(hidden)]
+    pub fn start_with_neighbour_params(
+        config: &crate::config::Config,
+        params: neighbour::Params,
+    ) -> Result<Gateway, GatewayError> {
+        start::start(config, params)
     }
 
     /// The gateway's addresses, MACs and rules.

@@ -64,7 +64,10 @@ fn seed() -> u64 {
     t ^ (u64::from(std::process::id()) << 32)
 }
 
-pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
+pub(super) fn start(
+    config: &Config,
+    neighbours: super::neighbour::Params,
+) -> Result<Gateway, GatewayError> {
     let tuning = Tuning::from_config(config);
     let n = match config.workers.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -83,7 +86,7 @@ pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
         threads: Vec::new(),
     };
     spawn_workers(&mut gateway, cores, receivers, &ctrl_tx)?;
-    spawn_control(&mut gateway, ctrl_rx, seed)?;
+    spawn_control(&mut gateway, ctrl_rx, seed, neighbours)?;
     Ok(gateway)
 }
 
@@ -296,9 +299,21 @@ fn spawn_workers(
     Ok(())
 }
 
-fn spawn_control(gw: &mut Gateway, rx: Receiver<CtrlMsg>, seed: u64) -> Result<(), GatewayError> {
+fn spawn_control(
+    gw: &mut Gateway,
+    rx: Receiver<CtrlMsg>,
+    seed: u64,
+    neighbours: super::neighbour::Params,
+) -> Result<(), GatewayError> {
     let c = gw.counters[gw.workers.len()].clone();
-    let ctl = Control::new(gw.shared.clone(), c, gw.workers.clone(), rx, seed);
+    let ctl = Control::new(
+        gw.shared.clone(),
+        c,
+        gw.workers.clone(),
+        rx,
+        seed,
+        neighbours,
+    );
     let shared = gw.shared.clone();
     let t = std::thread::Builder::new()
         .name("tapnat-ctl".into())

@@ -154,7 +154,12 @@ impl Worker {
                     self.carry_out();
                 }
             }
-            WorkerMsg::Neighbour(ip, mac) => self.core.neighbour(ip, mac),
+            WorkerMsg::Neighbour(ip, news) => self.core.neighbour(ip, news),
+            WorkerMsg::Frame(side, buf) => {
+                let now = self.shared.now_ms();
+                self.core.frame(side, buf, now, &mut self.actions);
+                self.carry_out();
+            }
             WorkerMsg::Flows(reply) => {
                 let _ = reply.send(self.core.flows());
             }
@@ -284,7 +289,7 @@ impl Worker {
                 next_hop,
                 buf,
             }),
-            Action::Seen { ip, mac } => self.tell_control(CtrlMsg::Seen(ip, mac)),
+            Action::Neighbour(e) => self.tell_control(CtrlMsg::Neighbour(e)),
             Action::FragNews {
                 worker,
                 key,
