@@ -145,7 +145,10 @@ impl Control {
                 side,
                 next_hop,
                 buf,
-            } => self.resolve(side, next_hop, buf),
+            } => {
+                self.shared.resolving.fetch_sub(1, Ordering::Relaxed);
+                self.resolve(side, next_hop, buf)
+            }
         }
     }
 

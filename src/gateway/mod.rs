@@ -115,6 +115,11 @@ pub struct Tuning {
 /// larger ones (echo replies on a jumbo link) on the heap.
 const OWN_FRAME_STACK: usize = 2048;
 
+/// Frames in flight from the workers to the control thread for resolution:
+/// with the frames it holds (see [`neighbour::Params::max_held`]), this
+/// bounds the buffers a pod sending to unused addresses can pin.
+const RESOLVING_MAX: usize = 64;
+
 /// One queue of each device per worker.
 type Queues = Vec<Box<dyn FrameIo>>;
 
@@ -147,6 +152,9 @@ pub(crate) struct Shared {
     /// Entries of the control thread's (authoritative) neighbour table,
     /// stored by it once per loop iteration.
     neighbours: AtomicU64,
+    /// Frames on their way to the control thread to be resolved (at most
+    /// [`RESOLVING_MAX`]; a worker drops the ones beyond).
+    resolving: std::sync::atomic::AtomicUsize,
     /// TEST-ONLY fault hook (debug builds only, never in a release binary):
     /// thread index + 1 (workers 0..N, then the control thread) that is to
     /// panic at its next loop iteration; 0 = none. See `Gateway::inject_panic`.

@@ -199,6 +199,7 @@ impl Shared {
             failures: bounded(FAILURES_KEPT),
             gauges,
             neighbours: AtomicU64::new(0),
+            resolving: Default::default(),
             #[cfg(debug_assertions)]
             fault: std::sync::atomic::AtomicUsize::new(0),
         })

@@ -284,11 +284,19 @@ impl Worker {
                 side,
                 next_hop,
                 buf,
-            } => self.tell_control(CtrlMsg::Resolve {
-                side,
-                next_hop,
-                buf,
-            }),
+            } => {
+                let resolving = &self.shared.resolving;
+                if resolving.fetch_add(1, Ordering::Relaxed) >= super::RESOLVING_MAX {
+                    resolving.fetch_sub(1, Ordering::Relaxed);
+                    self.c.inc(Counter::DropNeighbourQueueFull);
+                    return self.recycle(buf);
+                }
+                self.tell_control(CtrlMsg::Resolve {
+                    side,
+                    next_hop,
+                    buf,
+                })
+            }
             Action::Neighbour(e) => self.tell_control(CtrlMsg::Neighbour(e)),
             Action::FragNews {
                 worker,

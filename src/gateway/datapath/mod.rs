@@ -339,11 +339,9 @@ impl Core {
                     }
                 }
             }
-            Some(Seen::Arp(ip, mac, kind)) => {
-                // The same MAC overheard changes nothing in the table.
-                if self.neighbour_mac(ip) != Some(mac) {
-                    out.push(Action::Neighbour(Event::Arp { ip, mac, kind }));
-                }
+            // The same MAC overheard changes nothing in the table.
+            Some(Seen::Arp(ip, mac, kind)) if self.neighbour_mac(ip) != Some(mac) => {
+                out.push(Action::Neighbour(Event::Arp { ip, mac, kind }));
             }
             _ => {}
         }
