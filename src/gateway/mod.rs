@@ -293,8 +293,8 @@ impl Observer {
         )
     }
 
-    /// Entries of the neighbour table (IP -> MAC, both sides), as the
-    /// control thread last published it.
+    /// Entries of the neighbour table (both sides, resolved and still
+    /// resolving), as the control thread last published it.
     pub fn neighbour_count(&self) -> u64 {
         self.shared.neighbours.load(Ordering::Relaxed)
     }
