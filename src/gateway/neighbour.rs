@@ -79,7 +79,9 @@ impl Params {
         gc_stale_ms: 60_000,
         max_entries: 1024,
         max_unresolved: 256,
-        unres_qlen: 3,
+        // Linux holds up to unres_qlen_bytes (212992) per entry, about 100
+        // full frames: enough for a fragmented datagram or a burst.
+        unres_qlen: 32,
         max_held: 128,
         broadcasts_per_sec: 100,
         broadcast_burst: 100,
@@ -633,7 +635,10 @@ mod tests {
 
     #[test]
     fn failed_resolution_broadcasts_mcast_solicit_times_then_answers_unreachable() {
-        let mut r = Rig::new(Params::LINUX);
+        let mut r = Rig::new(Params {
+            unres_qlen: 3,
+            ..Params::LINUX
+        });
         let start = r.now;
         assert_eq!(r.resolve(A, 1), [Effect::Solicit { ip: A, to: None }]);
         r.resolve(A, 2);
