@@ -345,7 +345,9 @@ impl Core {
             }
             _ => {}
         }
-        if side == Side::Uplink && self.watching > 0 {
+        // Only a frame that parsed (Transit) is known to have its MACs.
+        let transit = matches!(disposition, Disposition::Transit { .. });
+        if side == Side::Uplink && self.watching > 0 && transit {
             // The uplink next hop's frames carry other sources' addresses:
             // its MAC confirms it.
             if let Some(k) = &mut self.gateway {

@@ -461,6 +461,14 @@ fn a_new_gateway_mac_is_followed_and_stale_entries_report_use_and_confirmation_o
         [Event::Confirmed(POD, POD_MAC)]
     );
     assert_eq!(news(&mut r, Side::Pod, &q), []);
+    // A runt from the uplink while the next hop is watched is only a drop.
+    r.core.neighbour(GW, News::Stale(new_gw));
+    assert_eq!(news(&mut r, Side::Uplink, &[0u8; 5]), []);
+    assert_eq!(
+        news(&mut r, Side::Uplink, &[]),
+        [],
+        "found by the core fuzz target"
+    );
     // Gone: frames for it go to the control thread to resolve.
     r.core.neighbour(GW, News::Gone);
     let buf = r.pool.frame(&q).unwrap();
