@@ -325,26 +325,14 @@ impl<F> Table<F> {
         self.broadcast(ip, now, out);
     }
 
-    /// Starts resolving `ip` with nothing held (the uplink next hop at
-    /// start), unless it is known or being resolved.
+    /// Asks for `ip` once, with nothing held and no entry made (the uplink
+    /// next hop at start, whose link may not be up yet): the answer, if
+    /// any, creates the entry; a packet for it meanwhile starts a
+    /// resolution of its own at once.
     pub fn ask(&mut self, ip: Ipv4Addr, now: u64, out: &mut Vec<Effect<F>>) {
-        if self.entries.contains_key(&ip) || self.unresolved >= self.p.max_unresolved {
-            return;
+        if !self.entries.contains_key(&ip) {
+            self.broadcast(ip, now, out);
         }
-        self.entries.insert(
-            ip,
-            Entry {
-                mac: None,
-                state: State::Incomplete {
-                    sent: 1,
-                    next: now + self.p.retrans_ms,
-                },
-                updated: now,
-                held: VecDeque::new(),
-            },
-        );
-        self.unresolved += 1;
-        self.broadcast(ip, now, out);
     }
 
     /// A worker used a STALE entry: wait for a confirmation, then probe.
@@ -612,6 +600,18 @@ mod tests {
             }
             self.now - start
         }
+    }
+
+    #[test]
+    fn asking_makes_no_entry_and_the_answer_does() {
+        let mut r = Rig::new(Params::LINUX);
+        r.t.ask(A, r.now, &mut r.out);
+        assert_eq!(r.take(), [Effect::Solicit { ip: A, to: None }]);
+        assert_eq!(r.t.state(A), None);
+        // A packet meanwhile asks again at once.
+        assert_eq!(r.resolve(A, 1), [Effect::Solicit { ip: A, to: None }]);
+        let e = r.arp(A, M1, ArpKind::ToUs);
+        assert!(e.contains(&Effect::Send(M1, 1)), "{e:?}");
     }
 
     #[test]
