@@ -171,7 +171,7 @@ fn packet(c: &mut Criterion) {
             pool: pool.clone(),
             counters: Arc::new(Counters::default()),
         });
-        core.neighbour(GW, GW_MAC);
+        core.neighbour(GW, tapnat::gateway::neighbour::News::Reachable(GW_MAC));
         let mut ep = Endpoints::new(
             Ipv4Addr::from(0x0af4_0000 | 7),
             Ipv4Addr::from(0xc633_0000 | 1),

@@ -2,6 +2,7 @@
 //! gateway's addressing alone (pure, so it is unit-tested without devices).
 use smoltcp::wire::{ArpRepr, EthernetAddress};
 
+use super::neighbour::ArpKind;
 use super::stats::Counter;
 use super::{Addressing, Egress, Side};
 use crate::nat::frag::FragKey;
@@ -52,8 +53,20 @@ pub fn frag_key(frame: &[u8], view: &Ipv4View) -> FragKey {
     }
 }
 
-/// A (pod address, MAC) pair seen in a frame from the pod side.
-pub type Sighting = Option<(std::net::Ipv4Addr, EthernetAddress)>;
+/// What a frame shows of a neighbour, beside its fate. Nothing here ever
+/// creates a neighbour entry or changes its MAC except ARP (see
+/// [`super::neighbour`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// An IPv4 frame from the pod side: its source address and MAC, which
+    /// can only confirm an entry with that very MAC.
+    Frame(std::net::Ipv4Addr, EthernetAddress),
+    /// ARP from an on-link sender that is not addressed to the gateway
+    /// (ARP that is goes to its own stack, which learns from it).
+    Arp(std::net::Ipv4Addr, EthernetAddress, ArpKind),
+}
+
+pub type Sighting = Option<Seen>;
 
 /// Decides what to do with `frame`, received on `side`.
 pub fn classify(a: &Addressing, side: Side, frame: &[u8]) -> (Disposition, Sighting) {
@@ -71,7 +84,7 @@ pub fn classify(a: &Addressing, side: Side, frame: &[u8]) -> (Disposition, Sight
     match side {
         Side::Pod => {
             let seen = (a.pod_net.contains(view.src) && view.src != a.pod_ip())
-                .then_some((view.src, src_mac));
+                .then_some(Seen::Frame(view.src, src_mac));
             (pod(a, view, frame), seen)
         }
         Side::Uplink => (uplink(a, view, frame), None),
@@ -229,15 +242,20 @@ fn arp(a: &Addressing, side: Side, repr: ArpRepr) -> (Disposition, Sighting) {
         Side::Pod => a.is_local(target),
         Side::Uplink => a.is_outside(target),
     };
-    let seen =
-        (a.net(side).contains(ip) && ip != a.ip(side) && mac.is_unicast()).then_some((ip, mac));
     if ours {
-        (Disposition::Local, seen)
-    } else {
-        // ARP replies to our own requests are addressed to us, so `ours` holds
-        // for them; anything else is somebody else's conversation.
-        (Disposition::Drop(Counter::DropArpIgnored), None)
+        return (Disposition::Local, None);
     }
+    // ARP replies to our own requests are addressed to us, so `ours` holds
+    // for them; anything else is somebody else's conversation, which may
+    // still update the sender's entry, as in Linux's arp_process.
+    let on_link = a.net(side).contains(ip) && ip != a.ip(side) && mac.is_unicast();
+    let kind = if ip == target {
+        ArpKind::Gratuitous
+    } else {
+        ArpKind::Overheard
+    };
+    let seen = on_link.then_some(Seen::Arp(ip, mac, kind));
+    (Disposition::Drop(Counter::DropArpIgnored), seen)
 }
 
 #[cfg(test)]
@@ -273,7 +291,10 @@ mod tests {
             matches!(d, Disposition::Transit { port: 4242, .. }),
             "{d:?}"
         );
-        assert_eq!(seen.map(|s| s.0), Some(Ipv4Addr::new(10, 244, 0, 2)));
+        assert!(
+            matches!(seen, Some(Seen::Frame(ip, _)) if ip == Ipv4Addr::new(10, 244, 0, 2)),
+            "{seen:?}"
+        );
     }
 
     #[test]
@@ -407,7 +428,7 @@ mod tests {
     }
 
     #[test]
-    fn arp_for_the_gateway_is_local_and_teaches_the_sender() {
+    fn arp_for_the_gateway_is_local_and_other_arp_is_seen_as_overheard_or_gratuitous() {
         let a = addressing();
         let mut out = [0u8; 64];
         let pod_mac = EthernetAddress([2, 0, 0, 0, 0, 9]);
@@ -415,17 +436,28 @@ mod tests {
             wire::build_arp_request(&mut out, pod_mac, Ipv4Addr::new(10, 244, 0, 2), a.pod_ip());
         let (d, seen) = classify(&a, Side::Pod, &out[..n]);
         assert_eq!(d, Disposition::Local);
-        assert_eq!(seen, Some((Ipv4Addr::new(10, 244, 0, 2), pod_mac)));
-        let n = wire::build_arp_request(
-            &mut out,
-            pod_mac,
-            Ipv4Addr::new(10, 244, 0, 2),
-            Ipv4Addr::new(10, 244, 0, 3),
-        );
+        // The gateway's own stack learns from it, not the worker.
+        assert_eq!(seen, None);
+        let pod = Ipv4Addr::new(10, 244, 0, 2);
+        let n = wire::build_arp_request(&mut out, pod_mac, pod, Ipv4Addr::new(10, 244, 0, 3));
         assert_eq!(
-            classify(&a, Side::Pod, &out[..n]).0,
-            Disposition::Drop(Counter::DropArpIgnored)
+            classify(&a, Side::Pod, &out[..n]),
+            (
+                Disposition::Drop(Counter::DropArpIgnored),
+                Some(Seen::Arp(pod, pod_mac, ArpKind::Overheard))
+            )
         );
+        let n = wire::build_arp_request(&mut out, pod_mac, pod, pod);
+        assert_eq!(
+            classify(&a, Side::Pod, &out[..n]).1,
+            Some(Seen::Arp(pod, pod_mac, ArpKind::Gratuitous))
+        );
+        // Off-link senders and the gateway's own address teach nothing.
+        let n = wire::build_arp_request(&mut out, pod_mac, a.pod_ip(), a.pod_ip());
+        assert_eq!(classify(&a, Side::Pod, &out[..n]).1, None);
+        let far = Ipv4Addr::new(192, 0, 2, 1);
+        let n = wire::build_arp_request(&mut out, pod_mac, far, far);
+        assert_eq!(classify(&a, Side::Pod, &out[..n]).1, None);
     }
 
     fn dhcp_addressing() -> Addressing {

@@ -1,38 +1,35 @@
 //! The control thread: the gateway's own stack (smoltcp answers ARP and ICMP
-//! echo), the authoritative neighbour table, and ARP resolution with a few
-//! packets held per unresolved next hop. Nothing here is per transit packet.
-use std::collections::VecDeque;
+//! echo), the authoritative neighbour table ([`super::neighbour`]: aging,
+//! probing, a few packets held per unresolved next hop, Host Unreachable
+//! when resolution fails). Nothing here is per transit packet.
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use hashbrown::HashMap;
 use smoltcp::wire::EthernetAddress;
 
 use super::dhcp::{Change, LeaseState};
 use super::failure::Failure;
 use super::local::{Ask, DhcpEvent, LocalStack};
+use super::neighbour::{ArpKind, Effect, Event, Params, Refused, Table};
 use super::stats::{Counter, Counters};
 use super::{Buf, CtrlMsg, Shared, Side, WorkerMsg};
 use crate::device::Poller;
-use crate::wire;
+use crate::wire::icmp::IcmpRateLimit;
+use crate::wire::{self, IcmpErrorKind};
 
-/// Packets held per unresolved next hop (the kernel's unres_qlen is similar).
-const PENDING_MAX: usize = 32;
-/// ARP retry interval and attempts before the held packets are dropped.
-const ARP_RETRY_MS: u64 = 1000;
-const ARP_TRIES: u32 = 3;
 /// The control thread writes on queue 0 of each device.
 const QUEUE: usize = 0;
-
-struct Pending {
-    side: Side,
-    frames: VecDeque<Buf>,
-    last_request_ms: u64,
-    tries: u32,
-}
+/// The neighbour timers run at most this often.
+const TICK_MS: u64 = 100;
+/// Destination Unreachable, Host Unreachable (RFC 792, RFC 1812 §5.2.7.1).
+const HOST_UNREACHABLE: IcmpErrorKind = IcmpErrorKind {
+    icmp_type: wire::ICMP_DEST_UNREACHABLE,
+    code: 1,
+    rest: 0,
+};
 
 pub(super) struct Control {
     shared: Arc<Shared>,
@@ -41,8 +38,13 @@ pub(super) struct Control {
     rx: Receiver<CtrlMsg>,
     pod_stack: LocalStack,
     uplink_stack: LocalStack,
-    neighbours: HashMap<Ipv4Addr, EthernetAddress>,
-    pending: HashMap<Ipv4Addr, Pending>,
+    /// The neighbour table; held frames carry their egress side.
+    table: Table<(Side, Buf)>,
+    /// Reused for the table's effects.
+    effects: Vec<Effect<(Side, Buf)>>,
+    ticked_ms: u64,
+    /// Host Unreachable errors, as Linux's `icmp_msgs_per_sec`/`_burst`.
+    icmp_limit: IcmpRateLimit,
     /// With `uplink.address = "dhcp"`: the lease in use (the client is a
     /// socket on `uplink_stack`).
     dhcp: Option<LeaseState>,
@@ -69,6 +71,7 @@ impl Control {
         rx: Receiver<CtrlMsg>,
         seed: u64,
         dhcp: Option<DhcpSetup>,
+        params: Params,
     ) -> Control {
         let a = shared.addressing();
         let now = shared.now_ms();
@@ -87,9 +90,14 @@ impl Control {
             rx,
             pod_stack,
             uplink_stack,
-            neighbours: HashMap::new(),
-            pending: HashMap::new(),
             dhcp: dhcp.map(|d| d.state),
+            table: Table::new(params, seed ^ 2),
+            effects: Vec::new(),
+            ticked_ms: 0,
+            icmp_limit: IcmpRateLimit::new(
+                IcmpRateLimit::KERNEL_PER_SEC,
+                IcmpRateLimit::KERNEL_BURST,
+            ),
         }
     }
 
@@ -104,7 +112,11 @@ impl Control {
         // Ask for the next hop's MAC at once, so the first packet out does not wait.
         let a = self.shared.addressing();
         if a.has_address() {
-            self.send_arp_request(Side::Uplink, a.uplink_gateway);
+            let mut out = std::mem::take(&mut self.effects);
+            self.table
+                .ask(a.uplink_gateway, self.shared.now_ms(), &mut out);
+            self.carry_out(&mut out);
+            self.effects = out;
         }
         while !self.shared.stop.load(Ordering::Relaxed) {
             #[cfg(debug_assertions)]
@@ -128,11 +140,8 @@ impl Control {
             while let Ok(msg) = self.rx.try_recv() {
                 self.handle(msg);
             }
-            self.retry_pending();
+            self.tick();
             self.dhcp_poll();
-            self.shared
-                .neighbours
-                .store(self.neighbours.len() as u64, Ordering::Relaxed);
         }
     }
 
@@ -142,12 +151,15 @@ impl Control {
                 self.shared.local.done(side, &frame);
                 self.local(side, &frame);
             }
-            CtrlMsg::Seen(ip, mac) => self.learn(ip, mac),
+            CtrlMsg::Neighbour(e) => self.event(e),
             CtrlMsg::Resolve {
                 side,
                 next_hop,
                 buf,
-            } => self.resolve(side, next_hop, buf),
+            } => {
+                self.shared.resolving.fetch_sub(1, Ordering::Relaxed);
+                self.resolve(side, next_hop, buf)
+            }
         }
     }
 
@@ -226,22 +238,93 @@ impl Control {
         self.c.add(tx_counter(side), sent);
     }
 
-    /// Records a neighbour; on news, tells every worker and releases held packets.
+    /// An ARP packet addressed to the gateway (a request for one of its
+    /// addresses, a reply to its request) from `ip` with MAC `mac`.
     fn learn(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
-        if self.neighbours.get(&ip) == Some(&mac) {
+        let now = self.shared.now_ms();
+        let mut out = std::mem::take(&mut self.effects);
+        self.table.arp(ip, mac, ArpKind::ToUs, now, &mut out);
+        self.carry_out(&mut out);
+        self.effects = out;
+    }
+
+    /// What a worker noticed about a neighbour.
+    fn event(&mut self, e: Event) {
+        let now = self.shared.now_ms();
+        let mut out = std::mem::take(&mut self.effects);
+        match e {
+            Event::Used(ip) => self.table.used(ip, now),
+            Event::Confirmed(ip, mac) => self.table.confirmed(ip, mac, now),
+            Event::Arp { ip, mac, kind } => self.table.arp(ip, mac, kind, now, &mut out),
+        }
+        self.carry_out(&mut out);
+        self.effects = out;
+    }
+
+    fn resolve(&mut self, side: Side, next_hop: Ipv4Addr, buf: Buf) {
+        let now = self.shared.now_ms();
+        let mut out = std::mem::take(&mut self.effects);
+        self.table.resolve(next_hop, (side, buf), now, &mut out);
+        self.carry_out(&mut out);
+        self.effects = out;
+    }
+
+    /// The table's timers, at most every [`TICK_MS`].
+    fn tick(&mut self) {
+        let now = self.shared.now_ms();
+        if now < self.ticked_ms + TICK_MS {
             return;
         }
-        self.neighbours.insert(ip, mac);
-        self.c.inc(Counter::NeighboursLearned);
-        for (k, w) in self.workers.iter().enumerate() {
-            if w.send(WorkerMsg::Neighbour(ip, mac)).is_ok() {
-                self.shared.wakers[k].wake();
+        self.ticked_ms = now;
+        let mut out = std::mem::take(&mut self.effects);
+        self.table.tick(now, &mut out);
+        self.carry_out(&mut out);
+        self.effects = out;
+        let (resolved, unresolved) = self.table.counts();
+        self.shared
+            .neighbours
+            .store((resolved + unresolved) as u64, Ordering::Relaxed);
+    }
+
+    fn carry_out(&mut self, out: &mut Vec<Effect<(Side, Buf)>>) {
+        for e in out.drain(..) {
+            match e {
+                Effect::Tell(ip, news) => {
+                    for (k, w) in self.workers.iter().enumerate() {
+                        // A worker's queue is bounded; the news is small and
+                        // rare, so a full queue is waited on.
+                        if w.send(WorkerMsg::Neighbour(ip, news)).is_ok() {
+                            self.shared.wakers[k].wake();
+                        }
+                    }
+                }
+                Effect::Send(mac, (side, buf)) => self.send_to(side, mac, buf),
+                Effect::Solicit { ip, to } => self.send_arp_request(self.side_of(ip), ip, to),
+                Effect::SolicitLimited(_) => self.c.inc(Counter::ArpRequestsRateLimited),
+                Effect::Unreachable((side, buf)) => {
+                    self.c.inc(Counter::DropNeighbourUnresolved);
+                    self.host_unreachable(side, buf);
+                }
+                Effect::Refused(why, (_, buf)) => {
+                    self.c.inc(match why {
+                        Refused::QueueFull => Counter::DropNeighbourQueueFull,
+                        Refused::TableFull => Counter::DropNeighbourTableFull,
+                    });
+                    self.shared.pool.put(buf);
+                }
+                Effect::Learned(..) => self.c.inc(Counter::NeighboursLearned),
+                Effect::Locked(_) => self.c.inc(Counter::NeighbourUpdatesLocked),
+                Effect::Removed(_) => self.c.inc(Counter::NeighboursRemoved),
             }
         }
-        if let Some(p) = self.pending.remove(&ip) {
-            for buf in p.frames {
-                self.send_to(p.side, mac, buf);
-            }
+    }
+
+    /// Which side an on-link address is on.
+    fn side_of(&self, ip: Ipv4Addr) -> Side {
+        if self.shared.addressing().pod_net.contains(ip) {
+            Side::Pod
+        } else {
+            Side::Uplink
         }
     }
 
@@ -254,67 +337,81 @@ impl Control {
         self.shared.pool.put(buf);
     }
 
-    fn resolve(&mut self, side: Side, next_hop: Ipv4Addr, buf: Buf) {
-        if let Some(&mac) = self.neighbours.get(&next_hop) {
-            return self.send_to(side, mac, buf);
+    /// Resolution of the next hop of `buf` (a packet on its way out of
+    /// `egress`, translated) failed: its sender gets Host Unreachable, as
+    /// from a Linux router (`arp_error_report`), within the rate limit.
+    ///
+    /// A packet a pod sent untranslated (pod to pod, or to an excluded
+    /// destination) is answered here from the gateway's pod address. A
+    /// translated one is quoted as it left, so the error is made as if the
+    /// egress side had sent it and given to a worker, which translates it
+    /// back to the sender (RFC 5508 REQ-3..5), as conntrack does for the
+    /// kernel's own error.
+    fn host_unreachable(&mut self, egress: Side, buf: Buf) {
+        let frame = buf.frame();
+        let Ok(wire::Classified::Ipv4(v)) = wire::classify(frame) else {
+            return self.shared.pool.put(buf);
+        };
+        if !wire::may_send_icmp_error(&v) {
+            return self.shared.pool.put(buf);
         }
-        let now = self.shared.now_ms();
-        let p = self.pending.entry(next_hop).or_insert_with(|| Pending {
-            side,
-            frames: VecDeque::new(),
-            last_request_ms: 0,
-            tries: 0,
-        });
-        if p.frames.len() >= PENDING_MAX {
-            self.c.inc(Counter::DropNeighbourQueueFull);
+        if !self.icmp_limit.allow(self.shared.now_ms()) {
+            self.c.inc(Counter::IcmpErrorsRateLimited);
+            return self.shared.pool.put(buf);
+        }
+        let a = self.shared.addressing();
+        let mut out = [0u8; wire::ICMP_ERROR_FRAME_MAX];
+        if a.pod_net.contains(v.src) {
+            let n = wire::build_icmp_error(
+                &mut out,
+                frame,
+                &v,
+                a.pod_mac,
+                a.pod_ip(),
+                HOST_UNREACHABLE,
+            );
             self.shared.pool.put(buf);
-        } else {
-            p.frames.push_back(buf);
-        }
-        if p.tries == 0 {
-            p.tries = 1;
-            p.last_request_ms = now;
-            self.send_arp_request(side, next_hop);
-        }
-    }
-
-    fn retry_pending(&mut self) {
-        if self.pending.is_empty() {
+            self.c.inc(Counter::HostUnreachableSent);
+            self.c.inc(Counter::IcmpErrorsSent);
+            match self.shared.send_frame(Side::Pod, QUEUE, &out[..n]) {
+                Ok(()) => self.c.inc(tx_counter(Side::Pod)),
+                Err(_) => self.c.inc(Counter::TapWriteFails),
+            }
             return;
         }
-        let now = self.shared.now_ms();
-        let mut ask = Vec::new();
-        let mut dropped = Vec::new();
-        for (ip, p) in self.pending.iter_mut() {
-            if now.saturating_sub(p.last_request_ms) < ARP_RETRY_MS {
-                continue;
-            }
-            if p.tries >= ARP_TRIES {
-                dropped.push(*ip);
-            } else {
-                p.tries += 1;
-                p.last_request_ms = now;
-                ask.push((p.side, *ip));
-            }
-        }
-        for ip in dropped {
-            if let Some(p) = self.pending.remove(&ip) {
-                self.c
-                    .add(Counter::DropNeighbourUnresolved, p.frames.len() as u64);
-                for b in p.frames {
+        // As if from the egress side: from the unreachable pod itself to the
+        // remote (the worker rewrites the source to the outside address), or
+        // from the gateway's pod address to our outside address (the worker
+        // rewrites the destination to the pod).
+        let from = match egress {
+            Side::Pod => v.dst,
+            Side::Uplink => a.pod_ip(),
+        };
+        let n = wire::build_icmp_error(&mut out, frame, &v, a.mac(egress), from, HOST_UNREACHABLE);
+        wire::set_macs(&mut out[..n], a.mac(egress), a.mac(egress));
+        self.shared.pool.put(buf);
+        let Some(b) = self.shared.pool.frame(&out[..n]) else {
+            return;
+        };
+        self.c.inc(Counter::HostUnreachableSent);
+        match self.workers[0].try_send(WorkerMsg::Frame(egress, b)) {
+            Ok(()) => self.shared.wakers[0].wake(),
+            Err(e) => {
+                if let WorkerMsg::Frame(_, b) = e.into_inner() {
                     self.shared.pool.put(b);
                 }
             }
         }
-        for (side, ip) in ask {
-            self.send_arp_request(side, ip);
-        }
     }
 
-    fn send_arp_request(&self, side: Side, target: Ipv4Addr) {
+    /// An ARP request for `target`: broadcast, or unicast to `to` (a probe).
+    fn send_arp_request(&self, side: Side, target: Ipv4Addr, to: Option<EthernetAddress>) {
         let a = self.shared.addressing();
         let mut out = [0u8; wire::ARP_FRAME_MAX];
         let n = wire::build_arp_request(&mut out, a.mac(side), a.ip(side), target);
+        if let Some(mac) = to {
+            wire::set_macs(&mut out[..n], mac, a.mac(side));
+        }
         match self.shared.send_frame(side, QUEUE, &out[..n]) {
             Ok(()) => {
                 self.c.inc(Counter::ArpRequestsSent);
@@ -427,7 +524,10 @@ impl Control {
             (None, None) => {}
         }
         if let Some((_, gw)) = new {
-            self.send_arp_request(Side::Uplink, gw);
+            let mut out = std::mem::take(&mut self.effects);
+            self.table.ask(gw, self.shared.now_ms(), &mut out);
+            self.carry_out(&mut out);
+            self.effects = out;
         }
     }
 }

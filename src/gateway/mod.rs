@@ -35,6 +35,7 @@ pub mod dhcp;
 pub(crate) mod failure;
 mod live;
 mod local;
+pub mod neighbour;
 mod start;
 pub mod stats;
 mod worker;
@@ -46,7 +47,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use smoltcp::wire::EthernetAddress;
 
 use crate::device::{FrameIo, TapError, Waker};
 use crate::nat::frag::FragKey;
@@ -65,8 +65,11 @@ use stats::{Counters, Snapshot};
 pub enum WorkerMsg {
     /// Packets this worker owns, read by another.
     Packets(Vec<Packet>),
-    /// A neighbour was learned or changed.
-    Neighbour(Ipv4Addr, EthernetAddress),
+    /// A neighbour was learned, changed, went stale or was removed.
+    Neighbour(Ipv4Addr, neighbour::News),
+    /// A frame the control thread made (an ICMP error to translate back
+    /// to its sender): handle it as if it had been read on `Side`.
+    Frame(Side, Buf),
     /// Send a copy of the flow table.
     Flows(Sender<Vec<Flow>>),
     /// The first fragment of a datagram this worker tracks was translated:
@@ -91,8 +94,9 @@ pub enum CtrlMsg {
         side: Side,
         frame: local::LocalFrame,
     },
-    /// A pod-side (address, MAC) the worker has not seen before.
-    Seen(Ipv4Addr, EthernetAddress),
+    /// What a worker noticed about a neighbour (ARP overheard, a stale
+    /// entry used or confirmed).
+    Neighbour(neighbour::Event),
     /// A translated frame whose next hop's MAC the worker does not know.
     Resolve {
         side: Side,
@@ -116,6 +120,11 @@ pub struct Tuning {
 /// 1500-byte link) are put behind a zeroed virtio-net header on the stack;
 /// larger ones (echo replies on a jumbo link) on the heap.
 const OWN_FRAME_STACK: usize = 2048;
+
+/// Frames in flight from the workers to the control thread for resolution:
+/// with the frames it holds (see [`neighbour::Params::max_held`]), this
+/// bounds the buffers a pod sending to unused addresses can pin.
+const RESOLVING_MAX: usize = 64;
 
 /// One queue of each device per worker.
 type Queues = Vec<Box<dyn FrameIo>>;
@@ -157,6 +166,9 @@ pub(crate) struct Shared {
     neighbours: AtomicU64,
     /// Frames queued for the local stack, per side (bounded).
     local: local::LocalBudget,
+    /// Frames on their way to the control thread to be resolved (at most
+    /// [`RESOLVING_MAX`]; a worker drops the ones beyond).
+    resolving: std::sync::atomic::AtomicUsize,
     /// TEST-ONLY fault hook (debug builds only, never in a release binary):
     /// thread index + 1 (workers 0..N, then the control thread) that is to
     /// panic at its next loop iteration; 0 = none. See `Gateway::inject_panic`.
@@ -343,8 +355,8 @@ impl Observer {
         )
     }
 
-    /// Entries of the neighbour table (IP -> MAC, both sides), as the
-    /// control thread last published it.
+    /// Entries of the neighbour table (both sides, resolved and still
+    /// resolving), as the control thread last published it.
     pub fn neighbour_count(&self) -> u64 {
         self.shared.neighbours.load(Ordering::Relaxed)
     }
@@ -377,7 +389,7 @@ impl Gateway {
     /// Opens both devices and starts the workers and the control thread.
     /// The config must have been validated (see `Config::load`).
     pub fn start(config: &crate::config::Config) -> Result<Gateway, GatewayError> {
-        start::start(config)
+        start::start(config, neighbour::Params::TAPNAT)
     }
 
     /// The gateway's addresses, MACs and rules now.

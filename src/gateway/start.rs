@@ -75,7 +75,10 @@ fn seed() -> u64 {
     t ^ (u64::from(std::process::id()) << 32)
 }
 
-pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
+pub(super) fn start(
+    config: &Config,
+    neighbours: super::neighbour::Params,
+) -> Result<Gateway, GatewayError> {
     let tuning = Tuning::from_config(config);
     let n = match config.workers.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -103,7 +106,7 @@ pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
         ),
         max_lease: config.uplink.dhcp_max_lease,
     });
-    spawn_control(&mut gateway, ctrl_rx, seed, dhcp)?;
+    spawn_control(&mut gateway, ctrl_rx, seed, dhcp, neighbours)?;
     Ok(gateway)
 }
 
@@ -218,6 +221,7 @@ impl Shared {
             gauges,
             neighbours: AtomicU64::new(0),
             local: Default::default(),
+            resolving: Default::default(),
             #[cfg(debug_assertions)]
             fault: std::sync::atomic::AtomicUsize::new(0),
         })
@@ -340,9 +344,18 @@ fn spawn_control(
     rx: Receiver<CtrlMsg>,
     seed: u64,
     dhcp: Option<DhcpSetup>,
+    neighbours: super::neighbour::Params,
 ) -> Result<(), GatewayError> {
     let c = gw.counters[gw.workers.len()].clone();
-    let ctl = Control::new(gw.shared.clone(), c, gw.workers.clone(), rx, seed, dhcp);
+    let ctl = Control::new(
+        gw.shared.clone(),
+        c,
+        gw.workers.clone(),
+        rx,
+        seed,
+        dhcp,
+        neighbours,
+    );
     let shared = gw.shared.clone();
     let t = std::thread::Builder::new()
         .name("tapnat-ctl".into())

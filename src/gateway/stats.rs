@@ -103,8 +103,16 @@ events {
     IcmpErrorsSent = "icmp_errors_sent",
     /// ARP requests the gateway sent to resolve a next hop or a pod.
     ArpRequestsSent = "arp_requests_sent",
-    /// Neighbours (IP -> MAC) learned or changed.
+    /// Neighbours (IP -> MAC) learned or changed, always by ARP.
     NeighboursLearned = "neighbours_learned",
+    /// A different MAC for a neighbour refused within the lock time (1 s).
+    NeighbourUpdatesLocked = "neighbour_updates_locked",
+    /// Neighbour entries removed: resolution failed, or stale and unused.
+    NeighboursRemoved = "neighbours_removed",
+    /// Broadcast ARP requests held back by their rate limit.
+    ArpRequestsRateLimited = "arp_requests_rate_limited",
+    /// Host Unreachable errors sent because a next hop did not resolve.
+    HostUnreachableSent = "host_unreachable_sent",
     /// An ICMP error the gateway would have sent, held back by the rate limit.
     IcmpErrorsRateLimited = "icmp_errors_rate_limited",
 }
@@ -168,7 +176,7 @@ drops {
     DropNeighbourUnresolved = "drop_neighbour_unresolved",
     /// The owning worker's hand-off queue was full.
     DropHandoffFull = "drop_handoff_full",
-    /// Too many packets already waiting for one next hop.
+    /// Too many packets already waiting for one next hop, or for all.
     DropNeighbourQueueFull = "drop_neighbour_queue_full",
     /// The control thread's queue was full (a flood): the frame or news
     /// for it was dropped by the worker.
@@ -182,6 +190,8 @@ drops {
     /// A fragment refused because its source already holds its share of
     /// the fragment cache.
     DropFragmentSourceShare = "drop_fragment_source_share",
+    /// No room for another unresolved next hop.
+    DropNeighbourTableFull = "drop_neighbour_table_full",
 }
 }
 

@@ -154,7 +154,12 @@ impl Worker {
                     self.carry_out();
                 }
             }
-            WorkerMsg::Neighbour(ip, mac) => self.core.neighbour(ip, mac),
+            WorkerMsg::Neighbour(ip, news) => self.core.neighbour(ip, news),
+            WorkerMsg::Frame(side, buf) => {
+                let now = self.shared.now_ms();
+                self.core.frame(side, buf, now, &mut self.actions);
+                self.carry_out();
+            }
             WorkerMsg::Flows(reply) => {
                 let _ = reply.send(self.core.flows());
             }
@@ -316,12 +321,20 @@ impl Worker {
                 side,
                 next_hop,
                 buf,
-            } => self.tell_control(CtrlMsg::Resolve {
-                side,
-                next_hop,
-                buf,
-            }),
-            Action::Seen { ip, mac } => self.tell_control(CtrlMsg::Seen(ip, mac)),
+            } => {
+                let resolving = &self.shared.resolving;
+                if resolving.fetch_add(1, Ordering::Relaxed) >= super::RESOLVING_MAX {
+                    resolving.fetch_sub(1, Ordering::Relaxed);
+                    self.c.inc(Counter::DropNeighbourQueueFull);
+                    return self.recycle(buf);
+                }
+                self.tell_control(CtrlMsg::Resolve {
+                    side,
+                    next_hop,
+                    buf,
+                })
+            }
+            Action::Neighbour(e) => self.tell_control(CtrlMsg::Neighbour(e)),
             Action::FragNews {
                 worker,
                 key,
@@ -374,7 +387,7 @@ impl Worker {
                 match e.into_inner() {
                     CtrlMsg::Local { side, frame } => self.shared.local.done(side, &frame),
                     CtrlMsg::Resolve { buf, .. } => self.recycle(buf),
-                    CtrlMsg::Seen(..) => {}
+                    CtrlMsg::Neighbour(_) => {}
                 }
             }
         }

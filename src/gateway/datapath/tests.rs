@@ -8,6 +8,7 @@ use smoltcp::wire::EthernetAddress;
 
 use super::*;
 use crate::config::{Forward, ForwardProtocol, MasqueradeRule};
+use crate::gateway::neighbour::{Event, News};
 use crate::nat::frag::FragCacheConfig;
 use crate::nat::{Filtering, Proto, TableConfig, Timeouts};
 use crate::net::{Ipv4Net, PortRange};
@@ -155,7 +156,7 @@ pub(crate) fn rig(s: Setup) -> Rig {
         (POD2, POD_MAC),
         (TARGET, POD_MAC),
     ] {
-        core.neighbour(ip, mac);
+        core.neighbour(ip, News::Reachable(mac));
     }
     Rig {
         core,
@@ -169,7 +170,7 @@ pub(crate) fn rig(s: Setup) -> Rig {
 
 impl Rig {
     /// Feeds one frame (behind a zeroed header, if any) and returns the
-    /// actions, leaving out `Seen`.
+    /// actions, leaving out `Neighbour` news for the control thread.
     fn input(&mut self, side: Side, frame: &[u8]) -> Vec<Action> {
         let buf = self.pool.frame(frame).unwrap();
         self.feed(side, buf)
@@ -181,7 +182,7 @@ impl Rig {
     fn take(&mut self) -> Vec<Action> {
         self.out
             .drain(..)
-            .filter(|a| !matches!(a, Action::Seen { .. }))
+            .filter(|a| !matches!(a, Action::Neighbour(_)))
             .collect()
     }
     /// Feeds a frame that must come out as exactly one frame on `to`.
@@ -376,25 +377,23 @@ fn spoofed_malformed_and_foreign_frames_are_dropped() {
 }
 
 #[test]
-fn the_gateways_own_traffic_is_local_and_pods_are_reported_once() {
+fn the_gateways_own_traffic_is_local_and_data_frames_teach_no_neighbour() {
     let mut r = rig(ONE);
     let ping = build::icmp_echo(&pod_ep(&r.a, POD, r.a.pod_ip()), true, 1, 1, b"");
     let buf = r.pool.frame(&ping).unwrap();
     r.core.frame(Side::Pod, buf, 0, &mut r.out);
-    let acts: Vec<_> = r.out.drain(..).collect();
-    assert!(matches!(
-        acts.as_slice(),
-        [
-            Action::Seen {
-                ip: POD,
-                mac: POD_MAC
-            },
-            Action::Local {
+    assert!(
+        matches!(
+            r.out.as_slice(),
+            [Action::Local {
                 side: Side::Pod,
                 ..
-            }
-        ]
-    ));
+            }]
+        ),
+        "{:?}",
+        r.out
+    );
+    r.out.clear();
     let mut arp = [0u8; wire::ARP_FRAME_MAX];
     let n = wire::build_arp_request(&mut arp, POD_MAC, POD, r.a.pod_ip());
     let buf = r.pool.frame(&arp[..n]).unwrap();
@@ -407,51 +406,96 @@ fn the_gateways_own_traffic_is_local_and_pods_are_reported_once() {
                 ..
             }]
         ),
-        "the same pod and MAC are not reported again: {:?}",
+        "ARP for the gateway is its own stack's: {:?}",
         r.out
     );
+    r.out.clear();
+    // A frame with POD's address from another MAC (a spoofer, or POD
+    // re-created) changes nothing: POD's traffic still goes to its MAC.
+    let mut spoof = pod_ep(&r.a, POD, REMOTE);
+    spoof.src_mac = EthernetAddress([2, 0, 0, 0, 0, 0x66]);
+    let f = build::udp(&spoof, 5353, 53, b"q", true);
+    let _ = r.input(Side::Pod, &f);
+    spoof.src_mac = EthernetAddress::BROADCAST;
+    let _ = r.input(Side::Pod, &build::udp(&spoof, 5354, 53, b"q", true));
+    assert!(r.out.is_empty());
+    assert_eq!(r.core.neighbour_mac(POD), Some(POD_MAC));
 }
 
 #[test]
-fn a_new_gateway_mac_and_a_pod_changing_its_mac_are_followed() {
+fn a_new_gateway_mac_is_followed_and_stale_entries_report_use_and_confirmation_once() {
     let mut r = rig(ONE);
     let q = build::udp(&pod_ep(&r.a, POD, REMOTE), 5353, 53, b"q", true);
     let out = r.through(Side::Pod, &q, Side::Uplink);
     assert_eq!(wire::macs(&out).0, GW_MAC);
     let new_gw = EthernetAddress([2, 0, 0, 0, 0, 0xfd]);
-    r.core.neighbour(GW, new_gw);
+    r.core.neighbour(GW, News::Reachable(new_gw));
     assert_eq!(
         wire::macs(&r.through(Side::Pod, &q, Side::Uplink)).0,
         new_gw
     );
-
-    // POD was reported by the first frame; another pod, then POD with a new
-    // MAC, then POD with its first MAC again are each reported once.
-    let seen = |r: &mut Rig, ep: Endpoints| {
-        let f = build::udp(&ep, 5353, 53, b"q", true);
-        let buf = r.pool.frame(&f).unwrap();
-        r.core.frame(Side::Pod, buf, r.now, &mut r.out);
-        let s: Vec<_> = r
-            .out
+    let news = |r: &mut Rig, side: Side, f: &[u8]| -> Vec<Event> {
+        let buf = r.pool.frame(f).unwrap();
+        r.core.frame(side, buf, r.now, &mut r.out);
+        r.out
             .drain(..)
             .filter_map(|a| match a {
-                Action::Seen { ip, mac } => Some((ip, mac)),
+                Action::Neighbour(e) => Some(e),
                 _ => None,
             })
-            .collect();
-        s
+            .collect()
     };
+    // Stale: the first frame sent to it is reported, once.
+    r.core.neighbour(GW, News::Stale(new_gw));
+    assert_eq!(news(&mut r, Side::Pod, &q), [Event::Used(GW)]);
+    assert_eq!(news(&mut r, Side::Pod, &q), []);
+    // A pod told stale is confirmed by a frame from its MAC, not another's.
+    r.core.neighbour(POD, News::Stale(POD_MAC));
+    let mut other = pod_ep(&r.a, POD, REMOTE);
+    other.src_mac = EthernetAddress([2, 0, 0, 0, 0, 0x42]);
+    assert_eq!(
+        news(&mut r, Side::Pod, &build::udp(&other, 1, 53, b"q", true)),
+        []
+    );
+    assert_eq!(
+        news(&mut r, Side::Pod, &q),
+        [Event::Confirmed(POD, POD_MAC)]
+    );
+    assert_eq!(news(&mut r, Side::Pod, &q), []);
+    // A runt from the uplink while the next hop is watched is only a drop.
+    r.core.neighbour(GW, News::Stale(new_gw));
+    assert_eq!(news(&mut r, Side::Uplink, &[0u8; 5]), []);
+    assert_eq!(
+        news(&mut r, Side::Uplink, &[]),
+        [],
+        "found by the core fuzz target"
+    );
+    // Gone: frames for it go to the control thread to resolve.
+    r.core.neighbour(GW, News::Gone);
+    let buf = r.pool.frame(&q).unwrap();
+    r.core.frame(Side::Pod, buf, r.now, &mut r.out);
+    assert!(
+        matches!(r.out.as_slice(), [Action::Resolve { next_hop: GW, .. }]),
+        "{:?}",
+        r.out
+    );
+    r.out.clear();
+    // Overheard ARP with a new MAC is the table's to judge; the known MAC
+    // is not worth a message.
+    let mut arp = [0u8; wire::ARP_FRAME_MAX];
+    let n = wire::build_arp_request(&mut arp, POD_MAC, POD, POD2);
+    assert_eq!(news(&mut r, Side::Pod, &arp[..n]), []);
     let moved = EthernetAddress([2, 0, 0, 0, 0, 0x42]);
-    let pod = pod_ep(&r.a, POD, REMOTE);
-    let pod2 = pod_ep(&r.a, POD2, REMOTE);
-    let mut ep2 = pod;
-    ep2.src_mac = moved;
-    assert_eq!(seen(&mut r, pod), []);
-    assert_eq!(seen(&mut r, pod2), [(POD2, POD_MAC)]);
-    assert_eq!(seen(&mut r, pod), []);
-    assert_eq!(seen(&mut r, ep2), [(POD, moved)]);
-    assert_eq!(seen(&mut r, ep2), []);
-    assert_eq!(seen(&mut r, pod), [(POD, POD_MAC)]);
+    let n = wire::build_arp_request(&mut arp, moved, POD, POD);
+    assert_eq!(
+        news(&mut r, Side::Pod, &arp[..n]),
+        [Event::Arp {
+            ip: POD,
+            mac: moved,
+            kind: crate::gateway::neighbour::ArpKind::Gratuitous
+        }]
+    );
+    assert_eq!(r.core.neighbour_mac(POD), Some(POD_MAC));
 }
 
 #[test]
@@ -683,7 +727,7 @@ fn an_unknown_next_hop_is_resolved_first() {
         ),
         "{acts:?}"
     );
-    r.core.neighbour(ON_LINK, GW_MAC);
+    r.core.neighbour(ON_LINK, News::Reachable(GW_MAC));
     let q = build::udp(&pod_ep(&r.a, POD, ON_LINK), 5353, 53, b"q2", true);
     r.through(Side::Pod, &q, Side::Uplink);
 }

@@ -14,7 +14,8 @@
 //!   IPv4 + TCP/UDP/echo/ICMP error, addresses and ports from the lab's
 //!   (0xf0..0xfe: the outside port of a live flow; 0xff: any, read next);
 //! 2 answer the last frame sent to a side (same protocol with swapped ends,
-//!   or an ICMP error about it); 3 clock step; 4 tick; 5 neighbour update.
+//!   or an ICMP error about it); 3 clock step; 4 tick; 5 neighbour news
+//!   (reachable, stale or gone).
 //!
 //! Invariants after every operation: no panic; every `Send` and `Resolve`
 //! frame classifies as IPv4, its header checksum verifies, its source MAC is
@@ -41,6 +42,7 @@ use common::*;
 use libfuzzer_sys::fuzz_target;
 use smoltcp::wire::EthernetAddress;
 use tapnat::config::{Forward, ForwardProtocol, MasqueradeRule};
+use tapnat::gateway::neighbour::News;
 use tapnat::gateway::stats::Counters;
 use tapnat::gateway::{Action, Addressing, Buf, Core, CoreParts, Pool, Side};
 use tapnat::nat::frag::{FragCache, FragCacheConfig};
@@ -256,7 +258,8 @@ impl World {
                     counters: Arc::new(Counters::default()),
                 });
                 for ip in [GW, IP(10, 244, 0, 2), IP(10, 244, 0, 3), IP(10, 244, 0, 9)] {
-                    core.neighbour(ip, if ip == GW { GW_MAC } else { POD_MAC });
+                    let mac = if ip == GW { GW_MAC } else { POD_MAC };
+                    core.neighbour(ip, News::Reachable(mac));
                 }
                 core
             })
@@ -458,7 +461,7 @@ impl World {
                     self.pool.put(buf);
                 }
                 Action::Local { buf, .. } => self.pool.put(buf),
-                Action::Seen { .. } => {}
+                Action::Neighbour(_) => {}
                 Action::HandOff { worker, packet } => {
                     assert!(
                         worker != k && worker < self.cores.len(),
@@ -626,8 +629,14 @@ fuzz_target!(|data: &[u8]| {
             }
             _ => {
                 let ip = world.addr(&mut u);
-                let mac = EthernetAddress([2, 0, 0, 0, 1, byte(&mut u)]);
-                world.cores.iter_mut().for_each(|c| c.neighbour(ip, mac));
+                let b = byte(&mut u);
+                let mac = EthernetAddress([2, 0, 0, 0, 1, b]);
+                let news = match b % 3 {
+                    0 => News::Reachable(mac),
+                    1 => News::Stale(mac),
+                    _ => News::Gone,
+                };
+                world.cores.iter_mut().for_each(|c| c.neighbour(ip, news));
             }
         }
     }
