@@ -116,7 +116,7 @@ impl MainError {
     fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
             MainError::Usage(_) => 64,
-            MainError::Config(_) => 78,
+            MainError::Config(_) | MainError::Gateway(GatewayError::Config(_)) => 78,
             MainError::Gateway(_) => 69,
             MainError::Signals(_) => 71,
             #[cfg(feature = "lab")]
@@ -574,13 +574,16 @@ fn run(args: &[String]) -> Result<(), MainError> {
             }
         }
     });
+    for w in gw.warnings() {
+        say!("tapnat: warning: {w}");
+    }
     let a = gw.addressing();
     say!(
         "tapnat: running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s){}",
         config.pod.tap,
         a.pod_net,
         a.pod_mac,
-        config.uplink.tap,
+        gw.uplink_name(),
         a.uplink_net,
         a.uplink_mac,
         a.uplink_gateway,

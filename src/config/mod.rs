@@ -81,6 +81,8 @@ pub const MAX_SNAT_POOL: u32 = 256;
 pub enum UplinkKind {
     /// A TAP device tapnat creates or attaches to.
     Tap,
+    /// AF_PACKET sockets on an existing interface (`uplink.interface`).
+    Raw,
 }
 
 /// The `[pod]` table: the inside.
@@ -98,6 +100,9 @@ pub struct PodConfig {
 pub struct UplinkConfig {
     pub kind: UplinkKind,
     pub tap: String,
+    /// The existing interface of a raw uplink (`Some` exactly when `kind`
+    /// is [`UplinkKind::Raw`]), in `netns` when that is set.
+    pub interface: Option<String>,
     pub address: Ipv4Net,
     pub gateway: Ipv4Addr,
     /// `None`: the namespace tapnat runs in.
