@@ -332,4 +332,3 @@ fn alternatives(words: &[&str]) -> String {
         Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
     }
 }
-

@@ -210,7 +210,12 @@ fn join_fanout(sockets: &[RawSocket], steer: bool) -> io::Result<bool> {
     let first = sockets[0].fd.as_fd();
     let unique = |flags: libc::c_uint| {
         let arg = (kind | flags | libc::PACKET_FANOUT_FLAG_UNIQUEID) << 16;
-        sys::setsockopt_int(first, libc::SOL_PACKET, libc::PACKET_FANOUT, arg as libc::c_int)
+        sys::setsockopt_int(
+            first,
+            libc::SOL_PACKET,
+            libc::PACKET_FANOUT,
+            arg as libc::c_int,
+        )
     };
     // A kernel without the ignore-outgoing flag refuses it; the sockets'
     // own PACKET_IGNORE_OUTGOING and the pkttype check still hold.

@@ -16,7 +16,9 @@ use super::worker::{Links, Worker};
 use super::{CtrlMsg, Gateway, GatewayError, Queues, Shared, Tuning, WorkerMsg};
 use crate::config::{self, Config, Reason, UplinkKind};
 use crate::device::steer::{self, SteerBy};
-use crate::device::{raw, FrameIo, NetnsWatch, RawError, RawOptions, Tap, TapError, TapOptions, Waker};
+use crate::device::{
+    raw, FrameIo, NetnsWatch, RawError, RawOptions, Tap, TapError, TapOptions, Waker,
+};
 use crate::nat::frag::{FragCache, FragCacheConfig};
 use crate::nat::{Filtering, FlowTable, TableConfig, Timeouts};
 use crate::policy::{forwarded_ports, Addressing};
@@ -164,7 +166,9 @@ fn open_uplink_raw(config: &Config, n: usize, tuning: Tuning) -> Result<Uplink, 
         steer: true,
     };
     let (sockets, info) = raw::open(name, uplink.netns.as_deref(), opts).map_err(|e| match e {
-        RawError::NoSuchInterface { name, netns } => raw_config_error(Reason::NoSuchInterface { name, netns }),
+        RawError::NoSuchInterface { name, netns } => {
+            raw_config_error(Reason::NoSuchInterface { name, netns })
+        }
         RawError::HasAddress { name, addr } => {
             let fix = flush_command(&name, uplink.netns.as_deref());
             raw_config_error(Reason::InterfaceHasAddress { name, addr, fix })
@@ -229,8 +233,7 @@ fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, Gat
     };
     // Steer each frame to its owner's queue in the kernel already; only a
     // hint (a frame on the wrong queue is handed over), so failure is fine.
-    let steering =
-        n > 1 && up.steering && steer::attach(&pod_q[0], SteerBy::SourcePort).is_ok();
+    let steering = n > 1 && up.steering && steer::attach(&pod_q[0], SteerBy::SourcePort).is_ok();
     if tuning.offload {
         pod_q[0]
             .set_offload(OFFLOADS)
