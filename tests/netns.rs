@@ -647,6 +647,11 @@ fn raw_uplink_keeps_running_over_link_down_and_stops_when_the_interface_goes() {
             "no traffic after link up"
         );
     }
+    // Deleted while down: the kernel's ENETDOWN came with the link going
+    // down, the deletion only says so on rtnetlink.
+    up.ip(&format!("link set {} down", lab::RAW_UPLINK_IF))
+        .unwrap();
+    assert!(failures.recv_timeout(Duration::from_millis(500)).is_err());
     let deleted = std::time::Instant::now();
     up.ip(&format!("link del {}", lab::RAW_UPLINK_IF)).unwrap();
     let f = failures

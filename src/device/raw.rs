@@ -35,10 +35,13 @@
 //!   pays needs a batch seam (frames received straight into pool buffers, or
 //!   a TPACKET_V3 ring whose frames the core rewrites in place); not done.
 //! - **Link state.** The kernel reports `ENETDOWN` once when the link goes
-//!   down or the interface is deleted; a read then checks whether the
-//!   interface is still there. Gone: the read fails with `ENODEV`, which
-//!   stops the gateway as a deleted TAP does. Only down: `WouldBlock`, and
-//!   the sockets receive again when the link comes back up.
+//!   down or the interface is deleted, and a deleted interface sends an
+//!   rtnetlink `RTM_DELLINK` (also when it was down already): each socket's
+//!   poll fd is an epoll of the packet socket and a link-notification
+//!   socket, and a read that finds either checks whether the interface is
+//!   still there. Gone: the read fails with `ENODEV`, which stops the
+//!   gateway as a deleted TAP does. Only down: `WouldBlock`, and the
+//!   sockets receive again when the link comes back up.
 //!
 //! The gateway uses the interface's MAC. The interface must carry no kernel
 //! IPv4 address ([`RawError::HasAddress`]): the kernel and tapnat would both
@@ -116,6 +119,10 @@ pub struct RawOptions {
 #[derive(Debug)]
 pub struct RawSocket {
     fd: OwnedFd,
+    /// Link notifications of the interface's namespace.
+    links: OwnedFd,
+    /// Epoll of `fd` and `links`: what the worker polls.
+    ep: OwnedFd,
     index: libc::c_int,
     /// Whether the caller's frames carry the virtio-net header.
     vnet_hdr: bool,
@@ -269,11 +276,34 @@ impl RawSocket {
             }
         }
         sys::packet_bind(b, index)?;
+        let links = sys::netlink_link_events()?;
+        let ep = sys::epoll_of(&[fd.as_fd(), links.as_fd()])?;
         Ok(RawSocket {
             fd,
+            links,
+            ep,
             index,
             vnet_hdr,
         })
+    }
+
+    /// Nothing queued: drains the link notifications; when there were
+    /// some, whether the interface is gone (`ENODEV`) or still there.
+    fn idle(&self) -> io::Error {
+        let mut buf = [0u8; 8192];
+        let mut news = false;
+        loop {
+            match sys::read(self.links.as_fd(), &mut buf) {
+                Ok(_) => news = true,
+                // ENOBUFS: notifications were lost; look anyway.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => news = true,
+                Err(_) => break,
+            }
+        }
+        if news && matches!(sys::if_name_of(self.fd.as_fd(), self.index), Ok(None)) {
+            return io::Error::from_raw_os_error(libc::ENODEV);
+        }
+        io::ErrorKind::WouldBlock.into()
     }
 
     /// `ENETDOWN`: the link went down, or the interface is being deleted.
@@ -324,6 +354,7 @@ impl FrameIo for RawSocket {
                 Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
                     return Err(self.down_or_gone())
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(self.idle()),
                 Err(e) => return Err(e),
             };
             if matches!(pkttype, libc::PACKET_OUTGOING | libc::PACKET_OTHERHOST) {
@@ -361,7 +392,7 @@ impl FrameIo for RawSocket {
     }
 
     fn poll_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.ep.as_raw_fd()
     }
 }
 

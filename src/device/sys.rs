@@ -618,6 +618,58 @@ pub fn packet_send(fd: BorrowedFd<'_>, bufs: &[io::IoSlice<'_>]) -> io::Result<u
     cvt_size(unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) })
 }
 
+/// A non-blocking rtnetlink socket of the calling thread's namespace that
+/// receives the link notifications (`RTMGRP_LINK`: a link added, changed
+/// or deleted).
+pub fn netlink_link_events() -> io::Result<OwnedFd> {
+    // SAFETY: socket takes only integers; it returns a new descriptor or -1.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            libc::NETLINK_ROUTE,
+        )
+    })?;
+    // SAFETY: `fd` was just returned by socket, is open, and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
+    let mut nl: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    nl.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    nl.nl_groups = libc::RTMGRP_LINK as u32;
+    // SAFETY: `nl` is a valid sockaddr_nl that outlives the call and the
+    // length passed is exactly its size.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&nl as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    })?;
+    Ok(fd)
+}
+
+/// A new close-on-exec epoll instance watching each of `fds` for input
+/// (level-triggered): poll(2) reports it readable while any of them is.
+pub fn epoll_of(fds: &[BorrowedFd<'_>]) -> io::Result<OwnedFd> {
+    // SAFETY: epoll_create1 takes only flags; it returns a new descriptor or -1.
+    let ep = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+    // SAFETY: `ep` was just returned by epoll_create1 and nothing else owns it.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    for (i, fd) in fds.iter().enumerate() {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: i as u64,
+        };
+        // SAFETY: both descriptors are live; EPOLL_CTL_ADD reads one
+        // epoll_event through the pointer, which points to `ev`, alive for
+        // the call.
+        cvt(unsafe {
+            libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev)
+        })?;
+    }
+    Ok(ep)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
