@@ -664,3 +664,30 @@ fn raw_uplink_keeps_running_over_link_down_and_stops_when_the_interface_goes() {
     assert!(deleted.elapsed() < Duration::from_secs(2));
     gw.stop();
 }
+
+#[test]
+fn raw_uplink_stops_when_its_namespace_is_deleted() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start_kind(UplinkKind::Raw, "raw-nsgone", |_| {});
+    let failures = gw.failures();
+    assert_eq!(
+        Pinger::new(&lab.pod)
+            .unwrap()
+            .ping(SERVER_IP, 1, T)
+            .unwrap()
+            .len(),
+        1
+    );
+    let ns = lab.uplink_ns().name().to_owned();
+    lab::ip(&["netns", "del", &ns]).unwrap();
+    let f = failures
+        .recv_timeout(Duration::from_secs(2))
+        .expect("the gateway stops within 2 s when its uplink namespace is deleted");
+    assert!(
+        matches!(&f, tapnat::gateway::Failure::NamespaceGone { device, .. } if device == lab::RAW_UPLINK_IF),
+        "{f}"
+    );
+    gw.stop();
+}
