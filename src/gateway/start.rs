@@ -412,3 +412,22 @@ fn spawn_control(gw: &mut Gateway, rx: Receiver<CtrlMsg>, seed: u64) -> Result<(
     gw.threads.push(t);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::flush_command;
+    use std::path::Path;
+
+    #[test]
+    fn the_fix_for_an_addressed_interface_names_its_namespace() {
+        assert_eq!(flush_command("eth1", None), "ip addr flush dev eth1");
+        assert_eq!(
+            flush_command("eth1", Some(Path::new("/run/netns/up"))),
+            "ip -n up addr flush dev eth1"
+        );
+        assert_eq!(
+            flush_command("eth1", Some(Path::new("/proc/42/ns/net"))),
+            "nsenter --net=/proc/42/ns/net ip addr flush dev eth1"
+        );
+    }
+}
