@@ -122,7 +122,7 @@ impl MainError {
     fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
             MainError::Usage(_) => 64,
-            MainError::Config(_) => 78,
+            MainError::Config(_) | MainError::Gateway(GatewayError::Config(_)) => 78,
             MainError::Gateway(_) => 69,
             MainError::Signals(_) | MainError::Sandbox(_) => 71,
             #[cfg(feature = "lab")]
@@ -607,6 +607,9 @@ fn run(args: &[String]) -> Result<(), MainError> {
             }
         }
     });
+    for w in gw.warnings() {
+        say!("tapnat: warning: {w}");
+    }
     // Set up: the main thread gives up its privilege last.
     sandbox::try_enter(Role::Main).map_err(MainError::Sandbox)?;
     let a = gw.addressing();
@@ -621,7 +624,7 @@ fn run(args: &[String]) -> Result<(), MainError> {
         config.pod.tap,
         a.pod_net,
         a.pod_mac,
-        config.uplink.tap,
+        gw.uplink_name(),
         uplink_addr,
         a.uplink_mac,
         via,

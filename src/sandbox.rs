@@ -289,6 +289,18 @@ fn serves() -> Vec<Allow> {
     ]
 }
 
+/// A raw (AF_PACKET) uplink's frames (`recvmsg`/`sendmsg` with the
+/// virtio-net header), and on a link notification (read from its netlink
+/// socket) the interface's name by index, to tell a deleted interface from
+/// one that went down (`ioctl(SIOCGIFNAME)`, and no other ioctl).
+fn raw_uplink() -> Vec<Allow> {
+    vec![
+        Any(libc::SYS_recvmsg),
+        Any(libc::SYS_sendmsg),
+        ArgEq(libc::SYS_ioctl, 1, libc::SIOCGIFNAME),
+    ]
+}
+
 /// The system calls `role` may make, beyond [`common`]. Each list is what
 /// the threads of that role were seen to make under `strace -f`, plus the
 /// variants libc/std may use for the same thing (`accept`/`accept4`,
@@ -339,14 +351,20 @@ fn allowed(role: Role) -> Vec<Allow> {
             Any(libc::SYS_writev),
             // workers.pin: pin this thread to its CPU.
             Any(libc::SYS_sched_setaffinity),
-        ],
+        ]
+        .into_iter()
+        .chain(raw_uplink())
+        .collect(),
         Role::Control => vec![
             // Frames for the gateway's own stack, wake-ups, inotify events.
             Any(libc::SYS_read),
             // Whether a watched namespace path still exists.
             Any(libc::SYS_statx),
             Any(libc::SYS_newfstatat),
-        ],
+        ]
+        .into_iter()
+        .chain(raw_uplink())
+        .collect(),
         Role::ControlSocket => {
             let mut v = spawns();
             v.extend(serves());
@@ -407,6 +425,8 @@ mod tests {
         for role in ROLES {
             for a in common(1).into_iter().chain(allowed(role)) {
                 let nr = match a {
+                    // The raw uplink's interface-name lookup, and only it.
+                    ArgEq(libc::SYS_ioctl, 1, v) if v == libc::SIOCGIFNAME => continue,
                     Any(nr) | ArgEq(nr, ..) => nr,
                 };
                 assert_ne!(nr, libc::SYS_getppid, "{role:?}");

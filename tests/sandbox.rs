@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tapnat::lab::{Lab, Pinger, POD_IP, SERVER_IP};
+use tapnat::config::UplinkKind;
+use tapnat::lab::{Lab, Pinger, POD_IP, RAW_UPLINK_IF, SERVER_IP};
 
 mod common;
 use common::{root, tapnat, tcp_connect, tcp_listen, udp_in, TempConfig};
@@ -319,6 +320,33 @@ fn a_running_gateway_holds_no_privilege_and_still_does_everything() {
     let status = gw.ended().expect("stops");
     assert_eq!(status.code(), Some(0), "{status:?}: {}", gw.stderr());
     assert!(gw.stderr().contains("tapnat: stopped"), "{}", gw.stderr());
+}
+
+#[test]
+fn a_gateway_on_a_raw_uplink_is_locked_down_and_forwards() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::with_uplink("sbx-raw", UplinkKind::Raw).unwrap();
+    let text = format!(
+        "[pod]\nnetns = \"{}\"\n[uplink]\nkind = \"raw\"\ninterface = \"{RAW_UPLINK_IF}\"\n\
+         netns = \"{}\"\n[workers]\nthreads = 2\n",
+        lab.pod.path().display(),
+        lab.uplink_ns().path().display(),
+    );
+    let file = TempConfig::new("sbx-raw", &text);
+    let control = SocketPath::new("raw");
+    let mut gw = start(&lab, &file, &text, &control);
+    assert_locked_down(gw.pid(), "2");
+    // AF_PACKET reads and writes, the link watch and fanout steering, all
+    // under the workers' and the control thread's filters.
+    assert_eq!(pings(&lab), 2, "{}", gw.stderr());
+    assert!(tcp_round_trip(&lab), "{}", gw.stderr());
+    assert!(udp_round_trip(&lab, 40002), "{}", gw.stderr());
+    assert_locked_down(gw.pid(), "2");
+    gw.signal("-TERM");
+    let status = gw.ended().expect("stops");
+    assert_eq!(status.code(), Some(0), "{status:?}: {}", gw.stderr());
 }
 
 #[test]

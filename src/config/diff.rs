@@ -32,6 +32,7 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         ("pod.mtu", o.pod.mtu != n.pod.mtu),
         ("uplink.kind", o.uplink.kind != n.uplink.kind),
         ("uplink.tap", o.uplink.tap != n.uplink.tap),
+        ("uplink.interface", o.uplink.interface != n.uplink.interface),
         ("uplink.address", o.uplink.address != n.uplink.address),
         ("uplink.gateway", o.uplink.gateway != n.uplink.gateway),
         ("uplink.netns", o.uplink.netns != n.uplink.netns),

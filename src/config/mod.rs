@@ -82,6 +82,8 @@ pub const MAX_SNAT_POOL: u32 = 256;
 pub enum UplinkKind {
     /// A TAP device tapnat creates or attaches to.
     Tap,
+    /// AF_PACKET sockets on an existing interface (`uplink.interface`).
+    Raw,
 }
 
 /// `uplink.address`: a fixed address, or one a DHCPv4 server leases.
@@ -127,6 +129,9 @@ pub struct PodConfig {
 pub struct UplinkConfig {
     pub kind: UplinkKind,
     pub tap: String,
+    /// The existing interface of a raw uplink (`Some` exactly when `kind`
+    /// is [`UplinkKind::Raw`]), in `netns` when that is set.
+    pub interface: Option<String>,
     pub address: UplinkAddress,
     /// The next hop; with [`UplinkAddress::Dhcp`] only a fallback for a
     /// lease that names no router (and only when inside the leased subnet).

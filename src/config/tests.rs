@@ -26,6 +26,7 @@ pub(super) fn expected_default() -> Config {
         uplink: UplinkConfig {
             kind: UplinkKind::Tap,
             tap: "tapnat1".into(),
+            interface: None,
             address: crate::config::UplinkAddress::Static(net("203.0.113.10/24")),
             dhcp_max_lease: None,
             gateway: Ipv4Addr::new(203, 0, 113, 1),

@@ -10,6 +10,7 @@ use super::{
 pub(super) struct Raw {
     kind: String,
     tap: String,
+    interface: Option<String>,
     address: String,
     gateway: String,
     netns: Option<String>,
@@ -20,6 +21,7 @@ pub(super) fn read(mut t: Table<'_>) -> Result<Raw, ConfigError> {
     let raw = Raw {
         kind: t.string("kind")?,
         tap: t.string("tap")?,
+        interface: t.opt_string("interface")?,
         address: t.string("address")?,
         gateway: t.string("gateway")?,
         netns: t.opt_string("netns")?,
@@ -32,13 +34,25 @@ pub(super) fn read(mut t: Table<'_>) -> Result<Raw, ConfigError> {
 pub(super) fn check(raw: Raw, pod: &PodConfig) -> Result<UplinkConfig, ConfigError> {
     let kind = match raw.kind.as_str() {
         "tap" => UplinkKind::Tap,
-        "raw" => return Err(at("uplink.kind")(Reason::RawUplink)),
+        "raw" => UplinkKind::Raw,
         _ => {
             return Err(at("uplink.kind")(Reason::UnknownValue {
                 value: raw.kind,
-                expected: &["tap"],
+                expected: &["tap", "raw"],
             }))
         }
+    };
+    // An empty string clears a file's `interface` (from the environment).
+    let interface = raw.interface.filter(|s| !s.is_empty());
+    let interface = match (kind, interface) {
+        (UplinkKind::Raw, None) => return Err(at("uplink.interface")(Reason::RawNeedsInterface)),
+        (UplinkKind::Raw, Some(name)) => {
+            Some(values::tap_name(name).map_err(at("uplink.interface"))?)
+        }
+        (UplinkKind::Tap, Some(name)) => {
+            return Err(at("uplink.interface")(Reason::InterfaceWithTap { name }))
+        }
+        (UplinkKind::Tap, None) => None,
     };
     let address = address(&raw.address, pod)?;
     let gateway = match address {
@@ -51,13 +65,14 @@ pub(super) fn check(raw: Raw, pod: &PodConfig) -> Result<UplinkConfig, ConfigErr
     let uplink = UplinkConfig {
         kind,
         tap: values::tap_name(raw.tap).map_err(at("uplink.tap"))?,
+        interface,
         address,
         gateway,
         dhcp_max_lease: None,
         netns: values::netns(raw.netns).map_err(at("uplink.netns"))?,
         mtu: values::bounded(raw.mtu, MIN_MTU..=MAX_MTU, None).map_err(at("uplink.mtu"))?,
     };
-    if pod.tap == uplink.tap && pod.netns == uplink.netns {
+    if uplink.kind == UplinkKind::Tap && pod.tap == uplink.tap && pod.netns == uplink.netns {
         return Err(at("uplink.tap")(Reason::SameTap { name: uplink.tap }));
     }
     Ok(uplink)
@@ -184,21 +199,40 @@ mod tests {
     }
 
     #[test]
-    fn rejects_raw_kind() {
+    fn raw_kind_needs_an_interface_and_tap_kind_takes_none() {
         let e = err("[uplink]\nkind = \"raw\"\n");
-        assert_eq!(reason(&e, "uplink.kind"), &Reason::RawUplink);
+        assert_eq!(reason(&e, "uplink.interface"), &Reason::RawNeedsInterface);
+        assert_mentions(&e.to_string(), &["uplink.interface", "eth1"]);
+        let e = err("[uplink]\nkind = \"raw\"\ninterface = \"a/b\"\n");
+        assert!(matches!(
+            reason(&e, "uplink.interface"),
+            Reason::BadTapName { .. }
+        ));
+        let e = err("[uplink]\ninterface = \"eth1\"\n");
         assert_eq!(
-            e.to_string(),
-            "config key `uplink.kind`: \"raw\" (AF_PACKET on an existing interface) is not supported \
-             yet by this version; use \"tap\""
+            reason(&e, "uplink.interface"),
+            &Reason::InterfaceWithTap {
+                name: "eth1".into()
+            }
         );
+        let c = Config::from_toml_str(
+            "[uplink]\nkind = \"raw\"\ninterface = \"eth1\"\nnetns = \"/run/netns/up\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.uplink.kind, crate::config::UplinkKind::Raw);
+        assert_eq!(c.uplink.interface.as_deref(), Some("eth1"));
+        // The pod TAP may share a name with an unused uplink.tap.
+        Config::from_toml_str(
+            "[pod]\ntap = \"t\"\n[uplink]\ntap = \"t\"\nkind = \"raw\"\ninterface = \"eth1\"\n",
+        )
+        .unwrap();
         let e = err("[uplink]\nkind = \"tun\"\n");
         assert!(
             matches!(reason(&e, "uplink.kind"), Reason::UnknownValue { value, .. } if value == "tun")
         );
         assert_eq!(
             e.to_string(),
-            "config key `uplink.kind`: unknown value \"tun\"; expected \"tap\""
+            "config key `uplink.kind`: unknown value \"tun\"; expected \"tap\" or \"raw\""
         );
     }
 

@@ -152,6 +152,8 @@ pub(crate) struct Shared {
     steering: bool,
     /// The pod and uplink device names, for messages.
     names: [String; 2],
+    /// What the runner should warn about (said once, at start).
+    warnings: Vec<String>,
     /// The devices' namespaces (pod, uplink), watched by the control thread
     /// for deletion; `None` when neither can be watched.
     netns_watch: Option<(crate::device::NetnsWatch, [Option<std::path::PathBuf>; 2])>,
@@ -289,6 +291,12 @@ pub enum GatewayError {
     PodDevice(#[source] TapError),
     #[error("cannot open the uplink device")]
     UplinkDevice(#[source] TapError),
+    #[error("cannot open the raw uplink")]
+    RawUplink(#[source] crate::device::RawError),
+    /// The config does not fit the system (a raw uplink's interface is
+    /// missing or has a kernel address): found before any device is touched.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot turn on offloads on the {0} device")]
     Offload(&'static str, #[source] std::io::Error),
     #[error("cannot create a wake-up eventfd")]
@@ -401,6 +409,17 @@ impl Gateway {
     /// one or with a fixed address.
     pub fn lease(&self) -> Option<dhcp::Lease> {
         self.observer().lease()
+    }
+
+    /// Warnings found while opening the devices (e.g. IPv4 forwarding on
+    /// in a raw uplink's namespace), for the runner to print.
+    pub fn warnings(&self) -> &[String] {
+        &self.shared.warnings
+    }
+
+    /// The uplink device's name: the TAP, or a raw uplink's interface.
+    pub fn uplink_name(&self) -> &str {
+        &self.shared.names[1]
     }
 
     /// How many worker threads translate packets.

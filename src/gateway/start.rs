@@ -15,9 +15,11 @@ use super::failure::guarded;
 use super::stats::Counters;
 use super::worker::{Links, Worker};
 use super::{CtrlMsg, Gateway, GatewayError, Queues, Shared, Tuning, WorkerMsg};
-use crate::config::{self, Config};
+use crate::config::{self, Config, Reason, UplinkKind};
 use crate::device::steer::{self, SteerBy};
-use crate::device::{FrameIo, NetnsWatch, Tap, TapError, TapOptions, Waker};
+use crate::device::{
+    raw, FrameIo, NetnsWatch, RawError, RawOptions, Tap, TapError, TapOptions, Waker,
+};
 use crate::nat::frag::{FragCache, FragCacheConfig};
 use crate::nat::{Filtering, FlowTable, TableConfig, Timeouts};
 use crate::policy::{forwarded_ports, Addressing};
@@ -137,13 +139,22 @@ fn boxed(taps: Vec<Tap>) -> Queues {
         .collect()
 }
 
-/// Opens both TAPs with a queue per worker, attaches the steering program
-/// and turns on offloads; the result is what every thread shares.
-fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, GatewayError> {
-    let (pod, uplink) = (&config.pod, &config.uplink);
-    let pod_q = open_queues(&pod.tap, pod.netns.as_deref(), pod.mtu, n, tuning.offload)
-        .map_err(GatewayError::PodDevice)?;
-    let uplink_q = open_queues(
+/// The uplink's queues (one per worker), its name, whether the kernel
+/// steers its frames to their owners, and for a raw uplink its MAC and
+/// what to warn about.
+struct Uplink {
+    queues: Queues,
+    name: String,
+    steering: bool,
+    mac: Option<[u8; 6]>,
+    warnings: Vec<String>,
+}
+
+/// Opens the uplink TAP with a queue per worker, its steering program and
+/// offloads.
+fn open_uplink_tap(config: &Config, n: usize, tuning: Tuning) -> Result<Uplink, GatewayError> {
+    let uplink = &config.uplink;
+    let q = open_queues(
         &uplink.tap,
         uplink.netns.as_deref(),
         uplink.mtu,
@@ -151,30 +162,123 @@ fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, Gat
         tuning.offload,
     )
     .map_err(GatewayError::UplinkDevice)?;
+    let steering = n > 1 && steer::attach(&q[0], SteerBy::DestinationPort).is_ok();
+    if tuning.offload {
+        q[0].set_offload(OFFLOADS)
+            .map_err(|e| GatewayError::Offload("uplink", e))?;
+    }
+    Ok(Uplink {
+        name: q[0].name().to_owned(),
+        queues: boxed(q),
+        steering,
+        mac: None,
+        warnings: Vec::new(),
+    })
+}
+
+/// Opens the raw uplink: an AF_PACKET socket per worker on
+/// `uplink.interface`. A missing interface, or one with a kernel IPv4
+/// address, is a config error naming the key.
+fn open_uplink_raw(config: &Config, n: usize, tuning: Tuning) -> Result<Uplink, GatewayError> {
+    let uplink = &config.uplink;
+    let name = uplink.interface.as_deref().unwrap_or_default();
+    let opts = RawOptions {
+        sockets: n,
+        mtu: uplink.mtu,
+        vnet_hdr: tuning.offload,
+        steer: true,
+    };
+    let (sockets, info) = raw::open(name, uplink.netns.as_deref(), opts).map_err(|e| match e {
+        RawError::NoSuchInterface { name, netns } => {
+            raw_config_error(Reason::NoSuchInterface { name, netns })
+        }
+        RawError::HasAddress { name, addr } => {
+            let fix = flush_command(&name, uplink.netns.as_deref());
+            raw_config_error(Reason::InterfaceHasAddress { name, addr, fix })
+        }
+        e => GatewayError::RawUplink(e),
+    })?;
+    let mut warnings = Vec::new();
+    if info.forwarding {
+        warnings.push(format!(
+            "IPv4 forwarding is on in the namespace of the raw uplink {}: the kernel may route \
+             frames that arrive there for addresses it does not own; turn it off there \
+             (sysctl net.ipv4.conf.all.forwarding=0) unless something else needs it",
+            info.name
+        ));
+    }
+    Ok(Uplink {
+        queues: sockets
+            .into_iter()
+            .map(|s| Box::new(s) as Box<dyn FrameIo>)
+            .collect(),
+        name: info.name,
+        steering: info.steering,
+        mac: Some(info.mac),
+        warnings,
+    })
+}
+
+fn raw_config_error(reason: Reason) -> GatewayError {
+    GatewayError::Config(config::ConfigError::Invalid {
+        key: "uplink.interface".into(),
+        reason,
+    })
+}
+
+/// The command that removes the kernel's IPv4 addresses from `name`.
+fn flush_command(name: &str, netns: Option<&std::path::Path>) -> String {
+    match netns {
+        None => format!("ip addr flush dev {name}"),
+        Some(p) => match p.strip_prefix("/run/netns") {
+            Ok(ns) => format!("ip -n {} addr flush dev {name}", ns.display()),
+            Err(_) => format!("nsenter --net={} ip addr flush dev {name}", p.display()),
+        },
+    }
+}
+
+/// Opens the pod TAP and the uplink with a queue per worker, attaches the
+/// steering programs and turns on offloads; the result is what every
+/// thread shares.
+fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, GatewayError> {
+    let (pod, uplink) = (&config.pod, &config.uplink);
+    // The raw uplink first: its checks are config errors, found before the
+    // pod TAP is created.
+    let up = match uplink.kind {
+        UplinkKind::Tap => None,
+        UplinkKind::Raw => Some(open_uplink_raw(config, n, tuning)?),
+    };
+    let pod_q = open_queues(&pod.tap, pod.netns.as_deref(), pod.mtu, n, tuning.offload)
+        .map_err(GatewayError::PodDevice)?;
+    let up = match up {
+        Some(u) => u,
+        None => open_uplink_tap(config, n, tuning)?,
+    };
     // Steer each frame to its owner's queue in the kernel already; only a
     // hint (a frame on the wrong queue is handed over), so failure is fine.
-    let steering = n > 1
-        && steer::attach(&pod_q[0], SteerBy::SourcePort).is_ok()
-        && steer::attach(&uplink_q[0], SteerBy::DestinationPort).is_ok();
+    let steering = n > 1 && up.steering && steer::attach(&pod_q[0], SteerBy::SourcePort).is_ok();
     if tuning.offload {
         pod_q[0]
             .set_offload(OFFLOADS)
             .map_err(|e| GatewayError::Offload("pod", e))?;
-        uplink_q[0]
-            .set_offload(OFFLOADS)
-            .map_err(|e| GatewayError::Offload("uplink", e))?;
     }
     let (hdr, size) = buffer_layout(tuning.offload, usize::from(pod.mtu.max(uplink.mtu)));
-    let names = [pod_q[0].name().to_owned(), uplink_q[0].name().to_owned()];
+    let names = [pod_q[0].name().to_owned(), up.name];
+    let mut addressing = Addressing::from_config(config);
+    if let Some(mac) = up.mac {
+        // A raw uplink speaks with its interface's own MAC.
+        addressing.uplink_mac = smoltcp::wire::EthernetAddress(mac);
+    }
     let mut shared = Shared::new(
-        Addressing::from_config(config),
+        addressing,
         boxed(pod_q),
-        boxed(uplink_q),
+        up.queues,
         Pool::new(POOL_KEEP, size, hdr),
         tuning,
         steering,
     )?;
     shared.names = names;
+    shared.warnings = up.warnings;
     let netns = [pod.netns.clone(), uplink.netns.clone()];
     let watched: Vec<(usize, &std::path::Path)> = netns
         .iter()
@@ -216,6 +320,7 @@ impl Shared {
             tuning,
             steering,
             names: ["pod".into(), "uplink".into()],
+            warnings: Vec::new(),
             netns_watch: None,
             failures: bounded(FAILURES_KEPT),
             gauges,
@@ -368,4 +473,23 @@ fn spawn_control(
         .map_err(GatewayError::Thread)?;
     gw.threads.push(t);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flush_command;
+    use std::path::Path;
+
+    #[test]
+    fn the_fix_for_an_addressed_interface_names_its_namespace() {
+        assert_eq!(flush_command("eth1", None), "ip addr flush dev eth1");
+        assert_eq!(
+            flush_command("eth1", Some(Path::new("/run/netns/up"))),
+            "ip -n up addr flush dev eth1"
+        );
+        assert_eq!(
+            flush_command("eth1", Some(Path::new("/proc/42/ns/net"))),
+            "nsenter --net=/proc/42/ns/net ip addr flush dev eth1"
+        );
+    }
 }
