@@ -20,6 +20,48 @@ use tapnat::lab::{
 mod common;
 use common::*;
 
+/// Each test runs twice, as `NAME::tap` and `NAME::raw`: over an uplink
+/// TAP and over a raw AF_PACKET uplink (a veth end in the gateway's uplink
+/// namespace).
+macro_rules! over_both_uplinks {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use tapnat::config::UplinkKind;
+            use tapnat::lab::over_uplink;
+            #[test]
+            fn tap() {
+                over_uplink(UplinkKind::Tap, super::$name);
+            }
+            #[test]
+            fn raw() {
+                over_uplink(UplinkKind::Raw, super::$name);
+            }
+        }
+    )*};
+}
+
+over_both_uplinks!(
+    traceroute_udp_icmp_and_tcp_through_the_gateway,
+    icmp_error_for_no_flow_is_dropped,
+    path_mtu_discovery_through_the_gateway,
+    gateway_sends_fragmentation_needed_for_df_packets_too_big_for_the_uplink,
+    gateway_fragments_packets_without_df_for_a_smaller_uplink,
+    fragmented_udp_both_ways,
+    gateway_icmp_errors_are_rate_limited,
+    snat_pool_gives_each_pod_its_paired_address,
+    excluded_destinations_are_routed_untranslated_with_replies,
+    pod_to_pod_through_the_gateway_is_routed_back_out_of_the_pod_side,
+    port_forward_reaches_the_pod_with_the_real_client_address,
+    hairpin_to_the_pods_own_forward_uses_its_outside_mapping,
+    filtering_modes_let_in_what_they_say,
+    an_out_of_window_rst_from_outside_does_not_kill_the_flow,
+    a_syn_flood_from_a_pod_cannot_push_out_established_flows,
+    udp_forward_range_and_the_pods_port_unreachable_goes_back_translated,
+    hairpin_between_pods_through_a_mapping,
+    icmp_error_about_a_hairpinned_packet_goes_back_to_the_sender,
+    fragmented_udp_routed_pod_to_pod_and_hairpinned_through_a_forward,
+);
+
 /// A lab whose external namespace routes to a far host over a `link_mtu` link.
 fn start_far(tag: &str, link_mtu: u16, tweak: impl FnOnce(&mut Config)) -> (Lab, Gateway) {
     let mut lab = Lab::new(tag).expect("namespaces");
@@ -70,7 +112,6 @@ fn probe(lab: &Lab, icmp: &IcmpListener, mode: &str, ttl: u32, seq: u16) -> Opti
     }
 }
 
-#[test]
 fn traceroute_udp_icmp_and_tcp_through_the_gateway() {
     if !root() {
         return;
@@ -105,7 +146,6 @@ fn traceroute_udp_icmp_and_tcp_through_the_gateway() {
     assert!(s.get(Counter::IcmpErrorsSent) >= 3);
 }
 
-#[test]
 fn icmp_error_for_no_flow_is_dropped() {
     if !root() {
         return;
@@ -138,7 +178,6 @@ fn icmp_error_for_no_flow_is_dropped() {
     assert_eq!(gw.stats().get(Counter::PodTxFrames), 0);
 }
 
-#[test]
 fn path_mtu_discovery_through_the_gateway() {
     if !root() {
         return;
@@ -180,7 +219,6 @@ fn path_mtu_discovery_through_the_gateway() {
     );
 }
 
-#[test]
 fn gateway_sends_fragmentation_needed_for_df_packets_too_big_for_the_uplink() {
     if !root() {
         return;
@@ -209,7 +247,6 @@ fn gateway_sends_fragmentation_needed_for_df_packets_too_big_for_the_uplink() {
     assert_eq!(n, 1000);
 }
 
-#[test]
 fn gateway_fragments_packets_without_df_for_a_smaller_uplink() {
     if !root() {
         return;
@@ -231,7 +268,6 @@ fn gateway_fragments_packets_without_df_for_a_smaller_uplink() {
     assert!(gw.stats().get(Counter::FragmentsCreated) >= 2);
 }
 
-#[test]
 fn fragmented_udp_both_ways() {
     if !root() {
         return;
@@ -261,7 +297,6 @@ fn fragmented_udp_both_ways() {
     assert_eq!(s.get(Counter::DropFragmentTimeout), 0);
 }
 
-#[test]
 fn gateway_icmp_errors_are_rate_limited() {
     if !root() {
         return;
@@ -287,7 +322,6 @@ fn gateway_icmp_errors_are_rate_limited() {
     );
 }
 
-#[test]
 fn snat_pool_gives_each_pod_its_paired_address() {
     if !root() {
         return;
@@ -329,7 +363,6 @@ fn snat_pool_gives_each_pod_its_paired_address() {
     assert!(neigh.contains(&mac), "{neigh}");
 }
 
-#[test]
 fn excluded_destinations_are_routed_untranslated_with_replies() {
     if !root() {
         return;
@@ -378,7 +411,6 @@ fn excluded_destinations_are_routed_untranslated_with_replies() {
     assert!(s.get(Counter::DropNoFlow) >= 1);
 }
 
-#[test]
 fn pod_to_pod_through_the_gateway_is_routed_back_out_of_the_pod_side() {
     if !root() {
         return;
@@ -427,7 +459,6 @@ fn with_forward(c: &mut Config) {
     }];
 }
 
-#[test]
 fn port_forward_reaches_the_pod_with_the_real_client_address() {
     if !root() {
         return;
@@ -459,7 +490,6 @@ fn port_forward_reaches_the_pod_with_the_real_client_address() {
     assert!(gw.stats().get(Counter::FlowsCreated) >= 1);
 }
 
-#[test]
 fn hairpin_to_the_pods_own_forward_uses_its_outside_mapping() {
     if !root() {
         return;
@@ -510,7 +540,6 @@ fn filtering_case(tag: &str, filtering: tapnat::config::Filtering) -> (bool, boo
     )
 }
 
-#[test]
 fn filtering_modes_let_in_what_they_say() {
     if !root() {
         return;
@@ -522,7 +551,6 @@ fn filtering_modes_let_in_what_they_say() {
     assert_eq!(filtering_case("apdf", AddressAndPort), (false, false));
 }
 
-#[test]
 fn an_out_of_window_rst_from_outside_does_not_kill_the_flow() {
     if !root() {
         return;
@@ -569,7 +597,6 @@ fn an_out_of_window_rst_from_outside_does_not_kill_the_flow() {
     assert_eq!(&b, b"reply");
 }
 
-#[test]
 fn a_syn_flood_from_a_pod_cannot_push_out_established_flows() {
     if !root() {
         return;
@@ -614,7 +641,6 @@ fn a_syn_flood_from_a_pod_cannot_push_out_established_flows() {
     assert!(gw.flows().len() <= 64);
 }
 
-#[test]
 fn udp_forward_range_and_the_pods_port_unreachable_goes_back_translated() {
     if !root() {
         return;
@@ -667,7 +693,6 @@ fn udp_forward_range_and_the_pods_port_unreachable_goes_back_translated() {
     assert!(gw.stats().get(Counter::IcmpErrorsTranslated) >= 1);
 }
 
-#[test]
 fn hairpin_between_pods_through_a_mapping() {
     if !root() {
         return;
@@ -700,7 +725,6 @@ fn hairpin_between_pods_through_a_mapping() {
     assert!(gw.stats().get(Counter::Hairpinned) >= 2);
 }
 
-#[test]
 fn icmp_error_about_a_hairpinned_packet_goes_back_to_the_sender() {
     if !root() {
         return;
@@ -740,7 +764,6 @@ fn icmp_error_about_a_hairpinned_packet_goes_back_to_the_sender() {
     );
 }
 
-#[test]
 fn fragmented_udp_routed_pod_to_pod_and_hairpinned_through_a_forward() {
     if !root() {
         return;

@@ -175,13 +175,35 @@ pub const RAW_UPLINK_IF: &str = "uplink0";
 /// The external namespace's end of a raw-uplink lab's veth pair.
 pub const RAW_PEER_IF: &str = "tapnat1";
 
-/// The uplink kind a plain [`Lab::new`] builds: `TAPNAT_LAB_UPLINK=raw` in
-/// the environment runs every test (and the demo) over a raw uplink.
+/// The uplink kind a plain [`Lab::new`] builds: the one [`over_uplink`]
+/// set for this thread, else `TAPNAT_LAB_UPLINK=raw` in the environment
+/// runs every test (and the demo) over a raw uplink.
 pub fn uplink_from_env() -> UplinkKind {
+    if let Some(kind) = THREAD_UPLINK.with(std::cell::Cell::get) {
+        return kind;
+    }
     match std::env::var("TAPNAT_LAB_UPLINK").as_deref() {
         Ok("raw") => UplinkKind::Raw,
         _ => UplinkKind::Tap,
     }
+}
+
+thread_local! {
+    static THREAD_UPLINK: std::cell::Cell<Option<UplinkKind>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every [`Lab::new`] on this thread building `kind` of
+/// uplink: one test body run over a TAP and over a raw uplink.
+pub fn over_uplink<T>(kind: UplinkKind, f: impl FnOnce() -> T) -> T {
+    let before = THREAD_UPLINK.with(|c| c.replace(Some(kind)));
+    struct Restore(Option<UplinkKind>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD_UPLINK.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
 }
 
 impl Lab {
