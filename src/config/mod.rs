@@ -221,6 +221,16 @@ pub struct MetricsConfig {
     pub listen: Option<std::net::SocketAddrV4>,
 }
 
+/// The `[log]` table: the mapping log (RFC 6888 REQ-12).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogConfig {
+    /// Append one JSON line per mapping made and released to this file
+    /// (an absolute path); `None`: no mapping log.
+    pub mappings: Option<PathBuf>,
+    /// Also log each session (flow) with its destination.
+    pub destinations: bool,
+}
+
 /// A complete, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -233,6 +243,7 @@ pub struct Config {
     pub workers: WorkersConfig,
     pub control: ControlConfig,
     pub metrics: MetricsConfig,
+    pub log: LogConfig,
 }
 
 impl Config {
@@ -281,6 +292,7 @@ struct Raw {
     workers: workers::Raw,
     control: ops::RawControl,
     metrics: ops::RawMetrics,
+    log: ops::RawLog,
 }
 
 /// Layer the embedded default, `user` (text, origin) and the `TAPNAT_`
@@ -299,6 +311,7 @@ fn build(user: Option<(&str, &str)>, env: &[(&str, &str)]) -> Result<Config, Con
     let workers = workers::check(raw.workers)?;
     let control = ops::check_control(raw.control)?;
     let metrics = ops::check_metrics(raw.metrics)?;
+    let log = ops::check_log(raw.log)?;
     Ok(Config {
         pod,
         uplink,
@@ -309,6 +322,7 @@ fn build(user: Option<(&str, &str)>, env: &[(&str, &str)]) -> Result<Config, Con
         workers,
         control,
         metrics,
+        log,
     })
 }
 
@@ -336,6 +350,7 @@ fn read(mut root: reader::Table<'_>) -> Result<Raw, ConfigError> {
         workers: workers::read(root.table("workers")?)?,
         control: ops::read_control(root.table("control")?)?,
         metrics: ops::read_metrics(root.table("metrics")?)?,
+        log: ops::read_log(root.table("log")?)?,
     };
     root.finish()?;
     Ok(raw)

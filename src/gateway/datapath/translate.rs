@@ -9,7 +9,7 @@ use crate::gateway::buf::Buf;
 use crate::gateway::classify::{classify, frag_key};
 use crate::gateway::stats::Counter;
 use crate::nat::{CreateError, Direction, FlowId, InKey, InboundError, OutKey, Proto, Verdict};
-use crate::policy::{Egress, Side};
+use crate::policy::{Addressing, Egress, Side};
 use crate::wire::{self, End, Ipv4View, L4};
 
 /// The protocol and ports (or echo id, as the source port) of a packet NAT
@@ -139,6 +139,9 @@ impl Core {
         wire::translate(buf.frame_mut(), &v, End::Src, ext_addr, ext_port, fit.csum);
         self.c.inc(Counter::In2outPackets);
         self.c.add(Counter::In2outBytes, v.total_len as u64);
+        if let Some(r) = rule_of(&self.a, key.src) {
+            self.c.rule(r, v.total_len as u64);
+        }
         if hairpin {
             return self.hairpin(buf, now, out);
         }
@@ -229,6 +232,9 @@ impl Core {
         );
         self.c.inc(Counter::Out2inPackets);
         self.c.add(Counter::Out2inBytes, v.total_len as u64);
+        if let Some(r) = rule_of(&self.a, inside.src) {
+            self.c.rule(r, v.total_len as u64);
+        }
         self.send_on(Side::Pod, inside.src, buf, fit, out)
     }
 
@@ -331,5 +337,20 @@ impl Core {
             hairpin: false,
         };
         self.first_fragment_done(frag_key(buf.frame(), v), rewrite, now, out);
+    }
+}
+
+/// The position of the rule that translates pod address `src`, for its
+/// counters: SNAT rules first, then masquerade rules (the order
+/// [`Addressing::egress`] tries them in).
+#[inline]
+fn rule_of(a: &Addressing, src: std::net::Ipv4Addr) -> Option<usize> {
+    match a.snat.iter().position(|r| r.source.contains(src)) {
+        Some(i) => Some(i),
+        None => a
+            .masquerade
+            .iter()
+            .position(|r| r.source.contains(src))
+            .map(|i| i + a.snat.len()),
     }
 }
