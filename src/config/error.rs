@@ -108,6 +108,9 @@ pub enum Reason {
     /// Not a user or group name (empty, or with `:`, `/` or whitespace).
     #[error("{name:?} is not a group name")]
     BadGroupName { name: String },
+    /// A file the gateway writes (the mapping log) that cannot be opened.
+    #[error("cannot open {path:?} for appending: {error}")]
+    CannotOpen { path: String, error: String },
     /// No group of that name in the system's group database.
     #[error("no group {name:?} on this system")]
     NoSuchGroup { name: String },

@@ -159,6 +159,7 @@ fn env_overrides_string_number_and_timeout() {
             ("TAPNAT_POD__NETNS", "/run/netns/pod"),
             ("PATH", "/usr/bin"),
             ("TAPNATX", "not ours"),
+            ("TAPNAT_LOG", "debug"),
         ],
     )
     .unwrap();

@@ -143,6 +143,8 @@ pub(crate) struct Shared {
     /// Entries of the control thread's (authoritative) neighbour table,
     /// stored by it once per loop iteration.
     neighbours: AtomicU64,
+    /// Copies for `tapnat events` and `tapnat capture` (off when unused).
+    taps: Arc<crate::ops::tap::Taps>,
     /// TEST-ONLY fault hook (debug builds only, never in a release binary):
     /// thread index + 1 (workers 0..N, then the control thread) that is to
     /// panic at its next loop iteration; 0 = none. See `Gateway::inject_panic`.
@@ -188,10 +190,21 @@ impl Shared {
     }
     /// Writes a buffer (header and frame) to `side`'s queue `queue`.
     fn send_buf(&self, side: Side, queue: usize, buf: &Buf) -> std::io::Result<()> {
+        self.capture_out(side, buf.frame());
         self.device(side, queue).write(buf.wire())
+    }
+    /// A frame written to `side`, for a running capture (one relaxed load
+    /// when none runs).
+    #[inline]
+    fn capture_out(&self, side: Side, frame: &[u8]) {
+        let cap = &self.taps.capture;
+        if cap.sides() & crate::ops::tap::side_bit(side) != 0 {
+            cap.offer(side, crate::ops::tap::Way::Out, frame, &self.taps.counters);
+        }
     }
     /// Writes a frame the gateway made itself (no offload metadata).
     fn send_frame(&self, side: Side, queue: usize, frame: &[u8]) -> std::io::Result<()> {
+        self.capture_out(side, frame);
         let hdr = self.pool.hdr();
         if hdr == 0 {
             return self.device(side, queue).write(frame);
@@ -285,6 +298,11 @@ impl Observer {
     /// control thread last published it.
     pub fn neighbour_count(&self) -> u64 {
         self.shared.neighbours.load(Ordering::Relaxed)
+    }
+
+    /// Where `tapnat events` and `tapnat capture` take their copies.
+    pub fn taps(&self) -> &Arc<crate::ops::tap::Taps> {
+        &self.shared.taps
     }
 
     fn sum_gauges(&self, field: impl Fn(&WorkerGauges) -> &AtomicU64) -> u64 {

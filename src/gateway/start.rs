@@ -72,8 +72,9 @@ pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
     };
     let shared = Arc::new(open_devices(config, n, tuning)?);
     let seed = seed();
-    let counters: Vec<Arc<Counters>> = (0..=n).map(|_| Arc::default()).collect();
+    let mut counters: Vec<Arc<Counters>> = (0..=n).map(|_| Arc::default()).collect();
     let cores = build_shards(config, &shared, n, seed, &counters[..n])?;
+    counters.push(shared.taps.counters.clone());
     let (ctrl_tx, ctrl_rx) = unbounded();
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded(WORKER_QUEUE)).unzip();
     let mut gateway = Gateway {
@@ -196,6 +197,7 @@ impl Shared {
             failures: bounded(FAILURES_KEPT),
             gauges,
             neighbours: AtomicU64::new(0),
+            taps: Arc::default(),
             #[cfg(debug_assertions)]
             fault: std::sync::atomic::AtomicUsize::new(0),
         })

@@ -12,3 +12,7 @@ pub mod metrics;
 pub mod record;
 pub mod report;
 pub mod socket;
+pub mod capture;
+pub mod events;
+pub mod maplog;
+pub mod tap;
