@@ -11,18 +11,18 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use tapnat::config::{Config, ConfigError, Reason};
 use tapnat::gateway::{panic_message, thread_role, Failure, Gateway, GatewayError};
-use tapnat::ops::filter::FlowFilter;
 use tapnat::ops::capture::{self, CaptureSpec};
 use tapnat::ops::events::EventRecord;
+use tapnat::ops::filter::FlowFilter;
 use tapnat::ops::live::{Live, ReloadRefused};
 use tapnat::ops::maplog::MapLog;
+use tapnat::ops::metrics::{self, Gauges, MetricsServer};
+use tapnat::ops::report::{self, Format};
+use tapnat::ops::socket::{self, Access, Request, Response};
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
 use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
-use tapnat::ops::metrics::{self, Gauges, MetricsServer};
-use tapnat::ops::report::{self, Format};
-use tapnat::ops::socket::{self, Access, Request, Response};
 
 const USAGE: &str = "\
 tapnat: a userspace IPv4 masquerading NAT gateway between two TAP devices
@@ -715,6 +715,7 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let limit = config.nat.max_flows as u64;
     let _metrics = config.metrics.listen.and_then(|addr| {
         let observer = gw.observer();
+        let live = live.clone();
         match MetricsServer::serve(addr.into(), move || {
             let (fragments_tracked, fragments_held) = observer.fragment_counts();
             let gauges = Gauges {
@@ -724,7 +725,10 @@ fn run(args: &[String]) -> Result<(), MainError> {
                 fragments_held,
                 neighbours: observer.neighbour_count(),
             };
-            metrics::exposition(&observer.stats(), Some(gauges))
+            let stats = observer.stats();
+            let mut out = metrics::exposition(&stats, Some(gauges));
+            metrics::rules(&mut out, &live.rule_records(&stats));
+            out
         }) {
             Ok(m) => Some(m),
             Err(e) => {
@@ -803,7 +807,10 @@ fn init_logging() {
         Err(_) => (EnvFilter::new("info"), None),
         Ok(v) => match EnvFilter::try_new(&v) {
             Ok(f) => (f, None),
-            Err(e) => (EnvFilter::new("info"), Some(format!("TAPNAT_LOG={v:?}: {e}; using info"))),
+            Err(e) => (
+                EnvFilter::new("info"),
+                Some(format!("TAPNAT_LOG={v:?}: {e}; using info")),
+            ),
         },
     };
     let _ = tracing_subscriber::fmt()

@@ -154,7 +154,11 @@ mod tests {
                 true,
             ),
             ("[nat]\nmax_flows = 1000\n", "nat.max_flows", true),
-            ("[log]\nmappings = \"/var/log/m.json\"\n", "log.mappings", true),
+            (
+                "[log]\nmappings = \"/var/log/m.json\"\n",
+                "log.mappings",
+                true,
+            ),
             ("[log]\ndestinations = true\n", "log.destinations", true),
             (
                 "[[masquerade]]\nsource = \"10.244.0.0/17\"\n",

@@ -66,6 +66,7 @@ pub(super) fn expected_default() -> Config {
             group: None,
         },
         metrics: MetricsConfig { listen: None },
+        log: super::LogConfig::default(),
     }
 }
 
@@ -243,6 +244,8 @@ fn every_scalar_key_is_settable_from_env() {
         ("control.socket", "/tmp/t.sock"),
         ("control.group", "tapnat"),
         ("metrics.listen", "127.0.0.1:9469"),
+        ("log.mappings", "/tmp/m.json"),
+        ("log.destinations", "true"),
     ];
     // Every scalar key of the embedded default (and the keys it leaves
     // out, whose absence means "none") is in the list above.
@@ -251,6 +254,7 @@ fn every_scalar_key_is_settable_from_env() {
         "uplink.netns",
         "control.group",
         "metrics.listen",
+        "log.mappings",
     ]
     .map(String::from)
     .to_vec();

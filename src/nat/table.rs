@@ -170,12 +170,12 @@ mod types;
 mod types_events;
 
 pub use expiry::EARLY_DROP_SCAN;
-pub use types_events::{EndReason, TableEvent, JOURNAL_MAX};
 pub use filter::Filtering;
 pub use types::{
     CreateError, Direction, Flow, FlowId, FlowState, ForwardError, InKey, InboundError, OutKey,
     Proto, TableConfig, TableStats, TcpFlags, TcpSeg, TcpState, Timeouts, Verdict,
 };
+pub use types_events::{EndReason, TableEvent, JOURNAL_MAX};
 
 use expiry::{Sweep, Victim};
 use filter::Filter;

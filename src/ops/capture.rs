@@ -177,7 +177,10 @@ mod tests {
         let mut r = Vec::new();
         record(&mut r, 1_700_000_000_250_000, &[9; 60]);
         assert_eq!(r.len(), 16 + 60);
-        assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()), 1_700_000_000);
+        assert_eq!(
+            u32::from_le_bytes(r[0..4].try_into().unwrap()),
+            1_700_000_000
+        );
         assert_eq!(u32::from_le_bytes(r[4..8].try_into().unwrap()), 250_000);
         assert_eq!(u32::from_le_bytes(r[8..12].try_into().unwrap()), 60);
         assert_eq!(u32::from_le_bytes(r[12..16].try_into().unwrap()), 60);

@@ -335,7 +335,11 @@ mod tests {
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while got < n && std::time::Instant::now() < deadline {
-            if fast.events().recv_timeout(std::time::Duration::from_millis(50)).is_ok() {
+            if fast
+                .events()
+                .recv_timeout(std::time::Duration::from_millis(50))
+                .is_ok()
+            {
                 got += 1;
             }
         }

@@ -130,6 +130,16 @@ impl Live {
         })
     }
 
+    /// Every NAT rule's counters now, named as the running config names
+    /// them.
+    pub fn rule_records(
+        &self,
+        s: &crate::gateway::stats::Snapshot,
+    ) -> Vec<super::record::RuleRecord> {
+        let st = self.state();
+        super::record::rule_records(s, &st.config.snat, &st.config.masquerade)
+    }
+
     /// `tapnat events` subscriptions.
     pub fn events(&self) -> &EventHub {
         &self.events

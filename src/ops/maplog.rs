@@ -138,7 +138,10 @@ impl MapLog {
 
     fn fail(&mut self, e: &io::Error) {
         if !std::mem::replace(&mut self.failed, true) {
-            tracing::error!("mapping log {}: {e}; lines are being lost", self.path.display());
+            tracing::error!(
+                "mapping log {}: {e}; lines are being lost",
+                self.path.display()
+            );
         }
     }
 }

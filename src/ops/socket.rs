@@ -245,7 +245,12 @@ pub fn respond(request: Request, live: &Live) -> Response {
                 .filter(|f| filter.matches(f))
                 .collect(),
         ),
-        Request::Stats => Response::Stats(StatsRecord::from(&observer.stats())),
+        Request::Stats => {
+            let s = observer.stats();
+            let mut r = StatsRecord::from(&s);
+            r.rules = live.rule_records(&s);
+            Response::Stats(r)
+        }
         Request::Flush { filter } => Response::Flushed(live.flush(&filter)),
         Request::ForwardAdd { protocol, port, to } => {
             match live.forward_add(&protocol, &port, &to) {
@@ -384,7 +389,10 @@ pub fn ask(path: &Path, request: &Request) -> io::Result<Response> {
 /// Asks the gateway on `path` for a stream: its first answer, and the
 /// connection to read the rest from (no read timeout: a stream may be
 /// quiet for long).
-pub fn open_stream(path: &Path, request: &Request) -> io::Result<(Response, BufReader<UnixStream>)> {
+pub fn open_stream(
+    path: &Path,
+    request: &Request,
+) -> io::Result<(Response, BufReader<UnixStream>)> {
     let mut conn = UnixStream::connect(path).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -397,8 +405,8 @@ pub fn open_stream(path: &Path, request: &Request) -> io::Result<(Response, BufR
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
     reader.read_line(&mut line)?;
-    let first = serde_json::from_str(&line)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let first =
+        serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok((first, reader))
 }
 

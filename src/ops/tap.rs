@@ -226,7 +226,10 @@ mod tests {
         drop(run);
         assert_eq!(taps.capture.sides(), 0);
         let again = taps.capture.start(3).unwrap();
-        assert!(again.frames().try_recv().is_err(), "a new capture starts empty");
+        assert!(
+            again.frames().try_recv().is_err(),
+            "a new capture starts empty"
+        );
     }
 
     #[test]
