@@ -914,3 +914,46 @@ fn capture_records_frames_before_and_after_translation() {
     let err = gw.stop();
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn messages_follow_tapnat_log_and_a_closed_stderr_is_not_fatal() {
+    // A UDP timeout below RFC 4787's minimum is a warning.
+    let file = TempConfig::new("log-levels", "[nat.timeouts]\nudp = \"2s\"\n");
+    let warned = |level: Option<&str>| {
+        let mut cmd = tapnat();
+        cmd.args(["check", "--config", file.path()]);
+        match level {
+            Some(l) => cmd.env("TAPNAT_LOG", l),
+            None => cmd.env_remove("TAPNAT_LOG"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let default = warned(None);
+    assert!(
+        default.starts_with("tapnat: warning: ") && default.contains("nat.timeouts.udp"),
+        "{default}"
+    );
+    assert_eq!(warned(Some("error")), "");
+    assert_eq!(warned(Some("warn")), default);
+    // stderr is a pipe whose reader is gone (the write end of `true`'s
+    // stdin, after it exited): every write fails with EPIPE, and the
+    // command still ends with its own status, not a panic (101).
+    for args in [
+        vec!["check", "--config", file.path()],
+        vec!["no-such-command"],
+    ] {
+        let mut reader = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
+        let broken = reader.stdin.take().unwrap();
+        reader.wait().unwrap();
+        let status = tapnat()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(broken))
+            .status()
+            .unwrap();
+        let want = if args[0] == "check" { 0 } else { 64 };
+        assert_eq!(status.code(), Some(want), "{args:?}");
+    }
+}
