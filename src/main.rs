@@ -457,7 +457,7 @@ fn capture_cmd(args: &[String]) -> Result<(), MainError> {
         };
         match a.as_str() {
             "--side" => spec.side = value()?,
-            "--count" | "-c" if a == "--count" => {
+            "--count" => {
                 let v = value()?;
                 spec.count =
                     Some(v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
