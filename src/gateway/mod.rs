@@ -36,6 +36,7 @@ mod live;
 mod local;
 mod start;
 pub mod stats;
+pub mod taps;
 mod worker;
 
 use std::net::Ipv4Addr;
@@ -144,7 +145,7 @@ pub(crate) struct Shared {
     /// stored by it once per loop iteration.
     neighbours: AtomicU64,
     /// Copies for `tapnat events` and `tapnat capture` (off when unused).
-    taps: Arc<crate::ops::tap::Taps>,
+    taps: Arc<taps::Taps>,
     /// TEST-ONLY fault hook (debug builds only, never in a release binary):
     /// thread index + 1 (workers 0..N, then the control thread) that is to
     /// panic at its next loop iteration; 0 = none. See `Gateway::inject_panic`.
@@ -198,8 +199,8 @@ impl Shared {
     #[inline]
     fn capture_out(&self, side: Side, frame: &[u8]) {
         let cap = &self.taps.capture;
-        if cap.sides() & crate::ops::tap::side_bit(side) != 0 {
-            cap.offer(side, crate::ops::tap::Way::Out, frame, &self.taps.counters);
+        if cap.sides() & taps::side_bit(side) != 0 {
+            cap.offer(side, taps::Way::Out, frame, &self.taps.counters);
         }
     }
     /// Writes a frame the gateway made itself (no offload metadata).
@@ -301,7 +302,7 @@ impl Observer {
     }
 
     /// Where `tapnat events` and `tapnat capture` take their copies.
-    pub fn taps(&self) -> &Arc<crate::ops::tap::Taps> {
+    pub fn taps(&self) -> &Arc<taps::Taps> {
         &self.shared.taps
     }
 

@@ -168,10 +168,10 @@ impl Worker {
             self.c.add(Counter::EventsLost, lost - self.events_lost);
             self.events_lost = lost;
         }
-        let unix_us = crate::ops::tap::unix_micros();
+        let unix_us = super::taps::unix_micros();
         let c = &self.c;
         table.drain_events(|event| {
-            if !tap.offer(crate::ops::tap::Stamped { unix_us, event }) {
+            if !tap.offer(super::taps::Stamped { unix_us, event }) {
                 c.inc(Counter::EventsLost);
             }
         });
@@ -235,7 +235,7 @@ impl Worker {
         let shared = self.shared.clone();
         let dev = shared.device(side, self.k);
         // One load per burst: is a capture taking this side's frames?
-        let capture = shared.taps.capture.sides() & crate::ops::tap::side_bit(side) != 0;
+        let capture = shared.taps.capture.sides() & super::taps::side_bit(side) != 0;
         for n in 0..READ_BURST {
             let mut buf = self.spare.take().unwrap_or_else(|| self.shared.pool.get());
             match dev.read(buf.read_space()) {
@@ -245,7 +245,7 @@ impl Worker {
                         Side::Uplink => Counter::UplinkRxFrames,
                     });
                     if capture {
-                        let (tap, way) = (&shared.taps.capture, crate::ops::tap::Way::In);
+                        let (tap, way) = (&shared.taps.capture, super::taps::Way::In);
                         tap.offer(side, way, buf.frame(), &shared.taps.counters);
                     }
                     self.core.frame(side, buf, now, &mut self.actions);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::tap::{side_bit, CaptureTap, Captured};
+use crate::gateway::taps::{side_bit, CaptureTap, Captured};
 use crate::policy::Side;
 
 /// The largest frame recorded whole (a TSO super-frame is up to 64 KiB
@@ -167,7 +167,7 @@ pub fn copy_records(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64
 mod tests {
     use super::*;
     use crate::gateway::stats::Counters;
-    use crate::ops::tap::{Taps, Way};
+    use crate::gateway::taps::{Taps, Way};
 
     #[test]
     fn header_and_records_are_classic_pcap() {

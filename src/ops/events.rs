@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use super::maplog::MapLog;
 use super::record::proto_name;
-use super::tap::{Stamped, Taps};
 use crate::gateway::stats::Counter;
+use crate::gateway::taps::{Stamped, Taps};
 use crate::nat::{Flow, FlowState, Proto, TableEvent};
 
 /// Events waiting for one subscriber.

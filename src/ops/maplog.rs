@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::record::proto_name;
-use super::tap::Stamped;
+use crate::gateway::taps::Stamped;
 use crate::nat::TableEvent;
 
 /// One line of the log.

@@ -15,4 +15,3 @@ pub mod metrics;
 pub mod record;
 pub mod report;
 pub mod socket;
-pub mod tap;

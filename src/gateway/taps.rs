@@ -1,6 +1,7 @@
-//! Where the data path hands copies to the operator's tools: flow events
-//! (for `tapnat events` and the mapping log) and captured frames (for
-//! `tapnat capture`). Both are off unless someone listens, and then
+//! Where the data path hands copies to the operator's tools (the ops
+//! layer reads them): flow events (for `tapnat events` and the mapping
+//! log) and captured frames (for `tapnat capture`). Both are off unless
+//! someone listens, and then
 //! bounded: the data path never waits for a reader and never allocates
 //! for one that is not there.
 //!
