@@ -318,13 +318,21 @@ impl FlowTable {
     #[inline]
     fn check_live(&mut self, i: usize, now_ms: u64) -> Option<FlowId> {
         if self.is_expired(i, now_ms) {
-            self.tick(now_ms);
-            self.remove_slot_for(i, EndReason::Timeout);
-            self.stats.expired += 1;
+            self.expire_slot(i, now_ms);
             None
         } else {
             Some(FlowId(i as u32))
         }
+    }
+
+    /// A lookup hit an expired flow: remove it (kept out of line, so the
+    /// lookup path stays small).
+    #[cold]
+    #[inline(never)]
+    fn expire_slot(&mut self, i: usize, now_ms: u64) {
+        self.tick(now_ms);
+        self.remove_slot_for(i, EndReason::Timeout);
+        self.stats.expired += 1;
     }
 
     /// Create a flow for an outbound packet that missed (see the module docs

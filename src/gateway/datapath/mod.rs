@@ -192,6 +192,10 @@ pub struct Core {
     released: Vec<(Buf, Release)>,
     /// Fragments of one packet being cut, before they are sent.
     pieces: Vec<Buf>,
+    /// The pod address whose rule was looked up last, and the rule's
+    /// position (for the per-rule counters): a burst from one pod skips
+    /// the rule scan. Cleared when the rules change.
+    rule_memo: Option<(Ipv4Addr, Option<usize>)>,
 }
 
 fn tcp_flags(flags: u8) -> TcpFlags {
@@ -240,6 +244,7 @@ impl Core {
             routed_swept_ms: 0,
             released: Vec::new(),
             pieces: Vec::new(),
+            rule_memo: None,
         }
     }
 
@@ -262,6 +267,7 @@ impl Core {
     /// classified with `a`.
     pub fn set_addressing(&mut self, a: Arc<Addressing>) {
         self.a = a;
+        self.rule_memo = None;
     }
 
     /// This worker's share of the ICMP error budget changed at run time.

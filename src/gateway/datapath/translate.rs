@@ -139,9 +139,7 @@ impl Core {
         wire::translate(buf.frame_mut(), &v, End::Src, ext_addr, ext_port, fit.csum);
         self.c.inc(Counter::In2outPackets);
         self.c.add(Counter::In2outBytes, v.total_len as u64);
-        if let Some(r) = rule_of(&self.a, key.src) {
-            self.c.rule(r, v.total_len as u64);
-        }
+        self.count_rule(key.src, v.total_len);
         if hairpin {
             return self.hairpin(buf, now, out);
         }
@@ -232,9 +230,7 @@ impl Core {
         );
         self.c.inc(Counter::Out2inPackets);
         self.c.add(Counter::Out2inBytes, v.total_len as u64);
-        if let Some(r) = rule_of(&self.a, inside.src) {
-            self.c.rule(r, v.total_len as u64);
-        }
+        self.count_rule(inside.src, v.total_len);
         self.send_on(Side::Pod, inside.src, buf, fit, out)
     }
 
@@ -337,6 +333,25 @@ impl Core {
             hairpin: false,
         };
         self.first_fragment_done(frag_key(buf.frame(), v), rewrite, now, out);
+    }
+}
+
+impl Core {
+    /// Counts a translated packet of `len` bytes under the rule of pod
+    /// address `src` (the last address's rule is remembered).
+    #[inline]
+    fn count_rule(&mut self, src: std::net::Ipv4Addr, len: usize) {
+        let rule = match self.rule_memo {
+            Some((a, r)) if a == src => r,
+            _ => {
+                let r = rule_of(&self.a, src);
+                self.rule_memo = Some((src, r));
+                r
+            }
+        };
+        if let Some(r) = rule {
+            self.c.rule(r, len as u64);
+        }
     }
 }
 
