@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use crate::gateway::stats::{Counter, Counters};
 use crate::nat::TableEvent;
@@ -26,8 +26,10 @@ use crate::policy::Side;
 
 /// Events waiting between the workers and the events thread.
 const EVENT_QUEUE: usize = 65536;
-/// Frames waiting between the data path and a capture's writer.
+/// Frames waiting between the data path and a capture's writer...
 const CAPTURE_QUEUE: usize = 4096;
+/// ...and their bytes at most (TSO super-frames are up to 64 KiB each).
+const CAPTURE_BYTES: usize = 16 << 20;
 
 /// Microseconds since the Unix epoch now.
 pub fn unix_micros() -> u64 {
@@ -113,6 +115,8 @@ pub struct CaptureTap {
     sides: AtomicU8,
     /// A capture runs (one at a time).
     busy: AtomicBool,
+    /// Bytes of the frames in the queue (bounded by [`CAPTURE_BYTES`]).
+    queued: AtomicUsize,
     tx: Sender<Captured>,
     rx: Receiver<Captured>,
 }
@@ -129,6 +133,11 @@ impl CaptureTap {
     /// queue is full. Call only when [`CaptureTap::sides`] has `side`.
     #[cold]
     pub fn offer(&self, side: Side, way: Way, frame: &[u8], c: &Counters) {
+        let len = frame.len();
+        if self.queued.fetch_add(len, Ordering::Relaxed) + len > CAPTURE_BYTES {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return c.inc(Counter::CaptureLost);
+        }
         let f = Captured {
             unix_us: unix_micros(),
             side,
@@ -138,9 +147,22 @@ impl CaptureTap {
         match self.tx.try_send(f) {
             Ok(()) => c.inc(Counter::CaptureFrames),
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.queued.fetch_sub(len, Ordering::Relaxed);
                 c.inc(Counter::CaptureLost)
             }
         }
+    }
+
+    /// The next queued frame, its bytes no longer counted.
+    fn take(&self, wait: std::time::Duration) -> Result<Captured, RecvTimeoutError> {
+        let f = self.rx.recv_timeout(wait)?;
+        self.queued.fetch_sub(f.frame.len(), Ordering::Relaxed);
+        Ok(f)
+    }
+
+    /// Empties the queue.
+    fn drain(&self) {
+        while self.take(std::time::Duration::ZERO).is_ok() {}
     }
 
     /// Starts a capture of `sides`; None if one runs already. The capture
@@ -150,7 +172,7 @@ impl CaptureTap {
             return None;
         }
         // Whatever an earlier capture left behind is not ours.
-        while self.rx.try_recv().is_ok() {}
+        self.drain();
         self.sides.store(sides, Ordering::Relaxed);
         Some(CaptureRun { tap: self.clone() })
     }
@@ -162,16 +184,17 @@ pub struct CaptureRun {
 }
 
 impl CaptureRun {
-    /// The captured frames, in the order they were handed over.
-    pub fn frames(&self) -> &Receiver<Captured> {
-        &self.tap.rx
+    /// The next captured frame (in the order they were handed over),
+    /// waiting up to `wait`.
+    pub fn next(&self, wait: std::time::Duration) -> Result<Captured, RecvTimeoutError> {
+        self.tap.take(wait)
     }
 }
 
 impl Drop for CaptureRun {
     fn drop(&mut self) {
         self.tap.sides.store(0, Ordering::Relaxed);
-        while self.tap.rx.try_recv().is_ok() {}
+        self.tap.drain();
         self.tap.busy.store(false, Ordering::Release);
     }
 }
@@ -198,6 +221,7 @@ impl Default for Taps {
             capture: Arc::new(CaptureTap {
                 sides: AtomicU8::new(0),
                 busy: AtomicBool::new(false),
+                queued: AtomicUsize::new(0),
                 tx: ctx,
                 rx: crx,
             }),
@@ -223,14 +247,33 @@ mod tests {
         }
         assert_eq!(c.get(Counter::CaptureFrames), CAPTURE_QUEUE as u64);
         assert_eq!(c.get(Counter::CaptureLost), 5);
-        assert_eq!(run.frames().try_recv().unwrap().frame, vec![1, 2, 3]);
+        assert_eq!(run.next(ZERO).unwrap().frame, vec![1, 2, 3]);
         drop(run);
         assert_eq!(taps.capture.sides(), 0);
         let again = taps.capture.start(3).unwrap();
-        assert!(
-            again.frames().try_recv().is_err(),
-            "a new capture starts empty"
-        );
+        assert!(again.next(ZERO).is_err(), "a new capture starts empty");
+    }
+
+    const ZERO: std::time::Duration = std::time::Duration::ZERO;
+
+    #[test]
+    fn captured_bytes_are_bounded_too() {
+        let taps = Taps::default();
+        let c = Counters::default();
+        let run = taps.capture.start(3).unwrap();
+        let big = vec![0u8; 64 << 10];
+        for _ in 0..300 {
+            taps.capture.offer(Side::Uplink, Way::Out, &big, &c);
+        }
+        // 16 MiB of 64 KiB frames: 256 kept, the rest lost.
+        assert_eq!(c.get(Counter::CaptureFrames), 256);
+        assert_eq!(c.get(Counter::CaptureLost), 44);
+        // Taking one makes room for one.
+        run.next(ZERO).unwrap();
+        taps.capture.offer(Side::Uplink, Way::Out, &big, &c);
+        assert_eq!(c.get(Counter::CaptureFrames), 257);
+        drop(run);
+        assert_eq!(taps.capture.queued.load(Ordering::Relaxed), 0);
     }
 
     #[test]

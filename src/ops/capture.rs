@@ -113,7 +113,7 @@ pub fn stream(
             },
             None => Duration::from_secs(1),
         };
-        match run.frames().recv_timeout(wait) {
+        match run.next(wait) {
             Ok(Captured { unix_us, frame, .. }) => {
                 buf.clear();
                 record(&mut buf, unix_us, &frame);
