@@ -734,6 +734,28 @@ fn events_show_new_and_destroyed_flows_and_the_mapping_log_rotates() {
             .all(|l| l["inside"] != format!("{POD_IP}:42002")),
         "written to the rotated file"
     );
+    // log.destinations changes live: sessions are logged with theirs.
+    std::fs::write(&file.0, format!("{text}destinations = true\n")).unwrap();
+    gw.signal("-HUP");
+    let err = gw.wait_stderr("tapnat: reload: applied log.destinations", 1);
+    assert!(!err.contains("error"), "{err}");
+    assert!(udp_round_trip(&lab, &srv, 42003));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let session = loop {
+        let found = json_lines(&log)
+            .into_iter()
+            .find(|l| l["event"] == "session-new" && l["inside"] == format!("{POD_IP}:42003"));
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no session line");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        session["destination"],
+        format!("{SERVER_IP}:5000"),
+        "{session}"
+    );
     // Nothing was lost with readers that keep up; the rules counted it.
     let stats: serde_json::Value =
         serde_json::from_str(&ok(&["stats", "-o", "json", "--config", p])).unwrap();
@@ -913,6 +935,23 @@ fn capture_records_frames_before_and_after_translation() {
     let _ = std::fs::remove_file(&pcap);
     let err = gw.stop();
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_mapping_log_that_cannot_be_opened_is_a_config_error() {
+    let file = TempConfig::new(
+        "maplog-bad",
+        "[log]\nmappings = \"/nonexistent-tapnat-dir/m.json\"\n[pod]\ntap = \"tapnatbad0\"\n",
+    );
+    let out = cli(&["run", "--config", file.path()]);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("log.mappings") && err.contains("/nonexistent-tapnat-dir/m.json"),
+        "{err}"
+    );
+    // Found before any device was opened.
+    assert!(!std::path::Path::new("/sys/class/net/tapnatbad0").exists());
 }
 
 #[test]

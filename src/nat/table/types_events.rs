@@ -123,6 +123,33 @@ mod tests {
     }
 
     #[test]
+    fn a_closed_tcp_flow_ends_by_its_fin_or_rst() {
+        let mut f = Flow {
+            inside: key(Proto::Tcp, 1),
+            ext_addr: EXT,
+            ext_port: 1,
+            state: FlowState::Tcp(TcpState::FinWait),
+            replied: true,
+            last_seen_ms: 0,
+            packets_in2out: 0,
+            packets_out2in: 0,
+            bytes_in2out: 0,
+            bytes_out2in: 0,
+        };
+        assert_eq!(EndReason::of(&f, EndReason::Timeout), EndReason::Fin);
+        f.state = FlowState::Tcp(TcpState::Closing);
+        assert_eq!(EndReason::of(&f, EndReason::Timeout), EndReason::Fin);
+        f.state = FlowState::Tcp(TcpState::Closed);
+        assert_eq!(EndReason::of(&f, EndReason::Timeout), EndReason::Rst);
+        // Flushed or evicted says so, whatever the state.
+        assert_eq!(EndReason::of(&f, EndReason::Flush), EndReason::Flush);
+        f.state = FlowState::Tcp(TcpState::Established);
+        assert_eq!(EndReason::of(&f, EndReason::Timeout), EndReason::Timeout);
+        f.state = FlowState::Udp;
+        assert_eq!(EndReason::of(&f, EndReason::Evicted), EndReason::Evicted);
+    }
+
+    #[test]
     fn nothing_is_journaled_unless_recording() {
         let mut t = table();
         t.create(&key(Proto::Udp, 5000), EXT, 0).unwrap();
