@@ -13,12 +13,19 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use tapnat::config::{Config, ConfigError, Reason};
 use tapnat::gateway::{panic_message, thread_role, Failure, Gateway, GatewayError};
+use tapnat::ops::capture::{self, CaptureSpec};
+use tapnat::ops::events::EventRecord;
 use tapnat::ops::filter::FlowFilter;
 use tapnat::ops::live::{Live, ReloadRefused};
+use tapnat::ops::maplog::MapLog;
 use tapnat::ops::metrics::{self, Gauges, MetricsServer};
 use tapnat::ops::report::{self, Format};
 use tapnat::ops::socket::{self, Access, Request, Response};
 use tapnat::sandbox::{self, Role, SandboxError};
+use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
 tapnat: a userspace IPv4 masquerading NAT gateway between two TAP devices
@@ -41,6 +48,13 @@ usage:
                  [--config FILE | --control PATH]
                                 add, delete or list port forwards of the running gateway, checked
                                 as [[forward]] entries are; a deleted forward's flows go with it
+  tapnat events [-o json] [--config FILE | --control PATH]
+                                one line per flow created and destroyed, with the reason (like
+                                conntrack -E), until interrupted
+  tapnat capture [--side pod|uplink|both] [--count N] [--seconds S] -w FILE|-
+                 [--config FILE | --control PATH]
+                                record frames as the gateway reads and writes them into a pcap
+                                file (`-w -`: stdout, e.g. into `tcpdump -r -`)
   tapnat check [--config FILE]  validate a config and print warnings, touching no device
   tapnat demo                   build a throwaway pod and external namespace, run the gateway
                                 between them and show traffic being translated (needs root)
@@ -56,18 +70,13 @@ exit status: 0 clean stop, 64 bad command line, 69 a device could not be opened 
   privileges, 74 a device (or its namespace) went away under the running gateway, 77 refused by
   the gateway, 78 bad config; killed by SIGSYS: a system call outside its seccomp filter
 
-environment: TAPNAT_SECTION__KEY=value overrides a key (e.g. TAPNAT_POD__TAP=tap9)";
+environment: TAPNAT_SECTION__KEY=value overrides a key (e.g. TAPNAT_POD__TAP=tap9);
+  TAPNAT_LOG sets which messages are shown: error, warn, info (default), debug, trace, or
+  tracing's filter directives (e.g. `tapnat=debug`)";
 
-/// A line on stderr; a closed or full stderr is ignored, never fatal
-/// (`eprintln!` would panic).
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
-}
-
-/// Text on stderr as it is, with the same rule as [`say!`].
+/// A report on stderr as it is (SIGUSR1's listing, the final counters);
+/// a closed or full stderr is ignored, never fatal (`eprint!` would
+/// panic). Messages go through `tracing` instead.
 macro_rules! say_raw {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
@@ -88,6 +97,10 @@ enum MainError {
     Signals(#[source] std::io::Error),
     #[error("cannot drop privileges")]
     Sandbox(#[source] SandboxError),
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
+    #[error("cannot write the capture")]
+    Write(#[source] std::io::Error),
     #[cfg(feature = "lab")]
     #[error("demo failed: {0}")]
     Demo(String),
@@ -125,6 +138,8 @@ impl MainError {
             MainError::Config(_) | MainError::Gateway(GatewayError::Config(_)) => 78,
             MainError::Gateway(_) => 69,
             MainError::Signals(_) | MainError::Sandbox(_) => 71,
+            MainError::Thread(_) => 71,
+            MainError::Write(_) => 74,
             #[cfg(feature = "lab")]
             MainError::Demo(_) | MainError::Bench(_) | MainError::Soak(_) => 1,
             MainError::Control(_) => 69,
@@ -402,36 +417,160 @@ fn forward(args: &[String]) -> Result<(), MainError> {
     Ok(())
 }
 
+/// `tapnat events [-o json]`: every flow created and destroyed from now
+/// on, one line each (like `conntrack -E`), until interrupted or the
+/// gateway stops.
+fn events(args: &[String]) -> Result<(), MainError> {
+    use std::io::{BufRead as _, Write as _};
+    let f = flags(args, Takes::Output)?;
+    if f.output == Some(Format::Prometheus) {
+        return Err(MainError::Usage(
+            "`-o prometheus`: unknown output format".into(),
+        ));
+    }
+    let json = f.output == Some(Format::Json);
+    let (first, reader) = socket::open_stream(&control_path(&f)?, &socket::Request::Events)
+        .map_err(MainError::Control)?;
+    match first {
+        Response::Subscribed => {}
+        Response::Error(e) => return Err(MainError::Refused(e)),
+        other => return Err(unexpected(&other)),
+    }
+    let mut out = std::io::stdout().lock();
+    for line in reader.lines() {
+        let line = line.map_err(MainError::Control)?;
+        let r: EventRecord = match serde_json::from_str(&line) {
+            Ok(Response::Event(r)) => r,
+            Ok(other) => return Err(unexpected(&other)),
+            Err(e) => return Err(MainError::Control(std::io::Error::other(e))),
+        };
+        let text = if json {
+            serde_json::to_string(&r).unwrap_or_default()
+        } else {
+            r.line()
+        };
+        // A reader that went away (`| head`) ends the command quietly.
+        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// `tapnat capture [--side pod|uplink|both] [--count N] [--seconds S]
+/// -w FILE|-`.
+fn capture_cmd(args: &[String]) -> Result<(), MainError> {
+    let usage = |m: String| MainError::Usage(m);
+    let mut spec = CaptureSpec {
+        side: "both".into(),
+        count: None,
+        seconds: None,
+    };
+    let mut to: Option<String> = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| usage(format!("`{a}` needs a value")))
+        };
+        match a.as_str() {
+            "--side" => spec.side = value()?,
+            "--count" => {
+                let v = value()?;
+                spec.count =
+                    Some(v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        usage(format!("`--count {v}`: expected a positive number"))
+                    })?);
+            }
+            "--seconds" => {
+                let v = value()?;
+                spec.seconds = Some(
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s > 0.0)
+                        .ok_or_else(|| usage(format!("`--seconds {v}`: expected seconds > 0")))?,
+                );
+            }
+            "-w" => to = Some(value()?),
+            _ => {
+                rest.push(a.clone());
+                if matches!(a.as_str(), "--config" | "-c" | "--control") {
+                    rest.extend(it.next().cloned());
+                }
+            }
+        }
+    }
+    if spec.sides().is_none() {
+        return Err(usage(format!(
+            "`--side {}`: expected pod, uplink or both",
+            spec.side
+        )));
+    }
+    let Some(to) = to else {
+        return Err(usage("`tapnat capture` needs `-w FILE` (or `-w -`)".into()));
+    };
+    let f = flags(&rest, Takes::Config)?;
+    let request = socket::Request::Capture { spec };
+    let (first, mut reader) =
+        socket::open_stream(&control_path(&f)?, &request).map_err(MainError::Control)?;
+    match first {
+        Response::Capturing => {}
+        Response::Error(e) => return Err(MainError::Refused(e)),
+        Response::Failed(e) => return Err(MainError::Rejected(e)),
+        other => return Err(unexpected(&other)),
+    }
+    let n = if to == "-" {
+        capture::copy_records(&mut reader, &mut std::io::stdout().lock())
+    } else {
+        let mut file = std::fs::File::create(&to).map_err(MainError::Write)?;
+        capture::copy_records(&mut reader, &mut file)
+    };
+    match n {
+        Ok(n) => {
+            tracing::info!("capture: {n} frame(s) written to {to}");
+            Ok(())
+        }
+        // `-w -` into a reader that stopped (`tcpdump -c`) ends it quietly.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(MainError::Write(e)),
+    }
+}
+
 /// SIGHUP: re-reads `--config FILE` and applies what can change live, all
 /// or nothing; every outcome is one or more `tapnat: reload:` lines.
 fn reload(f: &Flags, live: &Live) {
     let Some(path) = &f.config else {
-        say!("tapnat: reload: started without --config, no file to re-read; nothing changed");
+        tracing::warn!("reload: started without --config, no file to re-read; nothing changed");
+        reopen_log(live);
         return;
     };
     let config = match Config::load(Some(path)) {
         Ok(c) => c,
         Err(e) => {
-            say!("tapnat: reload: {e}; nothing changed");
+            tracing::error!("reload: {e}; nothing changed");
+            reopen_log(live);
             return;
         }
     };
     for w in config.warnings() {
-        say!("tapnat: reload: warning: {w}");
+        tracing::warn!("reload: {w}");
     }
     match live.reload(config) {
-        Ok(r) if r.changed.is_empty() => say!("tapnat: reload: {} unchanged", path.display()),
+        Ok(r) if r.changed.is_empty() => tracing::info!("reload: {} unchanged", path.display()),
         Ok(r) => {
-            say!(
-                "tapnat: reload: applied {} ({} forward(s) added, {} removed)",
+            tracing::info!(
+                "reload: applied {} ({} forward(s) added, {} removed)",
                 r.changed.join(", "),
                 r.forwards_added,
                 r.forwards_removed
             );
             for fwd in &r.run_time_removed {
                 let rec = tapnat::ops::record::ForwardRecord::from(fwd);
-                say!(
-                    "tapnat: reload: forward {} {} -> {} was added at run time and is not in {}:                      removed (the file wins, as with iptables-restore)",
+                tracing::warn!(
+                    "reload: forward {} {} -> {} was added at run time and is not in {}: \
+                     removed (the file wins, as with iptables-restore)",
                     rec.protocol,
                     rec.port,
                     rec.to,
@@ -441,20 +580,29 @@ fn reload(f: &Flags, live: &Live) {
         }
         Err(ReloadRefused::Restart(keys)) => {
             for k in keys {
-                say!("tapnat: reload: {k} cannot change while running; restart to apply");
+                tracing::error!("reload: {k} cannot change while running; restart to apply");
             }
-            say!("tapnat: reload: nothing changed");
+            tracing::error!("reload: nothing changed");
         }
         Err(ReloadRefused::Forwards(why)) => {
-            say!("tapnat: reload: forward: {why}; nothing changed");
+            tracing::error!("reload: forward: {why}; nothing changed");
         }
+    }
+    reopen_log(live);
+}
+
+/// SIGHUP: the mapping log is reopened (log rotation), as the running
+/// config's `[log]` says.
+fn reopen_log(live: &Live) {
+    if let Err(e) = live.reopen_log() {
+        tracing::error!("reload: {e}; the mapping log stays as it was");
     }
 }
 
 fn load(f: &Flags) -> Result<Config, MainError> {
     let config = Config::load(f.config.as_deref())?;
     for w in config.warnings() {
-        say!("tapnat: warning: {w}");
+        tracing::warn!("{w}");
     }
     Ok(config)
 }
@@ -551,6 +699,20 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let f = flags(args, Takes::Config)?;
     let config = load(&f)?;
     let access = control_access(&config)?;
+    // A mapping log that cannot be written is a config error, found before
+    // any device is opened.
+    let maplog = match &config.log.mappings {
+        None => None,
+        Some(path) => Some(MapLog::open(path, config.log.destinations).map_err(|e| {
+            MainError::Config(ConfigError::Invalid {
+                key: "log.mappings".into(),
+                reason: Reason::CannotOpen {
+                    path: path.display().to_string(),
+                    error: e.to_string(),
+                },
+            })
+        })?),
+    };
     // Every thread locks itself down as it starts, the main thread once the
     // sockets are bound (see `tapnat::sandbox`).
     sandbox::prepare(run_as(&config)?, config.run.seccomp).map_err(MainError::Sandbox)?;
@@ -569,14 +731,11 @@ fn run(args: &[String]) -> Result<(), MainError> {
         .clone()
         .unwrap_or_else(|| config.control.socket.clone());
     // The gateway runs without its control socket rather than not at all.
-    let live = Arc::new(Live::new(gw.observer(), &config));
+    let live = Arc::new(Live::new(gw.observer(), &config, maplog).map_err(MainError::Thread)?);
     let _control = match socket::ControlSocket::serve(&path, access, live.clone()) {
         Ok(c) => Some(c),
         Err(e) => {
-            say!(
-                "tapnat: warning: no control socket at {}: {e}",
-                path.display()
-            );
+            tracing::warn!("no control socket at {}: {e}", path.display());
             None
         }
     };
@@ -584,6 +743,7 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let limit = config.nat.max_flows as u64;
     let _metrics = config.metrics.listen.and_then(|addr| {
         let observer = gw.observer();
+        let live = live.clone();
         match MetricsServer::serve(addr.into(), move || {
             let (fragments_tracked, fragments_held) = observer.fragment_counts();
             let gauges = Gauges {
@@ -598,17 +758,20 @@ fn run(args: &[String]) -> Result<(), MainError> {
                         .map_or(0, |l| l.secs_left(observer.now_ms()))
                 }),
             };
-            metrics::exposition(&observer.stats(), Some(gauges))
+            let stats = observer.stats();
+            let mut out = metrics::exposition(&stats, Some(gauges));
+            metrics::rules(&mut out, &live.rule_records(&stats));
+            out
         }) {
             Ok(m) => Some(m),
             Err(e) => {
-                say!("tapnat: warning: no metrics at {addr}: {e}");
+                tracing::warn!("no metrics at {addr}: {e}");
                 None
             }
         }
     });
     for w in gw.warnings() {
-        say!("tapnat: warning: {w}");
+        tracing::warn!("{w}");
     }
     // Set up: the main thread gives up its privilege last.
     sandbox::try_enter(Role::Main).map_err(MainError::Sandbox)?;
@@ -619,8 +782,8 @@ fn run(args: &[String]) -> Result<(), MainError> {
     } else {
         ("dhcp".to_string(), "the lease's router".to_string())
     };
-    say!(
-        "tapnat: running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s){}",
+    tracing::info!(
+        "running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s){}",
         config.pod.tap,
         a.pod_net,
         a.pod_mac,
@@ -648,11 +811,65 @@ fn run(args: &[String]) -> Result<(), MainError> {
     gw.stop();
     outcome?;
     say_raw!("{}", report::stats(&stats));
-    say!("tapnat: stopped");
+    tracing::info!("stopped");
     Ok(())
 }
 
+/// Messages as `tapnat: [warning: |error: |debug: |trace: ]MESSAGE`, one
+/// a line on stderr, no timestamps (a service's journal adds them).
+struct Plain;
+
+impl<S, N> FormatEvent<S, N> for Plain
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let level = match *event.metadata().level() {
+            tracing::Level::ERROR => "error: ",
+            tracing::Level::WARN => "warning: ",
+            tracing::Level::INFO => "",
+            tracing::Level::DEBUG => "debug: ",
+            tracing::Level::TRACE => "trace: ",
+        };
+        write!(w, "tapnat: {level}")?;
+        ctx.field_format().format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
+}
+
+/// Messages on stderr at the levels `TAPNAT_LOG` names (default info);
+/// a bad filter falls back to info, with a warning. A closed or full
+/// stderr loses messages and is otherwise ignored.
+fn init_logging() {
+    let (filter, bad) = match std::env::var("TAPNAT_LOG") {
+        Err(_) => (EnvFilter::new("info"), None),
+        Ok(v) => match EnvFilter::try_new(&v) {
+            Ok(f) => (f, None),
+            Err(e) => (
+                EnvFilter::new("info"),
+                Some(format!("TAPNAT_LOG={v:?}: {e}; using info")),
+            ),
+        },
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false)
+        .event_format(Plain)
+        .try_init();
+    if let Some(bad) = bad {
+        tracing::warn!("{bad}");
+    }
+}
+
 fn main() -> ExitCode {
+    init_logging();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
@@ -669,6 +886,8 @@ fn main() -> ExitCode {
         Some(what @ ("flows" | "stats")) => client(what, &args[1..]),
         Some("flush") => flush(&args[1..]),
         Some("forward") => forward(&args[1..]),
+        Some("events") => events(&args[1..]),
+        Some("capture") => capture_cmd(&args[1..]),
         #[cfg(feature = "lab")]
         Some("demo") if args.len() == 1 => {
             tapnat::lab::demo::run().map_err(|e| MainError::Demo(e.to_string()))
@@ -699,12 +918,13 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            say!("tapnat: error: {e}");
+            let mut text = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
-                say!("  caused by: {s}");
+                text.push_str(&format!("\n  caused by: {s}"));
                 src = s.source();
             }
+            tracing::error!("{text}");
             e.exit_code()
         }
     }

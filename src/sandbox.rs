@@ -54,15 +54,19 @@ pub enum Role {
     ControlSocket,
     /// `tapnat-metrics` and the `tapnat-scrape` threads it spawns.
     Metrics,
+    /// `tapnat-events`: copies flow events to `tapnat events` subscribers
+    /// and writes the mapping log (opened by the main thread).
+    Events,
 }
 
-const ROLES: [Role; 6] = [
+const ROLES: [Role; 7] = [
     Role::Main,
     Role::Signals,
     Role::Worker,
     Role::Control,
     Role::ControlSocket,
     Role::Metrics,
+    Role::Events,
 ];
 
 /// Why the process could not lock itself down.
@@ -372,6 +376,8 @@ fn allowed(role: Role) -> Vec<Allow> {
             v.push(Any(libc::SYS_getsockopt));
             v
         }
+        // Channels (futex), the log's `write`, the clock: all in `common`.
+        Role::Events => Vec::new(),
         Role::Metrics => {
             let mut v = spawns();
             v.extend(serves());

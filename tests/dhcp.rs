@@ -210,7 +210,7 @@ fn the_outside_address_follows_the_dhcp_lease_and_old_flows_are_flushed() {
         assert!(Instant::now() < deadline, "no drop_no_lease counted");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let live = Live::new(gw.observer(), &config);
+    let live = Live::new(gw.observer(), &config, None).expect("events thread");
     let stats = || match respond(Request::Stats, &live) {
         Response::Stats(s) => s,
         other => panic!("{other:?}"),

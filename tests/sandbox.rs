@@ -282,6 +282,7 @@ fn a_running_gateway_holds_no_privilege_and_still_does_everything() {
         "tapnat-ctl",
         "tapnat-control",
         "tapnat-metrics",
+        "tapnat-events",
     ] {
         assert!(names.iter().any(|n| n == role), "no {role} in {names:?}");
     }

@@ -18,6 +18,8 @@ pub const LIVE_KEYS: &[&str] = &[
     "nat.filtering",
     "nat.icmp_errors_per_sec",
     "nat.icmp_errors_burst",
+    "log.mappings",
+    "log.destinations",
 ];
 
 /// Every key (a list by its name) whose value differs, in the order of the
@@ -78,6 +80,8 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         ("metrics.listen", o.metrics.listen != n.metrics.listen),
         ("run.run_as", o.run.run_as != n.run.run_as),
         ("run.seccomp", o.run.seccomp != n.run.seccomp),
+        ("log.mappings", o.log.mappings != n.log.mappings),
+        ("log.destinations", o.log.destinations != n.log.destinations),
     ]
     .into_iter()
     .filter_map(|(key, differs)| differs.then_some(key))
@@ -155,6 +159,12 @@ mod tests {
                 true,
             ),
             ("[nat]\nmax_flows = 1000\n", "nat.max_flows", true),
+            (
+                "[log]\nmappings = \"/var/log/m.json\"\n",
+                "log.mappings",
+                true,
+            ),
+            ("[log]\ndestinations = true\n", "log.destinations", true),
             (
                 "[[masquerade]]\nsource = \"10.244.0.0/17\"\n",
                 "masquerade",

@@ -137,6 +137,9 @@ pub enum Reason {
     /// No user of that name in the system's user database.
     #[error("no user {name:?} on this system")]
     NoSuchUser { name: String },
+    /// A file the gateway writes (the mapping log) that cannot be opened.
+    #[error("cannot open {path:?} for appending: {error}")]
+    CannotOpen { path: String, error: String },
     /// No group of that name in the system's group database.
     #[error("no group {name:?} on this system")]
     NoSuchGroup { name: String },

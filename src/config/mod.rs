@@ -271,6 +271,16 @@ pub struct RunConfig {
     pub seccomp: bool,
 }
 
+/// The `[log]` table: the mapping log (RFC 6888 REQ-12).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogConfig {
+    /// Append one JSON line per mapping made and released to this file
+    /// (an absolute path); `None`: no mapping log.
+    pub mappings: Option<PathBuf>,
+    /// Also log each session (flow) with its destination.
+    pub destinations: bool,
+}
+
 /// A complete, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -284,6 +294,7 @@ pub struct Config {
     pub control: ControlConfig,
     pub metrics: MetricsConfig,
     pub run: RunConfig,
+    pub log: LogConfig,
 }
 
 impl Config {
@@ -333,6 +344,7 @@ struct Raw {
     control: ops::RawControl,
     metrics: ops::RawMetrics,
     run: run::Raw,
+    log: ops::RawLog,
 }
 
 /// Layer the embedded default, `user` (text, origin) and the `TAPNAT_`
@@ -352,6 +364,7 @@ fn build(user: Option<(&str, &str)>, env: &[(&str, &str)]) -> Result<Config, Con
     let control = ops::check_control(raw.control)?;
     let metrics = ops::check_metrics(raw.metrics)?;
     let run = run::check(raw.run)?;
+    let log = ops::check_log(raw.log)?;
     Ok(Config {
         pod,
         uplink,
@@ -363,6 +376,7 @@ fn build(user: Option<(&str, &str)>, env: &[(&str, &str)]) -> Result<Config, Con
         control,
         metrics,
         run,
+        log,
     })
 }
 
@@ -391,6 +405,7 @@ fn read(mut root: reader::Table<'_>) -> Result<Raw, ConfigError> {
         control: ops::read_control(root.table("control")?)?,
         metrics: ops::read_metrics(root.table("metrics")?)?,
         run: run::read(root.table("run")?)?,
+        log: ops::read_log(root.table("log")?)?,
     };
     root.finish()?;
     Ok(raw)

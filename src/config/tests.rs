@@ -72,6 +72,7 @@ pub(super) fn expected_default() -> Config {
             run_as: None,
             seccomp: true,
         },
+        log: super::LogConfig::default(),
     }
 }
 
@@ -165,6 +166,7 @@ fn env_overrides_string_number_and_timeout() {
             ("TAPNAT_POD__NETNS", "/run/netns/pod"),
             ("PATH", "/usr/bin"),
             ("TAPNATX", "not ours"),
+            ("TAPNAT_LOG", "debug"),
         ],
     )
     .unwrap();
@@ -250,6 +252,8 @@ fn every_scalar_key_is_settable_from_env() {
         ("metrics.listen", "127.0.0.1:9469"),
         ("run.run_as", "nobody"),
         ("run.seccomp", "false"),
+        ("log.mappings", "/tmp/m.json"),
+        ("log.destinations", "true"),
     ];
     // Every scalar key of the embedded default (and the keys it leaves
     // out, whose absence means "none") is in the list above.
@@ -259,6 +263,7 @@ fn every_scalar_key_is_settable_from_env() {
         "control.group",
         "metrics.listen",
         "run.run_as",
+        "log.mappings",
     ]
     .map(String::from)
     .to_vec();

@@ -444,11 +444,10 @@ fn uplink_stack_addrs(a: &super::Addressing) -> (Vec<(Ipv4Addr, u8)>, Option<Ipv
     }
 }
 
-/// A line on stderr (a closed stderr is ignored): the few DHCP events
-/// that change the outside address, once each.
+/// A log line (info): the few DHCP events that change the outside
+/// address, once each.
 fn say(line: std::fmt::Arguments<'_>) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "tapnat: {line}");
+    tracing::info!("{line}");
 }
 
 impl Control {

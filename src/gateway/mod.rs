@@ -38,6 +38,7 @@ mod local;
 pub mod neighbour;
 mod start;
 pub mod stats;
+pub mod taps;
 mod worker;
 
 use std::net::Ipv4Addr;
@@ -171,6 +172,8 @@ pub(crate) struct Shared {
     /// Frames on their way to the control thread to be resolved (at most
     /// [`RESOLVING_MAX`]; a worker drops the ones beyond).
     resolving: std::sync::atomic::AtomicUsize,
+    /// Copies for `tapnat events` and `tapnat capture` (off when unused).
+    taps: Arc<taps::Taps>,
     /// TEST-ONLY fault hook (debug builds only, never in a release binary):
     /// thread index + 1 (workers 0..N, then the control thread) that is to
     /// panic at its next loop iteration; 0 = none. See `Gateway::inject_panic`.
@@ -264,10 +267,21 @@ impl Shared {
     }
     /// Writes a buffer (header and frame) to `side`'s queue `queue`.
     fn send_buf(&self, side: Side, queue: usize, buf: &Buf) -> std::io::Result<()> {
+        self.capture_out(side, buf.frame());
         self.device(side, queue).write(buf.wire())
+    }
+    /// A frame written to `side`, for a running capture (one relaxed load
+    /// when none runs).
+    #[inline]
+    fn capture_out(&self, side: Side, frame: &[u8]) {
+        let cap = &self.taps.capture;
+        if cap.sides() & taps::side_bit(side) != 0 {
+            cap.offer(side, taps::Way::Out, frame, &self.taps.counters);
+        }
     }
     /// Writes a frame the gateway made itself (no offload metadata).
     fn send_frame(&self, side: Side, queue: usize, frame: &[u8]) -> std::io::Result<()> {
+        self.capture_out(side, frame);
         let hdr = self.pool.hdr();
         if hdr == 0 {
             return self.device(side, queue).write(frame);
@@ -382,6 +396,11 @@ impl Observer {
     /// The gateway clock (ms since start), as [`dhcp::Lease`] times are.
     pub fn now_ms(&self) -> u64 {
         self.shared.now_ms()
+    }
+
+    /// Where `tapnat events` and `tapnat capture` take their copies.
+    pub fn taps(&self) -> &Arc<taps::Taps> {
+        &self.shared.taps
     }
 
     fn sum_gauges(&self, field: impl Fn(&WorkerGauges) -> &AtomicU64) -> u64 {

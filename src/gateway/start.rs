@@ -88,8 +88,9 @@ pub(super) fn start(
     };
     let shared = Arc::new(open_devices(config, n, tuning)?);
     let seed = seed();
-    let counters: Vec<Arc<Counters>> = (0..=n).map(|_| Arc::default()).collect();
+    let mut counters: Vec<Arc<Counters>> = (0..=n).map(|_| Arc::default()).collect();
     let cores = build_shards(config, &shared, n, seed, &counters[..n])?;
+    counters.push(shared.taps.counters.clone());
     let (ctrl_tx, ctrl_rx) = bounded(CTRL_QUEUE);
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded(WORKER_QUEUE)).unzip();
     let mut gateway = Gateway {
@@ -327,6 +328,7 @@ impl Shared {
             neighbours: AtomicU64::new(0),
             local: Default::default(),
             resolving: Default::default(),
+            taps: Arc::default(),
             #[cfg(debug_assertions)]
             fault: std::sync::atomic::AtomicUsize::new(0),
         })

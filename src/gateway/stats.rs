@@ -115,6 +115,12 @@ events {
     HostUnreachableSent = "host_unreachable_sent",
     /// An ICMP error the gateway would have sent, held back by the rate limit.
     IcmpErrorsRateLimited = "icmp_errors_rate_limited",
+    /// Flow and mapping events a slow `tapnat events` or mapping log lost.
+    EventsLost = "events_lost",
+    /// Frames copied to a running `tapnat capture`.
+    CaptureFrames = "capture_frames",
+    /// Frames a slow `tapnat capture` lost (its queue was full).
+    CaptureLost = "capture_lost",
 }
 drops {
     /// Outbound while `uplink.address = "dhcp"` has no lease yet.
@@ -208,16 +214,23 @@ impl Counter {
     }
 }
 
+/// Rules with their own packet and byte counters: SNAT rules then
+/// masquerade rules, by position; a rule past these is not counted alone.
+pub const RULES_COUNTED: usize = 32;
+
 /// One thread's counters.
 #[repr(align(128))]
 pub struct Counters {
     values: [AtomicU64; Counter::ALL.len()],
+    /// Per rule (see [`RULES_COUNTED`]): packets, then bytes, both ways.
+    rules: [[AtomicU64; 2]; RULES_COUNTED],
 }
 
 impl Default for Counters {
     fn default() -> Self {
         Counters {
             values: std::array::from_fn(|_| AtomicU64::new(0)),
+            rules: std::array::from_fn(|_| [AtomicU64::new(0), AtomicU64::new(0)]),
         }
     }
 }
@@ -234,23 +247,52 @@ impl Counters {
     pub fn get(&self, c: Counter) -> u64 {
         self.values[c as usize].load(Ordering::Relaxed)
     }
+    /// One packet of `bytes` translated under rule `rule` (SNAT rules
+    /// first, then masquerade rules); a rule past [`RULES_COUNTED`] is
+    /// not counted.
+    #[inline]
+    pub fn rule(&self, rule: usize, bytes: u64) {
+        if let Some([p, b]) = self.rules.get(rule) {
+            p.fetch_add(1, Ordering::Relaxed);
+            b.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+    /// Rule `rule`'s (packets, bytes).
+    pub fn rule_counts(&self, rule: usize) -> (u64, u64) {
+        self.rules.get(rule).map_or((0, 0), |[p, b]| {
+            (p.load(Ordering::Relaxed), b.load(Ordering::Relaxed))
+        })
+    }
 }
 
 /// A point-in-time sum of every thread's counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     values: Vec<u64>,
+    /// (packets, bytes) per rule position (see [`RULES_COUNTED`]).
+    rules: Vec<(u64, u64)>,
 }
 
 impl Snapshot {
     pub fn sum<'a>(blocks: impl IntoIterator<Item = &'a Counters>) -> Snapshot {
         let mut values = vec![0; Counter::ALL.len()];
+        let mut rules = vec![(0, 0); RULES_COUNTED];
         for b in blocks {
             for (v, c) in values.iter_mut().zip(Counter::ALL) {
                 *v += b.get(*c);
             }
+            for (i, r) in rules.iter_mut().enumerate() {
+                let (p, n) = b.rule_counts(i);
+                r.0 += p;
+                r.1 += n;
+            }
         }
-        Snapshot { values }
+        Snapshot { values, rules }
+    }
+    /// Rule `rule`'s (packets, bytes) by position: SNAT rules, then
+    /// masquerade rules.
+    pub fn rule(&self, rule: usize) -> (u64, u64) {
+        self.rules.get(rule).copied().unwrap_or((0, 0))
     }
     pub fn get(&self, c: Counter) -> u64 {
         self.values[c as usize]
@@ -289,7 +331,13 @@ mod tests {
         a.inc(Counter::DropRunt);
         b.add(Counter::DropRunt, 2);
         b.inc(Counter::In2outPackets);
+        a.rule(1, 100);
+        b.rule(1, 50);
+        b.rule(RULES_COUNTED, 7);
         let s = Snapshot::sum([&a, &b]);
+        assert_eq!(s.rule(1), (2, 150));
+        assert_eq!(s.rule(0), (0, 0));
+        assert_eq!(s.rule(RULES_COUNTED), (0, 0));
         assert_eq!(s.get(Counter::DropRunt), 3);
         assert_eq!(s.drops(), 3);
         assert_eq!(s.nonzero().count(), 2);

@@ -50,6 +50,8 @@ pub(super) struct Worker {
     spare: Option<Buf>,
     /// The table's removal counts as last published to the counters.
     published: TableStats,
+    /// The table's lost events as last published.
+    events_lost: u64,
 }
 
 impl Worker {
@@ -73,6 +75,7 @@ impl Worker {
             wake_ctrl: false,
             spare: None,
             published: TableStats::default(),
+            events_lost: 0,
         }
     }
 
@@ -143,6 +146,35 @@ impl Worker {
             self.c
                 .add(Counter::FlowsEvicted, now.early_dropped - was.early_dropped);
         }
+        self.hand_over_events();
+    }
+
+    /// Once per loop iteration: the table journals flow events only while
+    /// someone reads them (`tapnat events`, the mapping log), and what it
+    /// journaled goes to the events thread without waiting; what does not
+    /// fit is counted lost.
+    fn hand_over_events(&mut self) {
+        let tap = &self.shared.taps.events;
+        let table = self.core.table_mut();
+        let wanted = tap.wanted();
+        if wanted != table.recording() {
+            table.set_recording(wanted);
+        }
+        if !wanted {
+            return;
+        }
+        let lost = table.events_lost();
+        if lost != self.events_lost {
+            self.c.add(Counter::EventsLost, lost - self.events_lost);
+            self.events_lost = lost;
+        }
+        let unix_us = super::taps::unix_micros();
+        let c = &self.c;
+        table.drain_events(|event| {
+            if !tap.offer(super::taps::Stamped { unix_us, event }) {
+                c.inc(Counter::EventsLost);
+            }
+        });
     }
 
     fn message(&mut self, msg: WorkerMsg) {
@@ -244,6 +276,8 @@ impl Worker {
         let now = self.shared.now_ms();
         let shared = self.shared.clone();
         let dev = shared.device(side, self.k);
+        // One load per burst: is a capture taking this side's frames?
+        let capture = shared.taps.capture.sides() & super::taps::side_bit(side) != 0;
         for n in 0..READ_BURST {
             let mut buf = self.spare.take().unwrap_or_else(|| self.shared.pool.get());
             match dev.read(buf.read_space()) {
@@ -252,6 +286,10 @@ impl Worker {
                         Side::Pod => Counter::PodRxFrames,
                         Side::Uplink => Counter::UplinkRxFrames,
                     });
+                    if capture {
+                        let (tap, way) = (&shared.taps.capture, super::taps::Way::In);
+                        tap.offer(side, way, buf.frame(), &shared.taps.counters);
+                    }
                     self.core.frame(side, buf, now, &mut self.actions);
                     self.carry_out();
                 }

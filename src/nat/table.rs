@@ -45,6 +45,17 @@
 //! (the gateway keeps a counter per reason); [`FlowTable::expire`] also
 //! returns what it removed.
 //!
+//! # Events
+//!
+//! While recording is on ([`FlowTable::set_recording`], off by default),
+//! the table notes every flow created and removed, with why it went
+//! ([`EndReason`]), and every dynamic mapping acquired and released, in a
+//! journal of at most [`JOURNAL_MAX`] entries that the caller drains
+//! ([`FlowTable::drain_events`]); what does not fit is counted
+//! ([`FlowTable::events_lost`]). Off, each creation and removal costs one
+//! branch; the journal is reserved once when recording starts, so no
+//! packet allocates.
+//!
 //! # Mapping behaviour
 //!
 //! * Endpoint-independent mapping (RFC 4787 REQ-1, RFC 5382 REQ-1, RFC 5508
@@ -156,6 +167,7 @@ mod ports;
 mod slab;
 mod tcp;
 mod types;
+mod types_events;
 
 pub use expiry::EARLY_DROP_SCAN;
 pub use filter::Filtering;
@@ -163,6 +175,7 @@ pub use types::{
     CreateError, Direction, Flow, FlowId, FlowState, ForwardError, InKey, InboundError, OutKey,
     Proto, TableConfig, TableStats, TcpFlags, TcpSeg, TcpState, Timeouts, Verdict,
 };
+pub use types_events::{EndReason, TableEvent, JOURNAL_MAX};
 
 use expiry::{Sweep, Victim};
 use filter::Filter;
@@ -183,6 +196,11 @@ pub struct FlowTable {
     /// Latest `now_ms` seen (for calls without one, like `remove`).
     clock_ms: u64,
     stats: TableStats,
+    /// Flow and mapping starts and ends, noted while `recording`.
+    journal: Vec<TableEvent>,
+    recording: bool,
+    /// Events that did not fit in the journal.
+    events_lost: u64,
 }
 
 impl fmt::Debug for FlowTable {
@@ -235,6 +253,9 @@ impl FlowTable {
             sweep: Sweep::default(),
             clock_ms: 0,
             stats: TableStats::default(),
+            journal: Vec::new(),
+            recording: false,
+            events_lost: 0,
             cfg,
         }
     }
@@ -297,13 +318,21 @@ impl FlowTable {
     #[inline]
     fn check_live(&mut self, i: usize, now_ms: u64) -> Option<FlowId> {
         if self.is_expired(i, now_ms) {
-            self.tick(now_ms);
-            self.remove_slot(i);
-            self.stats.expired += 1;
+            self.expire_slot(i, now_ms);
             None
         } else {
             Some(FlowId(i as u32))
         }
+    }
+
+    /// A lookup hit an expired flow: remove it (kept out of line, so the
+    /// lookup path stays small).
+    #[cold]
+    #[inline(never)]
+    fn expire_slot(&mut self, i: usize, now_ms: u64) {
+        self.tick(now_ms);
+        self.remove_slot_for(i, EndReason::Timeout);
+        self.stats.expired += 1;
     }
 
     /// Create a flow for an outbound packet that missed (see the module docs
@@ -333,14 +362,23 @@ impl FlowTable {
         }
         self.end_quarantines(now_ms);
         let ports = &mut self.ports;
+        let mut allocated = false;
         let Some((ext_addr, ext_port)) =
             self.mappings
                 .acquire((key.proto, key.src, key.sport), ext_addr, || {
+                    allocated = true;
                     ports.alloc(key)
                 })
         else {
             return Err(CreateError::PortsExhausted);
         };
+        if allocated && self.recording {
+            self.note(TableEvent::MappingNew {
+                proto: key.proto,
+                inside: (key.src, key.sport),
+                outside: (ext_addr, ext_port),
+            });
+        }
         Ok(self.insert_flow(*key, ext_addr, ext_port, 0, now_ms))
     }
 
@@ -434,6 +472,9 @@ impl FlowTable {
         debug_assert_eq!(self.find_out(&flow.out_key()), Some(i as usize));
         self.filter
             .session_added(inside.proto, ext_port, inside.dst);
+        if self.recording {
+            self.note(TableEvent::FlowNew(flow));
+        }
         FlowId(i)
     }
 
@@ -443,12 +484,12 @@ impl FlowTable {
     fn make_room(&mut self, now_ms: u64) -> bool {
         match self.sweep.victim(&self.slab, &self.cfg.timeouts, now_ms) {
             Some(Victim::Expired(i)) => {
-                self.remove_slot(i);
+                self.remove_slot_for(i, EndReason::Timeout);
                 self.stats.expired += 1;
                 true
             }
             Some(Victim::Unreplied(i)) => {
-                self.remove_slot(i);
+                self.remove_slot_for(i, EndReason::Evicted);
                 self.stats.early_dropped += 1;
                 true
             }
@@ -536,7 +577,7 @@ impl FlowTable {
         let mut removed = 0;
         for _ in 0..budget.min(n) {
             if self.slab.is_live(c) && self.is_expired(c, now_ms) {
-                self.remove_slot(c);
+                self.remove_slot_for(c, EndReason::Timeout);
                 removed += 1;
             }
             c = expiry::next(c, n);
@@ -549,19 +590,22 @@ impl FlowTable {
     /// Removes a live flow now (e.g. the masquerade address went away),
     /// releasing its mapping if it was the last flow of it (into quarantine,
     /// timed from the latest `now_ms` the table has seen). Not counted as
-    /// expired.
+    /// expired; an event records it as [`EndReason::AddressChange`].
     ///
     /// # Panics
     /// If `id` is out of range or not live.
     pub fn remove(&mut self, id: FlowId) {
         assert!(self.slab.is_live(id.0 as usize), "stale FlowId");
-        self.remove_slot(id.0 as usize);
+        self.remove_slot_for(id.0 as usize, EndReason::AddressChange);
     }
 
     /// Removes every flow and dynamic mapping (link down / address change);
     /// their TCP/UDP ports go into quarantine. Forwards and counters are
     /// kept.
     pub fn clear(&mut self) {
+        if self.recording {
+            self.note_clear();
+        }
         self.slab.clear();
         self.filter.clear();
         let (ports, now_ms) = (&mut self.ports, self.clock_ms);
@@ -583,16 +627,94 @@ impl FlowTable {
     /// Drops one flow of a mapping, giving its port back if that was the
     /// last one of a dynamic mapping.
     fn unref_mapping(&mut self, mk: MapKey) {
+        let ext_addr = match self.recording {
+            true => self.mappings.get(&mk).map(|m| m.ext_addr),
+            false => None,
+        };
         if let Some(port) = self.mappings.unref(mk) {
             self.ports.release(mk.0, port, self.clock_ms);
+            if let Some(addr) = ext_addr {
+                self.note(TableEvent::MappingEnd {
+                    proto: mk.0,
+                    inside: (mk.1, mk.2),
+                    outside: (addr, port),
+                });
+            }
         }
     }
 
+    /// Removes slot `i` as an operator's flush does (the parts that remove
+    /// flows for other reasons name them: [`FlowTable::remove_slot_for`]).
     fn remove_slot(&mut self, i: usize) {
+        self.remove_slot_for(i, EndReason::Flush);
+    }
+
+    fn remove_slot_for(&mut self, i: usize, why: EndReason) {
         let f = self.slab.remove(i);
         self.filter
             .session_removed(f.inside.proto, f.ext_port, f.inside.dst);
+        if self.recording {
+            self.note(TableEvent::FlowEnd(f, EndReason::of(&f, why)));
+        }
         self.unref_mapping((f.inside.proto, f.inside.src, f.inside.sport));
+    }
+
+    /// Notes an event if the journal has room, else counts it lost.
+    #[inline]
+    fn note(&mut self, e: TableEvent) {
+        if self.journal.len() < JOURNAL_MAX {
+            self.journal.push(e);
+        } else {
+            self.events_lost += 1;
+        }
+    }
+
+    /// The events of [`FlowTable::clear`]: every flow, then every dynamic
+    /// mapping (once each), ends by an address change.
+    #[cold]
+    fn note_clear(&mut self) {
+        let flows: Vec<Flow> = self.slab.iter().copied().collect();
+        let mut seen = hashbrown::HashSet::new();
+        for f in flows {
+            self.note(TableEvent::FlowEnd(f, EndReason::AddressChange));
+            let mk = (f.inside.proto, f.inside.src, f.inside.sport);
+            if self.mappings.forward_of(&mk).is_none() && seen.insert(mk) {
+                self.note(TableEvent::MappingEnd {
+                    proto: mk.0,
+                    inside: (mk.1, mk.2),
+                    outside: (f.ext_addr, f.ext_port),
+                });
+            }
+        }
+    }
+
+    /// Turns the journal on or off (module docs, "Events"); turning it off
+    /// empties it.
+    pub fn set_recording(&mut self, on: bool) {
+        if on && !self.recording {
+            self.journal.reserve_exact(JOURNAL_MAX);
+        }
+        if !on {
+            self.journal.clear();
+        }
+        self.recording = on;
+    }
+
+    /// Whether the journal is on.
+    #[inline]
+    pub fn recording(&self) -> bool {
+        self.recording
+    }
+
+    /// Hands every noted event to `f`, oldest first, and empties the
+    /// journal (keeping its room).
+    pub fn drain_events(&mut self, f: impl FnMut(TableEvent)) {
+        self.journal.drain(..).for_each(f);
+    }
+
+    /// Events that did not fit in the journal since the table was made.
+    pub fn events_lost(&self) -> u64 {
+        self.events_lost
     }
 
     /// Number of live flows (some may be expired but not yet swept).

@@ -16,7 +16,9 @@
 //! forward (not a masqueraded flow) may take back at once.
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::events::EventHub;
 use super::filter::FlowFilter;
+use super::maplog::MapLog;
 use super::record::forward_protocol_name;
 use crate::config::{self, Config, Forward};
 use crate::gateway::{Addressing, FlowPredicate, ForwardRefused, Observer};
@@ -27,6 +29,8 @@ use crate::policy::forwarded_ports;
 pub struct Live {
     observer: Observer,
     state: Mutex<State>,
+    /// `tapnat events` subscribers and the mapping log.
+    events: EventHub,
 }
 
 struct State {
@@ -106,16 +110,58 @@ fn refusal(r: ForwardRefused, added: &[Forward]) -> String {
 }
 
 impl Live {
-    /// The state of a gateway just started with `config`.
-    pub fn new(observer: Observer, config: &Config) -> Live {
+    /// The state of a gateway just started with `config`, with the events
+    /// thread started (writing `maplog`, opened from `config.log`).
+    pub fn new(
+        observer: Observer,
+        config: &Config,
+        maplog: Option<MapLog>,
+    ) -> std::io::Result<Live> {
         let addressing = observer.addressing();
-        Live {
+        let events = EventHub::start(observer.taps().clone(), maplog)?;
+        Ok(Live {
             observer,
             state: Mutex::new(State {
                 config: config.clone(),
                 run_time: Vec::new(),
                 addressing,
             }),
+            events,
+        })
+    }
+
+    /// Every NAT rule's counters now, named as the running config names
+    /// them.
+    pub fn rule_records(
+        &self,
+        s: &crate::gateway::stats::Snapshot,
+    ) -> Vec<super::record::RuleRecord> {
+        let st = self.state();
+        super::record::rule_records(s, &st.config.snat, &st.config.masquerade)
+    }
+
+    /// `tapnat events` subscriptions.
+    pub fn events(&self) -> &EventHub {
+        &self.events
+    }
+
+    /// SIGHUP: reopens the mapping log as the running config's `[log]`
+    /// says (the same file for a rotation, another, or none). On failure
+    /// the log as it was keeps running.
+    pub fn reopen_log(&self) -> Result<(), String> {
+        let log = self.state().config.log.clone();
+        match &log.mappings {
+            None => {
+                self.events.set_maplog(None);
+                Ok(())
+            }
+            Some(path) => match MapLog::open(path, log.destinations) {
+                Ok(m) => {
+                    self.events.set_maplog(Some(m));
+                    Ok(())
+                }
+                Err(e) => Err(format!("log.mappings: cannot open {}: {e}", path.display())),
+            },
         }
     }
 

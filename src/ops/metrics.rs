@@ -133,6 +133,37 @@ fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
     let _ = writeln!(out, "{name} {value}");
 }
 
+/// The rules' counters: `tapnat_rule_packets_total{rule, source}` and
+/// `tapnat_rule_bytes_total{rule, source}`, appended to `out`.
+pub fn rules(out: &mut String, rules: &[crate::ops::record::RuleRecord]) {
+    family(
+        out,
+        "tapnat_rule_packets_total",
+        "counter",
+        "Packets translated under each NAT rule (both directions).",
+    );
+    for r in rules {
+        let _ = writeln!(
+            out,
+            "tapnat_rule_packets_total{{rule=\"{}\",source=\"{}\"}} {}",
+            r.rule, r.source, r.packets
+        );
+    }
+    family(
+        out,
+        "tapnat_rule_bytes_total",
+        "counter",
+        "IP bytes translated under each NAT rule (both directions).",
+    );
+    for r in rules {
+        let _ = writeln!(
+            out,
+            "tapnat_rule_bytes_total{{rule=\"{}\",source=\"{}\"}} {}",
+            r.rule, r.source, r.bytes
+        );
+    }
+}
+
 /// The whole exposition: every counter (zeros included, so a series exists
 /// before its first event) and the table gauges when known.
 pub fn exposition(s: &Snapshot, gauges: Option<Gauges>) -> String {
@@ -375,7 +406,7 @@ mod tests {
 
     #[test]
     fn exposition_is_well_formed_and_carries_the_values() {
-        let text = exposition(
+        let mut text = exposition(
             &snapshot(),
             Some(Gauges {
                 entries: 4,
@@ -386,8 +417,23 @@ mod tests {
                 dhcp_lease_seconds: Some(57),
             }),
         );
+        let c = Counters::default();
+        c.rule(1, 84);
+        let masq = |src: &str| crate::config::MasqueradeRule {
+            source: src.parse().unwrap(),
+            exclude: vec![],
+        };
+        let named = crate::ops::record::rule_records(
+            &Snapshot::sum([&c]),
+            &[],
+            &[masq("10.244.0.0/24"), masq("10.244.1.0/24")],
+        );
+        rules(&mut text, &named);
         check_format(&text);
         for want in [
+            "tapnat_rule_packets_total{rule=\"masquerade[0]\",source=\"10.244.0.0/24\"} 0\n",
+            "tapnat_rule_packets_total{rule=\"masquerade[1]\",source=\"10.244.1.0/24\"} 1\n",
+            "tapnat_rule_bytes_total{rule=\"masquerade[1]\",source=\"10.244.1.0/24\"} 84\n",
             "tapnat_conntrack_entries 4\n",
             "tapnat_conntrack_entries_limit 262144\n",
             "tapnat_frames_total{side=\"pod\",direction=\"rx\"} 7\n",

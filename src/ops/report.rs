@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use super::metrics;
-use super::record::{DhcpRecord, FlowRecord, ForwardRecord, StatsRecord};
+use super::record::{DhcpRecord, FlowRecord, ForwardRecord, RuleRecord, StatsRecord};
 use crate::gateway::stats::{Counter, Counters, Snapshot};
 use crate::nat::Flow;
 
@@ -74,6 +74,27 @@ pub fn stats_lines(s: &StatsRecord) -> String {
             _ => {}
         }
     }
+    out.push_str(&rule_lines(&s.rules));
+    out
+}
+
+/// One line per NAT rule with its packets and bytes (like the counters
+/// of `iptables -t nat -L -v`); nothing without rules.
+pub fn rule_lines(rules: &[RuleRecord]) -> String {
+    if rules.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "rules:
+",
+    );
+    for r in rules {
+        let _ = writeln!(
+            out,
+            "  {:<14} {:<18} packets {} bytes {}",
+            r.rule, r.source, r.packets, r.bytes
+        );
+    }
     out
 }
 
@@ -108,7 +129,9 @@ pub fn snapshot_of(s: &StatsRecord) -> Snapshot {
 
 /// Counters in the Prometheus text format, as `GET /metrics` serves them.
 pub fn stats_prometheus(s: &StatsRecord) -> String {
-    metrics::exposition(&snapshot_of(s), None)
+    let mut out = metrics::exposition(&snapshot_of(s), None);
+    metrics::rules(&mut out, &s.rules);
+    out
 }
 
 /// Pretty JSON with a final newline.

@@ -204,6 +204,10 @@ pub struct Core {
     released: Vec<(Buf, Release)>,
     /// Fragments of one packet being cut, before they are sent.
     pieces: Vec<Buf>,
+    /// The pod address whose rule was looked up last, and the rule's
+    /// position (for the per-rule counters): a burst from one pod skips
+    /// the rule scan. Cleared when the rules change.
+    rule_memo: Option<(Ipv4Addr, Option<usize>)>,
 }
 
 /// A worker's copy of one neighbour entry.
@@ -261,6 +265,7 @@ impl Core {
             routed_swept_ms: 0,
             released: Vec::new(),
             pieces: Vec::new(),
+            rule_memo: None,
         }
     }
 
@@ -296,6 +301,7 @@ impl Core {
             self.gateway = self.neighbours.remove(&a.uplink_gateway);
         }
         self.a = a;
+        self.rule_memo = None;
     }
 
     /// This worker's share of the ICMP error budget changed at run time.

@@ -1162,3 +1162,39 @@ fn a_pod_speaking_as_the_gateway_or_a_subnet_edge_is_spoofing() {
     }
     assert_eq!(r.get(Counter::FlowsCreated), 0);
 }
+
+#[test]
+fn each_rule_counts_the_packets_it_translates_both_ways() {
+    use crate::config::SnatRule;
+    use crate::gateway::stats::Snapshot;
+    let mut r = rig(ONE);
+    // SNAT for POD2 (position 0, SNAT rules come first), the masquerade
+    // rule for the rest of the pods (position 1).
+    let pool = Ipv4Addr::new(203, 0, 113, 20);
+    let mut a = (*r.a).clone();
+    a.snat = vec![SnatRule {
+        source: net(POD2, 32),
+        to_first: pool,
+        to_last: pool,
+        exclude: vec![],
+    }];
+    r.core.set_addressing(Arc::new(a));
+    let q = |from| build::udp(&pod_ep(&r.a, from, REMOTE), 5353, 53, b"q", true);
+    let (q1, q2) = (q(POD), q(POD2));
+    let out = r.through(Side::Pod, &q1, Side::Uplink);
+    let (_, port) = src(&out);
+    let out2 = r.through(Side::Pod, &q2, Side::Uplink);
+    assert_eq!(src(&out2).0, pool);
+    r.through(Side::Pod, &q1, Side::Uplink);
+    let answer = build::udp(&up_ep(&r.a, REMOTE, EXT), 53, port, b"answer", true);
+    r.through(Side::Uplink, &answer, Side::Pod);
+    let s = Snapshot::sum([&*r.c]);
+    assert_eq!(s.rule(0), (1, 29), "snat[0]: one 29-byte datagram");
+    assert_eq!(s.rule(1), (3, 29 + 29 + 34), "masquerade[0]: out, out, in");
+    // The rules change: the remembered decision goes with them.
+    r.core.set_addressing(r.a.clone());
+    r.through(Side::Pod, &q1, Side::Uplink);
+    let s = Snapshot::sum([&*r.c]);
+    assert_eq!(s.rule(0), (2, 29 + 29), "masquerade[0] is position 0 now");
+    assert_eq!(s.rule(1).0, 3);
+}
