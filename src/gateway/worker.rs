@@ -251,7 +251,7 @@ impl Worker {
             let gone = old.uplink_ip();
             let table = self.core.table_mut();
             let mut n = if old.has_address() {
-                table.remove_where(|f| f.ext_addr == gone)
+                table.remove_address(gone)
             } else {
                 0
             };

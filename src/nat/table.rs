@@ -645,6 +645,19 @@ impl FlowTable {
 
     /// Removes slot `i` as an operator's flush does (the parts that remove
     /// flows for other reasons name them: [`FlowTable::remove_slot_for`]).
+    /// Removes every flow translated to `addr` (the outside address went
+    /// away: a new DHCP lease, or none), releasing their mappings as
+    /// [`FlowTable::remove`] does; events record [`EndReason::AddressChange`].
+    pub fn remove_address(&mut self, addr: std::net::Ipv4Addr) -> usize {
+        let victims: Vec<usize> = (0..self.slab.slots())
+            .filter(|&i| self.slab.is_live(i) && self.slab.flow(i).ext_addr == addr)
+            .collect();
+        for &i in &victims {
+            self.remove_slot_for(i, EndReason::AddressChange);
+        }
+        victims.len()
+    }
+
     fn remove_slot(&mut self, i: usize) {
         self.remove_slot_for(i, EndReason::Flush);
     }

@@ -196,6 +196,10 @@ mod tests {
         assert!(ev.contains(&"end 7000 evicted".to_string()), "{ev:?}");
         assert_eq!(t.remove_where(|f| f.inside.sport == 7001), 1);
         assert_eq!(drain(&mut t), ["end 7001 flush", "unmap 7001"]);
+        // The outside address went away (a new DHCP lease).
+        assert_eq!(t.remove_address(std::net::Ipv4Addr::new(192, 0, 2, 99)), 0);
+        assert_eq!(t.remove_address(EXT), 1);
+        assert_eq!(drain(&mut t), ["end 7002 address-change", "unmap 7002"]);
         // Off again: the journal is emptied and stays so.
         t.create(&key(Proto::Udp, 7003), EXT, 30_003).unwrap();
         t.set_recording(false);
