@@ -14,11 +14,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{root, tcp_connect, tcp_listen, udp_in, T};
-use tapnat::config::{Forward, ForwardProtocol, UplinkAddress};
+use tapnat::config::{Forward, ForwardProtocol, UplinkAddress, UplinkKind};
 use tapnat::gateway::dhcp::Lease;
 use tapnat::gateway::stats::Counter;
 use tapnat::gateway::Gateway;
-use tapnat::lab::{Lab, Netns, POD_IP, SERVER_IP};
+use tapnat::lab::{Lab, Netns, POD_IP, RAW_PEER_IF, RAW_UPLINK_IF, SERVER_IP};
 use tapnat::net::PortRange;
 use tapnat::ops::live::Live;
 use tapnat::ops::report;
@@ -311,6 +311,72 @@ fn the_outside_address_follows_the_dhcp_lease_and_old_flows_are_flushed() {
     );
     drop(second);
     drop(live);
+    gw.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A raw uplink set down (`ip link set DEV down`, the kernel's
+/// `NETDEV_DOWN`) with `uplink.address = "dhcp"`: as MASQUERADE does, the
+/// flows on the address are flushed (the lease is given up); the gateway
+/// keeps running, and when the link is back it gets a lease again and
+/// translates new flows to it.
+#[test]
+fn a_raw_uplink_going_down_flushes_its_flows_and_leases_again_when_up() {
+    if !root() {
+        return;
+    }
+    assert!(
+        have_dnsmasq(),
+        "dnsmasq is missing and `apt-get install -y dnsmasq-base` did not install it"
+    );
+    let started = Instant::now();
+    let lab = Lab::with_uplink("dhcp-raw", UplinkKind::Raw).expect("namespaces");
+    let mut config = lab.config();
+    config.workers.threads = 2;
+    config.uplink.address = UplinkAddress::Dhcp;
+    config.uplink.gateway = ROUTER;
+    config.uplink.dhcp_max_lease = Some(MAX_LEASE);
+    let gw = Gateway::start(&config).expect("gateway starts");
+    lab.wire_up(&config).expect("wire up");
+    let _server = Dnsmasq::start(&lab.ext, RAW_PEER_IF, 60, 69, "raw");
+    let a1 = wait_lease(&gw, Duration::from_secs(15), |_| true)
+        .address
+        .addr;
+    let pod_udp = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 5001));
+    let server_udp = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 7000));
+    assert_eq!(udp_source_seen(&lab, &pod_udp, &server_udp), a1);
+    assert_eq!(gw.stats().get(Counter::FlowsAddressChange), 0);
+
+    let down_at = Instant::now();
+    lab.uplink_ns()
+        .ip(&format!("link set {RAW_UPLINK_IF} down"))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.lease().is_some() || gw.stats().get(Counter::FlowsAddressChange) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "link down: lease {:?}, {}",
+            gw.lease(),
+            report::stats(&gw.stats())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("link down: flows flushed after {:?}", down_at.elapsed());
+    assert!(gw.flows().iter().all(|f| f.ext_addr != a1));
+
+    lab.uplink_ns()
+        .ip(&format!("link set {RAW_UPLINK_IF} up"))
+        .unwrap();
+    let up_at = Instant::now();
+    let a2 = wait_lease(&gw, Duration::from_secs(20), |_| true)
+        .address
+        .addr;
+    eprintln!("link up: leased {a2} after {:?}", up_at.elapsed());
+    assert_eq!(udp_source_seen(&lab, &pod_udp, &server_udp), a2);
     gw.stop();
     assert!(
         started.elapsed() < Duration::from_secs(60),

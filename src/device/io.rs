@@ -27,6 +27,12 @@ pub trait FrameIo: Send + Sync {
     /// An fd that poll(2) reports readable while frames may be queued; it
     /// stays open as long as the device.
     fn poll_fd(&self) -> RawFd;
+    /// Whether the device's link was seen going down (set down by an
+    /// administrator, `NETDEV_DOWN`) and has received nothing since; a TAP
+    /// never says so.
+    fn link_down(&self) -> bool {
+        false
+    }
 }
 
 impl FrameIo for Tap {
@@ -52,5 +58,8 @@ impl<T: FrameIo + ?Sized> FrameIo for std::sync::Arc<T> {
     }
     fn poll_fd(&self) -> RawFd {
         (**self).poll_fd()
+    }
+    fn link_down(&self) -> bool {
+        (**self).link_down()
     }
 }

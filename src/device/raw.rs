@@ -50,6 +50,8 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::steer::{self, SteerBy};
@@ -126,6 +128,9 @@ pub struct RawSocket {
     index: libc::c_int,
     /// Whether the caller's frames carry the virtio-net header.
     vnet_hdr: bool,
+    /// Shared by the interface's sockets: its link went down (`ENETDOWN`
+    /// with the interface still there) and nothing was read since.
+    down: Arc<AtomicBool>,
 }
 
 /// Opens the raw uplink on interface `name` of `netns` (or of the calling
@@ -188,8 +193,12 @@ fn open_here(
     }
     sys::bring_up(ctl.as_fd(), name).map_err(step("bringing it up"))?;
     let mut sockets = Vec::with_capacity(opts.sockets);
+    let down = Arc::new(AtomicBool::new(false));
     for _ in 0..opts.sockets.max(1) {
-        sockets.push(RawSocket::open(index, opts.vnet_hdr).map_err(step("opening a socket"))?);
+        sockets.push(
+            RawSocket::open(index, opts.vnet_hdr, down.clone())
+                .map_err(step("opening a socket"))?,
+        );
     }
     let steering = if sockets.len() > 1 {
         join_fanout(&sockets, opts.steer).map_err(step("joining a fanout group"))?
@@ -261,7 +270,7 @@ fn join_fanout(sockets: &[RawSocket], steer: bool) -> io::Result<bool> {
 }
 
 impl RawSocket {
-    fn open(index: libc::c_int, vnet_hdr: bool) -> io::Result<RawSocket> {
+    fn open(index: libc::c_int, vnet_hdr: bool, down: Arc<AtomicBool>) -> io::Result<RawSocket> {
         let fd = sys::packet_socket_unbound()?;
         let b = fd.as_fd();
         sys::setsockopt_int(b, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
@@ -284,6 +293,7 @@ impl RawSocket {
             ep,
             index,
             vnet_hdr,
+            down,
         })
     }
 
@@ -316,7 +326,10 @@ impl RawSocket {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 // Still there: only down. The kernel rebinds on link up.
-                Ok(Some(_)) | Err(_) => return io::ErrorKind::WouldBlock.into(),
+                Ok(Some(_)) | Err(_) => {
+                    self.down.store(true, Ordering::Relaxed);
+                    return io::ErrorKind::WouldBlock.into();
+                }
             }
         }
     }
@@ -357,6 +370,9 @@ impl FrameIo for RawSocket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(self.idle()),
                 Err(e) => return Err(e),
             };
+            if self.down.load(Ordering::Relaxed) {
+                self.down.store(false, Ordering::Relaxed);
+            }
             if matches!(pkttype, libc::PACKET_OUTGOING | libc::PACKET_OTHERHOST) {
                 continue;
             }
@@ -393,6 +409,10 @@ impl FrameIo for RawSocket {
 
     fn poll_fd(&self) -> RawFd {
         self.ep.as_raw_fd()
+    }
+
+    fn link_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
     }
 }
 

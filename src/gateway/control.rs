@@ -20,6 +20,9 @@ use crate::device::Poller;
 use crate::wire::icmp::IcmpRateLimit;
 use crate::wire::{self, IcmpErrorKind};
 
+/// While the raw uplink's link is down, the DHCP client starts discovery
+/// over this often, so a lease follows soon after the link is back.
+const LINK_DOWN_DISCOVER_MS: u64 = 1000;
 /// The control thread writes on queue 0 of each device.
 const QUEUE: usize = 0;
 /// The neighbour timers run at most this often.
@@ -48,6 +51,10 @@ pub(super) struct Control {
     /// With `uplink.address = "dhcp"`: the lease in use (the client is a
     /// socket on `uplink_stack`).
     dhcp: Option<LeaseState>,
+    /// The raw uplink's link was seen down (and the lease dropped for it),
+    /// and when the DHCP client was last started over since.
+    link_down: bool,
+    link_down_retry_ms: u64,
 }
 
 /// `uplink.address = "dhcp"`: the lease checks and the lease-time cap.
@@ -91,6 +98,8 @@ impl Control {
             pod_stack,
             uplink_stack,
             dhcp: dhcp.map(|d| d.state),
+            link_down: false,
+            link_down_retry_ms: 0,
             table: Table::new(params, seed ^ 2),
             effects: Vec::new(),
             ticked_ms: 0,
@@ -457,6 +466,23 @@ impl Control {
             return;
         }
         let now = self.shared.now_ms();
+        let down = self.shared.device(Side::Uplink, QUEUE).link_down();
+        if down != self.link_down {
+            self.link_down = down;
+            self.link_down_retry_ms = now;
+            if down {
+                self.link_lost();
+            } else {
+                say(format_args!("uplink link up again (DHCP)"));
+                self.uplink_stack.reset_dhcp();
+            }
+        } else if down && now >= self.link_down_retry_ms + LINK_DOWN_DISCOVER_MS {
+            // Nothing is read while the link is down, so its coming back
+            // shows only as an answer: discover again every second rather
+            // than at the client's backoff (10 s and more).
+            self.link_down_retry_ms = now;
+            self.uplink_stack.reset_dhcp();
+        }
         let mut sent = 0;
         for out in self.uplink_stack.poll(now) {
             match self.shared.send_frame(Side::Uplink, QUEUE, &out) {
@@ -491,6 +517,30 @@ impl Control {
             if let Change::Readdress { old, new } = change {
                 self.readdress(old, new);
             }
+        }
+    }
+
+    /// The raw uplink's link was set down (`NETDEV_DOWN`): as MASQUERADE
+    /// does then, every flow on the address goes (the lease is given up
+    /// and the client starts over, so a new lease is asked for when the
+    /// link comes back).
+    fn link_lost(&mut self) {
+        say(format_args!(
+            "uplink {} went down (DHCP): giving up the lease",
+            self.shared.name(Side::Uplink)
+        ));
+        self.uplink_stack.reset_dhcp();
+        let Some(state) = self.dhcp.as_mut() else {
+            return;
+        };
+        let change = state.deconfigured();
+        *self
+            .shared
+            .lease
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = state.current();
+        if let Change::Readdress { old, new } = change {
+            self.readdress(old, new);
         }
     }
 

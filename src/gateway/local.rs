@@ -308,6 +308,16 @@ impl LocalStack {
         self.dhcp = Some(self.sockets.add(socket));
     }
 
+    /// Starts the DHCP client over (the link went down): the lease is
+    /// forgotten and discovery begins again.
+    pub fn reset_dhcp(&mut self) {
+        if let Some(h) = self.dhcp {
+            self.sockets
+                .get_mut::<smoltcp::socket::dhcpv4::Socket>(h)
+                .reset();
+        }
+    }
+
     /// Lets smoltcp send what is due (DHCP discovery, renewal, retries)
     /// and returns the frames to write.
     pub fn poll(&mut self, now_ms: u64) -> impl Iterator<Item = Vec<u8>> + '_ {
