@@ -25,6 +25,8 @@ fn config(max_flows: usize) -> TableConfig {
         port_first: 1024,
         port_last: 65535,
         max_flows,
+        max_flows_per_pod: 0,
+        ports_per_pod: 0,
         timeouts: TIMEOUTS,
         seed: 1,
         filtering: Filtering::EndpointIndependent,

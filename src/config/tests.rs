@@ -43,6 +43,8 @@ pub(super) fn expected_default() -> Config {
                 last: 65535,
             },
             max_flows: 262_144,
+            max_flows_per_pod: 16_384,
+            ports_per_pod: 4096,
             timeouts: Timeouts {
                 tcp_established: Duration::from_secs(7440),
                 tcp_transitory: Duration::from_secs(240),

@@ -152,6 +152,7 @@ mod expiry;
 mod filter;
 mod live;
 mod mappings;
+mod pods;
 mod ports;
 mod slab;
 mod tcp;
@@ -167,6 +168,7 @@ pub use types::{
 use expiry::{Sweep, Victim};
 use filter::Filter;
 use mappings::{MapKey, Mappings};
+use pods::Pods;
 use ports::Ports;
 use slab::{tag, Slab};
 use std::fmt;
@@ -179,6 +181,7 @@ pub struct FlowTable {
     mappings: Mappings,
     filter: Filter,
     ports: Ports,
+    pods: Pods,
     sweep: Sweep,
     /// Latest `now_ms` seen (for calls without one, like `remove`).
     clock_ms: u64,
@@ -232,6 +235,7 @@ impl FlowTable {
             mappings: Mappings::new(cfg.workers, map_cap),
             filter: Filter::new(cfg.filtering),
             ports: Ports::new(&cfg),
+            pods: Pods::new(cfg.max_flows_per_pod, cfg.ports_per_pod),
             sweep: Sweep::default(),
             clock_ms: 0,
             stats: TableStats::default(),
@@ -328,19 +332,9 @@ impl FlowTable {
             }
         }
         self.tick(now_ms);
-        if self.slab.len() >= self.cfg.max_flows && !self.make_room(now_ms) {
-            return Err(CreateError::TableFull);
-        }
+        self.admit(key.src, now_ms)?;
         self.end_quarantines(now_ms);
-        let ports = &mut self.ports;
-        let Some((ext_addr, ext_port)) =
-            self.mappings
-                .acquire((key.proto, key.src, key.sport), ext_addr, || {
-                    ports.alloc(key)
-                })
-        else {
-            return Err(CreateError::PortsExhausted);
-        };
+        let (ext_addr, ext_port) = self.acquire_mapping(key, ext_addr)?;
         Ok(self.insert_flow(*key, ext_addr, ext_port, 0, now_ms))
     }
 
@@ -395,9 +389,12 @@ impl FlowTable {
         self.tick(now_ms);
         // Pin the mapping so that making room cannot release it.
         self.mappings.pin(&mk);
-        if self.slab.len() >= self.cfg.max_flows && !self.make_room(now_ms) {
+        if let Err(e) = self.admit(inside.src, now_ms) {
             self.unref_mapping(mk);
-            return Err(InboundError::TableFull);
+            return Err(match e {
+                CreateError::PodFlowLimit => InboundError::PodFlowLimit,
+                _ => InboundError::TableFull,
+            });
         }
         Ok(self.insert_flow(inside, m.ext_addr, m.ext_port, tag::ORIGIN_OUT, now_ms))
     }
@@ -428,6 +425,7 @@ impl FlowTable {
             bytes_out2in: 0,
         };
         let i = self.slab.insert(flow, tag::LIVE | origin);
+        self.pods.flow_added(inside, &self.slab);
         // No overloading means out keys are unique: two inside endpoints
         // never share (proto, ext port), and one endpoint's flows differ in
         // (remote, rport).
@@ -564,9 +562,13 @@ impl FlowTable {
     pub fn clear(&mut self) {
         self.slab.clear();
         self.filter.clear();
-        let (ports, now_ms) = (&mut self.ports, self.clock_ms);
-        self.mappings
-            .clear_dynamic(|proto, port| ports.release(proto, port, now_ms));
+        self.pods.clear_flows();
+        let (ports, pods, now_ms) = (&mut self.ports, &mut self.pods, self.clock_ms);
+        self.mappings.clear_dynamic(|mk, port| {
+            if !ports.release(mk.0, port, now_ms, Some(mk.1)) {
+                pods.port_freed(mk.1, mk.0);
+            }
+        });
         self.sweep.set(0);
     }
 
@@ -574,22 +576,27 @@ impl FlowTable {
     /// none is). A forward added meanwhile keeps its port.
     #[inline]
     fn end_quarantines(&mut self, now_ms: u64) {
-        let mappings = &self.mappings;
-        self.ports.drain_cooling(now_ms, |proto, port| {
-            mappings.owner_of(proto, port).is_some()
-        });
+        let (mappings, pods) = (&self.mappings, &mut self.pods);
+        self.ports.drain_cooling(
+            now_ms,
+            |proto, port| mappings.owner_of(proto, port).is_some(),
+            |owner, proto| pods.port_freed(owner, proto),
+        );
     }
 
     /// Drops one flow of a mapping, giving its port back if that was the
     /// last one of a dynamic mapping.
     fn unref_mapping(&mut self, mk: MapKey) {
         if let Some(port) = self.mappings.unref(mk) {
-            self.ports.release(mk.0, port, self.clock_ms);
+            if !self.ports.release(mk.0, port, self.clock_ms, Some(mk.1)) {
+                self.pods.port_freed(mk.1, mk.0);
+            }
         }
     }
 
     fn remove_slot(&mut self, i: usize) {
         let f = self.slab.remove(i);
+        self.pods.flow_removed(f.inside.src);
         self.filter
             .session_removed(f.inside.proto, f.ext_port, f.inside.dst);
         self.unref_mapping((f.inside.proto, f.inside.src, f.inside.sport));

@@ -16,6 +16,7 @@
 use super::types::{InKey, Proto};
 use super::TableConfig;
 use std::collections::VecDeque;
+use std::net::Ipv4Addr;
 
 /// 65536-bit set of outside ports in use for one protocol.
 struct PortSet(Vec<u64>);
@@ -46,6 +47,18 @@ pub(super) struct Cooling {
     pub(super) port: u16,
     /// Released by a deleted forward: a forward may take the port back.
     pub(super) forward: bool,
+    /// The inside address the port stays charged to while it waits
+    /// (0.0.0.0, never a pod's, for a forward's); see [`Cooling::owner`].
+    owner: Ipv4Addr,
+}
+
+impl Cooling {
+    /// The inside address the port stays charged to while it waits (none
+    /// for a forward's).
+    #[inline]
+    pub(super) fn owner(&self) -> Option<Ipv4Addr> {
+        (!self.owner.is_unspecified()).then_some(self.owner)
+    }
 }
 
 /// xorshift64* PRNG for port choice: cheap, deterministic from the seed.
@@ -165,9 +178,16 @@ impl Ports {
     }
 
     /// Gives back a mapping's port at `now_ms`: TCP and UDP ports go into
-    /// quarantine when there is a reuse delay, anything else is free at
-    /// once.
-    pub(super) fn release(&mut self, proto: Proto, port: u16, now_ms: u64) {
+    /// quarantine when there is a reuse delay (charged to `owner` until it
+    /// ends), anything else is free at once. Returns whether it went into
+    /// quarantine.
+    pub(super) fn release(
+        &mut self,
+        proto: Proto,
+        port: u16,
+        now_ms: u64,
+        owner: Option<Ipv4Addr>,
+    ) -> bool {
         if self.reuse_delay_ms > 0 && proto != Proto::Icmp {
             // The delay is fixed, so the FIFO stays sorted by deadline.
             self.cooling.push_back(Cooling {
@@ -175,23 +195,50 @@ impl Ports {
                 proto,
                 port,
                 forward: false,
+                owner: owner.unwrap_or(Ipv4Addr::UNSPECIFIED),
             });
+            true
         } else {
             self.used[proto.index()].remove(port);
+            false
         }
     }
 
-    /// Ends the quarantines that are due at `now_ms`. A port that `held`
-    /// says is taken again (by a forward) keeps its bit. Cheap when nothing
-    /// is waiting.
+    /// Takes back out of quarantine the port just released (the last one
+    /// in), freeing it now; `false` if it is not the last one in. For the
+    /// port of an unreplied flow its own pod evicts to reuse it: no remote
+    /// ever answered on it, so there is no old session for a new one to
+    /// meet (what the quarantine protects against).
+    pub(super) fn recall(&mut self, proto: Proto, port: u16) -> bool {
+        match self.cooling.back() {
+            Some(c) if c.proto == proto && c.port == port && !c.forward => {
+                self.cooling.pop_back();
+                self.used[proto.index()].remove(port);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends the quarantines that are due at `now_ms`, telling `freed` the
+    /// owner of each. A port that `held` says is taken again (by a forward)
+    /// keeps its bit. Cheap when nothing is waiting.
     #[inline]
-    pub(super) fn drain_cooling(&mut self, now_ms: u64, held: impl Fn(Proto, u16) -> bool) {
+    pub(super) fn drain_cooling(
+        &mut self,
+        now_ms: u64,
+        held: impl Fn(Proto, u16) -> bool,
+        mut freed: impl FnMut(Ipv4Addr, Proto),
+    ) {
         while let Some(c) = self.cooling.front() {
             if c.until_ms > now_ms {
                 break;
             }
             if !held(c.proto, c.port) {
                 self.used[c.proto.index()].remove(c.port);
+            }
+            if let Some(owner) = c.owner() {
+                freed(owner, c.proto);
             }
             self.cooling.pop_front();
         }
@@ -209,7 +256,7 @@ impl Ports {
 
     /// Gives back a deleted forward's port, as [`Ports::release`] does.
     pub(super) fn release_forward(&mut self, proto: Proto, port: u16, now_ms: u64) {
-        self.release(proto, port, now_ms);
+        self.release(proto, port, now_ms, None);
         if let Some(c) = self.cooling.back_mut() {
             if c.proto == proto && c.port == port {
                 c.forward = true;
@@ -312,20 +359,24 @@ mod tests {
         assert!(p.reserve(Proto::Udp, 2000));
         assert!(p.reserve(Proto::Udp, 2001));
         assert!(!p.reserve(Proto::Udp, 2001));
-        p.release(Proto::Udp, 2000, 0);
-        p.release(Proto::Udp, 2001, 50);
+        p.release(Proto::Udp, 2000, 0, None);
+        p.release(Proto::Udp, 2001, 50, None);
         assert_eq!(p.cooling_len(), 2);
-        p.drain_cooling(99, |_, _| false);
+        p.drain_cooling(99, |_, _| false, |_, _| {});
         assert!(p.is_used(Proto::Udp, 2000) && p.is_used(Proto::Udp, 2001));
-        p.drain_cooling(100, |_, _| false);
+        p.drain_cooling(100, |_, _| false, |_, _| {});
         assert!(!p.is_used(Proto::Udp, 2000) && p.is_used(Proto::Udp, 2001));
         // Held meanwhile: the bit stays, the quarantine still ends.
-        p.drain_cooling(150, |proto, port| (proto, port) == (Proto::Udp, 2001));
+        p.drain_cooling(
+            150,
+            |proto, port| (proto, port) == (Proto::Udp, 2001),
+            |_, _| {},
+        );
         assert!(p.is_used(Proto::Udp, 2001));
         assert_eq!(p.cooling_len(), 0);
         // ICMP ids are free at once.
         assert!(p.reserve(Proto::Icmp, 7));
-        p.release(Proto::Icmp, 7, 0);
+        p.release(Proto::Icmp, 7, 0, None);
         assert!(!p.is_used(Proto::Icmp, 7));
     }
 }

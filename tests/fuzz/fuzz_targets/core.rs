@@ -217,6 +217,9 @@ impl World {
                         1024 + u16::from(s[3])
                     },
                     max_flows: usize::from(s[2] % 32) + 1,
+                    // 0 (no limit) to 7 flows and 0 to 3 ports per pod.
+                    max_flows_per_pod: u32::from(s[2] >> 5),
+                    ports_per_pod: u32::from(s[2] >> 6),
                     timeouts: Timeouts {
                         tcp_established_ms: ms(7_440_000, 10_000),
                         tcp_transitory_ms: ms(240_000, 4_000),

@@ -1,0 +1,332 @@
+//! Fairness between pods: what each inside address (a pod) holds in this
+//! shard, its limits, and which of its own flows go first when it is at a
+//! limit.
+//!
+//! * Flows: every live flow of the table is charged to its inside source
+//!   address, those opened from outside (a forward's sessions) included.
+//! * Ports: every dynamic mapping (one outside port or echo id) is charged
+//!   to its inside address, per protocol, and a released TCP/UDP port stays
+//!   charged while it is in quarantine (a pod that churns through ports
+//!   cannot park more than its share there). Static forwards are charged to
+//!   nobody (the operator chose them).
+//! * Victims: each pod keeps its flows in creation order, lazily cleaned (a
+//!   flow removed, or replied since, is skipped and dropped when met). When
+//!   the pod is at a limit, or out of ports, or the shard is full and the
+//!   pod holds at least an even share of it, the pod's oldest unreplied
+//!   flow goes first; a replied flow is never chosen. The queue is compacted (stale and repeated entries dropped)
+//!   once it holds more than twice the pod's live flows plus 16, so it
+//!   stays within a constant factor of them at O(1) amortized cost.
+//!
+//! A pod with nothing charged has no entry. This part only counts and
+//! chooses; the facade removes.
+
+use super::slab::Slab;
+use super::types::{CreateError, InKey, Proto};
+use super::FlowTable;
+use crate::nat::hash::Keyed;
+use hashbrown::HashMap;
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+
+/// Queue entries examined for a victim that frees a port (its mapping's
+/// only flow), past the dead ones dropped on the way.
+pub(super) const PORT_VICTIM_SCAN: usize = 64;
+
+#[derive(Debug, Default)]
+struct PodUse {
+    flows: u32,
+    /// Per protocol ([`Proto::index`]): mappings plus quarantined ports.
+    ports: [u32; 3],
+    /// Inside keys of the pod's flows in creation order (some stale).
+    order: VecDeque<InKey>,
+}
+
+impl PodUse {
+    fn is_idle(&self) -> bool {
+        self.flows == 0 && self.ports == [0; 3]
+    }
+}
+
+/// Per-pod use and limits of one shard.
+pub(super) struct Pods {
+    /// Most flows one pod may hold here; 0 = no limit.
+    max_flows: u32,
+    /// Most outside ports (per protocol) one pod may hold here; 0 = none.
+    max_ports: u32,
+    map: HashMap<Ipv4Addr, PodUse, Keyed>,
+    /// Pods holding at least one flow.
+    active: usize,
+}
+
+impl Pods {
+    pub(super) fn new(max_flows: u32, max_ports: u32) -> Self {
+        Pods {
+            max_flows,
+            max_ports,
+            map: HashMap::with_hasher(Keyed::new()),
+            active: 0,
+        }
+    }
+
+    /// New limits (a reload); what pods hold already stays.
+    pub(super) fn set_limits(&mut self, max_flows: u32, max_ports: u32) {
+        self.max_flows = max_flows;
+        self.max_ports = max_ports;
+    }
+
+    /// Whether `pod` holds its share of flows.
+    #[inline]
+    pub(super) fn at_flow_limit(&self, pod: Ipv4Addr) -> bool {
+        self.max_flows != 0
+            && self
+                .map
+                .get(&pod)
+                .is_some_and(|u| u.flows >= self.max_flows)
+    }
+
+    /// Whether `pod` holds its share of `proto` ports.
+    #[inline]
+    pub(super) fn at_port_limit(&self, pod: Ipv4Addr, proto: Proto) -> bool {
+        self.max_ports != 0
+            && self
+                .map
+                .get(&pod)
+                .is_some_and(|u| u.ports[proto.index()] >= self.max_ports)
+    }
+
+    /// A new flow of `key.src`; `slab` (which holds it already) lets the
+    /// queue be compacted.
+    pub(super) fn flow_added(&mut self, key: InKey, slab: &Slab) {
+        let u = self.map.entry(key.src).or_default();
+        if u.flows == 0 {
+            self.active += 1;
+        }
+        u.flows += 1;
+        u.order.push_back(key);
+        if u.order.len() > 2 * u.flows as usize + 16 {
+            // Keep each live unreplied flow once (a key that died and came
+            // back has older entries too), oldest first.
+            let mut seen = hashbrown::HashSet::with_capacity(u.flows as usize);
+            u.order.retain(|k| candidate(slab, k) && seen.insert(*k));
+        }
+    }
+
+    /// A flow of `pod` removed.
+    pub(super) fn flow_removed(&mut self, pod: Ipv4Addr) {
+        if let Some(u) = self.map.get_mut(&pod) {
+            if u.flows == 1 {
+                self.active -= 1;
+            }
+            u.flows = u.flows.saturating_sub(1);
+            if u.flows == 0 {
+                u.order.clear();
+            }
+            self.forget_if_idle(pod);
+        }
+    }
+
+    /// Whether `pod` holds at least an even share of a shard of
+    /// `max_flows` (that bound divided by the pods holding flows).
+    #[inline]
+    pub(super) fn over_share(&self, pod: Ipv4Addr, max_flows: usize) -> bool {
+        let flows = self.map.get(&pod).map_or(0, |u| u.flows as usize);
+        flows > 0 && flows.saturating_mul(self.active.max(1)) >= max_flows
+    }
+
+    /// `pod` took a `proto` port for a new mapping.
+    pub(super) fn port_taken(&mut self, pod: Ipv4Addr, proto: Proto) {
+        self.map.entry(pod).or_default().ports[proto.index()] += 1;
+    }
+
+    /// A `proto` port charged to `pod` is free (released with no
+    /// quarantine, or its quarantine ended).
+    pub(super) fn port_freed(&mut self, pod: Ipv4Addr, proto: Proto) {
+        if let Some(u) = self.map.get_mut(&pod) {
+            let p = &mut u.ports[proto.index()];
+            *p = p.saturating_sub(1);
+            self.forget_if_idle(pod);
+        }
+    }
+
+    fn forget_if_idle(&mut self, pod: Ipv4Addr) {
+        if self.map.get(&pod).is_some_and(PodUse::is_idle) {
+            self.map.remove(&pod);
+        }
+    }
+
+    /// The slot of `pod`'s oldest unreplied flow, or with `frees_port` the
+    /// oldest unreplied `proto` flow among the next [`PORT_VICTIM_SCAN`]
+    /// that is its mapping's only flow (`only_flow` says), so that removing
+    /// it gives a port back. Stale entries met at the front are dropped;
+    /// the victim's entry is taken out.
+    pub(super) fn victim(
+        &mut self,
+        pod: Ipv4Addr,
+        slab: &Slab,
+        frees_port: Option<Proto>,
+        only_flow: impl Fn(&InKey) -> bool,
+    ) -> Option<usize> {
+        let u = self.map.get_mut(&pod)?;
+        while let Some(k) = u.order.front() {
+            if candidate(slab, k) {
+                break;
+            }
+            u.order.pop_front();
+        }
+        let mut j = 0;
+        let mut seen = 0;
+        while j < u.order.len() && seen < PORT_VICTIM_SCAN {
+            let k = u.order[j];
+            if !candidate(slab, &k) {
+                u.order.remove(j);
+                continue;
+            }
+            seen += 1;
+            let fits = match frees_port {
+                None => true,
+                Some(proto) => k.proto == proto && only_flow(&k),
+            };
+            if fits {
+                u.order.remove(j);
+                return slab.find(&k);
+            }
+            j += 1;
+        }
+        None
+    }
+
+    /// Forgets every flow (the table was cleared); ports stay charged as
+    /// the facade releases them.
+    pub(super) fn clear_flows(&mut self) {
+        for u in self.map.values_mut() {
+            u.flows = 0;
+            u.order.clear();
+        }
+        self.active = 0;
+        self.map.retain(|_, u| !u.is_idle());
+    }
+
+    /// `(flows, ports per protocol)` charged to `pod`.
+    #[cfg(test)]
+    pub(super) fn usage(&self, pod: Ipv4Addr) -> (u32, [u32; 3]) {
+        self.map
+            .get(&pod)
+            .map_or((0, [0; 3]), |u| (u.flows, u.ports))
+    }
+
+    /// Entries in `pod`'s victim queue.
+    #[cfg(test)]
+    pub(super) fn queue_len(&self, pod: Ipv4Addr) -> usize {
+        self.map.get(&pod).map_or(0, |u| u.order.len())
+    }
+
+    /// Every pod with something charged, and its flows.
+    #[cfg(test)]
+    pub(super) fn flows_by_pod(&self) -> impl Iterator<Item = (Ipv4Addr, u32)> + '_ {
+        self.map.iter().map(|(a, u)| (*a, u.flows))
+    }
+
+    /// Every pod's ports charged per protocol.
+    #[cfg(test)]
+    pub(super) fn ports_by_pod(&self) -> impl Iterator<Item = (Ipv4Addr, [u32; 3])> + '_ {
+        self.map.iter().map(|(a, u)| (*a, u.ports))
+    }
+}
+
+/// Whether `k` names a live flow that has not been replied to.
+#[inline]
+fn candidate(slab: &Slab, k: &InKey) -> bool {
+    slab.find(k).is_some_and(|i| !slab.flow(i).replied)
+}
+
+impl FlowTable {
+    /// Room for one more flow of `pod`: at its flow limit, its own oldest
+    /// unreplied flow goes, or the flow is refused. In a full table, a pod
+    /// holding at least an even share of it (`max_flows` / pods with flows)
+    /// gives up its own oldest unreplied flow first, then early drop (an
+    /// expired flow, else the least recently seen unreplied one in reach,
+    /// most likely of the pod holding most) is tried; a pod below its share
+    /// tries early drop first and its own flows last. Replied flows are
+    /// never evicted for a new one.
+    pub(super) fn admit(&mut self, pod: Ipv4Addr, now_ms: u64) -> Result<(), CreateError> {
+        if self.pods.at_flow_limit(pod) && !self.evict_own(pod) {
+            return Err(CreateError::PodFlowLimit);
+        }
+        if self.slab.len() >= self.cfg.max_flows {
+            let room = if self.pods.over_share(pod, self.cfg.max_flows) {
+                self.evict_own(pod) || self.make_room(now_ms)
+            } else {
+                self.make_room(now_ms) || self.evict_own(pod)
+            };
+            if !room {
+                return Err(CreateError::TableFull);
+            }
+        }
+        Ok(())
+    }
+
+    /// Evicts `pod`'s oldest unreplied flow, if it has one.
+    fn evict_own(&mut self, pod: Ipv4Addr) -> bool {
+        let Some(i) = self.pods.victim(pod, &self.slab, None, |_| true) else {
+            return false;
+        };
+        self.remove_slot(i);
+        self.stats.early_dropped += 1;
+        true
+    }
+
+    /// Evicts `pod`'s oldest unreplied `proto` flow that is the only flow
+    /// of its mapping, and frees that port now (no quarantine: nobody
+    /// answered on it), if it has one.
+    fn evict_for_port(&mut self, pod: Ipv4Addr, proto: Proto) -> bool {
+        let mappings = &self.mappings;
+        let only_flow = |k: &InKey| {
+            mappings
+                .get(&(k.proto, k.src, k.sport))
+                .is_some_and(|m| m.refs == 1 && !m.forward)
+        };
+        let Some(i) = self.pods.victim(pod, &self.slab, Some(proto), only_flow) else {
+            return false;
+        };
+        let port = self.slab.flow(i).ext_port;
+        self.remove_slot(i);
+        if self.ports.recall(proto, port) {
+            self.pods.port_freed(pod, proto);
+        }
+        self.stats.early_dropped += 1;
+        true
+    }
+
+    /// The mapping of `key`'s inside endpoint, made with a new port if it
+    /// has none: at the pod's port limit, or with no free port, one of the
+    /// pod's own unreplied flows gives its port back first, else the flow
+    /// is refused.
+    pub(super) fn acquire_mapping(
+        &mut self,
+        key: &InKey,
+        ext_addr: Ipv4Addr,
+    ) -> Result<(Ipv4Addr, u16), CreateError> {
+        let mk = (key.proto, key.src, key.sport);
+        let fresh = !self.mappings.contains(&mk);
+        if fresh
+            && self.pods.at_port_limit(key.src, key.proto)
+            && !self.evict_for_port(key.src, key.proto)
+        {
+            return Err(CreateError::PodPortLimit);
+        }
+        let mut tried_eviction = false;
+        loop {
+            let ports = &mut self.ports;
+            if let Some(got) = self.mappings.acquire(mk, ext_addr, || ports.alloc(key)) {
+                if fresh {
+                    self.pods.port_taken(key.src, key.proto);
+                }
+                return Ok(got);
+            }
+            if tried_eviction || !self.evict_for_port(key.src, key.proto) {
+                return Err(CreateError::PortsExhausted);
+            }
+            tried_eviction = true;
+        }
+    }
+}
