@@ -266,6 +266,36 @@ mod tests {
     }
 
     #[test]
+    fn per_pod_limits_from_file_and_their_bounds() {
+        let c =
+            Config::from_toml_str("[nat]\nmax_flows_per_pod = 0\nports_per_pod = 65535\n").unwrap();
+        assert_eq!((c.nat.max_flows_per_pod, c.nat.ports_per_pod), (0, 65535));
+        for (key, bad, value, max) in [
+            ("max_flows_per_pod", "-1", -1, 100_000_000),
+            ("max_flows_per_pod", "100000001", 100_000_001, 100_000_000),
+            ("ports_per_pod", "-1", -1, 65535),
+            ("ports_per_pod", "65536", 65536, 65535),
+        ] {
+            let e = err(&format!("[nat]\n{key} = {bad}\n"));
+            assert_eq!(
+                reason(&e, &format!("nat.{key}")),
+                &Reason::OutOfRange {
+                    value,
+                    min: 0,
+                    max,
+                    zero_means: Some("no per-pod limit")
+                }
+            );
+        }
+        assert_eq!(
+            err("[nat]\nports_per_pod = 70000\n").to_string(),
+            "config key `nat.ports_per_pod`: 70000 is out of range; must be 0 (no per-pod limit) to 65535"
+        );
+        let e = err("[nat]\nmax_flows_per_pod = \"many\"\n");
+        assert!(e.to_string().contains("nat.max_flows_per_pod"), "{e}");
+    }
+
+    #[test]
     fn rejects_bad_filtering() {
         for bad in ["", "endpoint_independent", "Address", "port"] {
             let e = err(&format!("[nat]\nfiltering = \"{bad}\"\n"));

@@ -34,6 +34,7 @@ mod translate;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use crate::nat::hash::Keyed;
 use hashbrown::HashMap;
 use smoltcp::wire::EthernetAddress;
 
@@ -175,18 +176,19 @@ pub struct Core {
     pool: Pool,
     c: Arc<Counters>,
     /// Next-hop MACs, as the control thread announces them.
-    neighbours: HashMap<Ipv4Addr, EthernetAddress>,
+    neighbours: HashMap<Ipv4Addr, EthernetAddress, Keyed>,
     /// The uplink gateway's entry of `neighbours`, the next hop of nearly
     /// every outbound packet, kept aside so those skip the map.
     gateway_mac: Option<EthernetAddress>,
     /// Pod (address, MAC) pairs already reported to the control thread.
-    reported: HashMap<Ipv4Addr, EthernetAddress>,
+    reported: HashMap<Ipv4Addr, EthernetAddress, Keyed>,
     /// The pair `reported` last confirmed or took: a burst from one pod
     /// skips the map.
     last_reported: Option<(Ipv4Addr, EthernetAddress)>,
     /// Routed (untranslated, excluded-destination) sessions, by their pod-side
     /// key, with the time last seen: only replies to these come back in.
-    routed: HashMap<InKey, u64>,
+    /// Keyed from OS randomness: pods and remotes choose these keys.
+    routed: HashMap<InKey, u64, Keyed>,
     routed_swept_ms: u64,
     /// Buffers the fragment cache handed back, processed after each call.
     released: Vec<(Buf, Release)>,
@@ -232,11 +234,11 @@ impl Core {
             icmp_limit: p.icmp_limit,
             pool: p.pool,
             c: p.counters,
-            neighbours: HashMap::new(),
+            neighbours: HashMap::with_hasher(Keyed::new()),
             gateway_mac: None,
-            reported: HashMap::new(),
+            reported: HashMap::with_hasher(Keyed::new()),
             last_reported: None,
-            routed: HashMap::new(),
+            routed: HashMap::with_hasher(Keyed::new()),
             routed_swept_ms: 0,
             released: Vec::new(),
             pieces: Vec::new(),
