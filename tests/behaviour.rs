@@ -846,15 +846,23 @@ fn a_pod_at_its_limits_is_refused_while_another_pods_flows_keep_working() {
         matches!(s.recv_from(&mut b), Ok((4, _)))
     };
     let listener = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 7000));
+    let accept = || {
+        let (s, from) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (s, from)
+    };
     // Pod B's connection, established before pod A starts.
     let mut b_conn = tcp_connect(pod2, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
-    let (mut b_srv, _) = listener.accept().unwrap();
+    let (mut b_srv, _) = accept();
     b_conn.write_all(b"b").unwrap();
     let mut byte = [0u8; 1];
     b_srv.read_exact(&mut byte).unwrap();
     // Pod A: PORTS answered TCP connections take its share of TCP ports.
     let a_conns: Vec<_> = (0..PORTS)
-        .map(|_| tcp_connect(&lab.pod, SocketAddrV4::new(SERVER_IP, 7000)).unwrap())
+        .map(|_| {
+            let c = tcp_connect(&lab.pod, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+            (c, accept())
+        })
         .collect();
     // One more needs a port it may not have, and none of its flows is
     // unanswered: refused.
@@ -904,6 +912,10 @@ fn a_pod_at_its_limits_is_refused_while_another_pods_flows_keep_working() {
         "{flood} sent: {}",
         tapnat::ops::report::stats(&st)
     );
+    eprintln!(
+        "flood: {flood} datagrams from fresh sockets; {}",
+        tapnat::ops::report::stats(&st)
+    );
     // It never holds more than its share.
     let a_flows = gw.flows().iter().filter(|f| f.inside.src == POD_IP).count();
     assert_eq!(a_flows, FLOWS);
@@ -914,7 +926,8 @@ fn a_pod_at_its_limits_is_refused_while_another_pods_flows_keep_working() {
     b_srv.read_exact(&mut byte).unwrap();
     assert_eq!(&byte, b"c");
     let mut b_new = tcp_connect(pod2, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
-    let (mut b_new_srv, _) = listener.accept().unwrap();
+    let (mut b_new_srv, from) = accept();
+    assert_eq!(from.ip(), std::net::IpAddr::V4(GATEWAY_UPLINK_IP));
     b_new.write_all(b"d").unwrap();
     b_new_srv.read_exact(&mut byte).unwrap();
     for _ in 0..5 {

@@ -35,6 +35,8 @@
 //! * `ports`: the worker's port slice, port choice and the quarantine.
 //! * `tcp`: the TCP state machine and the RST validation.
 //! * `expiry`: timeouts, the sweep cursor and the early-drop choice.
+//! * `pods`: what each inside address (pod) holds, its limits, and which
+//!   of its own flows go first.
 //!
 //! # Counters
 //!
@@ -109,6 +111,17 @@
 //! the responder (the side that did not open the flow) has sent a packet,
 //! so a SYN flood from either side only ever evicts its own kind.
 //!
+//! Per pod (inside address; the `pods` part's docs): at most
+//! `max_flows_per_pod` flows (those opened from outside included) and
+//! `ports_per_pod` outside ports per protocol (quarantined ones included).
+//! At either limit, or when no port is free, the pod's own oldest
+//! unreplied flow goes (for a port: one that is its mapping's only flow,
+//! whose port is then reused at once), else the create fails with
+//! [`CreateError::PodFlowLimit`], [`CreateError::PodPortLimit`] or
+//! [`CreateError::PortsExhausted`]. In a full table, a pod holding at least
+//! an even share (`max_flows` / pods with flows) loses its own unreplied
+//! flows before early drop is tried; a pod below it tries early drop first.
+//!
 //! # TCP state machine
 //!
 //! Driven by the SYN/ACK/FIN/RST flags of segments, from the initiator's
@@ -146,7 +159,9 @@
 //! (a packed `u64` and its control byte) per distinct (mapping, remote
 //! address). The slab never shrinks: its length is the high-water mark of
 //! live flows. The quarantine FIFO holds at most one 16-byte entry per
-//! TCP/UDP port.
+//! TCP/UDP port. Per pod with anything charged: one map entry (about 56
+//! bytes) and its victim queue, one 14-byte inside key per flow (at most
+//! 2 x its flows + 16 before it is compacted).
 
 mod expiry;
 mod filter;

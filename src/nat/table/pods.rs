@@ -24,6 +24,7 @@ use super::slab::Slab;
 use super::types::{CreateError, InKey, Proto};
 use super::FlowTable;
 use crate::nat::hash::Keyed;
+use hashbrown::hash_map::Entry;
 use hashbrown::HashMap;
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
@@ -31,6 +32,12 @@ use std::net::Ipv4Addr;
 /// Queue entries examined for a victim that frees a port (its mapping's
 /// only flow), past the dead ones dropped on the way.
 pub(super) const PORT_VICTIM_SCAN: usize = 64;
+
+/// Emptied queues of forgotten pods kept for the next new pod (a pod that
+/// comes and goes with its one flow costs no allocation), at most this
+/// many, each of at most [`SPARE_CAP`] entries.
+const SPARE_MAX: usize = 16;
+const SPARE_CAP: usize = 64;
 
 #[derive(Debug, Default)]
 struct PodUse {
@@ -56,6 +63,8 @@ pub(super) struct Pods {
     map: HashMap<Ipv4Addr, PodUse, Keyed>,
     /// Pods holding at least one flow.
     active: usize,
+    /// Emptied queues to reuse ([`SPARE_MAX`]).
+    spare: Vec<VecDeque<InKey>>,
 }
 
 impl Pods {
@@ -65,6 +74,7 @@ impl Pods {
             max_ports,
             map: HashMap::with_hasher(Keyed::new()),
             active: 0,
+            spare: Vec::new(),
         }
     }
 
@@ -97,7 +107,11 @@ impl Pods {
     /// A new flow of `key.src`; `slab` (which holds it already) lets the
     /// queue be compacted.
     pub(super) fn flow_added(&mut self, key: InKey, slab: &Slab) {
-        let u = self.map.entry(key.src).or_default();
+        let spare = &mut self.spare;
+        let u = self.map.entry(key.src).or_insert_with(|| PodUse {
+            order: spare.pop().unwrap_or_default(),
+            ..PodUse::default()
+        });
         if u.flows == 0 {
             self.active += 1;
         }
@@ -113,7 +127,8 @@ impl Pods {
 
     /// A flow of `pod` removed.
     pub(super) fn flow_removed(&mut self, pod: Ipv4Addr) {
-        if let Some(u) = self.map.get_mut(&pod) {
+        if let Entry::Occupied(mut e) = self.map.entry(pod) {
+            let u = e.get_mut();
             if u.flows == 1 {
                 self.active -= 1;
             }
@@ -121,7 +136,7 @@ impl Pods {
             if u.flows == 0 {
                 u.order.clear();
             }
-            self.forget_if_idle(pod);
+            forget_if_idle(e, &mut self.spare);
         }
     }
 
@@ -135,22 +150,21 @@ impl Pods {
 
     /// `pod` took a `proto` port for a new mapping.
     pub(super) fn port_taken(&mut self, pod: Ipv4Addr, proto: Proto) {
-        self.map.entry(pod).or_default().ports[proto.index()] += 1;
+        let spare = &mut self.spare;
+        let u = self.map.entry(pod).or_insert_with(|| PodUse {
+            order: spare.pop().unwrap_or_default(),
+            ..PodUse::default()
+        });
+        u.ports[proto.index()] += 1;
     }
 
     /// A `proto` port charged to `pod` is free (released with no
     /// quarantine, or its quarantine ended).
     pub(super) fn port_freed(&mut self, pod: Ipv4Addr, proto: Proto) {
-        if let Some(u) = self.map.get_mut(&pod) {
-            let p = &mut u.ports[proto.index()];
+        if let Entry::Occupied(mut e) = self.map.entry(pod) {
+            let p = &mut e.get_mut().ports[proto.index()];
             *p = p.saturating_sub(1);
-            self.forget_if_idle(pod);
-        }
-    }
-
-    fn forget_if_idle(&mut self, pod: Ipv4Addr) {
-        if self.map.get(&pod).is_some_and(PodUse::is_idle) {
-            self.map.remove(&pod);
+            forget_if_idle(e, &mut self.spare);
         }
     }
 
@@ -233,6 +247,22 @@ impl Pods {
     }
 }
 
+/// Forgets a pod with nothing charged, keeping its emptied queue for the
+/// next new pod.
+#[inline]
+fn forget_if_idle(
+    e: hashbrown::hash_map::OccupiedEntry<'_, Ipv4Addr, PodUse, Keyed>,
+    spare: &mut Vec<VecDeque<InKey>>,
+) {
+    if e.get().is_idle() {
+        let mut order = e.remove().order;
+        if spare.len() < SPARE_MAX && order.capacity() <= SPARE_CAP {
+            order.clear();
+            spare.push(order);
+        }
+    }
+}
+
 /// Whether `k` names a live flow that has not been replied to.
 #[inline]
 fn candidate(slab: &Slab, k: &InKey) -> bool {
@@ -253,11 +283,10 @@ impl FlowTable {
             return Err(CreateError::PodFlowLimit);
         }
         if self.slab.len() >= self.cfg.max_flows {
-            let room = if self.pods.over_share(pod, self.cfg.max_flows) {
-                self.evict_own(pod) || self.make_room(now_ms)
-            } else {
-                self.make_room(now_ms) || self.evict_own(pod)
-            };
+            let own_first = self.pods.over_share(pod, self.cfg.max_flows);
+            let room = (own_first && self.evict_own(pod))
+                || self.make_room(now_ms)
+                || (!own_first && self.evict_own(pod));
             if !room {
                 return Err(CreateError::TableFull);
             }
