@@ -5,7 +5,8 @@
 //!   `p % N == k`; nothing here ever hands out another worker's port.
 //! * Choice (RFC 6056 style): keep the inside port when it is in range,
 //!   owned and free (port preservation); otherwise a random owned free port
-//!   (random start, linear scan over the owned ports), keeping the port
+//!   (random start from a keyed PRF, [`PortRng`], then a linear scan over
+//!   the owned ports), keeping the port
 //!   class of RFC 4787 REQ-3a (below 1024 or not) as the module docs of
 //!   [`super`] describe. ICMP ids use the whole id space and have no class.
 //! * Quarantine (RFC 6888 REQ-8): with a reuse delay, a released TCP or UDP
@@ -61,10 +62,46 @@ impl Cooling {
     }
 }
 
-/// xorshift64* PRNG for port choice: cheap, deterministic from the seed.
+/// The port choice's random numbers (RFC 6056 §3.3: an off-path attacker,
+/// or a pod watching its own mappings, must not predict other ports):
+/// SipHash-1-3, a keyed pseudorandom function, over a counter, keyed from
+/// the seed (the gateway draws it from `getrandom(2)`; tests fix it). A
+/// linear generator such as xorshift gives its state away after a few
+/// outputs; a PRF's outputs say nothing of the next.
+#[derive(Debug, Clone)]
+pub(super) struct PortRng {
+    key: siphasher::sip::SipHasher13,
+    counter: u64,
+}
+
+impl PortRng {
+    pub(super) fn new(seed: u64) -> Self {
+        // Two key words from one seed (64 bits of entropy).
+        let k1 = seed.rotate_left(29) ^ 0x9E37_79B9_7F4A_7C15;
+        PortRng {
+            key: siphasher::sip::SipHasher13::new_with_keys(seed, k1),
+            counter: 0,
+        }
+    }
+
+    /// Uniform-enough value in `0..n` (`n > 0`).
+    #[inline]
+    pub(super) fn below(&mut self, n: u32) -> u32 {
+        use std::hash::Hasher;
+        self.counter += 1;
+        let mut h = self.key.clone();
+        h.write_u64(self.counter);
+        (((h.finish() >> 32) * u64::from(n)) >> 32) as u32
+    }
+}
+
+/// xorshift64* PRNG: cheap, deterministic from the seed (random test
+/// operations).
+#[cfg(test)]
 #[derive(Debug, Clone)]
 pub(super) struct XorShift(u64);
 
+#[cfg(test)]
 impl XorShift {
     pub(super) fn new(seed: u64) -> Self {
         // Zero is a fixed point of xorshift; mix the seed so any value works.
@@ -98,7 +135,7 @@ pub(super) struct Ports {
     /// In use: by a mapping, a forward, or in quarantine.
     used: [PortSet; 3],
     cooling: VecDeque<Cooling>,
-    rng: XorShift,
+    rng: PortRng,
 }
 
 impl Ports {
@@ -111,7 +148,7 @@ impl Ports {
             reuse_delay_ms: cfg.port_reuse_delay_ms,
             used: [PortSet::new(), PortSet::new(), PortSet::new()],
             cooling: VecDeque::new(),
-            rng: XorShift::new(cfg.seed),
+            rng: PortRng::new(cfg.seed),
         }
     }
 
@@ -291,7 +328,7 @@ fn owned_count(lo: u32, hi: u32, w: u32, k: u32) -> u32 {
 
 /// A random free port `p` in `lo..=hi` with `p % w == k`: random start, then
 /// a linear scan over the owned ports (RFC 6056 §3.3.2-like).
-fn pick_port(used: &PortSet, rng: &mut XorShift, lo: u32, hi: u32, w: u32, k: u32) -> Option<u16> {
+fn pick_port(used: &PortSet, rng: &mut PortRng, lo: u32, hi: u32, w: u32, k: u32) -> Option<u16> {
     let n = owned_count(lo, hi, w, k);
     if n == 0 {
         return None;
@@ -335,9 +372,34 @@ mod tests {
     }
 
     #[test]
+    fn port_rng_is_keyed_uniform_and_deterministic_per_seed() {
+        let draw = |seed| {
+            let mut r = PortRng::new(seed);
+            (0..4096).map(|_| r.below(16)).collect::<Vec<u32>>()
+        };
+        let a = draw(1);
+        assert_eq!(a, draw(1), "one seed, one sequence (tests rely on it)");
+        let b = draw(2);
+        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        assert!(same < 400, "seeds 1 and 2 agree on {same} of 4096");
+        let mut buckets = [0u32; 16];
+        for v in &a {
+            buckets[*v as usize] += 1;
+        }
+        // 256 expected each; a bad generator lands far outside.
+        assert!(
+            buckets.iter().all(|&n| (180..=340).contains(&n)),
+            "{buckets:?}"
+        );
+        let mut r = PortRng::new(9);
+        assert!((0..1000).all(|_| r.below(3) < 3));
+        assert_eq!(r.below(1), 0);
+    }
+
+    #[test]
     fn pick_port_finds_the_last_free_owned_port() {
         let mut used = PortSet::new();
-        let mut rng = XorShift::new(3);
+        let mut rng = PortRng::new(3);
         // Worker 1 of 3 in 10..=30 owns 10, 13, ..., 28; leave only 19.
         for p in (10..=30u16).filter(|p| p % 3 == 1 && *p != 19) {
             used.insert(p);
