@@ -89,7 +89,7 @@ impl PortRng {
     pub(super) fn below(&mut self, n: u32) -> u32 {
         use std::hash::Hasher;
         self.counter += 1;
-        let mut h = self.key.clone();
+        let mut h = self.key;
         h.write_u64(self.counter);
         (((h.finish() >> 32) * u64::from(n)) >> 32) as u32
     }
