@@ -62,12 +62,14 @@
 //! * No port overloading (RFC 4787 REQ-3, RFC 5382 REQ-7): an outside port
 //!   maps to at most one inside endpoint per protocol.
 //! * Port quarantine (RFC 6888 REQ-8): with `port_reuse_delay_ms > 0`, a TCP
-//!   or UDP port released by its mapping stays unusable — for every inside
-//!   endpoint, its previous owner included — for that long. Released ports
-//!   wait in a FIFO (release order = expiry order, as the delay is fixed)
-//!   that is drained at allocation and sweep time; while they wait their bit
-//!   stays set in the port set, so if only quarantined ports are left the
-//!   create fails with [`CreateError::PortsExhausted`]. ICMP ids are reused
+//!   or UDP port released by its mapping stays unusable for that long for
+//!   every other pod (inside address); its own pod takes it back only when
+//!   it is at its port share or no port is free (its oldest one first; the
+//!   `pods` part). Released ports wait in a FIFO (release order = expiry
+//!   order, as the delay is fixed) that is drained at allocation and sweep
+//!   time; while they wait their bit stays set in the port set, so if only
+//!   quarantined ports of other pods are left the create fails with
+//!   [`CreateError::PortsExhausted`]. ICMP ids are reused
 //!   at once (echo ids carry no connection state worth protecting).
 //!
 //! # Inbound packets without a session: filtering and forwards
@@ -114,9 +116,10 @@
 //! Per pod (inside address; the `pods` part's docs): at most
 //! `max_flows_per_pod` flows (those opened from outside included) and
 //! `ports_per_pod` outside ports per protocol (quarantined ones included).
-//! At either limit, or when no port is free, the pod's own oldest
-//! unreplied flow goes (for a port: one that is its mapping's only flow,
-//! whose port is then reused at once), else the create fails with
+//! At the flow limit the pod's own oldest unreplied flow goes; at the port
+//! limit, or when no port is free, the pod takes back its own oldest
+//! quarantined port, else its oldest unreplied flow that is its mapping's
+//! only one goes and its port is reused at once; else the create fails with
 //! [`CreateError::PodFlowLimit`], [`CreateError::PodPortLimit`] or
 //! [`CreateError::PortsExhausted`]. In a full table, a pod holding at least
 //! an even share (`max_flows` / pods with flows) loses its own unreplied
@@ -580,7 +583,9 @@ impl FlowTable {
         self.pods.clear_flows();
         let (ports, pods, now_ms) = (&mut self.ports, &mut self.pods, self.clock_ms);
         self.mappings.clear_dynamic(|mk, port| {
-            if !ports.release(mk.0, port, now_ms, Some(mk.1)) {
+            if ports.release(mk.0, port, now_ms, Some(mk.1)) {
+                pods.port_cooling(mk.1, mk.0);
+            } else {
                 pods.port_freed(mk.1, mk.0);
             }
         });
@@ -595,7 +600,7 @@ impl FlowTable {
         self.ports.drain_cooling(
             now_ms,
             |proto, port| mappings.owner_of(proto, port).is_some(),
-            |owner, proto| pods.port_freed(owner, proto),
+            |owner, proto| pods.cooling_ended(owner, proto),
         );
     }
 
@@ -603,7 +608,9 @@ impl FlowTable {
     /// last one of a dynamic mapping.
     fn unref_mapping(&mut self, mk: MapKey) {
         if let Some(port) = self.mappings.unref(mk) {
-            if !self.ports.release(mk.0, port, self.clock_ms, Some(mk.1)) {
+            if self.ports.release(mk.0, port, self.clock_ms, Some(mk.1)) {
+                self.pods.port_cooling(mk.1, mk.0);
+            } else {
                 self.pods.port_freed(mk.1, mk.0);
             }
         }

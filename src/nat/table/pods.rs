@@ -7,8 +7,12 @@
 //! * Ports: every dynamic mapping (one outside port or echo id) is charged
 //!   to its inside address, per protocol, and a released TCP/UDP port stays
 //!   charged while it is in quarantine (a pod that churns through ports
-//!   cannot park more than its share there). Static forwards are charged to
-//!   nobody (the operator chose them).
+//!   cannot park more than its share there). A pod at its share, or finding
+//!   no free port, takes back its own oldest quarantined port (RFC 6888
+//!   REQ-8 keeps a port from another subscriber while remotes may remember
+//!   it; these are the pod's own), so a pod opening and closing connections
+//!   fast is bounded, never starved. Static forwards are charged to nobody
+//!   (the operator chose them).
 //! * Victims: each pod keeps its flows in creation order, lazily cleaned (a
 //!   flow removed, or replied since, is skipped and dropped when met). When
 //!   the pod is at a limit, or out of ports, or the shard is full and the
@@ -44,6 +48,8 @@ struct PodUse {
     flows: u32,
     /// Per protocol ([`Proto::index`]): mappings plus quarantined ports.
     ports: [u32; 3],
+    /// Per protocol: of `ports`, those in quarantine.
+    cooling: [u32; 3],
     /// Inside keys of the pod's flows in creation order (some stale).
     order: VecDeque<InKey>,
 }
@@ -159,12 +165,49 @@ impl Pods {
     }
 
     /// A `proto` port charged to `pod` is free (released with no
-    /// quarantine, or its quarantine ended).
+    /// quarantine).
     pub(super) fn port_freed(&mut self, pod: Ipv4Addr, proto: Proto) {
         if let Entry::Occupied(mut e) = self.map.entry(pod) {
             let p = &mut e.get_mut().ports[proto.index()];
             *p = p.saturating_sub(1);
             forget_if_idle(e, &mut self.spare);
+        }
+    }
+
+    /// A `proto` port of `pod` went into quarantine (still charged).
+    pub(super) fn port_cooling(&mut self, pod: Ipv4Addr, proto: Proto) {
+        if let Some(u) = self.map.get_mut(&pod) {
+            u.cooling[proto.index()] += 1;
+        }
+    }
+
+    /// The quarantine of a `proto` port of `pod` ended (or was cut short):
+    /// the port is free.
+    pub(super) fn cooling_ended(&mut self, pod: Ipv4Addr, proto: Proto) {
+        if let Entry::Occupied(mut e) = self.map.entry(pod) {
+            let u = e.get_mut();
+            let c = &mut u.cooling[proto.index()];
+            *c = c.saturating_sub(1);
+            let p = &mut u.ports[proto.index()];
+            *p = p.saturating_sub(1);
+            forget_if_idle(e, &mut self.spare);
+        }
+    }
+
+    /// Whether `pod` has a `proto` port in quarantine.
+    #[inline]
+    pub(super) fn has_cooling(&self, pod: Ipv4Addr, proto: Proto) -> bool {
+        self.map
+            .get(&pod)
+            .is_some_and(|u| u.cooling[proto.index()] > 0)
+    }
+
+    /// `pod` took one of its own quarantined `proto` ports for a new
+    /// mapping (still charged, no longer in quarantine).
+    pub(super) fn cooling_reclaimed(&mut self, pod: Ipv4Addr, proto: Proto) {
+        if let Some(u) = self.map.get_mut(&pod) {
+            let c = &mut u.cooling[proto.index()];
+            *c = c.saturating_sub(1);
         }
     }
 
@@ -245,6 +288,12 @@ impl Pods {
     pub(super) fn ports_by_pod(&self) -> impl Iterator<Item = (Ipv4Addr, [u32; 3])> + '_ {
         self.map.iter().map(|(a, u)| (*a, u.ports))
     }
+
+    /// Every pod's quarantined ports per protocol.
+    #[cfg(test)]
+    pub(super) fn cooling_by_pod(&self) -> impl Iterator<Item = (Ipv4Addr, [u32; 3])> + '_ {
+        self.map.iter().map(|(a, u)| (*a, u.cooling))
+    }
 }
 
 /// Forgets a pod with nothing charged, keeping its emptied queue for the
@@ -320,42 +369,56 @@ impl FlowTable {
         let port = self.slab.flow(i).ext_port;
         self.remove_slot(i);
         if self.ports.recall(proto, port) {
-            self.pods.port_freed(pod, proto);
+            self.pods.cooling_ended(pod, proto);
         }
         self.stats.early_dropped += 1;
         true
     }
 
     /// The mapping of `key`'s inside endpoint, made with a new port if it
-    /// has none: at the pod's port limit, or with no free port, one of the
-    /// pod's own unreplied flows gives its port back first, else the flow
-    /// is refused.
+    /// has none: a free port of the pool while the pod is below its port
+    /// limit; else (at the limit, or no port free) one of the pod's own
+    /// quarantined ports, else the port of one of its own unreplied flows
+    /// (the only flow of its mapping), else the flow is refused.
     pub(super) fn acquire_mapping(
         &mut self,
         key: &InKey,
         ext_addr: Ipv4Addr,
     ) -> Result<(Ipv4Addr, u16), CreateError> {
         let mk = (key.proto, key.src, key.sport);
-        let fresh = !self.mappings.contains(&mk);
-        if fresh
-            && self.pods.at_port_limit(key.src, key.proto)
-            && !self.evict_for_port(key.src, key.proto)
-        {
-            return Err(CreateError::PodPortLimit);
+        let (pod, proto) = (key.src, key.proto);
+        if self.mappings.contains(&mk) {
+            let got = self.mappings.acquire(mk, ext_addr, || None);
+            return got.ok_or(CreateError::PortsExhausted);
         }
-        let mut tried_eviction = false;
-        loop {
+        let at_limit = self.pods.at_port_limit(pod, proto);
+        if !at_limit {
             let ports = &mut self.ports;
             if let Some(got) = self.mappings.acquire(mk, ext_addr, || ports.alloc(key)) {
-                if fresh {
-                    self.pods.port_taken(key.src, key.proto);
-                }
+                self.pods.port_taken(pod, proto);
                 return Ok(got);
             }
-            if tried_eviction || !self.evict_for_port(key.src, key.proto) {
-                return Err(CreateError::PortsExhausted);
-            }
-            tried_eviction = true;
         }
+        if self.pods.has_cooling(pod, proto) {
+            let ports = &mut self.ports;
+            let low = key.sport < 1024 && proto != Proto::Icmp;
+            let reclaim = || ports.reclaim(pod, proto, low);
+            if let Some(got) = self.mappings.acquire(mk, ext_addr, reclaim) {
+                self.pods.cooling_reclaimed(pod, proto);
+                return Ok(got);
+            }
+        }
+        if self.evict_for_port(pod, proto) {
+            let ports = &mut self.ports;
+            if let Some(got) = self.mappings.acquire(mk, ext_addr, || ports.alloc(key)) {
+                self.pods.port_taken(pod, proto);
+                return Ok(got);
+            }
+        }
+        Err(if at_limit {
+            CreateError::PodPortLimit
+        } else {
+            CreateError::PortsExhausted
+        })
     }
 }

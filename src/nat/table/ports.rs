@@ -241,6 +241,20 @@ impl Ports {
         }
     }
 
+    /// Takes out of quarantine the oldest `proto` port `owner` released
+    /// whose class (below 1024 or not) is `low`'s, for a new mapping of the
+    /// same pod: the bit stays set, the port is the caller's. A pod may
+    /// reuse its own quarantined ports (RFC 6888 REQ-8 guards against a
+    /// port going to another subscriber while remotes remember its old
+    /// sessions; these would be the pod's own). O(position in the FIFO);
+    /// the caller asks only when `owner` has such a port.
+    pub(super) fn reclaim(&mut self, owner: Ipv4Addr, proto: Proto, low: bool) -> Option<u16> {
+        let i = self.cooling.iter().position(|c| {
+            c.proto == proto && !c.forward && c.owner == owner && (c.port < 1024) == low
+        })?;
+        self.cooling.remove(i).map(|c| c.port)
+    }
+
     /// Takes back out of quarantine the port just released (the last one
     /// in), freeing it now; `false` if it is not the last one in. For the
     /// port of an unreplied flow its own pod evicts to reuse it: no remote

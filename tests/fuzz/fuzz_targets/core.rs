@@ -485,6 +485,17 @@ impl World {
                 c.table().len() <= c.table().config().max_flows,
                 "table over max_flows"
             );
+            let per_pod = c.table().config().max_flows_per_pod as usize;
+            if per_pod > 0 {
+                let mut flows = std::collections::HashMap::new();
+                for f in c.table().iter() {
+                    *flows.entry(f.inside.src).or_insert(0usize) += 1;
+                }
+                assert!(
+                    flows.values().all(|&n| n <= per_pod),
+                    "a pod over max_flows_per_pod: {flows:?}"
+                );
+            }
         }
         self.no_buffer_freed();
     }

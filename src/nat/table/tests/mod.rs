@@ -172,11 +172,19 @@ fn check_consistent(t: &FlowTable) {
     for (mk, _) in t.mappings.iter().filter(|(_, m)| !m.forward) {
         charged.entry(mk.1).or_default()[mk.0.index()] += 1;
     }
+    let mut cooling: hashbrown::HashMap<Ipv4Addr, [u32; 3]> = hashbrown::HashMap::new();
     for c in t.ports.cooling() {
         if let Some(owner) = c.owner() {
             charged.entry(owner).or_default()[c.proto.index()] += 1;
+            cooling.entry(owner).or_default()[c.proto.index()] += 1;
         }
     }
+    let got: hashbrown::HashMap<Ipv4Addr, [u32; 3]> = t
+        .pods
+        .cooling_by_pod()
+        .filter(|&(_, p)| p != [0; 3])
+        .collect();
+    assert_eq!(got, cooling, "quarantined ports per pod");
     let got: hashbrown::HashMap<Ipv4Addr, u32> =
         t.pods.flows_by_pod().filter(|&(_, n)| n > 0).collect();
     assert_eq!(got, flows, "flows per pod");

@@ -84,12 +84,23 @@ fn a_flood_of_one_packet_flows_never_exceeds_the_pods_share() {
     assert_eq!(t.cooling_len(), 0);
     assert_eq!(t.len(), 20);
     assert_eq!(t.stats().early_dropped, 480);
-    check_consistent(&t);
-    // Another pod gets its own full share meanwhile.
-    for i in 0..20u16 {
-        t.create(&udp(3, 10_000 + i), EXT, 600).unwrap();
+    // Closed sockets' ports wait in quarantine, charged to the pod: at
+    // most its share of them, however fast it churns.
+    for i in 0..500u16 {
+        let id = t.create(&udp(2, 30_000 + i), EXT, 700).unwrap();
+        reply(&mut t, id, 700);
+        t.remove(id);
+        let (_, ports) = t.pods.usage(Ipv4Addr::new(10, 0, 0, 2));
+        assert!(ports[Proto::Udp.index()] <= 20);
     }
-    assert_eq!(t.len(), 40);
+    assert!(t.cooling_len() <= 20, "{} ports parked", t.cooling_len());
+    check_consistent(&t);
+    // Another pod gets its own full share meanwhile (pod 2 holds 19 flows
+    // and one port in quarantine).
+    for i in 0..20u16 {
+        t.create(&udp(3, 10_000 + i), EXT, 800).unwrap();
+    }
+    assert_eq!(t.len(), 39);
     check_consistent(&t);
 }
 
@@ -110,21 +121,44 @@ fn quarantined_ports_stay_charged_to_the_pod_that_released_them() {
     t.create(&ik(Proto::Udp, 2, 5000, 10, 53), EXT, 2).unwrap();
     // Port limits are per protocol: TCP has its own share.
     t.create(&ik(Proto::Tcp, 2, 5000, 9, 80), EXT, 2).unwrap();
-    // Closing a mapping sends its port into quarantine, still charged.
+    // Closing a mapping sends its port into quarantine, still charged:
+    // the pod cannot take a fresh port, but may take its own back.
+    let b_port = t.get(b).ext_port;
     t.remove(b);
     assert_eq!(t.cooling_len(), 1);
+    check_consistent(&t);
+    let c = t.create(&udp(2, 5002), EXT, 3).unwrap();
+    assert_eq!(t.get(c).ext_port, b_port);
+    assert_eq!(t.cooling_len(), 0);
+    check_consistent(&t);
+    // Its own quarantined ports only: another pod's are not reclaimed.
+    let mut u = limited(100, 0, 1, D);
+    let x = u.create(&udp(3, 6000), EXT, 0).unwrap();
+    u.remove(x);
+    let y = u.create(&udp(2, 6000), EXT, 1).unwrap();
+    assert_ne!(u.get(y).ext_port, 6000, "another pod's port in quarantine");
+    reply(&mut u, y, 1);
     assert_eq!(
-        t.create(&udp(2, 5002), EXT, 3),
+        u.create(&udp(2, 6001), EXT, 2),
         Err(CreateError::PodPortLimit)
     );
-    check_consistent(&t);
-    // Once the quarantine ends the pod may map a port again.
-    t.create(&udp(2, 5002), EXT, D + 10).unwrap();
-    assert_eq!(t.cooling_len(), 0);
+    // Once its quarantine ends the port is free for anyone.
+    u.remove(y);
+    u.create(&udp(3, 6000), EXT, D + 10).unwrap();
+    check_consistent(&u);
+    // A pod whose ports all cool down keeps getting its own back, at any
+    // rate: a client opening and closing connections is never starved.
+    t.remove(c);
+    for i in 0..1000u16 {
+        let id = t.create(&udp(2, 20_000 + i), EXT, D + 20).unwrap();
+        reply(&mut t, id, D + 20);
+        t.remove(id);
+    }
+    assert!(t.cooling_len() <= 2);
     check_consistent(&t);
     // A replied flow of a single-flow mapping is never evicted for a port.
     let (flows, _) = t.pods.usage(Ipv4Addr::new(10, 0, 0, 2));
-    assert_eq!(flows, 4);
+    assert_eq!(flows, 3);
     assert_eq!(t.stats().early_dropped, 0);
 }
 
