@@ -116,10 +116,11 @@
 //! Per pod (inside address; the `pods` part's docs): at most
 //! `max_flows_per_pod` flows (those opened from outside included) and
 //! `ports_per_pod` outside ports per protocol (quarantined ones included).
-//! At the flow limit the pod's own oldest unreplied flow goes; at the port
-//! limit, or when no port is free, the pod takes back its own oldest
-//! quarantined port, else its oldest unreplied flow that is its mapping's
-//! only one goes and its port is reused at once; else the create fails with
+//! At the flow limit the pod's own oldest unreplied flow or closed TCP
+//! connection (RST, or FIN both ways) goes; at the port limit, or when no
+//! port is free, the pod takes back its own oldest quarantined port, else
+//! its oldest such flow that is its mapping's only one goes and its port is
+//! reused at once; else the create fails with
 //! [`CreateError::PodFlowLimit`], [`CreateError::PodPortLimit`] or
 //! [`CreateError::PortsExhausted`]. In a full table, a pod holding at least
 //! an even share (`max_flows` / pods with flows) loses its own unreplied

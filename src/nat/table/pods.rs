@@ -14,10 +14,12 @@
 //!   fast is bounded, never starved. Static forwards are charged to nobody
 //!   (the operator chose them).
 //! * Victims: each pod keeps its flows in creation order, lazily cleaned (a
-//!   flow removed, or replied since, is skipped and dropped when met). When
+//!   flow removed, or an answered UDP/ICMP flow, is dropped when met). When
 //!   the pod is at a limit, or out of ports, or the shard is full and the
-//!   pod holds at least an even share of it, the pod's oldest unreplied
-//!   flow goes first; a replied flow is never chosen. The queue is compacted (stale and repeated entries dropped)
+//!   pod holds at least an even share of it, the pod's oldest evictable
+//!   flow goes first: unreplied, or a TCP connection that is over (RST, or
+//!   FIN both ways, kept by RFC 7857 only against late segments). An
+//!   answered UDP/ICMP flow or an open TCP connection is never chosen. The queue is compacted (stale and repeated entries dropped)
 //!   once it holds more than twice the pod's live flows plus 16, so it
 //!   stays within a constant factor of them at O(1) amortized cost.
 //!
@@ -25,7 +27,7 @@
 //! chooses; the facade removes.
 
 use super::slab::Slab;
-use super::types::{CreateError, InKey, Proto};
+use super::types::{CreateError, Flow, FlowState, InKey, Proto, TcpState};
 use super::FlowTable;
 use crate::nat::hash::Keyed;
 use hashbrown::hash_map::Entry;
@@ -127,7 +129,8 @@ impl Pods {
             // Keep each live unreplied flow once (a key that died and came
             // back has older entries too), oldest first.
             let mut seen = hashbrown::HashSet::with_capacity(u.flows as usize);
-            u.order.retain(|k| candidate(slab, k) && seen.insert(*k));
+            u.order
+                .retain(|k| slab.find(k).is_some_and(|i| kept(slab.flow(i))) && seen.insert(*k));
         }
     }
 
@@ -211,11 +214,15 @@ impl Pods {
         }
     }
 
-    /// The slot of `pod`'s oldest unreplied flow, or with `frees_port` the
-    /// oldest unreplied `proto` flow among the next [`PORT_VICTIM_SCAN`]
-    /// that is its mapping's only flow (`only_flow` says), so that removing
-    /// it gives a port back. Stale entries met at the front are dropped;
-    /// the victim's entry is taken out.
+    /// The slot of `pod`'s oldest evictable flow (unreplied, or a TCP
+    /// connection that is over: RST seen, or FIN both ways), or with
+    /// `frees_port` the oldest evictable `proto` flow that is its mapping's
+    /// only flow (`only_flow` says), so that removing it gives a port back.
+    /// Looks at most at [`PORT_VICTIM_SCAN`] live entries from the front of
+    /// the queue: dead ones are dropped on the way, live ones that do not
+    /// fit go to the back (an open TCP connection may close later), so the
+    /// cost per call is bounded and repeated calls cover the whole queue.
+    /// The victim's entry is taken out.
     pub(super) fn victim(
         &mut self,
         pod: Ipv4Addr,
@@ -224,30 +231,24 @@ impl Pods {
         only_flow: impl Fn(&InKey) -> bool,
     ) -> Option<usize> {
         let u = self.map.get_mut(&pod)?;
-        while let Some(k) = u.order.front() {
-            if candidate(slab, k) {
-                break;
-            }
-            u.order.pop_front();
-        }
-        let mut j = 0;
         let mut seen = 0;
-        while j < u.order.len() && seen < PORT_VICTIM_SCAN {
-            let k = u.order[j];
-            if !candidate(slab, &k) {
-                u.order.remove(j);
-                continue;
-            }
-            seen += 1;
+        while seen < PORT_VICTIM_SCAN {
+            let k = u.order.pop_front()?;
+            let Some(i) = slab.find(&k) else {
+                continue; // removed since: each dead entry is dropped once
+            };
+            let f = slab.flow(i);
             let fits = match frees_port {
                 None => true,
                 Some(proto) => k.proto == proto && only_flow(&k),
             };
-            if fits {
-                u.order.remove(j);
-                return slab.find(&k);
+            if evictable(f) && fits {
+                return Some(i);
             }
-            j += 1;
+            if kept(f) {
+                u.order.push_back(k);
+            }
+            seen += 1;
         }
         None
     }
@@ -312,10 +313,24 @@ fn forget_if_idle(
     }
 }
 
-/// Whether `k` names a live flow that has not been replied to.
+/// Whether a pod's own new flow may push `f` out: no answer yet, or a
+/// TCP connection that is over (RST, or FIN both ways; RFC 7857 keeps
+/// those only for the transitory timeout, against late segments). An
+/// answered UDP or ICMP flow and an open TCP connection never go.
 #[inline]
-fn candidate(slab: &Slab, k: &InKey) -> bool {
-    slab.find(k).is_some_and(|i| !slab.flow(i).replied)
+fn evictable(f: &Flow) -> bool {
+    !f.replied
+        || matches!(
+            f.state,
+            FlowState::Tcp(TcpState::Closed) | FlowState::Tcp(TcpState::Closing)
+        )
+}
+
+/// Whether `f` stays in its pod's queue: evictable now, or a TCP
+/// connection that may close later.
+#[inline]
+fn kept(f: &Flow) -> bool {
+    evictable(f) || matches!(f.state, FlowState::Tcp(_))
 }
 
 impl FlowTable {

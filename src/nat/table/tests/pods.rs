@@ -323,3 +323,80 @@ fn the_victim_queue_stays_bounded_under_churn() {
     }
     check_consistent(&t);
 }
+
+#[test]
+fn a_pod_churning_short_connections_gives_up_its_closed_ones_first() {
+    // Connections closed by RST (or FIN both ways) keep their flow and
+    // mapping for the transitory timeout (RFC 7857); a pod opening them
+    // faster than its limits allow over that time pushes out its own
+    // closed ones, never an open one.
+    for (flows, ports) in [(100, 0), (0, 50), (100, 50)] {
+        let mut t = FlowTable::new(TableConfig {
+            max_flows_per_pod: flows,
+            ports_per_pod: ports,
+            port_reuse_delay_ms: 120_000,
+            ..cfg(0, 1, 1024, 65535, 10_000)
+        });
+        // Ten long-lived connections first, at the front of its queue.
+        let open: Vec<FlowId> = (0..10u16)
+            .map(|i| {
+                let id = t
+                    .create(&ik(Proto::Tcp, 2, 2000 + i, 9, 443), EXT, 0)
+                    .unwrap();
+                acc(&mut t, id, Direction::In2Out, SYN, 60, 0);
+                acc(&mut t, id, Direction::Out2In, SYNACK, 60, 0);
+                acc(&mut t, id, Direction::In2Out, ACK, 60, 0);
+                id
+            })
+            .collect();
+        for i in 0..2000u16 {
+            let now = u64::from(i);
+            let k = ik(Proto::Tcp, 2, 30_000 + i, 9, 80);
+            let id = t
+                .create(&k, EXT, now)
+                .unwrap_or_else(|e| panic!("{i}: {e:?}"));
+            acc(&mut t, id, Direction::In2Out, SYN, 60, now);
+            acc(&mut t, id, Direction::Out2In, SYNACK, 60, now);
+            acc(&mut t, id, Direction::In2Out, ACK, 60, now);
+            if i % 2 == 0 {
+                acc(&mut t, id, Direction::In2Out, RST, 60, now);
+            } else {
+                acc(&mut t, id, Direction::In2Out, FINACK, 60, now);
+                acc(&mut t, id, Direction::Out2In, FINACK, 60, now);
+            }
+        }
+        for &id in &open {
+            assert_eq!(tcp_state(&t, id), TcpState::Established, "{flows}/{ports}");
+        }
+        let (held, p) = t.pods.usage(Ipv4Addr::new(10, 0, 0, 2));
+        assert!(flows == 0 || held <= flows);
+        assert!(ports == 0 || p[Proto::Tcp.index()] <= ports);
+        check_consistent(&t);
+        // Only open connections left: refused, none of them evicted.
+        let limit = [flows, ports].into_iter().filter(|&l| l > 0).min().unwrap();
+        t.remove_where(|f| f.inside.sport >= 30_000);
+        for i in 0..limit as u16 - 10 {
+            let id = t
+                .create(&ik(Proto::Tcp, 2, 40_000 + i, 9, 80), EXT, 5000)
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{flows}/{ports} {i}: {e:?} {:?} cooling {}",
+                        t.pods.usage(Ipv4Addr::new(10, 0, 0, 2)),
+                        t.cooling_len()
+                    )
+                });
+            acc(&mut t, id, Direction::In2Out, SYN, 60, 5000);
+            acc(&mut t, id, Direction::Out2In, SYNACK, 60, 5000);
+        }
+        t.expire(5000 + 120_000, usize::MAX);
+        let refused = t.create(&ik(Proto::Tcp, 2, 50_000, 9, 80), EXT, 5000 + 120_000);
+        assert!(
+            matches!(
+                refused,
+                Err(CreateError::PodFlowLimit | CreateError::PodPortLimit)
+            ),
+            "{refused:?}"
+        );
+        check_consistent(&t);
+    }
+}
