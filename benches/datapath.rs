@@ -56,6 +56,8 @@ fn table(max_flows: usize, filtering: Filtering) -> FlowTable {
         port_first: 1024,
         port_last: 65535,
         max_flows,
+        max_flows_per_pod: 0,
+        ports_per_pod: 0,
         timeouts: Timeouts {
             tcp_established_ms: 7_440_000,
             tcp_transitory_ms: 240_000,

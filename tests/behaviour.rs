@@ -60,6 +60,7 @@ over_both_uplinks!(
     hairpin_between_pods_through_a_mapping,
     icmp_error_about_a_hairpinned_packet_goes_back_to_the_sender,
     fragmented_udp_routed_pod_to_pod_and_hairpinned_through_a_forward,
+    a_pod_at_its_limits_is_refused_while_another_pods_flows_keep_working,
 );
 
 /// A lab whose external namespace routes to a far host over a `link_mtu` link.
@@ -827,4 +828,141 @@ fn fragmented_udp_routed_pod_to_pod_and_hairpinned_through_a_forward() {
     assert!(s.get(Counter::FragmentsTranslated) >= 18, "{report}");
     assert!(s.get(Counter::Hairpinned) >= 9, "{report}");
     assert_eq!(s.get(Counter::DropFragmentTimeout), 0, "{report}");
+}
+
+fn a_pod_at_its_limits_is_refused_while_another_pods_flows_keep_working() {
+    if !root() {
+        return;
+    }
+    use std::net::UdpSocket;
+    use std::time::Instant;
+    use tapnat::lab::POD2_IP;
+    const FLOWS: usize = 30;
+    const PORTS: u32 = 20;
+    let (mut lab, gw) = start("podlimit", |c| {
+        // One worker: its shares are the whole limits.
+        c.workers.threads = 1;
+        c.nat.max_flows_per_pod = FLOWS;
+        c.nat.ports_per_pod = PORTS;
+    });
+    lab.add_pod2("podlimit", "tapnat0").unwrap();
+    let pod2 = lab.pod2.as_ref().unwrap();
+    // A UDP echo server outside, bounded in time.
+    let echo = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 7001));
+    echo.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let echo_stop = stop.clone();
+    let echo_thread = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut b = [0u8; 64];
+        while !echo_stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            if let Ok((n, from)) = echo.recv_from(&mut b) {
+                let _ = echo.send_to(&b[..n], from);
+            }
+        }
+    });
+    let echo_to = SocketAddrV4::new(SERVER_IP, 7001);
+    let echo_once = |s: &UdpSocket| -> bool {
+        let mut b = [0u8; 8];
+        s.send_to(b"ping", echo_to).unwrap();
+        matches!(s.recv_from(&mut b), Ok((4, _)))
+    };
+    let listener = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 7000));
+    let accept = || {
+        let (s, from) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (s, from)
+    };
+    // Pod B's connection, established before pod A starts.
+    let mut b_conn = tcp_connect(pod2, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+    let (mut b_srv, _) = accept();
+    b_conn.write_all(b"b").unwrap();
+    let mut byte = [0u8; 1];
+    b_srv.read_exact(&mut byte).unwrap();
+    // Pod A: PORTS answered TCP connections take its share of TCP ports.
+    let a_conns: Vec<_> = (0..PORTS)
+        .map(|_| {
+            let c = tcp_connect(&lab.pod, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+            (c, accept())
+        })
+        .collect();
+    // One more needs a port it may not have, and none of its flows is
+    // unanswered: refused.
+    let refused = lab
+        .pod
+        .run(move || {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddrV4::new(SERVER_IP, 7000).into(),
+                Duration::from_millis(1500),
+            )
+        })
+        .unwrap();
+    assert!(refused.is_err(), "a connection past ports_per_pod");
+    assert!(gw.stats().get(Counter::DropPodPortLimit) >= 1);
+    // Answered UDP flows up to its flow limit (UDP has its own ports).
+    let a_udp: Vec<UdpSocket> = (PORTS as usize..FLOWS)
+        .map(|_| {
+            let s = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 0));
+            assert!(echo_once(&s), "a flow below the limit");
+            s
+        })
+        .collect();
+    // Pod A now creates flows as fast as it can: a fresh socket per
+    // datagram, bounded in count and time. Every one is refused.
+    let flood = lab
+        .pod
+        .run(|| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut sent = 0u32;
+            while sent < 2000 && Instant::now() < deadline {
+                let s = UdpSocket::bind(SocketAddrV4::new(POD_IP, 0)).unwrap();
+                s.send_to(b"flood", SocketAddrV4::new(SERVER_IP, 7001))
+                    .unwrap();
+                sent += 1;
+            }
+            sent
+        })
+        .unwrap();
+    let want = u64::from(flood) * 9 / 10;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.stats().get(Counter::DropPodFlowLimit) < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = gw.stats();
+    assert!(
+        st.get(Counter::DropPodFlowLimit) >= want,
+        "{flood} sent: {}",
+        tapnat::ops::report::stats(&st)
+    );
+    eprintln!(
+        "flood: {flood} datagrams from fresh sockets; {}",
+        tapnat::ops::report::stats(&st)
+    );
+    // It never holds more than its share.
+    let a_flows = gw.flows().iter().filter(|f| f.inside.src == POD_IP).count();
+    assert_eq!(a_flows, FLOWS);
+    // Its own flows still work.
+    assert!(echo_once(&a_udp[0]));
+    // Pod B's established connection works, and its new flows succeed.
+    b_conn.write_all(b"c").unwrap();
+    b_srv.read_exact(&mut byte).unwrap();
+    assert_eq!(&byte, b"c");
+    let mut b_new = tcp_connect(pod2, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+    let (mut b_new_srv, from) = accept();
+    assert_eq!(from.ip(), std::net::IpAddr::V4(GATEWAY_UPLINK_IP));
+    b_new.write_all(b"d").unwrap();
+    b_new_srv.read_exact(&mut byte).unwrap();
+    for _ in 0..5 {
+        let s = udp_in(pod2, SocketAddrV4::new(POD2_IP, 0));
+        assert!(echo_once(&s), "pod B's new UDP flow");
+    }
+    // The refusals show in `tapnat stats`, per reason.
+    let report = tapnat::ops::report::stats(&gw.stats());
+    for counter in ["drop_pod_flow_limit", "drop_pod_port_limit"] {
+        assert!(report.contains(counter), "{report}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    echo_thread.join().unwrap();
+    drop(a_conns);
 }

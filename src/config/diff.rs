@@ -11,6 +11,8 @@ pub const LIVE_KEYS: &[&str] = &[
     "masquerade",
     "forward",
     "nat.max_flows",
+    "nat.max_flows_per_pod",
+    "nat.ports_per_pod",
     "nat.timeouts.tcp_established",
     "nat.timeouts.tcp_transitory",
     "nat.timeouts.udp",
@@ -44,6 +46,14 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         ("forward", o.forward != n.forward),
         ("nat.ports", o.nat.ports != n.nat.ports),
         ("nat.max_flows", o.nat.max_flows != n.nat.max_flows),
+        (
+            "nat.max_flows_per_pod",
+            o.nat.max_flows_per_pod != n.nat.max_flows_per_pod,
+        ),
+        (
+            "nat.ports_per_pod",
+            o.nat.ports_per_pod != n.nat.ports_per_pod,
+        ),
         (
             "nat.timeouts.tcp_established",
             ot.tcp_established != nt.tcp_established,
@@ -165,6 +175,12 @@ mod tests {
                 true,
             ),
             ("[log]\ndestinations = true\n", "log.destinations", true),
+            (
+                "[nat]\nmax_flows_per_pod = 10\n",
+                "nat.max_flows_per_pod",
+                true,
+            ),
+            ("[nat]\nports_per_pod = 0\n", "nat.ports_per_pod", true),
             (
                 "[[masquerade]]\nsource = \"10.244.0.0/17\"\n",
                 "masquerade",

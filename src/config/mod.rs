@@ -219,6 +219,11 @@ pub struct Timeouts {
 pub struct NatConfig {
     pub ports: PortRange,
     pub max_flows: usize,
+    /// Most flows one pod (inside address) holds at once; 0 = no limit.
+    pub max_flows_per_pod: usize,
+    /// Most outside ports (per protocol) one pod holds at once, in
+    /// mappings or quarantine; 0 = no limit.
+    pub ports_per_pod: u32,
     pub timeouts: Timeouts,
     pub filtering: Filtering,
     /// ICMP errors the gateway itself sends, per second; 0 = unlimited.

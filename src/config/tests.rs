@@ -45,6 +45,8 @@ pub(super) fn expected_default() -> Config {
                 last: 65535,
             },
             max_flows: 262_144,
+            max_flows_per_pod: 16_384,
+            ports_per_pod: 4096,
             timeouts: Timeouts {
                 tcp_established: Duration::from_secs(7440),
                 tcp_transitory: Duration::from_secs(240),
@@ -241,6 +243,8 @@ fn every_scalar_key_is_settable_from_env() {
         ("pod.mtu", "1400"),
         ("uplink.mtu", "1400"),
         ("nat.max_flows", "10"),
+        ("nat.max_flows_per_pod", "5"),
+        ("nat.ports_per_pod", "0"),
         ("nat.icmp_errors_per_sec", "0"),
         ("nat.icmp_errors_burst", "7"),
         ("nat.fragments_max", "0"),
@@ -298,6 +302,7 @@ fn every_scalar_key_is_settable_from_env() {
     assert_ne!(c.uplink, d.uplink);
     assert_ne!(c.nat.ports, d.nat.ports);
     assert_ne!(c.nat.max_flows, d.nat.max_flows);
+    assert_eq!((c.nat.max_flows_per_pod, c.nat.ports_per_pod), (5, 0));
     assert_eq!(c.nat.timeouts.icmp, Duration::from_secs(120));
     assert_eq!(c.nat.timeouts.fragment, Duration::from_secs(5));
     assert_eq!(c.nat.filtering, Filtering::AddressAndPort);

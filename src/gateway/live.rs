@@ -137,6 +137,19 @@ impl Observer {
         }
     }
 
+    /// Every worker takes its share of the per-pod limits (`/ N` rounded
+    /// up; 0 = no limit), for new flows and mappings from now on.
+    pub fn set_pod_limits(&self, max_flows_per_pod: usize, ports_per_pod: u32) {
+        let n = self.workers.len().max(1);
+        let flows = super::start::pod_share(max_flows_per_pod, n);
+        let ports = super::start::pod_share(ports_per_pod as usize, n);
+        for (k, w) in self.workers.iter().enumerate() {
+            if w.send(WorkerMsg::PodLimits(flows, ports)).is_ok() {
+                self.shared.wakers[k].wake();
+            }
+        }
+    }
+
     /// Removes the forwarded ports `remove` (with their flows) and adds
     /// `add` in every worker's table, all or nothing (module docs); then
     /// steers with `addressing`, whose `forward_targets` must describe the

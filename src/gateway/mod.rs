@@ -84,6 +84,9 @@ pub enum WorkerMsg {
     Addressing(Arc<Addressing>),
     /// The flow table's limits changed at run time (a reload).
     Limits(live::TableLimits),
+    /// The per-pod limits changed at run time: this worker's shares of
+    /// `nat.max_flows_per_pod` and `nat.ports_per_pod`.
+    PodLimits(u32, u32),
 }
 
 /// To the control thread.

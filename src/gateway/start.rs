@@ -69,12 +69,10 @@ fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
+/// Seeds the port choice (RFC 6056: unpredictable outside ports) and the
+/// local stack from the operating system's randomness.
 fn seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    t ^ (u64::from(std::process::id()) << 32)
+    crate::nat::hash::os_random_u64()
 }
 
 pub(super) fn start(
@@ -335,6 +333,12 @@ impl Shared {
     }
 }
 
+/// One worker's share of a per-pod limit (0 = none stays none): the limit
+/// `/ n` rounded up, so the pod's total across workers is at least it.
+pub(crate) fn pod_share(limit: usize, n: usize) -> u32 {
+    limit.div_ceil(n.max(1)).min(u32::MAX as usize) as u32
+}
+
 /// The flow table of worker `k` of `n`, with the port forwards it owns.
 fn flow_table(config: &Config, k: usize, n: usize, seed: u64) -> Result<FlowTable, GatewayError> {
     let t = &config.nat.timeouts;
@@ -344,6 +348,8 @@ fn flow_table(config: &Config, k: usize, n: usize, seed: u64) -> Result<FlowTabl
         port_first: config.nat.ports.first,
         port_last: config.nat.ports.last,
         max_flows: config.nat.max_flows.div_ceil(n),
+        max_flows_per_pod: pod_share(config.nat.max_flows_per_pod, n),
+        ports_per_pod: pod_share(config.nat.ports_per_pod as usize, n),
         timeouts: Timeouts {
             tcp_established_ms: ms(t.tcp_established),
             tcp_transitory_ms: ms(t.tcp_transitory),

@@ -178,6 +178,12 @@ drops {
     DropTableFull = "drop_table_full",
     /// No outside port left in this worker's slice.
     DropPortsExhausted = "drop_ports_exhausted",
+    /// A new flow of a pod at `nat.max_flows_per_pod` with no unreplied
+    /// flow of its own to give up.
+    DropPodFlowLimit = "drop_pod_flow_limit",
+    /// A new mapping of a pod at `nat.ports_per_pod` with no unreplied flow
+    /// of its own whose port could go.
+    DropPodPortLimit = "drop_pod_port_limit",
     /// The next hop did not answer ARP in time.
     DropNeighbourUnresolved = "drop_neighbour_unresolved",
     /// The owning worker's hand-off queue was full.

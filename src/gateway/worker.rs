@@ -214,6 +214,9 @@ impl Worker {
                     .set_limits(l.max_flows, l.timeouts, l.filtering);
                 self.core.set_icmp_limit(l.icmp_limit);
             }
+            WorkerMsg::PodLimits(flows, ports) => {
+                self.core.table_mut().set_pod_limits(flows, ports);
+            }
         }
     }
 

@@ -35,6 +35,8 @@
 //! * `ports`: the worker's port slice, port choice and the quarantine.
 //! * `tcp`: the TCP state machine and the RST validation.
 //! * `expiry`: timeouts, the sweep cursor and the early-drop choice.
+//! * `pods`: what each inside address (pod) holds, its limits, and which
+//!   of its own flows go first.
 //!
 //! # Counters
 //!
@@ -71,12 +73,14 @@
 //! * No port overloading (RFC 4787 REQ-3, RFC 5382 REQ-7): an outside port
 //!   maps to at most one inside endpoint per protocol.
 //! * Port quarantine (RFC 6888 REQ-8): with `port_reuse_delay_ms > 0`, a TCP
-//!   or UDP port released by its mapping stays unusable — for every inside
-//!   endpoint, its previous owner included — for that long. Released ports
-//!   wait in a FIFO (release order = expiry order, as the delay is fixed)
-//!   that is drained at allocation and sweep time; while they wait their bit
-//!   stays set in the port set, so if only quarantined ports are left the
-//!   create fails with [`CreateError::PortsExhausted`]. ICMP ids are reused
+//!   or UDP port released by its mapping stays unusable for that long for
+//!   every other pod (inside address); its own pod takes it back only when
+//!   it is at its port share or no port is free (its oldest one first; the
+//!   `pods` part). Released ports wait in a FIFO (release order = expiry
+//!   order, as the delay is fixed) that is drained at allocation and sweep
+//!   time; while they wait their bit stays set in the port set, so if only
+//!   quarantined ports of other pods are left the create fails with
+//!   [`CreateError::PortsExhausted`]. ICMP ids are reused
 //!   at once (echo ids carry no connection state worth protecting).
 //!
 //! # Inbound packets without a session: filtering and forwards
@@ -120,6 +124,19 @@
 //! the responder (the side that did not open the flow) has sent a packet,
 //! so a SYN flood from either side only ever evicts its own kind.
 //!
+//! Per pod (inside address; the `pods` part's docs): at most
+//! `max_flows_per_pod` flows (those opened from outside included) and
+//! `ports_per_pod` outside ports per protocol (quarantined ones included).
+//! At the flow limit the pod's own oldest unreplied flow or closed TCP
+//! connection (RST, or FIN both ways) goes; at the port limit, or when no
+//! port is free, the pod takes back its own oldest quarantined port, else
+//! its oldest such flow that is its mapping's only one goes and its port is
+//! reused at once; else the create fails with
+//! [`CreateError::PodFlowLimit`], [`CreateError::PodPortLimit`] or
+//! [`CreateError::PortsExhausted`]. In a full table, a pod holding at least
+//! an even share (`max_flows` / pods with flows) loses its own unreplied
+//! flows before early drop is tried; a pod below it tries early drop first.
+//!
 //! # TCP state machine
 //!
 //! Driven by the SYN/ACK/FIN/RST flags of segments, from the initiator's
@@ -157,12 +174,15 @@
 //! (a packed `u64` and its control byte) per distinct (mapping, remote
 //! address). The slab never shrinks: its length is the high-water mark of
 //! live flows. The quarantine FIFO holds at most one 16-byte entry per
-//! TCP/UDP port.
+//! TCP/UDP port. Per pod with anything charged: one map entry (about 56
+//! bytes) and its victim queue, one 14-byte inside key per flow (at most
+//! 2 x its flows + 16 before it is compacted).
 
 mod expiry;
 mod filter;
 mod live;
 mod mappings;
+mod pods;
 mod ports;
 mod slab;
 mod tcp;
@@ -180,6 +200,7 @@ pub use types_events::{EndReason, TableEvent, JOURNAL_MAX};
 use expiry::{Sweep, Victim};
 use filter::Filter;
 use mappings::{MapKey, Mappings};
+use pods::Pods;
 use ports::Ports;
 use slab::{tag, Slab};
 use std::fmt;
@@ -192,6 +213,7 @@ pub struct FlowTable {
     mappings: Mappings,
     filter: Filter,
     ports: Ports,
+    pods: Pods,
     sweep: Sweep,
     /// Latest `now_ms` seen (for calls without one, like `remove`).
     clock_ms: u64,
@@ -250,6 +272,7 @@ impl FlowTable {
             mappings: Mappings::new(cfg.workers, map_cap),
             filter: Filter::new(cfg.filtering),
             ports: Ports::new(&cfg),
+            pods: Pods::new(cfg.max_flows_per_pod, cfg.ports_per_pod),
             sweep: Sweep::default(),
             clock_ms: 0,
             stats: TableStats::default(),
@@ -357,22 +380,11 @@ impl FlowTable {
             }
         }
         self.tick(now_ms);
-        if self.slab.len() >= self.cfg.max_flows && !self.make_room(now_ms) {
-            return Err(CreateError::TableFull);
-        }
+        self.admit(key.src, now_ms)?;
         self.end_quarantines(now_ms);
-        let ports = &mut self.ports;
-        let mut allocated = false;
-        let Some((ext_addr, ext_port)) =
-            self.mappings
-                .acquire((key.proto, key.src, key.sport), ext_addr, || {
-                    allocated = true;
-                    ports.alloc(key)
-                })
-        else {
-            return Err(CreateError::PortsExhausted);
-        };
-        if allocated && self.recording {
+        let existed = self.recording && self.mappings.contains(&(key.proto, key.src, key.sport));
+        let (ext_addr, ext_port) = self.acquire_mapping(key, ext_addr)?;
+        if self.recording && !existed {
             self.note(TableEvent::MappingNew {
                 proto: key.proto,
                 inside: (key.src, key.sport),
@@ -433,9 +445,12 @@ impl FlowTable {
         self.tick(now_ms);
         // Pin the mapping so that making room cannot release it.
         self.mappings.pin(&mk);
-        if self.slab.len() >= self.cfg.max_flows && !self.make_room(now_ms) {
+        if let Err(e) = self.admit(inside.src, now_ms) {
             self.unref_mapping(mk);
-            return Err(InboundError::TableFull);
+            return Err(match e {
+                CreateError::PodFlowLimit => InboundError::PodFlowLimit,
+                _ => InboundError::TableFull,
+            });
         }
         Ok(self.insert_flow(inside, m.ext_addr, m.ext_port, tag::ORIGIN_OUT, now_ms))
     }
@@ -466,6 +481,7 @@ impl FlowTable {
             bytes_out2in: 0,
         };
         let i = self.slab.insert(flow, tag::LIVE | origin);
+        self.pods.flow_added(inside, &self.slab);
         // No overloading means out keys are unique: two inside endpoints
         // never share (proto, ext port), and one endpoint's flows differ in
         // (remote, rport).
@@ -608,9 +624,15 @@ impl FlowTable {
         }
         self.slab.clear();
         self.filter.clear();
-        let (ports, now_ms) = (&mut self.ports, self.clock_ms);
-        self.mappings
-            .clear_dynamic(|proto, port| ports.release(proto, port, now_ms));
+        self.pods.clear_flows();
+        let (ports, pods, now_ms) = (&mut self.ports, &mut self.pods, self.clock_ms);
+        self.mappings.clear_dynamic(|mk, port| {
+            if ports.release(mk.0, port, now_ms, Some(mk.1)) {
+                pods.port_cooling(mk.1, mk.0);
+            } else {
+                pods.port_freed(mk.1, mk.0);
+            }
+        });
         self.sweep.set(0);
     }
 
@@ -618,10 +640,12 @@ impl FlowTable {
     /// none is). A forward added meanwhile keeps its port.
     #[inline]
     fn end_quarantines(&mut self, now_ms: u64) {
-        let mappings = &self.mappings;
-        self.ports.drain_cooling(now_ms, |proto, port| {
-            mappings.owner_of(proto, port).is_some()
-        });
+        let (mappings, pods) = (&self.mappings, &mut self.pods);
+        self.ports.drain_cooling(
+            now_ms,
+            |proto, port| mappings.owner_of(proto, port).is_some(),
+            |owner, proto| pods.cooling_ended(owner, proto),
+        );
     }
 
     /// Drops one flow of a mapping, giving its port back if that was the
@@ -632,7 +656,11 @@ impl FlowTable {
             false => None,
         };
         if let Some(port) = self.mappings.unref(mk) {
-            self.ports.release(mk.0, port, self.clock_ms);
+            if self.ports.release(mk.0, port, self.clock_ms, Some(mk.1)) {
+                self.pods.port_cooling(mk.1, mk.0);
+            } else {
+                self.pods.port_freed(mk.1, mk.0);
+            }
             if let Some(addr) = ext_addr {
                 self.note(TableEvent::MappingEnd {
                     proto: mk.0,
@@ -643,8 +671,6 @@ impl FlowTable {
         }
     }
 
-    /// Removes slot `i` as an operator's flush does (the parts that remove
-    /// flows for other reasons name them: [`FlowTable::remove_slot_for`]).
     /// Removes every flow translated to `addr` (the outside address went
     /// away: a new DHCP lease, or none), releasing their mappings as
     /// [`FlowTable::remove`] does; events record [`EndReason::AddressChange`].
@@ -658,12 +684,15 @@ impl FlowTable {
         victims.len()
     }
 
+    /// Removes slot `i` as an operator's flush does (the parts that remove
+    /// flows for other reasons name them: [`FlowTable::remove_slot_for`]).
     fn remove_slot(&mut self, i: usize) {
         self.remove_slot_for(i, EndReason::Flush);
     }
 
     fn remove_slot_for(&mut self, i: usize, why: EndReason) {
         let f = self.slab.remove(i);
+        self.pods.flow_removed(f.inside.src);
         self.filter
             .session_removed(f.inside.proto, f.ext_port, f.inside.dst);
         if self.recording {

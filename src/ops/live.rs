@@ -299,7 +299,7 @@ impl Live {
     /// restart refuses the whole reload, as does a forward set the tables
     /// cannot take; otherwise forwards (the file's set replaces the running
     /// one, run-time additions included), masquerade rules, timeouts,
-    /// filtering, the ICMP error limits and `max_flows` take their new
+    /// filtering, the ICMP error limits, `max_flows` and the per-pod limits take their new
     /// values.
     pub fn reload(&self, new: Config) -> Result<Reloaded, ReloadRefused> {
         let mut st = self.state();
@@ -341,6 +341,10 @@ impl Live {
                 table_filtering(n.filtering),
                 (n.icmp_errors_per_sec, n.icmp_errors_burst),
             );
+        }
+        if (n.max_flows_per_pod, n.ports_per_pod) != (o.max_flows_per_pod, o.ports_per_pod) {
+            self.observer
+                .set_pod_limits(n.max_flows_per_pod, n.ports_per_pod);
         }
         if new.masquerade != st.config.masquerade {
             let mut a = (*st.addressing).clone();

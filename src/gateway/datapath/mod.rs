@@ -34,6 +34,7 @@ mod translate;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use crate::nat::hash::Keyed;
 use hashbrown::HashMap;
 use smoltcp::wire::EthernetAddress;
 
@@ -189,7 +190,7 @@ pub struct Core {
     c: Arc<Counters>,
     /// Next-hop MACs, as the control thread announces them (its table is
     /// the authority; this is a copy).
-    neighbours: HashMap<Ipv4Addr, Known>,
+    neighbours: HashMap<Ipv4Addr, Known, Keyed>,
     /// The uplink gateway's entry, the next hop of nearly every outbound
     /// packet, kept aside (not in `neighbours`) so those skip the map.
     gateway: Option<Known>,
@@ -198,7 +199,8 @@ pub struct Core {
     watching: usize,
     /// Routed (untranslated, excluded-destination) sessions, by their pod-side
     /// key, with the time last seen: only replies to these come back in.
-    routed: HashMap<InKey, Routed>,
+    /// Keyed from OS randomness: pods and remotes choose these keys.
+    routed: HashMap<InKey, Routed, Keyed>,
     routed_swept_ms: u64,
     /// Buffers the fragment cache handed back, processed after each call.
     released: Vec<(Buf, Release)>,
@@ -258,10 +260,10 @@ impl Core {
             icmp_limit: p.icmp_limit,
             pool: p.pool,
             c: p.counters,
-            neighbours: HashMap::new(),
+            neighbours: HashMap::with_hasher(Keyed::new()),
             gateway: None,
             watching: 0,
-            routed: HashMap::new(),
+            routed: HashMap::with_hasher(Keyed::new()),
             routed_swept_ms: 0,
             released: Vec::new(),
             pieces: Vec::new(),

@@ -116,6 +116,8 @@ pub(crate) fn rig(s: Setup) -> Rig {
         port_first: 1024,
         port_last: 65535,
         max_flows: s.max_flows,
+        max_flows_per_pod: 0,
+        ports_per_pod: 0,
         timeouts: Timeouts {
             tcp_established_ms: 7_440_000,
             tcp_transitory_ms: 240_000,
@@ -901,6 +903,52 @@ fn a_first_fragment_tells_the_worker_tracking_its_datagram() {
     assert!(r1.take().is_empty());
     let out = r1.through(Side::Pod, &frags[1], Side::Uplink);
     assert_eq!(view(&out).src, EXT);
+}
+
+#[test]
+fn per_pod_refusals_are_counted_per_reason() {
+    let mut r = rig(ONE);
+    r.core.table_mut().set_pod_limits(2, 1);
+    // One mapping, answered: the pod's whole share of UDP ports.
+    let q = build::udp(&pod_ep(&r.a, POD, REMOTE), 5353, 53, b"q", true);
+    let (_, port) = src(&r.through(Side::Pod, &q, Side::Uplink));
+    let a = build::udp(&up_ep(&r.a, REMOTE, EXT), 53, port, b"a", true);
+    r.through(Side::Uplink, &a, Side::Pod);
+    let q2 = build::udp(&pod_ep(&r.a, POD, REMOTE), 5354, 53, b"q", true);
+    assert_eq!(dropped(r.input(Side::Pod, &q2)), Counter::DropPodPortLimit);
+    // A second flow on the mapping needs no port; answered, it fills the
+    // pod's share of flows.
+    let other = Ipv4Addr::new(198, 51, 100, 77);
+    let q3 = build::udp(&pod_ep(&r.a, POD, other), 5353, 53, b"q", true);
+    r.through(Side::Pod, &q3, Side::Uplink);
+    let a3 = build::udp(&up_ep(&r.a, other, EXT), 53, port, b"a", true);
+    r.through(Side::Uplink, &a3, Side::Pod);
+    let q4 = build::tcp(&pod_ep(&r.a, POD, REMOTE), 40000, 443, wire::TCP_SYN, b"");
+    assert_eq!(dropped(r.input(Side::Pod, &q4)), Counter::DropPodFlowLimit);
+    // An inbound session for the pod at its limit too (the forward's
+    // target is another pod address, so it gets in).
+    r.core.table_mut().set_pod_limits(1, 0);
+    let syn = build::tcp(&up_ep(&r.a, REMOTE, EXT), 1, FORWARDED, wire::TCP_SYN, b"");
+    r.through(Side::Uplink, &syn, Side::Pod);
+    let syn2 = build::tcp(&up_ep(&r.a, REMOTE, EXT), 2, FORWARDED, wire::TCP_SYN, b"");
+    // The first session is unanswered: the second takes its place.
+    r.through(Side::Uplink, &syn2, Side::Pod);
+    assert_eq!(r.c.get(Counter::FlowsCreated), 4);
+    assert_eq!(r.core.table_mut().stats().early_dropped, 1);
+    // Every flow of the target pod answered: refused, counted.
+    let ack = build::tcp(
+        &pod_ep(&r.a, TARGET, REMOTE),
+        80,
+        2,
+        wire::TCP_SYN | wire::TCP_ACK,
+        b"",
+    );
+    r.through(Side::Pod, &ack, Side::Uplink);
+    let syn3 = build::tcp(&up_ep(&r.a, REMOTE, EXT), 3, FORWARDED, wire::TCP_SYN, b"");
+    assert_eq!(
+        dropped(r.input(Side::Uplink, &syn3)),
+        Counter::DropPodFlowLimit
+    );
 }
 
 #[test]

@@ -112,6 +112,8 @@ impl Core {
                         let why = match e {
                             CreateError::TableFull => Counter::DropTableFull,
                             CreateError::PortsExhausted => Counter::DropPortsExhausted,
+                            CreateError::PodFlowLimit => Counter::DropPodFlowLimit,
+                            CreateError::PodPortLimit => Counter::DropPodPortLimit,
                         };
                         return out.push(Action::Drop { why, buf });
                     }
@@ -196,6 +198,7 @@ impl Core {
                         InboundError::NoMapping | InboundError::NotSyn => Counter::DropNoFlow,
                         InboundError::Filtered => Counter::DropFiltered,
                         InboundError::TableFull => Counter::DropTableFull,
+                        InboundError::PodFlowLimit => Counter::DropPodFlowLimit,
                     };
                     return out.push(Action::Drop { why, buf });
                 }

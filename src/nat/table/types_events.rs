@@ -85,6 +85,8 @@ mod tests {
             port_first: 1024,
             port_last: 65535,
             max_flows: 2,
+            max_flows_per_pod: 0,
+            ports_per_pod: 0,
             timeouts: Timeouts {
                 tcp_established_ms: 10_000,
                 tcp_transitory_ms: 1_000,

@@ -220,6 +220,9 @@ impl World {
                         1024 + u16::from(s[3])
                     },
                     max_flows: usize::from(s[2] % 32) + 1,
+                    // 0 (no limit) to 7 flows and 0 to 3 ports per pod.
+                    max_flows_per_pod: u32::from(s[2] >> 5),
+                    ports_per_pod: u32::from(s[2] >> 6),
                     timeouts: Timeouts {
                         tcp_established_ms: ms(7_440_000, 10_000),
                         tcp_transitory_ms: ms(240_000, 4_000),
@@ -486,6 +489,17 @@ impl World {
                 c.table().len() <= c.table().config().max_flows,
                 "table over max_flows"
             );
+            let per_pod = c.table().config().max_flows_per_pod as usize;
+            if per_pod > 0 {
+                let mut flows = std::collections::HashMap::new();
+                for f in c.table().iter() {
+                    *flows.entry(f.inside.src).or_insert(0usize) += 1;
+                }
+                assert!(
+                    flows.values().all(|&n| n <= per_pod),
+                    "a pod over max_flows_per_pod: {flows:?}"
+                );
+            }
         }
         self.no_buffer_freed();
     }
