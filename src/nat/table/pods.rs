@@ -316,14 +316,18 @@ fn forget_if_idle(
 
 /// Whether a pod's own new flow may push `f` out: no answer yet, or a
 /// TCP connection that is over (RST, or FIN both ways; RFC 7857 keeps
-/// those only for the transitory timeout, against late segments). An
-/// answered UDP or ICMP flow and an open TCP connection never go.
+/// those only for the transitory timeout, against late segments), or one
+/// whose handshake never completed (a SYN flood at a forward to this pod,
+/// answered by the pod: not assured, as early drop in the table treats it
+/// too). An answered UDP or ICMP flow and an open TCP connection never go.
 #[inline]
 fn evictable(f: &Flow) -> bool {
     !f.replied
         || matches!(
             f.state,
-            FlowState::Tcp(TcpState::Closed) | FlowState::Tcp(TcpState::Closing)
+            FlowState::Tcp(
+                TcpState::Closed | TcpState::Closing | TcpState::SynSent | TcpState::SynReceived
+            )
         )
 }
 
