@@ -935,7 +935,7 @@ fn per_pod_refusals_are_counted_per_reason() {
     r.through(Side::Uplink, &syn2, Side::Pod);
     assert_eq!(r.c.get(Counter::FlowsCreated), 4);
     assert_eq!(r.core.table_mut().stats().early_dropped, 1);
-    // Every flow of the target pod answered: refused, counted.
+    // Every flow of the target pod answered...
     let ack = build::tcp(
         &pod_ep(&r.a, TARGET, REMOTE),
         80,
@@ -944,6 +944,9 @@ fn per_pod_refusals_are_counted_per_reason() {
         b"",
     );
     r.through(Side::Pod, &ack, Side::Uplink);
+    // ... and established (a handshake never completed would be evicted).
+    let est = build::tcp(&up_ep(&r.a, REMOTE, EXT), 2, FORWARDED, wire::TCP_ACK, b"");
+    r.through(Side::Uplink, &est, Side::Pod);
     let syn3 = build::tcp(&up_ep(&r.a, REMOTE, EXT), 3, FORWARDED, wire::TCP_SYN, b"");
     assert_eq!(
         dropped(r.input(Side::Uplink, &syn3)),

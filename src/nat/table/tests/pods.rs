@@ -225,17 +225,20 @@ fn sessions_opened_from_outside_count_for_the_target_pod() {
     let a = t.inbound(&syn(40000), SYN, 0).unwrap();
     acc(&mut t, a, Direction::Out2In, SYN, 60, 0);
     acc(&mut t, a, Direction::In2Out, SYNACK, 60, 0);
+    acc(&mut t, a, Direction::Out2In, ACK, 60, 0);
     // A SYN flood at the forward: each new half-open session evicts the
-    // previous one, never the answered connection.
+    // previous one, never the established connection.
     for i in 1..50u16 {
         t.inbound(&syn(40000 + i), SYN, u64::from(i)).unwrap();
     }
     assert_eq!(t.len(), 2);
     assert_eq!(t.stats().early_dropped, 48);
     assert!(t.lookup_out2in(&syn(40000), 60).is_some());
-    // All of the pod's sessions answered: refused as the pod's limit.
+    // All of the pod's sessions established: refused as the pod's limit
+    // (a handshake answered but never completed would go, as a SYN flood's).
     let last = t.lookup_out2in(&syn(40049), 60).unwrap();
     acc(&mut t, last, Direction::In2Out, SYNACK, 60, 60);
+    acc(&mut t, last, Direction::Out2In, ACK, 60, 60);
     assert_eq!(
         t.inbound(&syn(41000), SYN, 61),
         Err(InboundError::PodFlowLimit)
@@ -387,6 +390,7 @@ fn a_pod_churning_short_connections_gives_up_its_closed_ones_first() {
                 });
             acc(&mut t, id, Direction::In2Out, SYN, 60, 5000);
             acc(&mut t, id, Direction::Out2In, SYNACK, 60, 5000);
+            acc(&mut t, id, Direction::In2Out, ACK, 60, 5000);
         }
         t.expire(5000 + 120_000, usize::MAX);
         let refused = t.create(&ik(Proto::Tcp, 2, 50_000, 9, 80), EXT, 5000 + 120_000);
