@@ -13,7 +13,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use smoltcp::wire::EthernetAddress;
 use tapnat::config::MasqueradeRule;
-use tapnat::gateway::stats::Counters;
+use tapnat::gateway::stats::{Counters, Snapshot};
 use tapnat::gateway::{Action, Addressing, Core, CoreParts, Pool, Side};
 use tapnat::nat::{Filtering, FlowTable, InKey, Proto, TableConfig, Timeouts};
 use tapnat::net::Ipv4Net;
@@ -38,6 +38,7 @@ fn addressing() -> Addressing {
         uplink_net: net(EXT, 24),
         uplink_gateway: GW,
         uplink_mtu: 1500,
+        dhcp: false,
         masquerade: vec![MasqueradeRule {
             source: net(Ipv4Addr::new(10, 244, 0, 0), 16),
             exclude: vec![net(Ipv4Addr::new(10, 244, 0, 0), 16)],
@@ -55,6 +56,8 @@ fn table(max_flows: usize, filtering: Filtering) -> FlowTable {
         port_first: 1024,
         port_last: 65535,
         max_flows,
+        max_flows_per_pod: 0,
+        ports_per_pod: 0,
         timeouts: Timeouts {
             tcp_established_ms: 7_440_000,
             tcp_transitory_ms: 240_000,
@@ -143,9 +146,19 @@ fn translate(c: &mut Criterion) {
 /// account, translate, next-hop MAC), the per-packet cost a worker adds to
 /// the I/O.
 fn packet(c: &mut Criterion) {
-    let mut g = c.benchmark_group("in2out_packet");
+    packet_group(c, "in2out_packet", &[10_000, 1_000_000], false);
+}
+
+/// [`packet`] while another thread sums the counters 1000 times a second
+/// (a metrics scrape reads the same per-worker counters, far less often).
+fn packet_scraped(c: &mut Criterion) {
+    packet_group(c, "in2out_packet_scraped", &[10_000], true);
+}
+
+fn packet_group(c: &mut Criterion, name: &str, sizes: &[u32], scraped: bool) {
+    let mut g = c.benchmark_group(name);
     g.throughput(Throughput::Elements(1));
-    for n in [10_000u32, 1_000_000] {
+    for &n in sizes {
         let mut t = table(n as usize + 10, Filtering::AddressAndPort);
         // n flows: 4096 inside endpoints, each to many remotes.
         for i in 0..n {
@@ -160,6 +173,7 @@ fn packet(c: &mut Criterion) {
         }
         let a = Arc::new(addressing());
         let pool = Pool::new(8, 2048, 0);
+        let counters = Arc::new(Counters::default());
         let mut core = Core::new(CoreParts {
             worker: 0,
             workers: 1,
@@ -168,9 +182,19 @@ fn packet(c: &mut Criterion) {
             frags: None,
             icmp_limit: None,
             pool: pool.clone(),
-            counters: Arc::new(Counters::default()),
+            counters: counters.clone(),
         });
-        core.neighbour(GW, GW_MAC);
+        core.neighbour(GW, tapnat::gateway::neighbour::News::Reachable(GW_MAC));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let scraper = scraped.then(|| {
+            let (stop, counters) = (stop.clone(), counters.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    black_box(Snapshot::sum([&*counters]));
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            })
+        });
         let mut ep = Endpoints::new(
             Ipv4Addr::from(0x0af4_0000 | 7),
             Ipv4Addr::from(0xc633_0000 | 1),
@@ -192,6 +216,10 @@ fn packet(c: &mut Criterion) {
                 }
             })
         });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = scraper {
+            let _ = t.join();
+        }
     }
     g.finish();
 }
@@ -237,5 +265,13 @@ fn memory(_: &mut Criterion) {
     black_box(&t);
 }
 
-criterion_group!(benches, memory, checksums, classify, translate, packet);
+criterion_group!(
+    benches,
+    memory,
+    checksums,
+    classify,
+    translate,
+    packet,
+    packet_scraped
+);
 criterion_main!(benches);

@@ -1,5 +1,7 @@
 //! Flow table benches: create, in2out/out2in lookup hits at 10k and 1M live
-//! flows, and the expiry sweep.
+//! flows, the expiry sweep, and the candidate hashers for tables keyed by
+//! outsider-chosen data (hashbrown's default foldhash, foldhash keyed from
+//! OS randomness as [`tapnat::nat::hash::Keyed`], std's SipHash-1-3).
 //!
 //! Run: `cargo bench --bench nat -- --warm-up-time 1 --measurement-time 3`.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -25,6 +27,8 @@ fn config(max_flows: usize) -> TableConfig {
         port_first: 1024,
         port_last: 65535,
         max_flows,
+        max_flows_per_pod: 0,
+        ports_per_pod: 0,
         timeouts: TIMEOUTS,
         seed: 1,
         filtering: Filtering::EndpointIndependent,
@@ -180,9 +184,101 @@ fn bench_table(c: &mut Criterion) {
     g.finish();
 }
 
+/// One flow-index hash (a packed 104-bit inside key, as the slab hashes
+/// it) with each candidate state.
+fn bench_hashers(c: &mut Criterion) {
+    use std::hash::BuildHasher;
+    let keys: Vec<u128> = (0..BATCH as u32)
+        .map(|i| {
+            let k = key(i.wrapping_mul(2_654_435_761) % 1_000_000);
+            u128::from(k.proto as u8) << 96
+                | u128::from(u32::from(k.src)) << 64
+                | u128::from(k.sport) << 48
+                | u128::from(u32::from(k.dst)) << 16
+                | u128::from(k.dport)
+        })
+        .collect();
+    fn run<S: BuildHasher>(
+        g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+        name: &str,
+        s: S,
+        keys: &[u128],
+    ) {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut acc = 0u64;
+                for k in keys {
+                    acc ^= s.hash_one(black_box(k));
+                }
+                black_box(acc)
+            })
+        });
+    }
+    let mut g = c.benchmark_group("hash_key");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    run(
+        &mut g,
+        "foldhash_default",
+        hashbrown::DefaultHashBuilder::default(),
+        &keys,
+    );
+    run(
+        &mut g,
+        "foldhash_keyed",
+        tapnat::nat::hash::Keyed::new(),
+        &keys,
+    );
+    run(
+        &mut g,
+        "siphash13_std",
+        std::collections::hash_map::RandomState::new(),
+        &keys,
+    );
+    g.finish();
+}
+
+/// Create for many flows of one pod (distinct source ports), the common
+/// case; `nat_create` gives every flow a pod of its own (the worst case
+/// for the per-pod accounting).
+fn bench_create_one_pod(c: &mut Criterion) {
+    let (mut t, _, _) = filled(10_000);
+    let fresh: Vec<InKey> = (0..BATCH as u32)
+        .map(|i| InKey {
+            proto: Proto::Udp,
+            src: Ipv4Addr::new(10, 200, 0, 1),
+            sport: 30_000 + i as u16,
+            dst: Ipv4Addr::new(192, 0, 2, 1),
+            dport: 53,
+        })
+        .collect();
+    let mut ids = Vec::with_capacity(BATCH);
+    let mut g = c.benchmark_group("nat_create_one_pod");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("10k", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let chunk = left.min(BATCH as u64) as usize;
+                let start = Instant::now();
+                for k in &fresh[..chunk] {
+                    ids.push(t.create(k, EXT, 1).unwrap());
+                }
+                total += start.elapsed();
+                for id in ids.drain(..) {
+                    t.remove(id);
+                }
+                left -= chunk as u64;
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = bench_table
+    targets = bench_table, bench_hashers, bench_create_one_pod
 }
 criterion_main!(benches);

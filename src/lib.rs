@@ -10,6 +10,8 @@
 //!   addresses, steering to the owning worker); pure.
 //! - [`device`]: every system call, and the `FrameIo` seam devices offer the
 //!   workers; its `sys` module is the only place with `unsafe`.
+//! - [`sandbox`]: least privilege once set up (capabilities, `run.run_as`,
+//!   no_new_privs, a seccomp list per thread role), entered by each thread.
 //! - [`gateway`]: the translation core (`gateway::datapath`, decisions with
 //!   no I/O), the workers that carry its actions out, and the control thread.
 //! - [`ops`]: the control socket, flow filters, reports and Prometheus
@@ -27,4 +29,5 @@ pub mod nat;
 pub mod net;
 pub mod ops;
 pub mod policy;
+pub mod sandbox;
 pub mod wire;

@@ -4,6 +4,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
+#[cfg(debug_assertions)]
+use libc::SIGPWR;
 use sd_notify::NotifyState;
 #[cfg(debug_assertions)]
 use signal_hook::consts::SIGUSR2;
@@ -11,11 +13,19 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use tapnat::config::{Config, ConfigError, Reason};
 use tapnat::gateway::{panic_message, thread_role, Failure, Gateway, GatewayError};
+use tapnat::ops::capture::{self, CaptureSpec};
+use tapnat::ops::events::EventRecord;
 use tapnat::ops::filter::FlowFilter;
 use tapnat::ops::live::{Live, ReloadRefused};
+use tapnat::ops::maplog::MapLog;
 use tapnat::ops::metrics::{self, Gauges, MetricsServer};
 use tapnat::ops::report::{self, Format};
 use tapnat::ops::socket::{self, Access, Request, Response};
+use tapnat::sandbox::{self, Role, SandboxError};
+use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
 tapnat: a userspace IPv4 masquerading NAT gateway between two TAP devices
@@ -38,6 +48,13 @@ usage:
                  [--config FILE | --control PATH]
                                 add, delete or list port forwards of the running gateway, checked
                                 as [[forward]] entries are; a deleted forward's flows go with it
+  tapnat events [-o json] [--config FILE | --control PATH]
+                                one line per flow created and destroyed, with the reason (like
+                                conntrack -E), until interrupted
+  tapnat capture [--side pod|uplink|both] [--count N] [--seconds S] -w FILE|-
+                 [--config FILE | --control PATH]
+                                record frames as the gateway reads and writes them into a pcap
+                                file (`-w -`: stdout, e.g. into `tcpdump -r -`)
   tapnat check [--config FILE]  validate a config and print warnings, touching no device
   tapnat demo                   build a throwaway pod and external namespace, run the gateway
                                 between them and show traffic being translated (needs root)
@@ -49,21 +66,17 @@ usage:
                                 a bounded run with churning flows: resident memory and live flows over time (root)
 
 exit status: 0 clean stop, 64 bad command line, 69 a device could not be opened (or no gateway
-  answers), 70 a thread of the running gateway panicked, 71 no signal handlers, 74 a device (or its
-  namespace) went away under the running gateway, 77 refused by the gateway, 78 bad config
+  answers), 70 a thread of the running gateway panicked, 71 no signal handlers or cannot drop
+  privileges, 74 a device (or its namespace) went away under the running gateway, 77 refused by
+  the gateway, 78 bad config; killed by SIGSYS: a system call outside its seccomp filter
 
-environment: TAPNAT_SECTION__KEY=value overrides a key (e.g. TAPNAT_POD__TAP=tap9)";
+environment: TAPNAT_SECTION__KEY=value overrides a key (e.g. TAPNAT_POD__TAP=tap9);
+  TAPNAT_LOG sets which messages are shown: error, warn, info (default), debug, trace, or
+  tracing's filter directives (e.g. `tapnat=debug`)";
 
-/// A line on stderr; a closed or full stderr is ignored, never fatal
-/// (`eprintln!` would panic).
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
-}
-
-/// Text on stderr as it is, with the same rule as [`say!`].
+/// A report on stderr as it is (SIGUSR1's listing, the final counters);
+/// a closed or full stderr is ignored, never fatal (`eprint!` would
+/// panic). Messages go through `tracing` instead.
 macro_rules! say_raw {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
@@ -82,6 +95,12 @@ enum MainError {
     Gateway(#[from] GatewayError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("cannot drop privileges")]
+    Sandbox(#[source] SandboxError),
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
+    #[error("cannot write the capture")]
+    Write(#[source] std::io::Error),
     #[cfg(feature = "lab")]
     #[error("demo failed: {0}")]
     Demo(String),
@@ -116,9 +135,11 @@ impl MainError {
     fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
             MainError::Usage(_) => 64,
-            MainError::Config(_) => 78,
+            MainError::Config(_) | MainError::Gateway(GatewayError::Config(_)) => 78,
             MainError::Gateway(_) => 69,
-            MainError::Signals(_) => 71,
+            MainError::Signals(_) | MainError::Sandbox(_) => 71,
+            MainError::Thread(_) => 71,
+            MainError::Write(_) => 74,
             #[cfg(feature = "lab")]
             MainError::Demo(_) | MainError::Bench(_) | MainError::Soak(_) => 1,
             MainError::Control(_) => 69,
@@ -227,6 +248,20 @@ fn control_access(config: &Config) -> Result<Access, MainError> {
             })
         }),
     }
+}
+
+/// The user `run.run_as` names; one that does not exist is a config error
+/// (exit 78), found before any device is opened.
+fn run_as(config: &Config) -> Result<Option<sandbox::User>, MainError> {
+    let Some(name) = &config.run.run_as else {
+        return Ok(None);
+    };
+    sandbox::lookup_user(name).map(Some).map_err(|_| {
+        MainError::Config(ConfigError::Invalid {
+            key: "run.run_as".into(),
+            reason: Reason::NoSuchUser { name: name.clone() },
+        })
+    })
 }
 
 /// `tapnat flows` and `tapnat stats`: ask the gateway, print its answer.
@@ -382,36 +417,160 @@ fn forward(args: &[String]) -> Result<(), MainError> {
     Ok(())
 }
 
+/// `tapnat events [-o json]`: every flow created and destroyed from now
+/// on, one line each (like `conntrack -E`), until interrupted or the
+/// gateway stops.
+fn events(args: &[String]) -> Result<(), MainError> {
+    use std::io::{BufRead as _, Write as _};
+    let f = flags(args, Takes::Output)?;
+    if f.output == Some(Format::Prometheus) {
+        return Err(MainError::Usage(
+            "`-o prometheus`: unknown output format".into(),
+        ));
+    }
+    let json = f.output == Some(Format::Json);
+    let (first, reader) = socket::open_stream(&control_path(&f)?, &socket::Request::Events)
+        .map_err(MainError::Control)?;
+    match first {
+        Response::Subscribed => {}
+        Response::Error(e) => return Err(MainError::Refused(e)),
+        other => return Err(unexpected(&other)),
+    }
+    let mut out = std::io::stdout().lock();
+    for line in reader.lines() {
+        let line = line.map_err(MainError::Control)?;
+        let r: EventRecord = match serde_json::from_str(&line) {
+            Ok(Response::Event(r)) => r,
+            Ok(other) => return Err(unexpected(&other)),
+            Err(e) => return Err(MainError::Control(std::io::Error::other(e))),
+        };
+        let text = if json {
+            serde_json::to_string(&r).unwrap_or_default()
+        } else {
+            r.line()
+        };
+        // A reader that went away (`| head`) ends the command quietly.
+        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// `tapnat capture [--side pod|uplink|both] [--count N] [--seconds S]
+/// -w FILE|-`.
+fn capture_cmd(args: &[String]) -> Result<(), MainError> {
+    let usage = |m: String| MainError::Usage(m);
+    let mut spec = CaptureSpec {
+        side: "both".into(),
+        count: None,
+        seconds: None,
+    };
+    let mut to: Option<String> = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| usage(format!("`{a}` needs a value")))
+        };
+        match a.as_str() {
+            "--side" => spec.side = value()?,
+            "--count" => {
+                let v = value()?;
+                spec.count =
+                    Some(v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        usage(format!("`--count {v}`: expected a positive number"))
+                    })?);
+            }
+            "--seconds" => {
+                let v = value()?;
+                spec.seconds = Some(
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s > 0.0)
+                        .ok_or_else(|| usage(format!("`--seconds {v}`: expected seconds > 0")))?,
+                );
+            }
+            "-w" => to = Some(value()?),
+            _ => {
+                rest.push(a.clone());
+                if matches!(a.as_str(), "--config" | "-c" | "--control") {
+                    rest.extend(it.next().cloned());
+                }
+            }
+        }
+    }
+    if spec.sides().is_none() {
+        return Err(usage(format!(
+            "`--side {}`: expected pod, uplink or both",
+            spec.side
+        )));
+    }
+    let Some(to) = to else {
+        return Err(usage("`tapnat capture` needs `-w FILE` (or `-w -`)".into()));
+    };
+    let f = flags(&rest, Takes::Config)?;
+    let request = socket::Request::Capture { spec };
+    let (first, mut reader) =
+        socket::open_stream(&control_path(&f)?, &request).map_err(MainError::Control)?;
+    match first {
+        Response::Capturing => {}
+        Response::Error(e) => return Err(MainError::Refused(e)),
+        Response::Failed(e) => return Err(MainError::Rejected(e)),
+        other => return Err(unexpected(&other)),
+    }
+    let n = if to == "-" {
+        capture::copy_records(&mut reader, &mut std::io::stdout().lock())
+    } else {
+        let mut file = std::fs::File::create(&to).map_err(MainError::Write)?;
+        capture::copy_records(&mut reader, &mut file)
+    };
+    match n {
+        Ok(n) => {
+            tracing::info!("capture: {n} frame(s) written to {to}");
+            Ok(())
+        }
+        // `-w -` into a reader that stopped (`tcpdump -c`) ends it quietly.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(MainError::Write(e)),
+    }
+}
+
 /// SIGHUP: re-reads `--config FILE` and applies what can change live, all
 /// or nothing; every outcome is one or more `tapnat: reload:` lines.
 fn reload(f: &Flags, live: &Live) {
     let Some(path) = &f.config else {
-        say!("tapnat: reload: started without --config, no file to re-read; nothing changed");
+        tracing::warn!("reload: started without --config, no file to re-read; nothing changed");
+        reopen_log(live);
         return;
     };
     let config = match Config::load(Some(path)) {
         Ok(c) => c,
         Err(e) => {
-            say!("tapnat: reload: {e}; nothing changed");
+            tracing::error!("reload: {e}; nothing changed");
+            reopen_log(live);
             return;
         }
     };
     for w in config.warnings() {
-        say!("tapnat: reload: warning: {w}");
+        tracing::warn!("reload: {w}");
     }
     match live.reload(config) {
-        Ok(r) if r.changed.is_empty() => say!("tapnat: reload: {} unchanged", path.display()),
+        Ok(r) if r.changed.is_empty() => tracing::info!("reload: {} unchanged", path.display()),
         Ok(r) => {
-            say!(
-                "tapnat: reload: applied {} ({} forward(s) added, {} removed)",
+            tracing::info!(
+                "reload: applied {} ({} forward(s) added, {} removed)",
                 r.changed.join(", "),
                 r.forwards_added,
                 r.forwards_removed
             );
             for fwd in &r.run_time_removed {
                 let rec = tapnat::ops::record::ForwardRecord::from(fwd);
-                say!(
-                    "tapnat: reload: forward {} {} -> {} was added at run time and is not in {}:                      removed (the file wins, as with iptables-restore)",
+                tracing::warn!(
+                    "reload: forward {} {} -> {} was added at run time and is not in {}: \
+                     removed (the file wins, as with iptables-restore)",
                     rec.protocol,
                     rec.port,
                     rec.to,
@@ -421,20 +580,29 @@ fn reload(f: &Flags, live: &Live) {
         }
         Err(ReloadRefused::Restart(keys)) => {
             for k in keys {
-                say!("tapnat: reload: {k} cannot change while running; restart to apply");
+                tracing::error!("reload: {k} cannot change while running; restart to apply");
             }
-            say!("tapnat: reload: nothing changed");
+            tracing::error!("reload: nothing changed");
         }
         Err(ReloadRefused::Forwards(why)) => {
-            say!("tapnat: reload: forward: {why}; nothing changed");
+            tracing::error!("reload: forward: {why}; nothing changed");
         }
+    }
+    reopen_log(live);
+}
+
+/// SIGHUP: the mapping log is reopened (log rotation), as the running
+/// config's `[log]` says.
+fn reopen_log(live: &Live) {
+    if let Err(e) = live.reopen_log() {
+        tracing::error!("reload: {e}; the mapping log stays as it was");
     }
 }
 
 fn load(f: &Flags) -> Result<Config, MainError> {
     let config = Config::load(f.config.as_deref())?;
     for w in config.warnings() {
-        say!("tapnat: warning: {w}");
+        tracing::warn!("{w}");
     }
     Ok(config)
 }
@@ -475,6 +643,7 @@ fn forward_signals(mut signals: Signals, events: Sender<Event>) -> Result<(), Ma
     std::thread::Builder::new()
         .name("tapnat-signals".into())
         .spawn(move || {
+            sandbox::enter(Role::Signals);
             for sig in signals.forever() {
                 if events.send(Event::Signal(sig)).is_err() {
                     break;
@@ -501,6 +670,10 @@ fn wait(gw: &Gateway, events: &Receiver<Event>, reload: impl Fn()) -> Result<(),
                 // the last worker panic; see `Gateway::inject_panic`.
                 #[cfg(debug_assertions)]
                 Ok(Event::Signal(SIGUSR2)) => gw.inject_panic(gw.workers() - 1),
+                // TEST-ONLY, likewise: SIGPWR makes the last worker make a
+                // system call outside its seccomp filter.
+                #[cfg(debug_assertions)]
+                Ok(Event::Signal(SIGPWR)) => gw.inject_forbidden_syscall(gw.workers() - 1),
                 Ok(Event::Signal(_)) | Err(_) => return Ok(()),
                 Ok(Event::Panicked(text)) => return Err(MainError::Panicked(text)),
             },
@@ -526,11 +699,28 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let f = flags(args, Takes::Config)?;
     let config = load(&f)?;
     let access = control_access(&config)?;
+    // A mapping log that cannot be written is a config error, found before
+    // any device is opened.
+    let maplog = match &config.log.mappings {
+        None => None,
+        Some(path) => Some(MapLog::open(path, config.log.destinations).map_err(|e| {
+            MainError::Config(ConfigError::Invalid {
+                key: "log.mappings".into(),
+                reason: Reason::CannotOpen {
+                    path: path.display().to_string(),
+                    error: e.to_string(),
+                },
+            })
+        })?),
+    };
+    // Every thread locks itself down as it starts, the main thread once the
+    // sockets are bound (see `tapnat::sandbox`).
+    sandbox::prepare(run_as(&config)?, config.run.seccomp).map_err(MainError::Sandbox)?;
     #[cfg(not(debug_assertions))]
     let signals = Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP]).map_err(MainError::Signals)?;
     #[cfg(debug_assertions)]
-    let signals =
-        Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP, SIGUSR2]).map_err(MainError::Signals)?;
+    let signals = Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP, SIGUSR2, SIGPWR])
+        .map_err(MainError::Signals)?;
     let signal_handle = signals.handle();
     let (events_tx, events) = unbounded();
     report_panics(events_tx.clone());
@@ -541,14 +731,11 @@ fn run(args: &[String]) -> Result<(), MainError> {
         .clone()
         .unwrap_or_else(|| config.control.socket.clone());
     // The gateway runs without its control socket rather than not at all.
-    let live = Arc::new(Live::new(gw.observer(), &config));
+    let live = Arc::new(Live::new(gw.observer(), &config, maplog).map_err(MainError::Thread)?);
     let _control = match socket::ControlSocket::serve(&path, access, live.clone()) {
         Ok(c) => Some(c),
         Err(e) => {
-            say!(
-                "tapnat: warning: no control socket at {}: {e}",
-                path.display()
-            );
+            tracing::warn!("no control socket at {}: {e}", path.display());
             None
         }
     };
@@ -556,6 +743,7 @@ fn run(args: &[String]) -> Result<(), MainError> {
     let limit = config.nat.max_flows as u64;
     let _metrics = config.metrics.listen.and_then(|addr| {
         let observer = gw.observer();
+        let live = live.clone();
         match MetricsServer::serve(addr.into(), move || {
             let (fragments_tracked, fragments_held) = observer.fragment_counts();
             let gauges = Gauges {
@@ -564,26 +752,45 @@ fn run(args: &[String]) -> Result<(), MainError> {
                 fragments_tracked,
                 fragments_held,
                 neighbours: observer.neighbour_count(),
+                dhcp_lease_seconds: observer.addressing().dhcp.then(|| {
+                    observer
+                        .lease()
+                        .map_or(0, |l| l.secs_left(observer.now_ms()))
+                }),
             };
-            metrics::exposition(&observer.stats(), Some(gauges))
+            let stats = observer.stats();
+            let mut out = metrics::exposition(&stats, Some(gauges));
+            metrics::rules(&mut out, &live.rule_records(&stats));
+            out
         }) {
             Ok(m) => Some(m),
             Err(e) => {
-                say!("tapnat: warning: no metrics at {addr}: {e}");
+                tracing::warn!("no metrics at {addr}: {e}");
                 None
             }
         }
     });
+    for w in gw.warnings() {
+        tracing::warn!("{w}");
+    }
+    // Set up: the main thread gives up its privilege last.
+    sandbox::try_enter(Role::Main).map_err(MainError::Sandbox)?;
     let a = gw.addressing();
-    say!(
-        "tapnat: running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s){}",
+    // With DHCP the address and next hop come later (logged then).
+    let (uplink_addr, via) = if a.has_address() {
+        (a.uplink_net.to_string(), a.uplink_gateway.to_string())
+    } else {
+        ("dhcp".to_string(), "the lease's router".to_string())
+    };
+    tracing::info!(
+        "running: pod {} {} ({}), uplink {} {} ({}) via {}; {} worker(s){}",
         config.pod.tap,
         a.pod_net,
         a.pod_mac,
-        config.uplink.tap,
-        a.uplink_net,
+        gw.uplink_name(),
+        uplink_addr,
         a.uplink_mac,
-        a.uplink_gateway,
+        via,
         gw.workers(),
         if gw.workers() > 1 && !gw.steering() {
             " (no eBPF queue steering: a new flow's first packets may take a hand-off)"
@@ -593,7 +800,7 @@ fn run(args: &[String]) -> Result<(), MainError> {
     );
     // systemd `Type=notify`: ready once the devices are up and the workers
     // run (a no-op without $NOTIFY_SOCKET).
-    let status = format!("forwarding {} -> {}", a.pod_net, a.uplink_net);
+    let status = format!("forwarding {} -> {}", a.pod_net, uplink_addr);
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     let outcome = wait(&gw, &events, || reload(&f, &live));
     signal_handle.close();
@@ -604,11 +811,65 @@ fn run(args: &[String]) -> Result<(), MainError> {
     gw.stop();
     outcome?;
     say_raw!("{}", report::stats(&stats));
-    say!("tapnat: stopped");
+    tracing::info!("stopped");
     Ok(())
 }
 
+/// Messages as `tapnat: [warning: |error: |debug: |trace: ]MESSAGE`, one
+/// a line on stderr, no timestamps (a service's journal adds them).
+struct Plain;
+
+impl<S, N> FormatEvent<S, N> for Plain
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let level = match *event.metadata().level() {
+            tracing::Level::ERROR => "error: ",
+            tracing::Level::WARN => "warning: ",
+            tracing::Level::INFO => "",
+            tracing::Level::DEBUG => "debug: ",
+            tracing::Level::TRACE => "trace: ",
+        };
+        write!(w, "tapnat: {level}")?;
+        ctx.field_format().format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
+}
+
+/// Messages on stderr at the levels `TAPNAT_LOG` names (default info);
+/// a bad filter falls back to info, with a warning. A closed or full
+/// stderr loses messages and is otherwise ignored.
+fn init_logging() {
+    let (filter, bad) = match std::env::var("TAPNAT_LOG") {
+        Err(_) => (EnvFilter::new("info"), None),
+        Ok(v) => match EnvFilter::try_new(&v) {
+            Ok(f) => (f, None),
+            Err(e) => (
+                EnvFilter::new("info"),
+                Some(format!("TAPNAT_LOG={v:?}: {e}; using info")),
+            ),
+        },
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false)
+        .event_format(Plain)
+        .try_init();
+    if let Some(bad) = bad {
+        tracing::warn!("{bad}");
+    }
+}
+
 fn main() -> ExitCode {
+    init_logging();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
@@ -625,6 +886,8 @@ fn main() -> ExitCode {
         Some(what @ ("flows" | "stats")) => client(what, &args[1..]),
         Some("flush") => flush(&args[1..]),
         Some("forward") => forward(&args[1..]),
+        Some("events") => events(&args[1..]),
+        Some("capture") => capture_cmd(&args[1..]),
         #[cfg(feature = "lab")]
         Some("demo") if args.len() == 1 => {
             tapnat::lab::demo::run().map_err(|e| MainError::Demo(e.to_string()))
@@ -655,12 +918,13 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            say!("tapnat: error: {e}");
+            let mut text = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
-                say!("  caused by: {s}");
+                text.push_str(&format!("\n  caused by: {s}"));
                 src = s.source();
             }
+            tracing::error!("{text}");
             e.exit_code()
         }
     }

@@ -1,6 +1,7 @@
 //! NAT policy: what happens to a packet by its addresses alone, and which
 //! worker owns it. Pure: no fds, threads or clocks; built once from a
-//! validated config and immutable while the gateway runs.
+//! validated config; replaced whole (never changed in place) on a reload or,
+//! with `uplink.address = "dhcp"`, when the lease changes.
 //!
 //! - [`Addressing::egress`]: SNAT rules first, then masquerade rules; the first
 //!   rule whose source matches decides, its excludes included (like an
@@ -29,16 +30,21 @@ pub enum Side {
     Uplink,
 }
 
-/// The gateway's addresses and rules; immutable while it runs.
+/// The gateway's addresses and rules. A value never changes; a new one
+/// replaces it (a reload, a new DHCP lease).
 #[derive(Debug, Clone)]
 pub struct Addressing {
     pub pod_mac: EthernetAddress,
     pub pod_net: Ipv4Net,
     pub pod_mtu: usize,
     pub uplink_mac: EthernetAddress,
+    /// The outside address with the uplink subnet's prefix; with DHCP and no
+    /// lease `0.0.0.0/32`, which is nobody's (see [`Addressing::has_address`]).
     pub uplink_net: Ipv4Net,
     pub uplink_gateway: Ipv4Addr,
     pub uplink_mtu: usize,
+    /// `uplink.address = "dhcp"`: the uplink address comes from a lease.
+    pub dhcp: bool,
     pub masquerade: Vec<MasqueradeRule>,
     pub snat: Vec<SnatRule>,
     /// Port forwards' targets: (protocol, pod address, pod port) -> outside
@@ -61,21 +67,43 @@ pub enum Egress {
 impl Addressing {
     /// The addressing a validated config describes; MACs are derived from the
     /// addresses so they stay the same across restarts.
+    /// With DHCP the uplink MAC is derived from the pod address instead, so
+    /// it does not change with the lease and the server hands the same
+    /// address back after a restart.
     pub fn from_config(config: &Config) -> Addressing {
+        let (uplink_mac, uplink_net) = match config.uplink.address.fixed() {
+            Some(net) => (mac_for(net.addr, 1), net),
+            None => (mac_for(config.pod.address.addr, 1), NO_ADDRESS),
+        };
         Addressing {
             pod_mac: mac_for(config.pod.address.addr, 0),
             pod_net: config.pod.address,
             pod_mtu: usize::from(config.pod.mtu),
-            uplink_mac: mac_for(config.uplink.address.addr, 1),
-            uplink_net: config.uplink.address,
+            uplink_mac,
+            uplink_net,
             uplink_gateway: config.uplink.gateway,
             uplink_mtu: usize::from(config.uplink.mtu),
+            dhcp: config.uplink.address.fixed().is_none(),
             masquerade: config.masquerade.clone(),
             snat: config.snat.clone(),
             forward_targets: forwarded_ports(&config.forward)
                 .map(|(proto, ext, to, to_port)| ((proto, to, to_port), ext))
                 .collect(),
         }
+    }
+    /// The same rules with another uplink address and next hop (a new
+    /// lease), or with none (`None`: the lease was lost).
+    pub fn with_uplink(&self, lease: Option<(Ipv4Net, Ipv4Addr)>) -> Addressing {
+        let (net, gateway) = lease.unwrap_or((NO_ADDRESS, self.uplink_gateway));
+        Addressing {
+            uplink_net: net,
+            uplink_gateway: gateway,
+            ..self.clone()
+        }
+    }
+    /// Whether the uplink has an address (always, unless DHCP has no lease).
+    pub fn has_address(&self) -> bool {
+        self.uplink_net != NO_ADDRESS
     }
     pub fn pod_ip(&self) -> Ipv4Addr {
         self.pod_net.addr
@@ -109,13 +137,13 @@ impl Addressing {
     }
     /// Whether an address is one of the gateway's own (it answers ping on these).
     pub fn is_local(&self, ip: Ipv4Addr) -> bool {
-        ip == self.pod_ip() || ip == self.uplink_ip()
+        ip == self.pod_ip() || (ip == self.uplink_ip() && self.has_address())
     }
 
     /// Whether an address is one the NAT translates to: the uplink address
     /// or an address of a SNAT pool. The gateway answers ARP for all of them.
     pub fn is_outside(&self, ip: Ipv4Addr) -> bool {
-        ip == self.uplink_ip()
+        (ip == self.uplink_ip() && self.has_address())
             || self
                 .snat
                 .iter()
@@ -170,6 +198,12 @@ impl Addressing {
         }
     }
 }
+
+/// The uplink "address" while DHCP has no lease.
+pub const NO_ADDRESS: Ipv4Net = Ipv4Net {
+    addr: Ipv4Addr::UNSPECIFIED,
+    prefix_len: 32,
+};
 
 /// Every forwarded port: (protocol, outside port, target address, target port).
 pub fn forwarded_ports(

@@ -20,6 +20,49 @@ use tapnat::lab::{
 mod common;
 use common::*;
 
+/// Each test runs twice, as `NAME::tap` and `NAME::raw`: over an uplink
+/// TAP and over a raw AF_PACKET uplink (a veth end in the gateway's uplink
+/// namespace).
+macro_rules! over_both_uplinks {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use tapnat::config::UplinkKind;
+            use tapnat::lab::over_uplink;
+            #[test]
+            fn tap() {
+                over_uplink(UplinkKind::Tap, super::$name);
+            }
+            #[test]
+            fn raw() {
+                over_uplink(UplinkKind::Raw, super::$name);
+            }
+        }
+    )*};
+}
+
+over_both_uplinks!(
+    traceroute_udp_icmp_and_tcp_through_the_gateway,
+    icmp_error_for_no_flow_is_dropped,
+    path_mtu_discovery_through_the_gateway,
+    gateway_sends_fragmentation_needed_for_df_packets_too_big_for_the_uplink,
+    gateway_fragments_packets_without_df_for_a_smaller_uplink,
+    fragmented_udp_both_ways,
+    gateway_icmp_errors_are_rate_limited,
+    snat_pool_gives_each_pod_its_paired_address,
+    excluded_destinations_are_routed_untranslated_with_replies,
+    pod_to_pod_through_the_gateway_is_routed_back_out_of_the_pod_side,
+    port_forward_reaches_the_pod_with_the_real_client_address,
+    hairpin_to_the_pods_own_forward_uses_its_outside_mapping,
+    filtering_modes_let_in_what_they_say,
+    an_out_of_window_rst_from_outside_does_not_kill_the_flow,
+    a_syn_flood_from_a_pod_cannot_push_out_established_flows,
+    udp_forward_range_and_the_pods_port_unreachable_goes_back_translated,
+    hairpin_between_pods_through_a_mapping,
+    icmp_error_about_a_hairpinned_packet_goes_back_to_the_sender,
+    fragmented_udp_routed_pod_to_pod_and_hairpinned_through_a_forward,
+    a_pod_at_its_limits_is_refused_while_another_pods_flows_keep_working,
+);
+
 /// A lab whose external namespace routes to a far host over a `link_mtu` link.
 fn start_far(tag: &str, link_mtu: u16, tweak: impl FnOnce(&mut Config)) -> (Lab, Gateway) {
     let mut lab = Lab::new(tag).expect("namespaces");
@@ -70,7 +113,6 @@ fn probe(lab: &Lab, icmp: &IcmpListener, mode: &str, ttl: u32, seq: u16) -> Opti
     }
 }
 
-#[test]
 fn traceroute_udp_icmp_and_tcp_through_the_gateway() {
     if !root() {
         return;
@@ -105,7 +147,6 @@ fn traceroute_udp_icmp_and_tcp_through_the_gateway() {
     assert!(s.get(Counter::IcmpErrorsSent) >= 3);
 }
 
-#[test]
 fn icmp_error_for_no_flow_is_dropped() {
     if !root() {
         return;
@@ -138,7 +179,6 @@ fn icmp_error_for_no_flow_is_dropped() {
     assert_eq!(gw.stats().get(Counter::PodTxFrames), 0);
 }
 
-#[test]
 fn path_mtu_discovery_through_the_gateway() {
     if !root() {
         return;
@@ -180,7 +220,6 @@ fn path_mtu_discovery_through_the_gateway() {
     );
 }
 
-#[test]
 fn gateway_sends_fragmentation_needed_for_df_packets_too_big_for_the_uplink() {
     if !root() {
         return;
@@ -209,7 +248,6 @@ fn gateway_sends_fragmentation_needed_for_df_packets_too_big_for_the_uplink() {
     assert_eq!(n, 1000);
 }
 
-#[test]
 fn gateway_fragments_packets_without_df_for_a_smaller_uplink() {
     if !root() {
         return;
@@ -231,7 +269,6 @@ fn gateway_fragments_packets_without_df_for_a_smaller_uplink() {
     assert!(gw.stats().get(Counter::FragmentsCreated) >= 2);
 }
 
-#[test]
 fn fragmented_udp_both_ways() {
     if !root() {
         return;
@@ -261,7 +298,6 @@ fn fragmented_udp_both_ways() {
     assert_eq!(s.get(Counter::DropFragmentTimeout), 0);
 }
 
-#[test]
 fn gateway_icmp_errors_are_rate_limited() {
     if !root() {
         return;
@@ -287,7 +323,6 @@ fn gateway_icmp_errors_are_rate_limited() {
     );
 }
 
-#[test]
 fn snat_pool_gives_each_pod_its_paired_address() {
     if !root() {
         return;
@@ -329,7 +364,6 @@ fn snat_pool_gives_each_pod_its_paired_address() {
     assert!(neigh.contains(&mac), "{neigh}");
 }
 
-#[test]
 fn excluded_destinations_are_routed_untranslated_with_replies() {
     if !root() {
         return;
@@ -378,7 +412,6 @@ fn excluded_destinations_are_routed_untranslated_with_replies() {
     assert!(s.get(Counter::DropNoFlow) >= 1);
 }
 
-#[test]
 fn pod_to_pod_through_the_gateway_is_routed_back_out_of_the_pod_side() {
     if !root() {
         return;
@@ -427,7 +460,6 @@ fn with_forward(c: &mut Config) {
     }];
 }
 
-#[test]
 fn port_forward_reaches_the_pod_with_the_real_client_address() {
     if !root() {
         return;
@@ -459,7 +491,6 @@ fn port_forward_reaches_the_pod_with_the_real_client_address() {
     assert!(gw.stats().get(Counter::FlowsCreated) >= 1);
 }
 
-#[test]
 fn hairpin_to_the_pods_own_forward_uses_its_outside_mapping() {
     if !root() {
         return;
@@ -510,7 +541,6 @@ fn filtering_case(tag: &str, filtering: tapnat::config::Filtering) -> (bool, boo
     )
 }
 
-#[test]
 fn filtering_modes_let_in_what_they_say() {
     if !root() {
         return;
@@ -522,7 +552,6 @@ fn filtering_modes_let_in_what_they_say() {
     assert_eq!(filtering_case("apdf", AddressAndPort), (false, false));
 }
 
-#[test]
 fn an_out_of_window_rst_from_outside_does_not_kill_the_flow() {
     if !root() {
         return;
@@ -569,7 +598,6 @@ fn an_out_of_window_rst_from_outside_does_not_kill_the_flow() {
     assert_eq!(&b, b"reply");
 }
 
-#[test]
 fn a_syn_flood_from_a_pod_cannot_push_out_established_flows() {
     if !root() {
         return;
@@ -614,7 +642,6 @@ fn a_syn_flood_from_a_pod_cannot_push_out_established_flows() {
     assert!(gw.flows().len() <= 64);
 }
 
-#[test]
 fn udp_forward_range_and_the_pods_port_unreachable_goes_back_translated() {
     if !root() {
         return;
@@ -667,7 +694,6 @@ fn udp_forward_range_and_the_pods_port_unreachable_goes_back_translated() {
     assert!(gw.stats().get(Counter::IcmpErrorsTranslated) >= 1);
 }
 
-#[test]
 fn hairpin_between_pods_through_a_mapping() {
     if !root() {
         return;
@@ -700,7 +726,6 @@ fn hairpin_between_pods_through_a_mapping() {
     assert!(gw.stats().get(Counter::Hairpinned) >= 2);
 }
 
-#[test]
 fn icmp_error_about_a_hairpinned_packet_goes_back_to_the_sender() {
     if !root() {
         return;
@@ -740,7 +765,6 @@ fn icmp_error_about_a_hairpinned_packet_goes_back_to_the_sender() {
     );
 }
 
-#[test]
 fn fragmented_udp_routed_pod_to_pod_and_hairpinned_through_a_forward() {
     if !root() {
         return;
@@ -804,4 +828,141 @@ fn fragmented_udp_routed_pod_to_pod_and_hairpinned_through_a_forward() {
     assert!(s.get(Counter::FragmentsTranslated) >= 18, "{report}");
     assert!(s.get(Counter::Hairpinned) >= 9, "{report}");
     assert_eq!(s.get(Counter::DropFragmentTimeout), 0, "{report}");
+}
+
+fn a_pod_at_its_limits_is_refused_while_another_pods_flows_keep_working() {
+    if !root() {
+        return;
+    }
+    use std::net::UdpSocket;
+    use std::time::Instant;
+    use tapnat::lab::POD2_IP;
+    const FLOWS: usize = 30;
+    const PORTS: u32 = 20;
+    let (mut lab, gw) = start("podlimit", |c| {
+        // One worker: its shares are the whole limits.
+        c.workers.threads = 1;
+        c.nat.max_flows_per_pod = FLOWS;
+        c.nat.ports_per_pod = PORTS;
+    });
+    lab.add_pod2("podlimit", "tapnat0").unwrap();
+    let pod2 = lab.pod2.as_ref().unwrap();
+    // A UDP echo server outside, bounded in time.
+    let echo = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 7001));
+    echo.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let echo_stop = stop.clone();
+    let echo_thread = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut b = [0u8; 64];
+        while !echo_stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            if let Ok((n, from)) = echo.recv_from(&mut b) {
+                let _ = echo.send_to(&b[..n], from);
+            }
+        }
+    });
+    let echo_to = SocketAddrV4::new(SERVER_IP, 7001);
+    let echo_once = |s: &UdpSocket| -> bool {
+        let mut b = [0u8; 8];
+        s.send_to(b"ping", echo_to).unwrap();
+        matches!(s.recv_from(&mut b), Ok((4, _)))
+    };
+    let listener = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 7000));
+    let accept = || {
+        let (s, from) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (s, from)
+    };
+    // Pod B's connection, established before pod A starts.
+    let mut b_conn = tcp_connect(pod2, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+    let (mut b_srv, _) = accept();
+    b_conn.write_all(b"b").unwrap();
+    let mut byte = [0u8; 1];
+    b_srv.read_exact(&mut byte).unwrap();
+    // Pod A: PORTS answered TCP connections take its share of TCP ports.
+    let a_conns: Vec<_> = (0..PORTS)
+        .map(|_| {
+            let c = tcp_connect(&lab.pod, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+            (c, accept())
+        })
+        .collect();
+    // One more needs a port it may not have, and none of its flows is
+    // unanswered: refused.
+    let refused = lab
+        .pod
+        .run(move || {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddrV4::new(SERVER_IP, 7000).into(),
+                Duration::from_millis(1500),
+            )
+        })
+        .unwrap();
+    assert!(refused.is_err(), "a connection past ports_per_pod");
+    assert!(gw.stats().get(Counter::DropPodPortLimit) >= 1);
+    // Answered UDP flows up to its flow limit (UDP has its own ports).
+    let a_udp: Vec<UdpSocket> = (PORTS as usize..FLOWS)
+        .map(|_| {
+            let s = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 0));
+            assert!(echo_once(&s), "a flow below the limit");
+            s
+        })
+        .collect();
+    // Pod A now creates flows as fast as it can: a fresh socket per
+    // datagram, bounded in count and time. Every one is refused.
+    let flood = lab
+        .pod
+        .run(|| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut sent = 0u32;
+            while sent < 2000 && Instant::now() < deadline {
+                let s = UdpSocket::bind(SocketAddrV4::new(POD_IP, 0)).unwrap();
+                s.send_to(b"flood", SocketAddrV4::new(SERVER_IP, 7001))
+                    .unwrap();
+                sent += 1;
+            }
+            sent
+        })
+        .unwrap();
+    let want = u64::from(flood) * 9 / 10;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.stats().get(Counter::DropPodFlowLimit) < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = gw.stats();
+    assert!(
+        st.get(Counter::DropPodFlowLimit) >= want,
+        "{flood} sent: {}",
+        tapnat::ops::report::stats(&st)
+    );
+    eprintln!(
+        "flood: {flood} datagrams from fresh sockets; {}",
+        tapnat::ops::report::stats(&st)
+    );
+    // It never holds more than its share.
+    let a_flows = gw.flows().iter().filter(|f| f.inside.src == POD_IP).count();
+    assert_eq!(a_flows, FLOWS);
+    // Its own flows still work.
+    assert!(echo_once(&a_udp[0]));
+    // Pod B's established connection works, and its new flows succeed.
+    b_conn.write_all(b"c").unwrap();
+    b_srv.read_exact(&mut byte).unwrap();
+    assert_eq!(&byte, b"c");
+    let mut b_new = tcp_connect(pod2, SocketAddrV4::new(SERVER_IP, 7000)).unwrap();
+    let (mut b_new_srv, from) = accept();
+    assert_eq!(from.ip(), std::net::IpAddr::V4(GATEWAY_UPLINK_IP));
+    b_new.write_all(b"d").unwrap();
+    b_new_srv.read_exact(&mut byte).unwrap();
+    for _ in 0..5 {
+        let s = udp_in(pod2, SocketAddrV4::new(POD2_IP, 0));
+        assert!(echo_once(&s), "pod B's new UDP flow");
+    }
+    // The refusals show in `tapnat stats`, per reason.
+    let report = tapnat::ops::report::stats(&gw.stats());
+    for counter in ["drop_pod_flow_limit", "drop_pod_port_limit"] {
+        assert!(report.contains(counter), "{report}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    echo_thread.join().unwrap();
+    drop(a_conns);
 }

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tapnat::lab::{
-    Echo, Lab, Netns, Pinger, EXT_ROUTER_IP, GATEWAY_POD_IP, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP,
+    Echo, Lab, Netns, Pinger, EXT_ROUTER_IP, GATEWAY_POD_IP, GATEWAY_UPLINK_IP, POD2_IP, POD_IP,
+    SERVER_IP,
 };
 use tapnat::ops::socket::{self, Request, Response};
 use tapnat::wire::build::{self, Endpoints};
@@ -388,9 +389,9 @@ struct Measured {
     elapsed: Duration,
 }
 
-/// Runs one flood against a fresh gateway: an established victim
-/// connection first, then the flood with the victim and the memory watch
-/// alongside; asserts the victim never failed and the peak stayed under
+/// Runs one flood against a fresh gateway (from outside, or from a second
+/// pod if `setup` adds one): an established victim connection first, then
+/// the flood with the victim and the memory watch alongside; asserts the victim never failed and the peak stayed under
 /// `bound_mib`.
 fn flood_test(
     tag: &str,
@@ -399,17 +400,17 @@ fn flood_test(
     udp_len: usize,
     bound_mib: u64,
     make: impl Fn(u64) -> Vec<u8> + Send + 'static,
-    setup: impl FnOnce(&Lab),
+    setup: impl FnOnce(&mut Lab),
 ) -> Option<(Lab, Measured)> {
     if !root() {
         return None;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::new(tag).expect("namespaces");
+    let mut lab = Lab::new(tag).expect("namespaces");
     let started = Instant::now();
     let gw = run(&lab, tag, extra);
     let _servers = Servers::new(&lab.ext);
-    setup(&lab);
+    setup(&mut lab);
     let mut established = tcp_connect(&lab.pod, TCP_ECHO).expect("victim connects");
     established
         .set_read_timeout(Some(Duration::from_secs(3)))
@@ -419,7 +420,8 @@ fn flood_test(
     std::thread::sleep(Duration::from_millis(200));
     let baseline_kib = rss_kib(gw.pid());
     let watch = RssWatch::new(gw.pid());
-    let flooder = flood(&lab.ext, pps, make);
+    // From a second pod when `setup` added one, else from outside.
+    let flooder = flood(lab.pod2.as_ref().unwrap_or(&lab.ext), pps, make);
     let v = victim(
         &lab,
         &mut established,
@@ -655,4 +657,28 @@ fn syn_flood_at_a_forward_is_bounded() {
     );
     assert_eq!(c("drop_table_full"), 0);
     drop(listener);
+}
+
+#[test]
+fn a_pod_creating_flows_as_fast_as_it_can_is_bounded() {
+    // A second pod sends one UDP datagram from each of 60000 source ports
+    // in turn, unpaced: every one a new flow. It hits its per-pod flow and
+    // port limits (its own unreplied flows go first); the victim pod's
+    // established connection and new flows keep working.
+    let make = |i: u64| {
+        let ep = Endpoints::new(POD2_IP, SERVER_IP);
+        ip_of(build::udp(&ep, 1024 + (i % 60000) as u16, 9, b"x", true))
+    };
+    let Some((_lab, m)) = flood_test("fl-pod", "", 0, 1000, BOUND_MIB, make, |lab| {
+        lab.add_pod2("fl-pod", "tapnat0").expect("second pod")
+    }) else {
+        return;
+    };
+    let c = |n: &str| m.counters.get(n).copied().unwrap_or(0);
+    assert!(c("flows_created") > 1000, "the flood made no flows");
+    assert!(
+        c("drop_pod_flow_limit") + c("drop_pod_port_limit") + c("flows_evicted") > 0,
+        "the second pod never reached its limits"
+    );
+    assert_eq!(c("drop_table_full"), 0);
 }

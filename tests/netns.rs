@@ -9,21 +9,60 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream};
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
-use tapnat::config::Config;
+use tapnat::config::{Config, UplinkKind};
 use tapnat::device::PacketSocket;
 use tapnat::gateway::stats::Counter;
-use tapnat::lab::{self, Echo, Pinger, GATEWAY_POD_IP, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP};
+use tapnat::gateway::Gateway;
+use tapnat::lab::{self, Echo, Lab, Pinger, GATEWAY_POD_IP, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP};
 use tapnat::nat::Proto;
 
 mod common;
 use common::*;
 
-#[test]
-fn arp_and_ping_both_gateway_addresses() {
-    if !root() {
-        return;
-    }
-    let (lab, gw) = start("ping-gw", |_| {});
+/// Each end-to-end test body runs twice: over a TAP uplink (`NAME::tap`)
+/// and over a raw AF_PACKET uplink on one end of a veth pair (`NAME::raw`).
+macro_rules! over_both_uplinks {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[test]
+            fn tap() {
+                if root() {
+                    super::$name(UplinkKind::Tap);
+                }
+            }
+            #[test]
+            fn raw() {
+                if root() {
+                    super::$name(UplinkKind::Raw);
+                }
+            }
+        }
+    )*};
+}
+
+over_both_uplinks!(
+    arp_and_ping_both_gateway_addresses,
+    ping_through_the_nat,
+    tcp_request_response_and_20_mb_both_ways,
+    tcp_20_mb_without_offload_and_one_worker,
+    udp_request_response,
+    same_pod_port_to_two_servers_gets_one_outside_port,
+    unsolicited_inbound_is_not_delivered,
+    spoofed_source_is_not_forwarded,
+    ttl_1_gets_time_exceeded_from_the_gateway,
+    malformed_frames_are_counted_and_traffic_still_flows,
+    frames_are_steered_to_their_owners_queue,
+);
+
+/// A lab with this uplink kind and a gateway on its default config (two
+/// workers, then `tweak`), wired up.
+fn start_kind(kind: UplinkKind, tag: &str, tweak: impl FnOnce(&mut Config)) -> (Lab, Gateway) {
+    start_in(Lab::with_uplink(tag, kind).expect("namespaces"), tweak)
+}
+
+fn arp_and_ping_both_gateway_addresses(kind: UplinkKind) {
+    let (lab, gw) = start_kind(kind, "ping-gw", |_| {});
     let mut pod = Pinger::new(&lab.pod).unwrap();
     let mut ext = Pinger::new(&lab.ext).unwrap();
     assert_eq!(pod.ping(GATEWAY_POD_IP, 3, T).unwrap().len(), 3);
@@ -40,16 +79,20 @@ fn arp_and_ping_both_gateway_addresses() {
         .ip(&format!("neigh show {GATEWAY_UPLINK_IP}"))
         .unwrap();
     assert!(ext_neigh.contains(&mac(a.uplink_mac)), "{ext_neigh}");
+    if kind == UplinkKind::Raw {
+        // A raw uplink speaks with its interface's own MAC.
+        let link = lab
+            .uplink_ns()
+            .ip(&format!("link show dev {}", lab::RAW_UPLINK_IF))
+            .unwrap();
+        assert!(link.contains(&mac(a.uplink_mac)), "{link}");
+    }
     assert!(gw.stats().get(Counter::LocalStackFrames) >= 8);
     assert_eq!(gw.stats().get(Counter::In2outPackets), 0);
 }
 
-#[test]
-fn ping_through_the_nat() {
-    if !root() {
-        return;
-    }
-    let (lab, gw) = start("ping-nat", |_| {});
+fn ping_through_the_nat(kind: UplinkKind) {
+    let (lab, gw) = start_kind(kind, "ping-nat", |_| {});
     let mut pod = Pinger::new(&lab.pod).unwrap();
     assert_eq!(pod.ping(SERVER_IP, 5, T).unwrap().len(), 5);
     let flows = gw.flows();
@@ -70,26 +113,20 @@ fn pattern(i: usize) -> u8 {
     (i.wrapping_mul(2654435761) >> 13) as u8
 }
 
-#[test]
-fn tcp_request_response_and_20_mb_both_ways() {
-    if root() {
-        tcp_transfer("tcp", |_| {});
-    }
+fn tcp_request_response_and_20_mb_both_ways(kind: UplinkKind) {
+    tcp_transfer(kind, "tcp", |_| {});
 }
 
-#[test]
-fn tcp_20_mb_without_offload_and_one_worker() {
-    if root() {
-        tcp_transfer("tcp-plain", |c| {
-            c.workers.offload = false;
-            c.workers.threads = 1;
-        });
-    }
+fn tcp_20_mb_without_offload_and_one_worker(kind: UplinkKind) {
+    tcp_transfer(kind, "tcp-plain", |c| {
+        c.workers.offload = false;
+        c.workers.threads = 1;
+    });
 }
 
-fn tcp_transfer(tag: &str, tweak: impl FnOnce(&mut Config)) {
+fn tcp_transfer(kind: UplinkKind, tag: &str, tweak: impl FnOnce(&mut Config)) {
     const SIZE: usize = 20 << 20;
-    let (lab, gw) = start(tag, tweak);
+    let (lab, gw) = start_kind(kind, tag, tweak);
     let listener = tcp_listen(&lab.ext, SocketAddrV4::new(SERVER_IP, 8080));
     let server = std::thread::spawn(move || {
         let (mut s, peer) = listener.accept().unwrap();
@@ -156,12 +193,8 @@ fn tcp_transfer(tag: &str, tweak: impl FnOnce(&mut Config)) {
     );
 }
 
-#[test]
-fn udp_request_response() {
-    if !root() {
-        return;
-    }
-    let (lab, gw) = start("udp", |_| {});
+fn udp_request_response(kind: UplinkKind) {
+    let (lab, gw) = start_kind(kind, "udp", |_| {});
     let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5353));
     let cli = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 40000));
     for i in 0..10u8 {
@@ -182,12 +215,8 @@ fn udp_request_response() {
     assert_eq!(gw.stats().get(Counter::FlowsCreated), 1);
 }
 
-#[test]
-fn same_pod_port_to_two_servers_gets_one_outside_port() {
-    if !root() {
-        return;
-    }
-    let (lab, _gw) = start("eim", |_| {});
+fn same_pod_port_to_two_servers_gets_one_outside_port(kind: UplinkKind) {
+    let (lab, _gw) = start_kind(kind, "eim", |_| {});
     let other = Ipv4Addr::new(198, 51, 100, 11);
     lab.ext.ip(&format!("addr add {other}/32 dev lo")).unwrap();
     // UDP: one socket, two destinations.
@@ -225,12 +254,8 @@ fn same_pod_port_to_two_servers_gets_one_outside_port() {
     assert_eq!(p1.port(), port);
 }
 
-#[test]
-fn unsolicited_inbound_is_not_delivered() {
-    if !root() {
-        return;
-    }
-    let (lab, gw) = start("unsolicited", |_| {});
+fn unsolicited_inbound_is_not_delivered(kind: UplinkKind) {
+    let (lab, gw) = start_kind(kind, "unsolicited", |_| {});
     let pod_udp = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 9000));
     pod_udp
         .set_read_timeout(Some(Duration::from_millis(500)))
@@ -285,12 +310,8 @@ fn unsolicited_inbound_is_not_delivered() {
     assert!(gw.flows().is_empty());
 }
 
-#[test]
-fn spoofed_source_is_not_forwarded() {
-    if !root() {
-        return;
-    }
-    let (lab, gw) = start("spoof", |_| {});
+fn spoofed_source_is_not_forwarded(kind: UplinkKind) {
+    let (lab, gw) = start_kind(kind, "spoof", |_| {});
     // Resolve the gateway first: the spoofed address is off the pod subnet.
     assert_eq!(
         Pinger::new(&lab.pod)
@@ -323,12 +344,8 @@ fn spoofed_source_is_not_forwarded() {
     assert!(srv.recv_from(&mut b).is_ok());
 }
 
-#[test]
-fn ttl_1_gets_time_exceeded_from_the_gateway() {
-    if !root() {
-        return;
-    }
-    let (lab, gw) = start("ttl", |_| {});
+fn ttl_1_gets_time_exceeded_from_the_gateway(kind: UplinkKind) {
+    let (lab, gw) = start_kind(kind, "ttl", |_| {});
     let mut pod = Pinger::new(&lab.pod).unwrap();
     // Warm up ARP so the answer is about TTL only.
     assert_eq!(pod.ping(GATEWAY_POD_IP, 1, T).unwrap().len(), 1);
@@ -351,12 +368,8 @@ fn ttl_1_gets_time_exceeded_from_the_gateway() {
     ));
 }
 
-#[test]
-fn malformed_frames_are_counted_and_traffic_still_flows() {
-    if !root() {
-        return;
-    }
-    let (lab, gw) = start("malformed", |_| {});
+fn malformed_frames_are_counted_and_traffic_still_flows(kind: UplinkKind) {
+    let (lab, gw) = start_kind(kind, "malformed", |_| {});
     let raw = lab
         .pod
         .run(|| PacketSocket::open("tapnat0"))
@@ -408,6 +421,50 @@ fn malformed_frames_are_counted_and_traffic_still_flows() {
             c.name()
         );
     }
+    // The same from outside, on the uplink, to the gateway's uplink MAC.
+    let ext_raw = lab
+        .ext
+        .run(|| PacketSocket::open("tapnat1"))
+        .unwrap()
+        .unwrap();
+    let up_mac = gw.addressing().uplink_mac;
+    let ext_eth = |ethertype: u16, payload: &[u8]| {
+        let mut f = up_mac.as_bytes().to_vec();
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x78]);
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let inbound = tapnat::wire::build::udp(
+        &tapnat::wire::build::Endpoints::new(SERVER_IP, GATEWAY_UPLINK_IP),
+        53,
+        1000,
+        b"abcd",
+        true,
+    );
+    let mut in_bad_csum = inbound[14..].to_vec();
+    in_bad_csum[10] ^= 0x55;
+    let mut in_bad_ihl = inbound[14..].to_vec();
+    in_bad_ihl[0] = 0x43;
+    let frames: Vec<(Vec<u8>, Counter)> = vec![
+        (ext_eth(0x0800, &in_bad_ihl), Counter::DropBadIpHeader),
+        (ext_eth(0x0800, &in_bad_csum), Counter::DropBadIpChecksum),
+        (ext_eth(0x0806, &[0, 1, 8, 0]), Counter::DropBadArp),
+        (ext_eth(0x88b5, &[0xde, 0xad]), Counter::DropOtherEthertype),
+    ];
+    let before = gw.stats();
+    for (f, _) in &frames {
+        ext_raw.send(f).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = gw.stats();
+    for (f, c) in &frames {
+        assert!(
+            after.get(*c) > before.get(*c),
+            "{} not counted for uplink frame {f:02x?}",
+            c.name()
+        );
+    }
     // The gateway is alive and still translating.
     let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 53));
     let cli = udp_in(&lab.pod, SocketAddrV4::new(POD_IP, 0));
@@ -420,12 +477,8 @@ fn malformed_frames_are_counted_and_traffic_still_flows() {
     assert_eq!(pod.ping(SERVER_IP, 2, T).unwrap().len(), 2);
 }
 
-#[test]
-fn frames_are_steered_to_their_owners_queue() {
-    if !root() {
-        return;
-    }
-    let (lab, gw) = start("steer", |_| {});
+fn frames_are_steered_to_their_owners_queue(kind: UplinkKind) {
+    let (lab, gw) = start_kind(kind, "steer", |_| {});
     assert!(gw.steering(), "the eBPF steering program was not attached");
     // Many short UDP flows from different ports: with steering, none of
     // their first packets needs a hand-off between workers.
@@ -447,4 +500,194 @@ fn frames_are_steered_to_their_owners_queue() {
         tapnat::ops::report::stats(&s)
     );
     assert_eq!(s.get(Counter::In2outPackets), 40);
+}
+
+// ---- the raw uplink's own checks and life cycle ----
+
+/// A raw-uplink lab, its config and the namespace of the gateway's interface.
+fn raw_lab(tag: &str) -> (Lab, Config) {
+    let lab = Lab::with_uplink(tag, UplinkKind::Raw).expect("namespaces");
+    let mut config = lab.config();
+    config.workers.threads = 2;
+    (lab, config)
+}
+
+/// `tapnat run` on `config` (written to a file), expecting it to refuse:
+/// its exit status and stderr. No device of the pod side is created.
+fn run_refused(tag: &str, config: &Config, lab: &Lab) -> (i32, String) {
+    let text = format!(
+        "[pod]\nnetns = \"{}\"\n[uplink]\nkind = \"raw\"\ninterface = \"{}\"\nnetns = \"{}\"\n[control]\nsocket = \"{}\"\n",
+        lab.pod.path().display(),
+        config.uplink.interface.as_deref().unwrap(),
+        lab.uplink_ns().path().display(),
+        std::env::temp_dir()
+            .join(format!("tapnat-{tag}-{}.sock", std::process::id()))
+            .display(),
+    );
+    let file = TempConfig::new(tag, &text);
+    let out = tapnat()
+        .args(["run", "--config", file.path()])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn raw_uplink_with_a_kernel_address_is_refused_naming_the_key_and_the_fix() {
+    if !root() {
+        return;
+    }
+    let (lab, config) = raw_lab("raw-addr");
+    let up = lab.uplink_ns();
+    up.ip(&format!(
+        "addr add 192.0.2.77/24 dev {}",
+        lab::RAW_UPLINK_IF
+    ))
+    .unwrap();
+    let e = Gateway::start(&config).err().expect("refused");
+    let text = e.to_string();
+    assert!(
+        matches!(
+            &e,
+            tapnat::gateway::GatewayError::Config(tapnat::config::ConfigError::Invalid { key, .. })
+                if key == "uplink.interface"
+        ),
+        "{text}"
+    );
+    let fix = format!("ip -n {} addr flush dev {}", up.name(), lab::RAW_UPLINK_IF);
+    assert!(text.contains(&fix) && text.contains("192.0.2.77"), "{text}");
+    let (code, stderr) = run_refused("raw-addr", &config, &lab);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("uplink.interface") && stderr.contains(&fix),
+        "{stderr}"
+    );
+    // Nothing was created on the pod side.
+    assert!(lab.pod.ip("link show dev tapnat0").is_err());
+}
+
+#[test]
+fn raw_uplink_on_a_missing_interface_is_refused_naming_the_key() {
+    if !root() {
+        return;
+    }
+    let (lab, mut config) = raw_lab("raw-missing");
+    config.uplink.interface = Some("nosuch0".into());
+    let e = Gateway::start(&config).err().expect("refused");
+    assert!(
+        matches!(
+            &e,
+            tapnat::gateway::GatewayError::Config(tapnat::config::ConfigError::Invalid { key, .. })
+                if key == "uplink.interface"
+        ),
+        "{e}"
+    );
+    let (code, stderr) = run_refused("raw-missing", &config, &lab);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("uplink.interface") && stderr.contains("no interface \"nosuch0\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn raw_uplink_warns_when_its_namespace_forwards() {
+    if !root() {
+        return;
+    }
+    let (lab, config) = raw_lab("raw-fwd");
+    let status = lab
+        .uplink_ns()
+        .command("sh")
+        .args(["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let gw = Gateway::start(&config).expect("starts");
+    assert_eq!(gw.warnings().len(), 1, "{:?}", gw.warnings());
+    assert!(gw.warnings()[0].contains("forwarding"));
+    gw.stop();
+    // Without forwarding: no warning.
+    let (lab2, config2) = raw_lab("raw-nofwd");
+    let gw = Gateway::start(&config2).expect("starts");
+    assert!(gw.warnings().is_empty(), "{:?}", gw.warnings());
+    drop((lab, lab2));
+}
+
+#[test]
+fn raw_uplink_keeps_running_over_link_down_and_stops_when_the_interface_goes() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start_kind(UplinkKind::Raw, "raw-life", |_| {});
+    let failures = gw.failures();
+    let mut pod = Pinger::new(&lab.pod).unwrap();
+    assert_eq!(pod.ping(SERVER_IP, 2, T).unwrap().len(), 2);
+    let up = lab.uplink_ns();
+    up.ip(&format!("link set {} down", lab::RAW_UPLINK_IF))
+        .unwrap();
+    assert!(
+        failures.recv_timeout(Duration::from_secs(1)).is_err(),
+        "a link going down stopped the gateway"
+    );
+    up.ip(&format!("link set {} up", lab::RAW_UPLINK_IF))
+        .unwrap();
+    // Traffic flows again once the link is back (the veth needs a moment).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pod
+        .ping(SERVER_IP, 1, Duration::from_millis(500))
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no traffic after link up"
+        );
+    }
+    // Deleted while down: the kernel's ENETDOWN came with the link going
+    // down, the deletion only says so on rtnetlink.
+    up.ip(&format!("link set {} down", lab::RAW_UPLINK_IF))
+        .unwrap();
+    assert!(failures.recv_timeout(Duration::from_millis(500)).is_err());
+    let deleted = std::time::Instant::now();
+    up.ip(&format!("link del {}", lab::RAW_UPLINK_IF)).unwrap();
+    let f = failures
+        .recv_timeout(Duration::from_secs(2))
+        .expect("the gateway stops within 2 s when its interface is deleted");
+    assert!(
+        matches!(&f, tapnat::gateway::Failure::DeviceGone { device, .. } if device == lab::RAW_UPLINK_IF),
+        "{f}"
+    );
+    assert!(deleted.elapsed() < Duration::from_secs(2));
+    gw.stop();
+}
+
+#[test]
+fn raw_uplink_stops_when_its_namespace_is_deleted() {
+    if !root() {
+        return;
+    }
+    let (lab, gw) = start_kind(UplinkKind::Raw, "raw-nsgone", |_| {});
+    let failures = gw.failures();
+    assert_eq!(
+        Pinger::new(&lab.pod)
+            .unwrap()
+            .ping(SERVER_IP, 1, T)
+            .unwrap()
+            .len(),
+        1
+    );
+    let ns = lab.uplink_ns().name().to_owned();
+    lab::ip(&["netns", "del", &ns]).unwrap();
+    let f = failures
+        .recv_timeout(Duration::from_secs(2))
+        .expect("the gateway stops within 2 s when its uplink namespace is deleted");
+    assert!(
+        matches!(&f, tapnat::gateway::Failure::NamespaceGone { device, .. } if device == lab::RAW_UPLINK_IF),
+        "{f}"
+    );
+    gw.stop();
 }

@@ -502,9 +502,11 @@ fn sighup_applies_the_file_and_refuses_what_needs_a_restart() {
     let moved = grown.replace("[pod]\n", "[pod]\ntap = \"tapnat9\"\n") + more;
     std::fs::write(&file.0, moved).unwrap();
     gw.signal("-HUP");
-    let err = gw.wait_stderr("tapnat: reload: nothing changed", 1);
+    let err = gw.wait_stderr("tapnat: error: reload: nothing changed", 1);
     assert!(
-        err.contains("tapnat: reload: pod.tap cannot change while running; restart to apply"),
+        err.contains(
+            "tapnat: error: reload: pod.tap cannot change while running; restart to apply"
+        ),
         "{err}"
     );
     // A file that does not parse changes nothing either.
@@ -568,4 +570,429 @@ fn sighup_applies_a_new_masquerade_exclusion() {
         "not routed untranslated after the reload"
     );
     gw.stop();
+}
+
+/// A client command left running (`tapnat events`, `tapnat capture`), its
+/// stdout collected line by line; killed by PID and waited for on drop.
+struct Streaming {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Streaming {
+    fn new(args: &[&str]) -> Streaming {
+        let mut child = tapnat()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        Streaming { child, lines }
+    }
+
+    /// Waits up to `secs` for a line that `pred` accepts; returns it.
+    fn wait_line(&self, secs: u64, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no such line in {:?}",
+                self.lines.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The JSON lines of a file (none if it is missing).
+fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn events_show_new_and_destroyed_flows_and_the_mapping_log_rotates() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("ops-ev").unwrap();
+    let log = std::env::temp_dir().join(format!("tapnat-ops-maplog-{}.json", std::process::id()));
+    let rotated = log.with_extension("json.1");
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&rotated);
+    let extra = format!(
+        "[nat.timeouts]\nudp = \"2s\"\n[log]\nmappings = \"{}\"\n",
+        log.display()
+    );
+    let text = config_text(&lab, "ev", &extra);
+    let file = TempConfig::new("ev", &text);
+    let gw = run(&lab, &file, &text);
+    let p = file.path();
+    let json = Streaming::new(&["events", "-o", "json", "--config", p]);
+    let text_events =
+        Streaming::new(&["events", "--control", control_path("ev").to_str().unwrap()]);
+    // Subscribed once the tables journal: within a worker loop iteration.
+    std::thread::sleep(Duration::from_millis(500));
+    let srv = udp_in(&lab.ext, SocketAddrV4::new(SERVER_IP, 5000));
+    assert!(udp_round_trip(&lab, &srv, 42000));
+    let is = |l: &str, event: &str, sport: u16| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v["event"] == event && v["sport"] == sport && v["proto"] == "udp"
+    };
+    let new: serde_json::Value =
+        serde_json::from_str(&json.wait_line(5, |l| is(l, "new", 42000))).unwrap();
+    assert_eq!(new["src"], POD_IP.to_string(), "{new}");
+    assert_eq!(new["dst"], SERVER_IP.to_string(), "{new}");
+    assert_eq!(new["dport"], 5000, "{new}");
+    assert_eq!(new["ext_addr"], GATEWAY_UPLINK_IP.to_string(), "{new}");
+    assert!(new.get("reason").is_none(), "{new}");
+    let ext_port = new["ext_port"].as_u64().unwrap();
+    // The flow expires after 2 s idle.
+    let gone: serde_json::Value =
+        serde_json::from_str(&json.wait_line(8, |l| is(l, "destroy", 42000))).unwrap();
+    assert_eq!(gone["reason"], "timeout", "{gone}");
+    assert_eq!(gone["packets_in2out"], 1, "{gone}");
+    assert_eq!(gone["packets_out2in"], 1, "{gone}");
+    // The text form, like conntrack -E.
+    text_events.wait_line(2, |l| {
+        l == format!(
+            "[NEW] udp src={POD_IP} dst={SERVER_IP} sport=42000 dport=5000 \
+             [translated src={GATEWAY_UPLINK_IP} sport={ext_port}]"
+        )
+    });
+    text_events.wait_line(2, |l| {
+        l.starts_with("[DESTROY] udp src=10.244.0.2") && l.ends_with("reason=timeout")
+    });
+    // A flushed flow says so.
+    assert!(udp_round_trip(&lab, &srv, 42001));
+    json.wait_line(5, |l| is(l, "new", 42001));
+    ok(&["flush", "--port", "42001", "--config", p]);
+    let flushed: serde_json::Value =
+        serde_json::from_str(&json.wait_line(5, |l| is(l, "destroy", 42001))).unwrap();
+    assert_eq!(flushed["reason"], "flush", "{flushed}");
+    // The mapping log: made and released, no destination.
+    let lines = json_lines(&log);
+    let of = |event: &str, port: u16| {
+        lines
+            .iter()
+            .find(|l| l["event"] == event && l["inside"] == format!("{POD_IP}:{port}"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {event} for {port} in {lines:?}"))
+    };
+    let made = of("mapping-new", 42000);
+    assert_eq!(
+        made["outside"],
+        format!("{GATEWAY_UPLINK_IP}:{ext_port}"),
+        "{made}"
+    );
+    assert_eq!(made["proto"], "udp");
+    assert!(made["time"].as_f64().unwrap() > 1.7e9, "{made}");
+    of("mapping-end", 42000);
+    of("mapping-end", 42001);
+    assert!(
+        lines.iter().all(|l| l.get("destination").is_none()),
+        "{lines:?}"
+    );
+    // Rotation: moved away, SIGHUP, and new mappings go to a new file.
+    std::fs::rename(&log, &rotated).unwrap();
+    gw.signal("-HUP");
+    gw.wait_stderr("tapnat: reload:", 1);
+    assert!(udp_round_trip(&lab, &srv, 42002));
+    json.wait_line(5, |l| is(l, "new", 42002));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while json_lines(&log).is_empty() {
+        assert!(Instant::now() < deadline, "nothing in the reopened log");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fresh = json_lines(&log);
+    assert_eq!(fresh[0]["event"], "mapping-new", "{fresh:?}");
+    assert_eq!(fresh[0]["inside"], format!("{POD_IP}:42002"), "{fresh:?}");
+    assert!(
+        json_lines(&rotated)
+            .iter()
+            .all(|l| l["inside"] != format!("{POD_IP}:42002")),
+        "written to the rotated file"
+    );
+    // log.destinations changes live: sessions are logged with theirs.
+    std::fs::write(&file.0, format!("{text}destinations = true\n")).unwrap();
+    gw.signal("-HUP");
+    let err = gw.wait_stderr("tapnat: reload: applied log.destinations", 1);
+    assert!(!err.contains("error"), "{err}");
+    assert!(udp_round_trip(&lab, &srv, 42003));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let session = loop {
+        let found = json_lines(&log)
+            .into_iter()
+            .find(|l| l["event"] == "session-new" && l["inside"] == format!("{POD_IP}:42003"));
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no session line");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        session["destination"],
+        format!("{SERVER_IP}:5000"),
+        "{session}"
+    );
+    // Nothing was lost with readers that keep up; the rules counted it.
+    let stats: serde_json::Value =
+        serde_json::from_str(&ok(&["stats", "-o", "json", "--config", p])).unwrap();
+    assert_eq!(stats["counters"]["events_lost"], 0, "{stats}");
+    let rule = &stats["rules"][0];
+    assert_eq!(rule["rule"], "masquerade[0]", "{stats}");
+    assert!(rule["packets"].as_u64().unwrap() >= 6, "{stats}");
+    assert!(rule["bytes"].as_u64().unwrap() >= 6 * 32, "{stats}");
+    let text_stats = ok(&["stats", "--config", p]);
+    assert!(
+        text_stats.contains("rules:\n  masquerade[0]"),
+        "{text_stats}"
+    );
+    let prom = ok(&["stats", "-o", "prometheus", "--config", p]);
+    let line = prom
+        .lines()
+        .find(|l| l.starts_with("tapnat_rule_packets_total{rule=\"masquerade[0]\""))
+        .unwrap_or_else(|| panic!("{prom}"));
+    let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(n, rule["packets"].as_u64().unwrap());
+    drop(json);
+    drop(text_events);
+    let err = gw.stop();
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&rotated);
+}
+
+/// The records of a classic pcap file (little-endian, microseconds):
+/// the link type and each frame. Written here, not taken from the
+/// gateway's writer, so the test checks the format itself.
+fn read_pcap(bytes: &[u8]) -> (u32, Vec<Vec<u8>>) {
+    assert!(bytes.len() >= 24, "no pcap header");
+    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    assert_eq!(u32_at(bytes, 0), 0xa1b2_c3d4, "magic");
+    assert_eq!(&bytes[4..8], &[2, 0, 4, 0], "version 2.4");
+    let link = u32_at(bytes, 20);
+    let mut frames = Vec::new();
+    let mut at = 24;
+    while at < bytes.len() {
+        let incl = u32_at(bytes, at + 8) as usize;
+        let orig = u32_at(bytes, at + 12) as usize;
+        assert_eq!(incl, orig, "frame cut");
+        frames.push(bytes[at + 16..at + 16 + incl].to_vec());
+        at += 16 + incl;
+    }
+    assert_eq!(at, bytes.len(), "trailing bytes");
+    (link, frames)
+}
+
+/// (ICMP type, source, destination) of an Ethernet frame carrying an
+/// IPv4 ICMP echo request or reply.
+fn echo_of(frame: &[u8]) -> Option<(u8, std::net::Ipv4Addr, std::net::Ipv4Addr)> {
+    if frame.len() < 14 + 20 + 8 || frame[12..14] != [0x08, 0x00] || frame[14 + 9] != 1 {
+        return None;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let ty = frame[14 + ihl];
+    let ip =
+        |at: usize| std::net::Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3]);
+    matches!(ty, 0 | 8).then(|| (ty, ip(14 + 12), ip(14 + 16)))
+}
+
+#[test]
+fn capture_records_frames_before_and_after_translation() {
+    if !root() {
+        return;
+    }
+    let lab = Lab::new("ops-cap").unwrap();
+    let text = config_text(&lab, "cap", "");
+    let file = TempConfig::new("cap", &text);
+    let gw = run(&lab, &file, &text);
+    let p = file.path();
+    let mut pinger = Pinger::new(&lab.pod).unwrap();
+    // Neighbours resolved first (the capture would see the ARP too).
+    assert_eq!(
+        pinger
+            .ping(SERVER_IP, 1, Duration::from_secs(2))
+            .unwrap()
+            .len(),
+        1
+    );
+    let pcap = std::env::temp_dir().join(format!("tapnat-ops-cap-{}.pcap", std::process::id()));
+    let pcap_s = pcap.to_str().unwrap().to_string();
+    let mut both = tapnat()
+        .args([
+            "capture",
+            "--side",
+            "both",
+            "--seconds",
+            "3",
+            "-w",
+            &pcap_s,
+            "--config",
+            p,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // One capture at a time.
+    let second = cli(&["capture", "-w", "-", "--config", p]);
+    assert_eq!(second.status.code(), Some(1), "{second:?}");
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("a capture is already running"),
+        "{second:?}"
+    );
+    assert_eq!(
+        pinger
+            .ping(SERVER_IP, 2, Duration::from_secs(2))
+            .unwrap()
+            .len(),
+        2
+    );
+    let status = both.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let (link, frames) = read_pcap(&std::fs::read(&pcap).unwrap());
+    assert_eq!(link, 1, "Ethernet");
+    let echoes: Vec<_> = frames.iter().filter_map(|f| echo_of(f)).collect();
+    let n = |ty: u8, src, dst| echoes.iter().filter(|e| **e == (ty, src, dst)).count();
+    // Read from the pod, before translation; written to the uplink, after.
+    assert_eq!(n(8, POD_IP, SERVER_IP), 2, "{echoes:?}");
+    assert_eq!(n(8, GATEWAY_UPLINK_IP, SERVER_IP), 2, "{echoes:?}");
+    // The replies: read from the uplink, written to the pod translated back.
+    assert_eq!(n(0, SERVER_IP, GATEWAY_UPLINK_IP), 2, "{echoes:?}");
+    assert_eq!(n(0, SERVER_IP, POD_IP), 2, "{echoes:?}");
+    assert_eq!(echoes.len(), 8, "{echoes:?}");
+    // tcpdump, where it is installed, reads the file as well.
+    if let Ok(out) = Command::new("tcpdump").args(["-n", "-r", &pcap_s]).output() {
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("ICMP echo request"), "{text}");
+    }
+    // `-w -` and `--count`: one side only, stops after N frames.
+    let mut pod_only = tapnat()
+        .args([
+            "capture", "--side", "uplink", "--count", "2", "-w", "-", "--config", p,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        pinger
+            .ping(SERVER_IP, 1, Duration::from_secs(2))
+            .unwrap()
+            .len(),
+        1
+    );
+    let mut out = Vec::new();
+    pod_only
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut out)
+        .unwrap();
+    assert!(pod_only.wait().unwrap().success());
+    let (_, frames) = read_pcap(&out);
+    let echoes: Vec<_> = frames.iter().filter_map(|f| echo_of(f)).collect();
+    assert_eq!(
+        echoes,
+        [
+            (8, GATEWAY_UPLINK_IP, SERVER_IP),
+            (0, SERVER_IP, GATEWAY_UPLINK_IP)
+        ],
+        "uplink side only"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&ok(&["stats", "-o", "json", "--config", p])).unwrap();
+    assert!(
+        stats["counters"]["capture_frames"].as_u64().unwrap() >= 10,
+        "{stats}"
+    );
+    assert_eq!(stats["counters"]["capture_lost"], 0, "{stats}");
+    let _ = std::fs::remove_file(&pcap);
+    let err = gw.stop();
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_mapping_log_that_cannot_be_opened_is_a_config_error() {
+    let file = TempConfig::new(
+        "maplog-bad",
+        "[log]\nmappings = \"/nonexistent-tapnat-dir/m.json\"\n[pod]\ntap = \"tapnatbad0\"\n",
+    );
+    let out = cli(&["run", "--config", file.path()]);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("log.mappings") && err.contains("/nonexistent-tapnat-dir/m.json"),
+        "{err}"
+    );
+    // Found before any device was opened.
+    assert!(!std::path::Path::new("/sys/class/net/tapnatbad0").exists());
+}
+
+#[test]
+fn messages_follow_tapnat_log_and_a_closed_stderr_is_not_fatal() {
+    // A UDP timeout below RFC 4787's minimum is a warning.
+    let file = TempConfig::new("log-levels", "[nat.timeouts]\nudp = \"2s\"\n");
+    let warned = |level: Option<&str>| {
+        let mut cmd = tapnat();
+        cmd.args(["check", "--config", file.path()]);
+        match level {
+            Some(l) => cmd.env("TAPNAT_LOG", l),
+            None => cmd.env_remove("TAPNAT_LOG"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let default = warned(None);
+    assert!(
+        default.starts_with("tapnat: warning: ") && default.contains("nat.timeouts.udp"),
+        "{default}"
+    );
+    assert_eq!(warned(Some("error")), "");
+    assert_eq!(warned(Some("warn")), default);
+    // stderr is a pipe whose reader is gone (the write end of `true`'s
+    // stdin, after it exited): every write fails with EPIPE, and the
+    // command still ends with its own status, not a panic (101).
+    for args in [
+        vec!["check", "--config", file.path()],
+        vec!["no-such-command"],
+    ] {
+        let mut reader = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
+        let broken = reader.stdin.take().unwrap();
+        reader.wait().unwrap();
+        let status = tapnat()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(broken))
+            .status()
+            .unwrap();
+        let want = if args[0] == "check" { 0 } else { 64 };
+        assert_eq!(status.code(), Some(want), "{args:?}");
+    }
 }

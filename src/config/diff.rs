@@ -11,6 +11,8 @@ pub const LIVE_KEYS: &[&str] = &[
     "masquerade",
     "forward",
     "nat.max_flows",
+    "nat.max_flows_per_pod",
+    "nat.ports_per_pod",
     "nat.timeouts.tcp_established",
     "nat.timeouts.tcp_transitory",
     "nat.timeouts.udp",
@@ -18,6 +20,8 @@ pub const LIVE_KEYS: &[&str] = &[
     "nat.filtering",
     "nat.icmp_errors_per_sec",
     "nat.icmp_errors_burst",
+    "log.mappings",
+    "log.destinations",
 ];
 
 /// Every key (a list by its name) whose value differs, in the order of the
@@ -32,6 +36,7 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         ("pod.mtu", o.pod.mtu != n.pod.mtu),
         ("uplink.kind", o.uplink.kind != n.uplink.kind),
         ("uplink.tap", o.uplink.tap != n.uplink.tap),
+        ("uplink.interface", o.uplink.interface != n.uplink.interface),
         ("uplink.address", o.uplink.address != n.uplink.address),
         ("uplink.gateway", o.uplink.gateway != n.uplink.gateway),
         ("uplink.netns", o.uplink.netns != n.uplink.netns),
@@ -41,6 +46,14 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         ("forward", o.forward != n.forward),
         ("nat.ports", o.nat.ports != n.nat.ports),
         ("nat.max_flows", o.nat.max_flows != n.nat.max_flows),
+        (
+            "nat.max_flows_per_pod",
+            o.nat.max_flows_per_pod != n.nat.max_flows_per_pod,
+        ),
+        (
+            "nat.ports_per_pod",
+            o.nat.ports_per_pod != n.nat.ports_per_pod,
+        ),
         (
             "nat.timeouts.tcp_established",
             ot.tcp_established != nt.tcp_established,
@@ -76,6 +89,10 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         ("control.socket", o.control.socket != n.control.socket),
         ("control.group", o.control.group != n.control.group),
         ("metrics.listen", o.metrics.listen != n.metrics.listen),
+        ("run.run_as", o.run.run_as != n.run.run_as),
+        ("run.seccomp", o.run.seccomp != n.run.seccomp),
+        ("log.mappings", o.log.mappings != n.log.mappings),
+        ("log.destinations", o.log.destinations != n.log.destinations),
     ]
     .into_iter()
     .filter_map(|(key, differs)| differs.then_some(key))
@@ -134,6 +151,8 @@ mod tests {
                 true,
             ),
             ("[nat]\nfragments_max = 5\n", "nat.fragments_max", false),
+            ("[run]\nseccomp = false\n", "run.seccomp", false),
+            ("[run]\nrun_as = \"nobody\"\n", "run.run_as", false),
             (
                 "[nat.timeouts]\nfragment = \"3s\"\n",
                 "nat.timeouts.fragment",
@@ -151,6 +170,18 @@ mod tests {
                 true,
             ),
             ("[nat]\nmax_flows = 1000\n", "nat.max_flows", true),
+            (
+                "[log]\nmappings = \"/var/log/m.json\"\n",
+                "log.mappings",
+                true,
+            ),
+            ("[log]\ndestinations = true\n", "log.destinations", true),
+            (
+                "[nat]\nmax_flows_per_pod = 10\n",
+                "nat.max_flows_per_pod",
+                true,
+            ),
+            ("[nat]\nports_per_pod = 0\n", "nat.ports_per_pod", true),
             (
                 "[[masquerade]]\nsource = \"10.244.0.0/17\"\n",
                 "masquerade",

@@ -93,9 +93,32 @@ pub enum Reason {
         value: String,
         expected: &'static [&'static str],
     },
-    /// `uplink.kind = "raw"`, which this version does not build yet.
-    #[error("\"raw\" (AF_PACKET on an existing interface) is not supported yet by this version; use \"tap\"")]
-    RawUplink,
+    /// A SNAT pool while `uplink.address = "dhcp"`: the pool must lie in the
+    /// uplink subnet, which only a lease names.
+    #[error("a SNAT pool needs a fixed uplink.address (its subnet); with uplink.address = \"dhcp\" use [[masquerade]]")]
+    PoolWithDhcp,
+    /// `uplink.kind = "raw"` without `uplink.interface`.
+    #[error("missing; uplink.kind = \"raw\" needs the name of an existing interface (e.g. interface = \"eth1\")")]
+    RawNeedsInterface,
+    /// `uplink.interface` with `uplink.kind = "tap"`.
+    #[error("{name:?} is only used with uplink.kind = \"raw\"; remove it, or set kind = \"raw\"")]
+    InterfaceWithTap { name: String },
+    /// The raw uplink's interface does not exist (checked when the gateway
+    /// starts, before any device is touched).
+    #[error("no interface {name:?} in {netns}; create it, or name an existing one")]
+    NoSuchInterface { name: String, netns: String },
+    /// The raw uplink's interface carries a kernel IPv4 address, so the
+    /// kernel and tapnat would both answer on it.
+    #[error("{name:?} has the kernel IPv4 address {addr}: the kernel and tapnat would both answer ARP and traffic on it; remove it with `{fix}`")]
+    InterfaceHasAddress {
+        name: String,
+        addr: std::net::Ipv4Addr,
+        /// The command that removes it (`ip [-n NS] addr flush dev NAME`).
+        fix: String,
+    },
+    /// The raw uplink's interface could not be used (a socket or ioctl failed).
+    #[error("cannot use interface {name:?}: {problem}")]
+    InterfaceUnusable { name: String, problem: String },
     /// Not a usable Linux interface name.
     #[error("{name:?} {problem}")]
     BadTapName { name: String, problem: NameProblem },
@@ -108,6 +131,15 @@ pub enum Reason {
     /// Not a user or group name (empty, or with `:`, `/` or whitespace).
     #[error("{name:?} is not a group name")]
     BadGroupName { name: String },
+    /// Not a user name (with `:`, `/` or whitespace).
+    #[error("{name:?} is not a user name")]
+    BadUserName { name: String },
+    /// No user of that name in the system's user database.
+    #[error("no user {name:?} on this system")]
+    NoSuchUser { name: String },
+    /// A file the gateway writes (the mapping log) that cannot be opened.
+    #[error("cannot open {path:?} for appending: {error}")]
+    CannotOpen { path: String, error: String },
     /// No group of that name in the system's group database.
     #[error("no group {name:?} on this system")]
     NoSuchGroup { name: String },

@@ -71,6 +71,10 @@ impl Env {
             .iter()
             .filter_map(|&(var, value)| {
                 let lower = var.to_lowercase();
+                // `TAPNAT_LOG` sets the message levels, not a key.
+                if lower == "tapnat_log" {
+                    return None;
+                }
                 let path = lower.strip_prefix(ENV_PREFIX)?;
                 Some(EnvVar {
                     var: var.to_string(),

@@ -41,6 +41,7 @@ mod ops;
 mod pod;
 mod reader;
 mod rules;
+mod run;
 #[cfg(test)]
 mod tests;
 mod uplink;
@@ -81,6 +82,36 @@ pub const MAX_SNAT_POOL: u32 = 256;
 pub enum UplinkKind {
     /// A TAP device tapnat creates or attaches to.
     Tap,
+    /// AF_PACKET sockets on an existing interface (`uplink.interface`).
+    Raw,
+}
+
+/// `uplink.address`: a fixed address, or one a DHCPv4 server leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UplinkAddress {
+    /// `"203.0.113.10/24"`: the address with the uplink subnet's prefix.
+    Static(Ipv4Net),
+    /// `"dhcp"`: the address, prefix and next hop come from a lease.
+    Dhcp,
+}
+
+impl UplinkAddress {
+    /// The fixed address, `None` with DHCP.
+    pub fn fixed(&self) -> Option<Ipv4Net> {
+        match *self {
+            UplinkAddress::Static(net) => Some(net),
+            UplinkAddress::Dhcp => None,
+        }
+    }
+}
+
+impl std::fmt::Display for UplinkAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UplinkAddress::Static(net) => write!(f, "{net}"),
+            UplinkAddress::Dhcp => f.write_str("dhcp"),
+        }
+    }
 }
 
 /// The `[pod]` table: the inside.
@@ -98,8 +129,17 @@ pub struct PodConfig {
 pub struct UplinkConfig {
     pub kind: UplinkKind,
     pub tap: String,
-    pub address: Ipv4Net,
+    /// The existing interface of a raw uplink (`Some` exactly when `kind`
+    /// is [`UplinkKind::Raw`]), in `netns` when that is set.
+    pub interface: Option<String>,
+    pub address: UplinkAddress,
+    /// The next hop; with [`UplinkAddress::Dhcp`] only a fallback for a
+    /// lease that names no router (and only when inside the leased subnet).
     pub gateway: Ipv4Addr,
+    /// Not a config key: caps the lease time the DHCP server grants, so
+    /// that renewals come sooner (the end-to-end test sets it, as dnsmasq
+    /// grants no lease under 2 minutes). `None`: the server's lease time.
+    pub dhcp_max_lease: Option<std::time::Duration>,
     /// `None`: the namespace tapnat runs in.
     pub netns: Option<PathBuf>,
     pub mtu: u16,
@@ -179,6 +219,11 @@ pub struct Timeouts {
 pub struct NatConfig {
     pub ports: PortRange,
     pub max_flows: usize,
+    /// Most flows one pod (inside address) holds at once; 0 = no limit.
+    pub max_flows_per_pod: usize,
+    /// Most outside ports (per protocol) one pod holds at once, in
+    /// mappings or quarantine; 0 = no limit.
+    pub ports_per_pod: u32,
     pub timeouts: Timeouts,
     pub filtering: Filtering,
     /// ICMP errors the gateway itself sends, per second; 0 = unlimited.
@@ -224,6 +269,26 @@ pub struct MetricsConfig {
     pub listen: Option<std::net::SocketAddrV4>,
 }
 
+/// The `[run]` table: privilege after set-up (see `crate::sandbox`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunConfig {
+    /// Switch to this user (and its primary group) once set up; `None`:
+    /// stay root, without capabilities.
+    pub run_as: Option<String>,
+    /// Install a seccomp filter per thread.
+    pub seccomp: bool,
+}
+
+/// The `[log]` table: the mapping log (RFC 6888 REQ-12).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogConfig {
+    /// Append one JSON line per mapping made and released to this file
+    /// (an absolute path); `None`: no mapping log.
+    pub mappings: Option<PathBuf>,
+    /// Also log each session (flow) with its destination.
+    pub destinations: bool,
+}
+
 /// A complete, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -236,6 +301,8 @@ pub struct Config {
     pub workers: WorkersConfig,
     pub control: ControlConfig,
     pub metrics: MetricsConfig,
+    pub run: RunConfig,
+    pub log: LogConfig,
 }
 
 impl Config {
@@ -284,6 +351,8 @@ struct Raw {
     workers: workers::Raw,
     control: ops::RawControl,
     metrics: ops::RawMetrics,
+    run: run::Raw,
+    log: ops::RawLog,
 }
 
 /// Layer the embedded default, `user` (text, origin) and the `TAPNAT_`
@@ -302,6 +371,8 @@ fn build(user: Option<(&str, &str)>, env: &[(&str, &str)]) -> Result<Config, Con
     let workers = workers::check(raw.workers)?;
     let control = ops::check_control(raw.control)?;
     let metrics = ops::check_metrics(raw.metrics)?;
+    let run = run::check(raw.run)?;
+    let log = ops::check_log(raw.log)?;
     Ok(Config {
         pod,
         uplink,
@@ -312,6 +383,8 @@ fn build(user: Option<(&str, &str)>, env: &[(&str, &str)]) -> Result<Config, Con
         workers,
         control,
         metrics,
+        run,
+        log,
     })
 }
 
@@ -339,6 +412,8 @@ fn read(mut root: reader::Table<'_>) -> Result<Raw, ConfigError> {
         workers: workers::read(root.table("workers")?)?,
         control: ops::read_control(root.table("control")?)?,
         metrics: ops::read_metrics(root.table("metrics")?)?,
+        run: run::read(root.table("run")?)?,
+        log: ops::read_log(root.table("log")?)?,
     };
     root.finish()?;
     Ok(raw)

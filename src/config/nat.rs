@@ -1,4 +1,5 @@
-//! The `[nat]` section and its `[nat.timeouts]`: ports, flow limits,
+//! The `[nat]` section and its `[nat.timeouts]`: ports, flow limits (of
+//! the table and of each pod),
 //! filtering, the gateway's ICMP error budget, fragments, idle timeouts.
 use super::{
     error::{at, Reason},
@@ -9,6 +10,8 @@ use super::{
 pub(super) struct Raw {
     ports: String,
     max_flows: i64,
+    max_flows_per_pod: i64,
+    ports_per_pod: i64,
     filtering: String,
     icmp_errors_per_sec: i64,
     icmp_errors_burst: i64,
@@ -28,6 +31,8 @@ pub(super) fn read(mut t: Table<'_>) -> Result<Raw, ConfigError> {
     let raw = Raw {
         ports: t.string("ports")?,
         max_flows: t.int("max_flows")?,
+        max_flows_per_pod: t.int("max_flows_per_pod")?,
+        ports_per_pod: t.int("ports_per_pod")?,
         filtering: t.string("filtering")?,
         icmp_errors_per_sec: t.int("icmp_errors_per_sec")?,
         icmp_errors_burst: t.int("icmp_errors_burst")?,
@@ -57,6 +62,14 @@ pub(super) fn check(raw: Raw) -> Result<NatConfig, ConfigError> {
     let ports = values::ports(&raw.ports).map_err(at("nat.ports"))?;
     let max_flows =
         values::bounded(raw.max_flows, 1..=MAX_FLOWS_LIMIT, None).map_err(at("nat.max_flows"))?;
+    let max_flows_per_pod = values::bounded(
+        raw.max_flows_per_pod,
+        0..=MAX_FLOWS_LIMIT,
+        Some("no per-pod limit"),
+    )
+    .map_err(at("nat.max_flows_per_pod"))?;
+    let ports_per_pod = values::bounded(raw.ports_per_pod, 0..=65535u32, Some("no per-pod limit"))
+        .map_err(at("nat.ports_per_pod"))?;
     let timeouts = check_timeouts(&raw.timeouts)?;
     let filtering = match raw.filtering.as_str() {
         "endpoint-independent" => Filtering::EndpointIndependent,
@@ -85,6 +98,8 @@ pub(super) fn check(raw: Raw) -> Result<NatConfig, ConfigError> {
     Ok(NatConfig {
         ports,
         max_flows,
+        max_flows_per_pod,
+        ports_per_pod,
         timeouts,
         filtering,
         icmp_errors_per_sec,
@@ -248,6 +263,36 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn per_pod_limits_from_file_and_their_bounds() {
+        let c =
+            Config::from_toml_str("[nat]\nmax_flows_per_pod = 0\nports_per_pod = 65535\n").unwrap();
+        assert_eq!((c.nat.max_flows_per_pod, c.nat.ports_per_pod), (0, 65535));
+        for (key, bad, value, max) in [
+            ("max_flows_per_pod", "-1", -1, 100_000_000),
+            ("max_flows_per_pod", "100000001", 100_000_001, 100_000_000),
+            ("ports_per_pod", "-1", -1, 65535),
+            ("ports_per_pod", "65536", 65536, 65535),
+        ] {
+            let e = err(&format!("[nat]\n{key} = {bad}\n"));
+            assert_eq!(
+                reason(&e, &format!("nat.{key}")),
+                &Reason::OutOfRange {
+                    value,
+                    min: 0,
+                    max,
+                    zero_means: Some("no per-pod limit")
+                }
+            );
+        }
+        assert_eq!(
+            err("[nat]\nports_per_pod = 70000\n").to_string(),
+            "config key `nat.ports_per_pod`: 70000 is out of range; must be 0 (no per-pod limit) to 65535"
+        );
+        let e = err("[nat]\nmax_flows_per_pod = \"many\"\n");
+        assert!(e.to_string().contains("nat.max_flows_per_pod"), "{e}");
     }
 
     #[test]

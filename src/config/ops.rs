@@ -1,12 +1,12 @@
-//! The `[control]` and `[metrics]` sections: how operators reach a running
-//! gateway.
+//! The `[control]`, `[metrics]` and `[log]` sections: how operators reach
+//! a running gateway and what it records.
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
 
 use super::{
     error::{at, Reason},
     reader::Table,
-    ConfigError, ControlConfig, MetricsConfig,
+    ConfigError, ControlConfig, LogConfig, MetricsConfig,
 };
 
 pub(super) struct RawControl {
@@ -70,6 +70,34 @@ pub(super) fn check_metrics(raw: RawMetrics) -> Result<MetricsConfig, ConfigErro
     Ok(MetricsConfig { listen })
 }
 
+pub(super) struct RawLog {
+    mappings: Option<String>,
+    destinations: bool,
+}
+
+pub(super) fn read_log(mut t: Table<'_>) -> Result<RawLog, ConfigError> {
+    let raw = RawLog {
+        mappings: t.opt_string("mappings")?,
+        destinations: t.bool("destinations")?,
+    };
+    t.finish()?;
+    Ok(raw)
+}
+
+pub(super) fn check_log(raw: RawLog) -> Result<LogConfig, ConfigError> {
+    let mappings = match raw.mappings {
+        None => None,
+        Some(path) if !path.starts_with('/') => {
+            return Err(at("log.mappings")(Reason::RelativePath { path }));
+        }
+        Some(path) => Some(PathBuf::from(path)),
+    };
+    Ok(LogConfig {
+        mappings,
+        destinations: raw.destinations,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -90,10 +118,22 @@ mod tests {
         assert_eq!(c.control.socket, PathBuf::from("/tmp/t.sock"));
         assert_eq!(c.control.group.as_deref(), Some("tapnat"));
         assert_eq!(c.metrics.listen, Some("127.0.0.1:9469".parse().unwrap()));
+        assert_eq!(d.log, crate::config::LogConfig::default());
+        let l = Config::from_toml_str("[log]\nmappings = \"/var/log/m\"\ndestinations = true\n")
+            .unwrap();
+        assert_eq!(l.log.mappings, Some(PathBuf::from("/var/log/m")));
+        assert!(l.log.destinations);
     }
 
     #[test]
     fn rejects_bad_values() {
+        let e = err("[log]\nmappings = \"m.json\"\n");
+        assert_eq!(
+            reason(&e, "log.mappings"),
+            &Reason::RelativePath {
+                path: "m.json".into()
+            }
+        );
         let e = err("[control]\nsocket = \"tapnat.sock\"\n");
         assert_eq!(
             reason(&e, "control.socket"),

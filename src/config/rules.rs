@@ -93,11 +93,14 @@ pub(super) fn check_snat(
 fn source(entry: &str, s: &str, uplink: &UplinkConfig) -> Result<Ipv4Net, ConfigError> {
     let key = format!("{entry}.source");
     let source = values::cidr(s).map_err(at(&key))?;
-    if source.contains(uplink.address.addr) {
-        return Err(at(key)(Reason::ContainsUplink {
-            net: source,
-            uplink: uplink.address.addr,
-        }));
+    // A leased address is checked when it comes (see `gateway::dhcp`).
+    if let Some(address) = uplink.address.fixed() {
+        if source.contains(address.addr) {
+            return Err(at(key)(Reason::ContainsUplink {
+                net: source,
+                uplink: address.addr,
+            }));
+        }
     }
     Ok(source)
 }
@@ -131,7 +134,10 @@ fn pool(s: &str, uplink: &UplinkConfig) -> Result<(Ipv4Addr, Ipv4Addr), Reason> 
             max: MAX_SNAT_POOL,
         });
     }
-    let subnet = net_of(&uplink.address);
+    let Some(address) = uplink.address.fixed() else {
+        return Err(Reason::PoolWithDhcp);
+    };
+    let subnet = net_of(&address);
     if !subnet.contains(first) || !subnet.contains(last) {
         return Err(Reason::OutsideSubnet {
             value: format!("{s:?}"),
@@ -140,7 +146,7 @@ fn pool(s: &str, uplink: &UplinkConfig) -> Result<(Ipv4Addr, Ipv4Addr), Reason> 
         });
     }
     let mut reserved = vec![
-        (uplink.address.addr, Reserved::UplinkAddress),
+        (address.addr, Reserved::UplinkAddress),
         (uplink.gateway, Reserved::UplinkGateway),
     ];
     // /31 has no network or broadcast address (RFC 3021).

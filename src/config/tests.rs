@@ -26,7 +26,9 @@ pub(super) fn expected_default() -> Config {
         uplink: UplinkConfig {
             kind: UplinkKind::Tap,
             tap: "tapnat1".into(),
-            address: net("203.0.113.10/24"),
+            interface: None,
+            address: crate::config::UplinkAddress::Static(net("203.0.113.10/24")),
+            dhcp_max_lease: None,
             gateway: Ipv4Addr::new(203, 0, 113, 1),
             netns: None,
             mtu: 1500,
@@ -43,6 +45,8 @@ pub(super) fn expected_default() -> Config {
                 last: 65535,
             },
             max_flows: 262_144,
+            max_flows_per_pod: 16_384,
+            ports_per_pod: 4096,
             timeouts: Timeouts {
                 tcp_established: Duration::from_secs(7440),
                 tcp_transitory: Duration::from_secs(240),
@@ -67,6 +71,11 @@ pub(super) fn expected_default() -> Config {
             group: None,
         },
         metrics: MetricsConfig { listen: None },
+        run: RunConfig {
+            run_as: None,
+            seccomp: true,
+        },
+        log: super::LogConfig::default(),
     }
 }
 
@@ -160,6 +169,7 @@ fn env_overrides_string_number_and_timeout() {
             ("TAPNAT_POD__NETNS", "/run/netns/pod"),
             ("PATH", "/usr/bin"),
             ("TAPNATX", "not ours"),
+            ("TAPNAT_LOG", "debug"),
         ],
     )
     .unwrap();
@@ -234,6 +244,8 @@ fn every_scalar_key_is_settable_from_env() {
         ("pod.mtu", "1400"),
         ("uplink.mtu", "1400"),
         ("nat.max_flows", "10"),
+        ("nat.max_flows_per_pod", "5"),
+        ("nat.ports_per_pod", "0"),
         ("nat.icmp_errors_per_sec", "0"),
         ("nat.icmp_errors_burst", "7"),
         ("nat.fragments_max", "0"),
@@ -244,6 +256,10 @@ fn every_scalar_key_is_settable_from_env() {
         ("control.socket", "/tmp/t.sock"),
         ("control.group", "tapnat"),
         ("metrics.listen", "127.0.0.1:9469"),
+        ("run.run_as", "nobody"),
+        ("run.seccomp", "false"),
+        ("log.mappings", "/tmp/m.json"),
+        ("log.destinations", "true"),
     ];
     // Every scalar key of the embedded default (and the keys it leaves
     // out, whose absence means "none") is in the list above.
@@ -252,6 +268,8 @@ fn every_scalar_key_is_settable_from_env() {
         "uplink.netns",
         "control.group",
         "metrics.listen",
+        "run.run_as",
+        "log.mappings",
     ]
     .map(String::from)
     .to_vec();
@@ -286,6 +304,7 @@ fn every_scalar_key_is_settable_from_env() {
     assert_ne!(c.uplink, d.uplink);
     assert_ne!(c.nat.ports, d.nat.ports);
     assert_ne!(c.nat.max_flows, d.nat.max_flows);
+    assert_eq!((c.nat.max_flows_per_pod, c.nat.ports_per_pod), (5, 0));
     assert_eq!(c.nat.timeouts.icmp, Duration::from_secs(120));
     assert_eq!(c.nat.timeouts.fragment, Duration::from_secs(5));
     assert_eq!(c.nat.filtering, Filtering::AddressAndPort);

@@ -4,12 +4,13 @@ use super::{
     error::{at, AddressForm, Overlap, Reason, Side},
     reader::Table,
     values::{self, net_of},
-    ConfigError, PodConfig, UplinkConfig, UplinkKind, MAX_MTU, MIN_MTU,
+    ConfigError, PodConfig, UplinkAddress, UplinkConfig, UplinkKind, MAX_MTU, MIN_MTU,
 };
 
 pub(super) struct Raw {
     kind: String,
     tap: String,
+    interface: Option<String>,
     address: String,
     gateway: String,
     netns: Option<String>,
@@ -20,6 +21,7 @@ pub(super) fn read(mut t: Table<'_>) -> Result<Raw, ConfigError> {
     let raw = Raw {
         kind: t.string("kind")?,
         tap: t.string("tap")?,
+        interface: t.opt_string("interface")?,
         address: t.string("address")?,
         gateway: t.string("gateway")?,
         netns: t.opt_string("netns")?,
@@ -32,16 +34,57 @@ pub(super) fn read(mut t: Table<'_>) -> Result<Raw, ConfigError> {
 pub(super) fn check(raw: Raw, pod: &PodConfig) -> Result<UplinkConfig, ConfigError> {
     let kind = match raw.kind.as_str() {
         "tap" => UplinkKind::Tap,
-        "raw" => return Err(at("uplink.kind")(Reason::RawUplink)),
+        "raw" => UplinkKind::Raw,
         _ => {
             return Err(at("uplink.kind")(Reason::UnknownValue {
                 value: raw.kind,
-                expected: &["tap"],
+                expected: &["tap", "raw"],
             }))
         }
     };
-    let address = values::host_address(&raw.address).map_err(at("uplink.address"))?;
-    let gateway = next_hop(&raw.gateway, &address).map_err(at("uplink.gateway"))?;
+    // An empty string clears a file's `interface` (from the environment).
+    let interface = raw.interface.filter(|s| !s.is_empty());
+    let interface = match (kind, interface) {
+        (UplinkKind::Raw, None) => return Err(at("uplink.interface")(Reason::RawNeedsInterface)),
+        (UplinkKind::Raw, Some(name)) => {
+            Some(values::tap_name(name).map_err(at("uplink.interface"))?)
+        }
+        (UplinkKind::Tap, Some(name)) => {
+            return Err(at("uplink.interface")(Reason::InterfaceWithTap { name }))
+        }
+        (UplinkKind::Tap, None) => None,
+    };
+    let address = address(&raw.address, pod)?;
+    let gateway = match address {
+        UplinkAddress::Static(net) => next_hop(&raw.gateway, &net),
+        // Only a fallback for a lease without a router: checked against
+        // the leased subnet when there is one.
+        UplinkAddress::Dhcp => values::ipv4(&raw.gateway, &raw.gateway, AddressForm::Address),
+    }
+    .map_err(at("uplink.gateway"))?;
+    let uplink = UplinkConfig {
+        kind,
+        tap: values::tap_name(raw.tap).map_err(at("uplink.tap"))?,
+        interface,
+        address,
+        gateway,
+        dhcp_max_lease: None,
+        netns: values::netns(raw.netns).map_err(at("uplink.netns"))?,
+        mtu: values::bounded(raw.mtu, MIN_MTU..=MAX_MTU, None).map_err(at("uplink.mtu"))?,
+    };
+    if uplink.kind == UplinkKind::Tap && pod.tap == uplink.tap && pod.netns == uplink.netns {
+        return Err(at("uplink.tap")(Reason::SameTap { name: uplink.tap }));
+    }
+    Ok(uplink)
+}
+
+/// `uplink.address`: `"dhcp"`, or a host address with its prefix that
+/// does not overlap the pod subnet.
+fn address(s: &str, pod: &PodConfig) -> Result<UplinkAddress, ConfigError> {
+    if s == "dhcp" {
+        return Ok(UplinkAddress::Dhcp);
+    }
+    let address = values::host_address(s).map_err(at("uplink.address"))?;
     if pod.address.overlaps(&address) {
         return Err(at("uplink.address")(Reason::Overlaps {
             value: net_of(&address).to_string(),
@@ -49,18 +92,7 @@ pub(super) fn check(raw: Raw, pod: &PodConfig) -> Result<UplinkConfig, ConfigErr
             other: net_of(&pod.address).to_string(),
         }));
     }
-    let uplink = UplinkConfig {
-        kind,
-        tap: values::tap_name(raw.tap).map_err(at("uplink.tap"))?,
-        address,
-        gateway,
-        netns: values::netns(raw.netns).map_err(at("uplink.netns"))?,
-        mtu: values::bounded(raw.mtu, MIN_MTU..=MAX_MTU, None).map_err(at("uplink.mtu"))?,
-    };
-    if pod.tap == uplink.tap && pod.netns == uplink.netns {
-        return Err(at("uplink.tap")(Reason::SameTap { name: uplink.tap }));
-    }
-    Ok(uplink)
+    Ok(UplinkAddress::Static(address))
 }
 
 /// `uplink.gateway`: a host of the uplink subnet other than the gateway's
@@ -160,25 +192,47 @@ mod tests {
             "[uplink]\naddress = \"203.0.113.0/31\"\ngateway = \"203.0.113.1\"\n",
         )
         .unwrap();
-        assert_eq!(c.uplink.address, net("203.0.113.0/31"));
+        assert_eq!(
+            c.uplink.address,
+            crate::config::UplinkAddress::Static(net("203.0.113.0/31"))
+        );
     }
 
     #[test]
-    fn rejects_raw_kind() {
+    fn raw_kind_needs_an_interface_and_tap_kind_takes_none() {
         let e = err("[uplink]\nkind = \"raw\"\n");
-        assert_eq!(reason(&e, "uplink.kind"), &Reason::RawUplink);
+        assert_eq!(reason(&e, "uplink.interface"), &Reason::RawNeedsInterface);
+        assert_mentions(&e.to_string(), &["uplink.interface", "eth1"]);
+        let e = err("[uplink]\nkind = \"raw\"\ninterface = \"a/b\"\n");
+        assert!(matches!(
+            reason(&e, "uplink.interface"),
+            Reason::BadTapName { .. }
+        ));
+        let e = err("[uplink]\ninterface = \"eth1\"\n");
         assert_eq!(
-            e.to_string(),
-            "config key `uplink.kind`: \"raw\" (AF_PACKET on an existing interface) is not supported \
-             yet by this version; use \"tap\""
+            reason(&e, "uplink.interface"),
+            &Reason::InterfaceWithTap {
+                name: "eth1".into()
+            }
         );
+        let c = Config::from_toml_str(
+            "[uplink]\nkind = \"raw\"\ninterface = \"eth1\"\nnetns = \"/run/netns/up\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.uplink.kind, crate::config::UplinkKind::Raw);
+        assert_eq!(c.uplink.interface.as_deref(), Some("eth1"));
+        // The pod TAP may share a name with an unused uplink.tap.
+        Config::from_toml_str(
+            "[pod]\ntap = \"t\"\n[uplink]\ntap = \"t\"\nkind = \"raw\"\ninterface = \"eth1\"\n",
+        )
+        .unwrap();
         let e = err("[uplink]\nkind = \"tun\"\n");
         assert!(
             matches!(reason(&e, "uplink.kind"), Reason::UnknownValue { value, .. } if value == "tun")
         );
         assert_eq!(
             e.to_string(),
-            "config key `uplink.kind`: unknown value \"tun\"; expected \"tap\""
+            "config key `uplink.kind`: unknown value \"tun\"; expected \"tap\" or \"raw\""
         );
     }
 
@@ -226,5 +280,29 @@ mod tests {
             e.to_string(),
             "config key `uplink.tap`: \"t\" is also pod.tap, in the same network namespace"
         );
+    }
+
+    #[test]
+    fn dhcp_address_and_its_limits() {
+        use crate::config::UplinkAddress;
+        let c = Config::from_toml_str("[uplink]\naddress = \"dhcp\"\n").unwrap();
+        assert_eq!(c.uplink.address, UplinkAddress::Dhcp);
+        assert_eq!(c.uplink.address.to_string(), "dhcp");
+        // The gateway is only a fallback: not checked against a subnet.
+        let c = Config::from_toml_str("[uplink]\naddress = \"dhcp\"\ngateway = \"192.0.2.1\"\n")
+            .unwrap();
+        assert_eq!(c.uplink.gateway, std::net::Ipv4Addr::new(192, 0, 2, 1));
+        let e = err("[uplink]\naddress = \"dhcp\"\ngateway = \"nope\"\n");
+        assert!(matches!(
+            reason(&e, "uplink.gateway"),
+            Reason::BadAddress { .. }
+        ));
+        let e = err(
+            "[uplink]\naddress = \"dhcp\"\n[[snat]]\nsource = \"10.244.1.0/24\"\nto = \"192.0.2.9\"\n",
+        );
+        assert_eq!(reason(&e, "snat[0].to"), &Reason::PoolWithDhcp);
+        assert_mentions(&e.to_string(), &["fixed uplink.address", "dhcp"]);
+        let e = err("[uplink]\naddress = \"DHCP\"\n");
+        assert!(matches!(reason(&e, "uplink.address"), Reason::BadCidr(_)));
     }
 }

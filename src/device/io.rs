@@ -60,6 +60,12 @@ pub trait FrameIo: Send + Sync {
     fn write_batch(&self, frames: &[&[u8]]) -> usize {
         frames.iter().filter(|f| self.write(f).is_ok()).count()
     }
+    /// Whether the device's link was seen going down (set down by an
+    /// administrator, `NETDEV_DOWN`) and has received nothing since; a TAP
+    /// never says so.
+    fn link_down(&self) -> bool {
+        false
+    }
 }
 
 impl FrameIo for Tap {
@@ -94,5 +100,8 @@ impl<T: FrameIo + ?Sized> FrameIo for std::sync::Arc<T> {
     }
     fn write_batch(&self, frames: &[&[u8]]) -> usize {
         (**self).write_batch(frames)
+    }
+    fn link_down(&self) -> bool {
+        (**self).link_down()
     }
 }

@@ -1,4 +1,5 @@
-//! The device layer: TAP devices, network namespaces and the poll(2) wrapper,
+//! The device layer: TAP devices, the raw (AF_PACKET) uplink, network
+//! namespaces and the poll(2) wrapper,
 //! and the [`FrameIo`] seam the workers read and write frames through.
 //!
 //! Everything here owns system resources; [`sys`] is the only module in the crate
@@ -11,6 +12,7 @@ pub mod netns;
 #[cfg(feature = "lab")]
 pub mod packet;
 pub mod poll;
+pub mod raw;
 pub mod steer;
 pub mod sys;
 pub mod tap;
@@ -24,6 +26,7 @@ pub use netns::{run_in_netns, run_in_netns_file};
 #[cfg(feature = "lab")]
 pub use packet::PacketSocket;
 pub use poll::{Poller, Waker};
+pub use raw::{RawError, RawInfo, RawOptions, RawSocket};
 pub use tap::{Tap, TapError, TapOptions, VNET_HDR_LEN};
 pub use uring::UringTap;
 pub use watch::NetnsWatch;

@@ -46,19 +46,53 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> BpfInsn {
     }
 }
 
-/// The program's instructions.
+const LDX_MEM_W: u8 = 0x61;
+/// `offsetof(struct __sk_buff, protocol)` (linux/bpf.h).
+const SKB_PROTOCOL: i16 = 16;
+
+/// The program's instructions, for a TAP's queue steering: the frame
+/// starts at its Ethernet header.
 pub fn program(by: SteerBy) -> [BpfInsn; 19] {
+    program_at(by, Start::Ethernet)
+}
+
+/// The same program for an AF_PACKET fanout group (`PACKET_FANOUT_EBPF`),
+/// which runs it on a received frame whose Ethernet header was already
+/// pulled: the data starts at the IP header and the ethertype is
+/// `skb->protocol`. The returned index (modulo the group's size) picks the
+/// socket.
+pub fn fanout_program(by: SteerBy) -> [BpfInsn; 19] {
+    program_at(by, Start::Network)
+}
+
+/// Where a program's packet data starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    Ethernet,
+    Network,
+}
+
+fn program_at(by: SteerBy, start: Start) -> [BpfInsn; 19] {
     let port_off = match by {
         SteerBy::SourcePort => 0,
         SteerBy::DestinationPort => 2,
     };
+    let (l2, ethertype, ipv4) = match start {
+        Start::Ethernet => (14, insn(LD_ABS_H, 0, 0, 0, 12), 0x0800),
+        // skb->protocol is the ethertype in network byte order, in a u32.
+        Start::Network => (
+            0,
+            insn(LDX_MEM_W, 0, 6, SKB_PROTOCOL, 0),
+            i32::from(0x0800u16.to_be()),
+        ),
+    };
     [
         insn(MOV64_X, 6, 1, 0, 0),       // 0: r6 = ctx (LD_ABS reads through r6)
-        insn(LD_ABS_H, 0, 0, 0, 12),     // 1: r0 = ethertype
-        insn(JNE_K, 0, 0, 14, 0x0800),   // 2: not IPv4 -> 17
-        insn(LD_ABS_B, 0, 0, 0, 14 + 9), // 3: r0 = protocol
+        ethertype,                       // 1: r0 = ethertype
+        insn(JNE_K, 0, 0, 14, ipv4),     // 2: not IPv4 -> 17
+        insn(LD_ABS_B, 0, 0, 0, l2 + 9), // 3: r0 = protocol
         insn(MOV64_X, 8, 0, 0, 0),       // 4: r8 = protocol
-        insn(LD_ABS_B, 0, 0, 0, 14),     // 5: r0 = version/IHL
+        insn(LD_ABS_B, 0, 0, 0, l2),     // 5: r0 = version/IHL
         insn(AND64_K, 0, 0, 0, 0x0f),    // 6
         insn(LSH64_K, 0, 0, 0, 2),       // 7: r0 = IP header length
         insn(MOV64_X, 7, 0, 0, 0),       // 8: r7 = IP header length
@@ -66,9 +100,9 @@ pub fn program(by: SteerBy) -> [BpfInsn; 19] {
         insn(JEQ_K, 8, 0, 2, 6),         // 10: TCP -> 13
         insn(JEQ_K, 8, 0, 1, 17),        // 11: UDP -> 13
         insn(JA, 0, 0, 4, 0),            // 12: other -> 17
-        insn(LD_IND_H, 0, 7, 0, 14 + port_off), // 13: r0 = port
+        insn(LD_IND_H, 0, 7, 0, l2 + port_off), // 13: r0 = port
         insn(EXIT, 0, 0, 0, 0),          // 14
-        insn(LD_IND_H, 0, 7, 0, 14 + 4), // 15: r0 = echo identifier
+        insn(LD_IND_H, 0, 7, 0, l2 + 4), // 15: r0 = echo identifier
         insn(EXIT, 0, 0, 0, 0),          // 16
         insn(MOV64_K, 0, 0, 0, 0),       // 17: r0 = 0
         insn(EXIT, 0, 0, 0, 0),          // 18
@@ -100,5 +134,8 @@ mod tests {
             assert_eq!(p.last().unwrap().code, EXIT);
         }
         assert_eq!(program(SteerBy::DestinationPort)[13].imm, 16);
+        let f = fanout_program(SteerBy::DestinationPort);
+        assert_eq!((f[3].imm, f[5].imm, f[13].imm, f[15].imm), (9, 0, 2, 4));
+        assert_eq!(f[1].code, LDX_MEM_W);
     }
 }

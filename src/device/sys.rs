@@ -435,11 +435,28 @@ pub fn geteuid() -> u32 {
 /// A new io_uring of `entries` submission slots (a power of two), with the
 /// completion work deferred to our own `io_uring_enter` where the kernel has
 /// it (`IORING_SETUP_COOP_TASKRUN`, 5.19), plainly otherwise.
+///
+/// The ring takes only `IORING_OP_READ` and `IORING_OP_WRITE`, with no SQE
+/// flags (`IORING_REGISTER_RESTRICTIONS`, 5.10): work submitted through a
+/// ring is not seen by the thread's seccomp filter, so without this the
+/// ring would be a way around it (an `openat` or `connect` as an SQE).
 pub fn uring_new(entries: u32) -> io::Result<io_uring::IoUring> {
-    io_uring::IoUring::builder()
+    let ring = io_uring::IoUring::builder()
         .setup_coop_taskrun()
+        .setup_r_disabled()
         .build(entries)
-        .or_else(|_| io_uring::IoUring::new(entries))
+        .or_else(|_| {
+            io_uring::IoUring::builder()
+                .setup_r_disabled()
+                .build(entries)
+        })?;
+    let mut only = [
+        io_uring::register::Restriction::sqe_op(io_uring::opcode::Read::CODE),
+        io_uring::register::Restriction::sqe_op(io_uring::opcode::Write::CODE),
+    ];
+    ring.submitter().register_restrictions(&mut only)?;
+    ring.submitter().register_enable_rings()?;
+    Ok(ring)
 }
 
 /// Reads one frame into each of `bufs` from `fd` through `ring`: one
@@ -562,6 +579,291 @@ unsafe fn uring_run(
             }
         }
     }
+}
+
+/// Switches the calling thread (only it: the raw system calls, not glibc's
+/// wrappers, which signal every thread to do the same) to `uid` and `gid`,
+/// with `gid` as its only group. Needs CAP_SETGID and CAP_SETUID; the
+/// switch from uid 0 clears the thread's permitted and effective
+/// capabilities.
+pub fn set_thread_ids(uid: u32, gid: u32) -> io::Result<()> {
+    let groups = [gid as libc::gid_t];
+    // SAFETY: setgroups(2) reads `groups.len()` gids from a live array of
+    // that many; the syscall takes no other memory.
+    cvt(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) } as i32)?;
+    // SAFETY: setresgid(2) and setresuid(2) take three integers and touch
+    // no memory of ours.
+    cvt(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) } as i32)?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) } as i32)?;
+    Ok(())
+}
+
+/// `PR_SET_NO_NEW_PRIVS` for the calling thread (and the threads it
+/// spawns): no exec can grant privilege again.
+pub fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: prctl(2) with PR_SET_NO_NEW_PRIVS takes integers only.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    Ok(())
+}
+
+/// `socket(AF_PACKET, SOCK_RAW, 0)`: non-blocking, close-on-exec, and bound
+/// to no protocol yet, so it receives nothing until [`packet_bind`].
+pub fn packet_socket_unbound() -> io::Result<OwnedFd> {
+    // SAFETY: socket takes only integers; it returns a new descriptor or -1.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    })?;
+    // SAFETY: `fd` was just returned by socket, is open, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `bind(2)` a packet socket to interface `ifindex` for every protocol
+/// (`ETH_P_ALL`): from now on it receives the interface's frames.
+pub fn packet_bind(fd: BorrowedFd<'_>, ifindex: libc::c_int) -> io::Result<()> {
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as libc::c_ushort;
+    sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    sll.sll_ifindex = ifindex;
+    // SAFETY: `fd` is live, `sll` is a valid sockaddr_ll that outlives the
+    // call and the length passed is exactly its size.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// `setsockopt(fd, level, name, &value, sizeof(int))`.
+pub fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `fd` is live; the kernel reads exactly `sizeof(int)` bytes from
+    // the pointer, which points to `value`, alive for the whole call.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// `getsockopt(fd, level, name)` of an `int` option.
+pub fn getsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is live; `value` and `len` are valid for writes and `len`
+    // holds the size of `value`, so the kernel writes at most that much.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
+}
+
+/// `ioctl(sock, SIOCGIFHWADDR)`: the interface's hardware (MAC) address.
+pub fn if_hwaddr(sock: BorrowedFd<'_>, name: &str) -> io::Result<[u8; 6]> {
+    let mut ifr = ifreq_for(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `sock` is live; SIOCGIFHWADDR reads the name from and writes a
+    // sockaddr into the `ifreq` that `ifr` points to, which outlives the call.
+    cvt(unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFHWADDR,
+            &mut ifr as *mut libc::ifreq,
+        )
+    })?;
+    // SAFETY: the ioctl succeeded, so the kernel wrote `ifru_hwaddr`; a
+    // sockaddr is plain old data, valid for any bit pattern.
+    let sa = unsafe { ifr.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (m, &b) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *m = b as u8;
+    }
+    Ok(mac)
+}
+
+/// `ioctl(sock, SIOCGIFMTU)`: the interface's MTU.
+pub fn if_mtu(sock: BorrowedFd<'_>, name: &str) -> io::Result<libc::c_int> {
+    let mut ifr = ifreq_for(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `sock` is live; SIOCGIFMTU reads the name from and writes the MTU
+    // into the `ifreq` that `ifr` points to, which outlives the call.
+    cvt(unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFMTU,
+            &mut ifr as *mut libc::ifreq,
+        )
+    })?;
+    // SAFETY: the ioctl succeeded, so the kernel wrote `ifru_mtu`; any bit
+    // pattern is a valid `c_int`.
+    Ok(unsafe { ifr.ifr_ifru.ifru_mtu })
+}
+
+/// `ioctl(sock, SIOCGIFADDR)`: the interface's (first) IPv4 address, or
+/// `None` when it has none. `sock` must be an AF_INET socket.
+pub fn if_ipv4_addr(sock: BorrowedFd<'_>, name: &str) -> io::Result<Option<std::net::Ipv4Addr>> {
+    let mut ifr = ifreq_for(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `sock` is live; SIOCGIFADDR reads the name from and writes a
+    // sockaddr into the `ifreq` that `ifr` points to, which outlives the call.
+    let ret = unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFADDR,
+            &mut ifr as *mut libc::ifreq,
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            Ok(None)
+        } else {
+            Err(err)
+        };
+    }
+    // SAFETY: the ioctl succeeded, so the kernel wrote `ifru_addr`, an
+    // AF_INET sockaddr; a sockaddr is plain old data.
+    let sa = unsafe { ifr.ifr_ifru.ifru_addr };
+    // sockaddr_in: family (2 bytes), port (2), then the address.
+    let d = sa.sa_data;
+    Ok(Some(std::net::Ipv4Addr::new(
+        d[2] as u8, d[3] as u8, d[4] as u8, d[5] as u8,
+    )))
+}
+
+/// `ioctl(sock, SIOCGIFNAME)`: the name of interface `index` in the
+/// socket's namespace, or `None` when there is no such interface.
+pub fn if_name_of(sock: BorrowedFd<'_>, index: libc::c_int) -> io::Result<Option<String>> {
+    // SAFETY: `ifreq` is plain old data; the all-zero bit pattern is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    ifr.ifr_ifru.ifru_ifindex = index;
+    // SAFETY: `sock` is live; SIOCGIFNAME reads the index from and writes the
+    // name into the `ifreq` that `ifr` points to, which outlives the call.
+    let ret = unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFNAME,
+            &mut ifr as *mut libc::ifreq,
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::ENODEV) {
+            Ok(None)
+        } else {
+            Err(err)
+        };
+    }
+    Ok(Some(ifreq_name(&ifr)))
+}
+
+/// `recvmsg(2)` on a packet socket, scattering one frame over `bufs`;
+/// returns its length and its `sll_pkttype` (`PACKET_HOST`,
+/// `PACKET_OUTGOING`, ...).
+pub fn packet_recv(fd: BorrowedFd<'_>, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<(usize, u8)> {
+    // SAFETY: sockaddr_ll and msghdr are plain old data; all-zero is valid.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut sll as *mut libc::sockaddr_ll).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // `IoSliceMut` is ABI-compatible with `struct iovec` on Unix (std docs).
+    msg.msg_iov = bufs.as_mut_ptr().cast();
+    msg.msg_iovlen = bufs.len() as _;
+    // SAFETY: `fd` is live; `msg` points to `sll` (of the stated length) and
+    // to `bufs.len()` iovecs, each valid for writes of its length, all alive
+    // for the whole call.
+    let n = cvt_size(unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) })?;
+    Ok((n, sll.sll_pkttype))
+}
+
+/// `sendmsg(2)` of one frame gathered from `bufs` on a bound packet socket.
+pub fn packet_send(fd: BorrowedFd<'_>, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: msghdr is plain old data; all-zero is valid (no name, no control).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSlice` is ABI-compatible with `struct iovec` on Unix (std docs); the
+    // kernel only reads through a sendmsg iovec.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    // SAFETY: `fd` is live; `msg` points to `bufs.len()` iovecs, each valid
+    // for reads of its length for the whole call.
+    cvt_size(unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) })
+}
+
+/// A non-blocking rtnetlink socket of the calling thread's namespace that
+/// receives the link notifications (`RTMGRP_LINK`: a link added, changed
+/// or deleted).
+pub fn netlink_link_events() -> io::Result<OwnedFd> {
+    // SAFETY: socket takes only integers; it returns a new descriptor or -1.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            libc::NETLINK_ROUTE,
+        )
+    })?;
+    // SAFETY: `fd` was just returned by socket, is open, and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
+    let mut nl: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    nl.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    nl.nl_groups = libc::RTMGRP_LINK as u32;
+    // SAFETY: `nl` is a valid sockaddr_nl that outlives the call and the
+    // length passed is exactly its size.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&nl as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    })?;
+    Ok(fd)
+}
+
+/// A new close-on-exec epoll instance watching each of `fds` for input
+/// (level-triggered): poll(2) reports it readable while any of them is.
+pub fn epoll_of(fds: &[BorrowedFd<'_>]) -> io::Result<OwnedFd> {
+    // SAFETY: epoll_create1 takes only flags; it returns a new descriptor or -1.
+    let ep = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+    // SAFETY: `ep` was just returned by epoll_create1 and nothing else owns it.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    for (i, fd) in fds.iter().enumerate() {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: i as u64,
+        };
+        // SAFETY: both descriptors are live; EPOLL_CTL_ADD reads one
+        // epoll_event through the pointer, which points to `ev`, alive for
+        // the call.
+        cvt(unsafe {
+            libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev)
+        })?;
+    }
+    Ok(ep)
 }
 
 #[cfg(test)]

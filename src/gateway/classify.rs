@@ -2,6 +2,7 @@
 //! gateway's addressing alone (pure, so it is unit-tested without devices).
 use smoltcp::wire::{ArpRepr, EthernetAddress};
 
+use super::neighbour::ArpKind;
 use super::stats::Counter;
 use super::{Addressing, Egress, Side};
 use crate::nat::frag::FragKey;
@@ -52,8 +53,20 @@ pub fn frag_key(frame: &[u8], view: &Ipv4View) -> FragKey {
     }
 }
 
-/// A (pod address, MAC) pair seen in a frame from the pod side.
-pub type Sighting = Option<(std::net::Ipv4Addr, EthernetAddress)>;
+/// What a frame shows of a neighbour, beside its fate. Nothing here ever
+/// creates a neighbour entry or changes its MAC except ARP (see
+/// [`super::neighbour`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// An IPv4 frame from the pod side: its source address and MAC, which
+    /// can only confirm an entry with that very MAC.
+    Frame(std::net::Ipv4Addr, EthernetAddress),
+    /// ARP from an on-link sender that is not addressed to the gateway
+    /// (ARP that is goes to its own stack, which learns from it).
+    Arp(std::net::Ipv4Addr, EthernetAddress, ArpKind),
+}
+
+pub type Sighting = Option<Seen>;
 
 /// Decides what to do with `frame`, received on `side`.
 pub fn classify(a: &Addressing, side: Side, frame: &[u8]) -> (Disposition, Sighting) {
@@ -71,7 +84,7 @@ pub fn classify(a: &Addressing, side: Side, frame: &[u8]) -> (Disposition, Sight
     match side {
         Side::Pod => {
             let seen = (a.pod_net.contains(view.src) && view.src != a.pod_ip())
-                .then_some((view.src, src_mac));
+                .then_some(Seen::Frame(view.src, src_mac));
             (pod(a, view, frame), seen)
         }
         Side::Uplink => (uplink(a, view, frame), None),
@@ -126,6 +139,11 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     if egress == Egress::Refuse {
         return Drop(Counter::DropSpoofedSource);
     }
+    // DHCP without a lease: nothing leaves by the uplink (pod to pod still
+    // goes).
+    if !a.has_address() && !a.pod_net.contains(view.dst) {
+        return Drop(Counter::DropNoLease);
+    }
     // Echo to the uplink address is the gateway's; TCP and UDP to an outside
     // address are hairpinned by the worker.
     if view.dst == a.uplink_ip() && matches!(view.l4, L4::IcmpEcho { request: true, .. }) {
@@ -163,8 +181,31 @@ fn pod(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     }
 }
 
+/// With `uplink.address = "dhcp"`: a DHCP server's reply (UDP 67 -> 68) to
+/// the client, broadcast or to the address it offers or leased. Without a
+/// lease any destination will do: an offer goes to the address offered.
+fn dhcp_reply(a: &Addressing, view: &Ipv4View) -> bool {
+    a.dhcp
+        && !view.is_fragment
+        && matches!(
+            view.l4,
+            L4::Udp {
+                sport: 67,
+                dport: 68,
+                ..
+            }
+        )
+        && (!a.has_address()
+            || view.dst == a.uplink_ip()
+            || view.dst.is_broadcast()
+            || view.dst == a.uplink_net.broadcast())
+}
+
 fn uplink(a: &Addressing, view: Ipv4View, frame: &[u8]) -> Disposition {
     use Disposition::*;
+    if dhcp_reply(a, &view) {
+        return Local;
+    }
     let routed_back = !a.is_outside(view.dst) && a.egress(view.dst, view.src) == Egress::Route;
     if !a.is_outside(view.dst) && !routed_back {
         return Drop(Counter::DropNotForUs);
@@ -198,18 +239,23 @@ fn arp(a: &Addressing, side: Side, repr: ArpRepr) -> (Disposition, Sighting) {
         return (Disposition::Drop(Counter::DropBadArp), None);
     };
     let ours = match side {
-        Side::Pod => target == a.pod_ip() || target == a.uplink_ip(),
+        Side::Pod => a.is_local(target),
         Side::Uplink => a.is_outside(target),
     };
-    let seen =
-        (a.net(side).contains(ip) && ip != a.ip(side) && mac.is_unicast()).then_some((ip, mac));
     if ours {
-        (Disposition::Local, seen)
-    } else {
-        // ARP replies to our own requests are addressed to us, so `ours` holds
-        // for them; anything else is somebody else's conversation.
-        (Disposition::Drop(Counter::DropArpIgnored), None)
+        return (Disposition::Local, None);
     }
+    // ARP replies to our own requests are addressed to us, so `ours` holds
+    // for them; anything else is somebody else's conversation, which may
+    // still update the sender's entry, as in Linux's arp_process.
+    let on_link = a.net(side).contains(ip) && ip != a.ip(side) && mac.is_unicast();
+    let kind = if ip == target {
+        ArpKind::Gratuitous
+    } else {
+        ArpKind::Overheard
+    };
+    let seen = on_link.then_some(Seen::Arp(ip, mac, kind));
+    (Disposition::Drop(Counter::DropArpIgnored), seen)
 }
 
 #[cfg(test)]
@@ -245,7 +291,10 @@ mod tests {
             matches!(d, Disposition::Transit { port: 4242, .. }),
             "{d:?}"
         );
-        assert_eq!(seen.map(|s| s.0), Some(Ipv4Addr::new(10, 244, 0, 2)));
+        assert!(
+            matches!(seen, Some(Seen::Frame(ip, _)) if ip == Ipv4Addr::new(10, 244, 0, 2)),
+            "{seen:?}"
+        );
     }
 
     #[test]
@@ -379,7 +428,7 @@ mod tests {
     }
 
     #[test]
-    fn arp_for_the_gateway_is_local_and_teaches_the_sender() {
+    fn arp_for_the_gateway_is_local_and_other_arp_is_seen_as_overheard_or_gratuitous() {
         let a = addressing();
         let mut out = [0u8; 64];
         let pod_mac = EthernetAddress([2, 0, 0, 0, 0, 9]);
@@ -387,16 +436,148 @@ mod tests {
             wire::build_arp_request(&mut out, pod_mac, Ipv4Addr::new(10, 244, 0, 2), a.pod_ip());
         let (d, seen) = classify(&a, Side::Pod, &out[..n]);
         assert_eq!(d, Disposition::Local);
-        assert_eq!(seen, Some((Ipv4Addr::new(10, 244, 0, 2), pod_mac)));
-        let n = wire::build_arp_request(
-            &mut out,
-            pod_mac,
-            Ipv4Addr::new(10, 244, 0, 2),
-            Ipv4Addr::new(10, 244, 0, 3),
+        // The gateway's own stack learns from it, not the worker.
+        assert_eq!(seen, None);
+        let pod = Ipv4Addr::new(10, 244, 0, 2);
+        let n = wire::build_arp_request(&mut out, pod_mac, pod, Ipv4Addr::new(10, 244, 0, 3));
+        assert_eq!(
+            classify(&a, Side::Pod, &out[..n]),
+            (
+                Disposition::Drop(Counter::DropArpIgnored),
+                Some(Seen::Arp(pod, pod_mac, ArpKind::Overheard))
+            )
+        );
+        let n = wire::build_arp_request(&mut out, pod_mac, pod, pod);
+        assert_eq!(
+            classify(&a, Side::Pod, &out[..n]).1,
+            Some(Seen::Arp(pod, pod_mac, ArpKind::Gratuitous))
+        );
+        // Off-link senders and the gateway's own address teach nothing.
+        let n = wire::build_arp_request(&mut out, pod_mac, a.pod_ip(), a.pod_ip());
+        assert_eq!(classify(&a, Side::Pod, &out[..n]).1, None);
+        let far = Ipv4Addr::new(192, 0, 2, 1);
+        let n = wire::build_arp_request(&mut out, pod_mac, far, far);
+        assert_eq!(classify(&a, Side::Pod, &out[..n]).1, None);
+    }
+
+    fn dhcp_addressing() -> Addressing {
+        let mut c = Config::from_toml_str(DEFAULT_TOML).unwrap();
+        c.uplink.address = crate::config::UplinkAddress::Dhcp;
+        Addressing::from_config(&c)
+    }
+
+    #[test]
+    fn without_a_lease_nothing_leaves_and_no_arp_is_answered_but_dhcp_replies_come_in() {
+        let a = dhcp_addressing();
+        assert!(a.dhcp && !a.has_address());
+        let out = build::udp(
+            &ep(&a, Side::Pod, [10, 244, 0, 2], [198, 51, 100, 1]),
+            5,
+            6,
+            b"",
+            true,
         );
         assert_eq!(
-            classify(&a, Side::Pod, &out[..n]).0,
+            classify(&a, Side::Pod, &out).0,
+            Disposition::Drop(Counter::DropNoLease)
+        );
+        // Pod to pod needs no lease.
+        let routed = build::udp(
+            &ep(&a, Side::Pod, [10, 244, 0, 2], [10, 244, 0, 3]),
+            5,
+            6,
+            b"",
+            true,
+        );
+        assert!(matches!(
+            classify(&a, Side::Pod, &routed).0,
+            Disposition::Transit { .. }
+        ));
+        // An offer, unicast to the address offered.
+        let offer = build::udp(
+            &ep(&a, Side::Uplink, [192, 0, 2, 1], [192, 0, 2, 50]),
+            67,
+            68,
+            b"x",
+            true,
+        );
+        assert_eq!(classify(&a, Side::Uplink, &offer).0, Disposition::Local);
+        let not_dhcp = build::udp(
+            &ep(&a, Side::Uplink, [192, 0, 2, 1], [192, 0, 2, 50]),
+            53,
+            68,
+            b"x",
+            true,
+        );
+        assert_eq!(
+            classify(&a, Side::Uplink, &not_dhcp).0,
+            Disposition::Drop(Counter::DropNotForUs)
+        );
+        let mut arp = [0u8; 64];
+        let n = wire::build_arp_request(
+            &mut arp,
+            EthernetAddress([2, 0, 0, 0, 0, 9]),
+            Ipv4Addr::new(192, 0, 2, 1),
+            Ipv4Addr::UNSPECIFIED,
+        );
+        assert_eq!(
+            classify(&a, Side::Uplink, &arp[..n]).0,
             Disposition::Drop(Counter::DropArpIgnored)
         );
+        // The same frames once leased: translated, and DHCP only to us.
+        let leased = a.with_uplink(Some((
+            "192.0.2.50/24".parse().unwrap(),
+            Ipv4Addr::new(192, 0, 2, 1),
+        )));
+        assert!(matches!(
+            classify(&leased, Side::Pod, &out).0,
+            Disposition::Transit { egress: Egress::Nat(ip), .. } if ip == Ipv4Addr::new(192, 0, 2, 50)
+        ));
+        assert_eq!(
+            classify(&leased, Side::Uplink, &offer).0,
+            Disposition::Local
+        );
+        let n = wire::build_arp_request(
+            &mut arp,
+            EthernetAddress([2, 0, 0, 0, 0, 9]),
+            Ipv4Addr::new(192, 0, 2, 1),
+            Ipv4Addr::new(192, 0, 2, 50),
+        );
+        assert_eq!(
+            classify(&leased, Side::Uplink, &arp[..n]).0,
+            Disposition::Local
+        );
+        let elsewhere = build::udp(
+            &ep(&a, Side::Uplink, [192, 0, 2, 1], [192, 0, 2, 51]),
+            67,
+            68,
+            b"x",
+            true,
+        );
+        assert_eq!(
+            classify(&leased, Side::Uplink, &elsewhere).0,
+            Disposition::Drop(Counter::DropNotForUs)
+        );
+        // A fixed address never takes DHCP replies for the local stack.
+        assert!(matches!(
+            classify(
+                &addressing(),
+                Side::Uplink,
+                &build::udp(
+                    &ep(
+                        &addressing(),
+                        Side::Uplink,
+                        [203, 0, 113, 1],
+                        [203, 0, 113, 10]
+                    ),
+                    67,
+                    68,
+                    b"x",
+                    true,
+                )
+            )
+            .0,
+            Disposition::Transit { port: 68, .. }
+        ));
     }
 }

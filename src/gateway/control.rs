@@ -1,37 +1,38 @@
 //! The control thread: the gateway's own stack (smoltcp answers ARP and ICMP
-//! echo), the authoritative neighbour table, and ARP resolution with a few
-//! packets held per unresolved next hop. Nothing here is per transit packet.
-use std::collections::VecDeque;
+//! echo), the authoritative neighbour table ([`super::neighbour`]: aging,
+//! probing, a few packets held per unresolved next hop, Host Unreachable
+//! when resolution fails). Nothing here is per transit packet.
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use hashbrown::HashMap;
 use smoltcp::wire::EthernetAddress;
 
+use super::dhcp::{Change, LeaseState};
 use super::failure::Failure;
-use super::local::{Ask, LocalStack};
+use super::local::{Ask, DhcpEvent, LocalStack};
+use super::neighbour::{ArpKind, Effect, Event, Params, Refused, Table};
 use super::stats::{Counter, Counters};
 use super::{Buf, CtrlMsg, Shared, Side, WorkerMsg};
 use crate::device::Poller;
-use crate::wire;
+use crate::wire::icmp::IcmpRateLimit;
+use crate::wire::{self, IcmpErrorKind};
 
-/// Packets held per unresolved next hop (the kernel's unres_qlen is similar).
-const PENDING_MAX: usize = 32;
-/// ARP retry interval and attempts before the held packets are dropped.
-const ARP_RETRY_MS: u64 = 1000;
-const ARP_TRIES: u32 = 3;
+/// While the raw uplink's link is down, the DHCP client starts discovery
+/// over this often, so a lease follows soon after the link is back.
+const LINK_DOWN_DISCOVER_MS: u64 = 1000;
 /// The control thread writes on queue 0 of each device.
 const QUEUE: usize = 0;
-
-struct Pending {
-    side: Side,
-    frames: VecDeque<Buf>,
-    last_request_ms: u64,
-    tries: u32,
-}
+/// The neighbour timers run at most this often.
+const TICK_MS: u64 = 100;
+/// Destination Unreachable, Host Unreachable (RFC 792, RFC 1812 §5.2.7.1).
+const HOST_UNREACHABLE: IcmpErrorKind = IcmpErrorKind {
+    icmp_type: wire::ICMP_DEST_UNREACHABLE,
+    code: 1,
+    rest: 0,
+};
 
 pub(super) struct Control {
     shared: Arc<Shared>,
@@ -40,8 +41,26 @@ pub(super) struct Control {
     rx: Receiver<CtrlMsg>,
     pod_stack: LocalStack,
     uplink_stack: LocalStack,
-    neighbours: HashMap<Ipv4Addr, EthernetAddress>,
-    pending: HashMap<Ipv4Addr, Pending>,
+    /// The neighbour table; held frames carry their egress side.
+    table: Table<(Side, Buf)>,
+    /// Reused for the table's effects.
+    effects: Vec<Effect<(Side, Buf)>>,
+    ticked_ms: u64,
+    /// Host Unreachable errors, as Linux's `icmp_msgs_per_sec`/`_burst`.
+    icmp_limit: IcmpRateLimit,
+    /// With `uplink.address = "dhcp"`: the lease in use (the client is a
+    /// socket on `uplink_stack`).
+    dhcp: Option<LeaseState>,
+    /// The raw uplink's link was seen down (and the lease dropped for it),
+    /// and when the DHCP client was last started over since.
+    link_down: bool,
+    link_down_retry_ms: u64,
+}
+
+/// `uplink.address = "dhcp"`: the lease checks and the lease-time cap.
+pub(super) struct DhcpSetup {
+    pub(super) state: LeaseState,
+    pub(super) max_lease: Option<Duration>,
 }
 
 pub(super) fn tx_counter(side: Side) -> Counter {
@@ -58,25 +77,19 @@ impl Control {
         workers: Vec<Sender<WorkerMsg>>,
         rx: Receiver<CtrlMsg>,
         seed: u64,
+        dhcp: Option<DhcpSetup>,
+        params: Params,
     ) -> Control {
-        let a = &shared.addressing;
+        let a = shared.addressing();
         let now = shared.now_ms();
-        let pod_stack = LocalStack::new(
-            a.pod_mac,
-            &[(a.pod_ip(), a.pod_net.prefix_len), (a.uplink_ip(), 32)],
-            None,
-            a.pod_mtu,
-            now,
-            seed,
-        );
-        let uplink_stack = LocalStack::new(
-            a.uplink_mac,
-            &[(a.uplink_ip(), a.uplink_net.prefix_len)],
-            Some(a.uplink_gateway),
-            a.uplink_mtu,
-            now,
-            seed ^ 1,
-        );
+        let pod_stack =
+            LocalStack::new(a.pod_mac, &pod_stack_addrs(&a), None, a.pod_mtu, now, seed);
+        let (addrs, gateway) = uplink_stack_addrs(&a);
+        let mut uplink_stack =
+            LocalStack::new(a.uplink_mac, &addrs, gateway, a.uplink_mtu, now, seed ^ 1);
+        if let Some(d) = &dhcp {
+            uplink_stack.start_dhcp(d.max_lease);
+        }
         Control {
             shared,
             c,
@@ -84,8 +97,16 @@ impl Control {
             rx,
             pod_stack,
             uplink_stack,
-            neighbours: HashMap::new(),
-            pending: HashMap::new(),
+            dhcp: dhcp.map(|d| d.state),
+            link_down: false,
+            link_down_retry_ms: 0,
+            table: Table::new(params, seed ^ 2),
+            effects: Vec::new(),
+            ticked_ms: 0,
+            icmp_limit: IcmpRateLimit::new(
+                IcmpRateLimit::KERNEL_PER_SEC,
+                IcmpRateLimit::KERNEL_BURST,
+            ),
         }
     }
 
@@ -98,8 +119,14 @@ impl Control {
             .as_ref()
             .map(|(w, paths)| (poller.add(w.poll_fd()), w, paths));
         // Ask for the next hop's MAC at once, so the first packet out does not wait.
-        let gw = self.shared.addressing.uplink_gateway;
-        self.send_arp_request(Side::Uplink, gw);
+        let a = self.shared.addressing();
+        if a.has_address() {
+            let mut out = std::mem::take(&mut self.effects);
+            self.table
+                .ask(a.uplink_gateway, self.shared.now_ms(), &mut out);
+            self.carry_out(&mut out);
+            self.effects = out;
+        }
         while !self.shared.stop.load(Ordering::Relaxed) {
             #[cfg(debug_assertions)]
             self.shared.fault_point(self.workers.len());
@@ -122,10 +149,8 @@ impl Control {
             while let Ok(msg) = self.rx.try_recv() {
                 self.handle(msg);
             }
-            self.retry_pending();
-            self.shared
-                .neighbours
-                .store(self.neighbours.len() as u64, Ordering::Relaxed);
+            self.tick();
+            self.dhcp_poll();
         }
     }
 
@@ -135,12 +160,15 @@ impl Control {
                 self.shared.local.done(side, &frame);
                 self.local(side, &frame);
             }
-            CtrlMsg::Seen(ip, mac) => self.learn(ip, mac),
+            CtrlMsg::Neighbour(e) => self.event(e),
             CtrlMsg::Resolve {
                 side,
                 next_hop,
                 buf,
-            } => self.resolve(side, next_hop, buf),
+            } => {
+                self.shared.resolving.fetch_sub(1, Ordering::Relaxed);
+                self.resolve(side, next_hop, buf)
+            }
         }
     }
 
@@ -166,7 +194,7 @@ impl Control {
                 target_protocol_addr: target,
                 ..
             })) => {
-                let a = &self.shared.addressing;
+                let a = self.shared.addressing();
                 let on_link = a.net(side).contains(ip) && ip != a.ip(side);
                 if on_link && mac.is_unicast() {
                     self.learn(ip, mac);
@@ -180,7 +208,6 @@ impl Control {
                     self.c.inc(Counter::DropLocalRateLimited);
                     return;
                 }
-                let a = &self.shared.addressing;
                 let smoltcp_has =
                     target == a.ip(side) || (side == Side::Pod && target == a.uplink_ip());
                 if !(on_link && smoltcp_has) {
@@ -220,27 +247,98 @@ impl Control {
         self.c.add(tx_counter(side), sent);
     }
 
-    /// Records a neighbour; on news, tells every worker and releases held packets.
+    /// An ARP packet addressed to the gateway (a request for one of its
+    /// addresses, a reply to its request) from `ip` with MAC `mac`.
     fn learn(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
-        if self.neighbours.get(&ip) == Some(&mac) {
+        let now = self.shared.now_ms();
+        let mut out = std::mem::take(&mut self.effects);
+        self.table.arp(ip, mac, ArpKind::ToUs, now, &mut out);
+        self.carry_out(&mut out);
+        self.effects = out;
+    }
+
+    /// What a worker noticed about a neighbour.
+    fn event(&mut self, e: Event) {
+        let now = self.shared.now_ms();
+        let mut out = std::mem::take(&mut self.effects);
+        match e {
+            Event::Used(ip) => self.table.used(ip, now),
+            Event::Confirmed(ip, mac) => self.table.confirmed(ip, mac, now),
+            Event::Arp { ip, mac, kind } => self.table.arp(ip, mac, kind, now, &mut out),
+        }
+        self.carry_out(&mut out);
+        self.effects = out;
+    }
+
+    fn resolve(&mut self, side: Side, next_hop: Ipv4Addr, buf: Buf) {
+        let now = self.shared.now_ms();
+        let mut out = std::mem::take(&mut self.effects);
+        self.table.resolve(next_hop, (side, buf), now, &mut out);
+        self.carry_out(&mut out);
+        self.effects = out;
+    }
+
+    /// The table's timers, at most every [`TICK_MS`].
+    fn tick(&mut self) {
+        let now = self.shared.now_ms();
+        if now < self.ticked_ms + TICK_MS {
             return;
         }
-        self.neighbours.insert(ip, mac);
-        self.c.inc(Counter::NeighboursLearned);
-        for (k, w) in self.workers.iter().enumerate() {
-            if w.send(WorkerMsg::Neighbour(ip, mac)).is_ok() {
-                self.shared.wakers[k].wake();
-            }
-        }
-        if let Some(p) = self.pending.remove(&ip) {
-            for buf in p.frames {
-                self.send_to(p.side, mac, buf);
+        self.ticked_ms = now;
+        let mut out = std::mem::take(&mut self.effects);
+        self.table.tick(now, &mut out);
+        self.carry_out(&mut out);
+        self.effects = out;
+        let (resolved, unresolved) = self.table.counts();
+        self.shared
+            .neighbours
+            .store((resolved + unresolved) as u64, Ordering::Relaxed);
+    }
+
+    fn carry_out(&mut self, out: &mut Vec<Effect<(Side, Buf)>>) {
+        for e in out.drain(..) {
+            match e {
+                Effect::Tell(ip, news) => {
+                    for (k, w) in self.workers.iter().enumerate() {
+                        // A worker's queue is bounded; the news is small and
+                        // rare, so a full queue is waited on.
+                        if w.send(WorkerMsg::Neighbour(ip, news)).is_ok() {
+                            self.shared.wakers[k].wake();
+                        }
+                    }
+                }
+                Effect::Send(mac, (side, buf)) => self.send_to(side, mac, buf),
+                Effect::Solicit { ip, to } => self.send_arp_request(self.side_of(ip), ip, to),
+                Effect::SolicitLimited(_) => self.c.inc(Counter::ArpRequestsRateLimited),
+                Effect::Unreachable((side, buf)) => {
+                    self.c.inc(Counter::DropNeighbourUnresolved);
+                    self.host_unreachable(side, buf);
+                }
+                Effect::Refused(why, (_, buf)) => {
+                    self.c.inc(match why {
+                        Refused::QueueFull => Counter::DropNeighbourQueueFull,
+                        Refused::TableFull => Counter::DropNeighbourTableFull,
+                    });
+                    self.shared.pool.put(buf);
+                }
+                Effect::Learned(..) => self.c.inc(Counter::NeighboursLearned),
+                Effect::Locked(_) => self.c.inc(Counter::NeighbourUpdatesLocked),
+                Effect::Removed(_) => self.c.inc(Counter::NeighboursRemoved),
             }
         }
     }
 
+    /// Which side an on-link address is on.
+    fn side_of(&self, ip: Ipv4Addr) -> Side {
+        if self.shared.addressing().pod_net.contains(ip) {
+            Side::Pod
+        } else {
+            Side::Uplink
+        }
+    }
+
     fn send_to(&self, side: Side, mac: EthernetAddress, mut buf: Buf) {
-        wire::set_macs(buf.frame_mut(), mac, self.shared.addressing.mac(side));
+        wire::set_macs(buf.frame_mut(), mac, self.shared.addressing().mac(side));
         match self.shared.send_buf(side, QUEUE, &buf) {
             Ok(()) => self.c.inc(tx_counter(side)),
             Err(_) => self.c.inc(Counter::TapWriteFails),
@@ -248,73 +346,237 @@ impl Control {
         self.shared.pool.put(buf);
     }
 
-    fn resolve(&mut self, side: Side, next_hop: Ipv4Addr, buf: Buf) {
-        if let Some(&mac) = self.neighbours.get(&next_hop) {
-            return self.send_to(side, mac, buf);
+    /// Resolution of the next hop of `buf` (a packet on its way out of
+    /// `egress`, translated) failed: its sender gets Host Unreachable, as
+    /// from a Linux router (`arp_error_report`), within the rate limit.
+    ///
+    /// A packet a pod sent untranslated (pod to pod, or to an excluded
+    /// destination) is answered here from the gateway's pod address. A
+    /// translated one is quoted as it left, so the error is made as if the
+    /// egress side had sent it and given to a worker, which translates it
+    /// back to the sender (RFC 5508 REQ-3..5), as conntrack does for the
+    /// kernel's own error.
+    fn host_unreachable(&mut self, egress: Side, buf: Buf) {
+        let frame = buf.frame();
+        let Ok(wire::Classified::Ipv4(v)) = wire::classify(frame) else {
+            return self.shared.pool.put(buf);
+        };
+        if !wire::may_send_icmp_error(&v) {
+            return self.shared.pool.put(buf);
         }
-        let now = self.shared.now_ms();
-        let p = self.pending.entry(next_hop).or_insert_with(|| Pending {
-            side,
-            frames: VecDeque::new(),
-            last_request_ms: 0,
-            tries: 0,
-        });
-        if p.frames.len() >= PENDING_MAX {
-            self.c.inc(Counter::DropNeighbourQueueFull);
+        if !self.icmp_limit.allow(self.shared.now_ms()) {
+            self.c.inc(Counter::IcmpErrorsRateLimited);
+            return self.shared.pool.put(buf);
+        }
+        let a = self.shared.addressing();
+        let mut out = [0u8; wire::ICMP_ERROR_FRAME_MAX];
+        if a.pod_net.contains(v.src) {
+            let n = wire::build_icmp_error(
+                &mut out,
+                frame,
+                &v,
+                a.pod_mac,
+                a.pod_ip(),
+                HOST_UNREACHABLE,
+            );
             self.shared.pool.put(buf);
-        } else {
-            p.frames.push_back(buf);
-        }
-        if p.tries == 0 {
-            p.tries = 1;
-            p.last_request_ms = now;
-            self.send_arp_request(side, next_hop);
-        }
-    }
-
-    fn retry_pending(&mut self) {
-        if self.pending.is_empty() {
+            self.c.inc(Counter::HostUnreachableSent);
+            self.c.inc(Counter::IcmpErrorsSent);
+            match self.shared.send_frame(Side::Pod, QUEUE, &out[..n]) {
+                Ok(()) => self.c.inc(tx_counter(Side::Pod)),
+                Err(_) => self.c.inc(Counter::TapWriteFails),
+            }
             return;
         }
-        let now = self.shared.now_ms();
-        let mut ask = Vec::new();
-        let mut dropped = Vec::new();
-        for (ip, p) in self.pending.iter_mut() {
-            if now.saturating_sub(p.last_request_ms) < ARP_RETRY_MS {
-                continue;
-            }
-            if p.tries >= ARP_TRIES {
-                dropped.push(*ip);
-            } else {
-                p.tries += 1;
-                p.last_request_ms = now;
-                ask.push((p.side, *ip));
-            }
-        }
-        for ip in dropped {
-            if let Some(p) = self.pending.remove(&ip) {
-                self.c
-                    .add(Counter::DropNeighbourUnresolved, p.frames.len() as u64);
-                for b in p.frames {
+        // As if from the egress side: from the unreachable pod itself to the
+        // remote (the worker rewrites the source to the outside address), or
+        // from the gateway's pod address to our outside address (the worker
+        // rewrites the destination to the pod).
+        let from = match egress {
+            Side::Pod => v.dst,
+            Side::Uplink => a.pod_ip(),
+        };
+        let n = wire::build_icmp_error(&mut out, frame, &v, a.mac(egress), from, HOST_UNREACHABLE);
+        wire::set_macs(&mut out[..n], a.mac(egress), a.mac(egress));
+        self.shared.pool.put(buf);
+        let Some(b) = self.shared.pool.frame(&out[..n]) else {
+            return;
+        };
+        self.c.inc(Counter::HostUnreachableSent);
+        match self.workers[0].try_send(WorkerMsg::Frame(egress, b)) {
+            Ok(()) => self.shared.wakers[0].wake(),
+            Err(e) => {
+                if let WorkerMsg::Frame(_, b) = e.into_inner() {
                     self.shared.pool.put(b);
                 }
             }
         }
-        for (side, ip) in ask {
-            self.send_arp_request(side, ip);
-        }
     }
 
-    fn send_arp_request(&self, side: Side, target: Ipv4Addr) {
-        let a = &self.shared.addressing;
+    /// An ARP request for `target`: broadcast, or unicast to `to` (a probe).
+    fn send_arp_request(&self, side: Side, target: Ipv4Addr, to: Option<EthernetAddress>) {
+        let a = self.shared.addressing();
         let mut out = [0u8; wire::ARP_FRAME_MAX];
         let n = wire::build_arp_request(&mut out, a.mac(side), a.ip(side), target);
+        if let Some(mac) = to {
+            wire::set_macs(&mut out[..n], mac, a.mac(side));
+        }
         match self.shared.send_frame(side, QUEUE, &out[..n]) {
             Ok(()) => {
                 self.c.inc(Counter::ArpRequestsSent);
                 self.c.inc(tx_counter(side));
             }
             Err(_) => self.c.inc(Counter::TapWriteFails),
+        }
+    }
+}
+
+/// The pod stack answers ping on the gateway's pod address and on the
+/// outside address (when there is one).
+fn pod_stack_addrs(a: &super::Addressing) -> Vec<(Ipv4Addr, u8)> {
+    let mut v = vec![(a.pod_ip(), a.pod_net.prefix_len)];
+    if a.has_address() {
+        v.push((a.uplink_ip(), 32));
+    }
+    v
+}
+
+/// The uplink stack's address and default route; none without a lease.
+fn uplink_stack_addrs(a: &super::Addressing) -> (Vec<(Ipv4Addr, u8)>, Option<Ipv4Addr>) {
+    if a.has_address() {
+        (
+            vec![(a.uplink_ip(), a.uplink_net.prefix_len)],
+            Some(a.uplink_gateway),
+        )
+    } else {
+        (Vec::new(), None)
+    }
+}
+
+/// A log line (info): the few DHCP events that change the outside
+/// address, once each.
+fn say(line: std::fmt::Arguments<'_>) {
+    tracing::info!("{line}");
+}
+
+impl Control {
+    /// With DHCP: lets the client send what is due and applies its news.
+    fn dhcp_poll(&mut self) {
+        if self.dhcp.is_none() {
+            return;
+        }
+        let now = self.shared.now_ms();
+        let down = self.shared.device(Side::Uplink, QUEUE).link_down();
+        if down != self.link_down {
+            self.link_down = down;
+            self.link_down_retry_ms = now;
+            if down {
+                self.link_lost();
+            } else {
+                say(format_args!("uplink link up again (DHCP)"));
+                self.uplink_stack.reset_dhcp();
+            }
+        } else if down && now >= self.link_down_retry_ms + LINK_DOWN_DISCOVER_MS {
+            // Nothing is read while the link is down, so its coming back
+            // shows only as an answer: discover again every second rather
+            // than at the client's backoff (10 s and more).
+            self.link_down_retry_ms = now;
+            self.uplink_stack.reset_dhcp();
+        }
+        let mut sent = 0;
+        for out in self.uplink_stack.poll(now) {
+            match self.shared.send_frame(Side::Uplink, QUEUE, &out) {
+                Ok(()) => sent += 1,
+                Err(_) => self.c.inc(Counter::TapWriteFails),
+            }
+        }
+        self.c.add(tx_counter(Side::Uplink), sent);
+        while let Some(event) = self.uplink_stack.dhcp_event() {
+            let Some(state) = self.dhcp.as_mut() else {
+                return;
+            };
+            let change = match event {
+                DhcpEvent::Configured(offer) => {
+                    let (change, refused) = state.configured(offer, now);
+                    if let Some(why) = refused {
+                        say(format_args!(
+                            "DHCP lease of {} not used: {why}",
+                            offer.address
+                        ));
+                    }
+                    change
+                }
+                DhcpEvent::Deconfigured => state.deconfigured(),
+            };
+            let lease = state.current();
+            *self
+                .shared
+                .lease
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = lease;
+            if let Change::Readdress { old, new } = change {
+                self.readdress(old, new);
+            }
+        }
+    }
+
+    /// The raw uplink's link was set down (`NETDEV_DOWN`): as MASQUERADE
+    /// does then, every flow on the address goes (the lease is given up
+    /// and the client starts over, so a new lease is asked for when the
+    /// link comes back).
+    fn link_lost(&mut self) {
+        say(format_args!(
+            "uplink {} went down (DHCP): giving up the lease",
+            self.shared.name(Side::Uplink)
+        ));
+        self.uplink_stack.reset_dhcp();
+        let Some(state) = self.dhcp.as_mut() else {
+            return;
+        };
+        let change = state.deconfigured();
+        *self
+            .shared
+            .lease
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = state.current();
+        if let Change::Readdress { old, new } = change {
+            self.readdress(old, new);
+        }
+    }
+
+    /// The outside address or next hop changed: both stacks and every
+    /// worker take the new one (the workers flush the flows on the old
+    /// address and move the forwards, see `Worker::readdress`).
+    fn readdress(
+        &mut self,
+        old: Option<crate::net::Ipv4Net>,
+        new: Option<(crate::net::Ipv4Net, Ipv4Addr)>,
+    ) {
+        let (_, a) = self
+            .shared
+            .publish_addressing(&self.workers, |cur| cur.with_uplink(new));
+        let (addrs, gateway) = uplink_stack_addrs(&a);
+        self.uplink_stack.set_addrs(&addrs, gateway);
+        self.pod_stack.set_addrs(&pod_stack_addrs(&a), None);
+        self.c.inc(Counter::UplinkAddressChanges);
+        match (old, new) {
+            (None, Some((net, gw))) => say(format_args!("uplink address {net} via {gw} (DHCP)")),
+            (Some(o), Some((net, gw))) if o.addr != net.addr => say(format_args!(
+                "uplink address changed from {o} to {net} via {gw} (DHCP): flows on {} flushed",
+                o.addr
+            )),
+            (Some(_), Some((_, gw))) => say(format_args!("uplink next hop now {gw} (DHCP)")),
+            (Some(o), None) => say(format_args!(
+                "uplink DHCP lease of {o} lost: flows on {} flushed; outbound traffic is dropped until a new lease",
+                o.addr
+            )),
+            (None, None) => {}
+        }
+        if let Some((_, gw)) = new {
+            let mut out = std::mem::take(&mut self.effects);
+            self.table.ask(gw, self.shared.now_ms(), &mut out);
+            self.carry_out(&mut out);
+            self.effects = out;
         }
     }
 }

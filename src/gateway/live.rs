@@ -92,18 +92,21 @@ impl Observer {
             .sum()
     }
 
-    /// The rules the gateway was started with.
-    pub fn addressing(&self) -> &Addressing {
-        &self.shared.addressing
+    /// The gateway's addressing now.
+    pub fn addressing(&self) -> Arc<Addressing> {
+        self.shared.addressing()
     }
 
-    /// Every worker classifies with `a` from its next frame on.
+    /// Every worker classifies with `a`'s rules from its next frame on; the
+    /// uplink address and next hop stay the running ones (with DHCP they
+    /// follow the lease, not the caller's copy).
     pub fn set_addressing(&self, a: Arc<Addressing>) {
-        for (k, w) in self.workers.iter().enumerate() {
-            if w.send(WorkerMsg::Addressing(a.clone())).is_ok() {
-                self.shared.wakers[k].wake();
-            }
-        }
+        self.shared
+            .publish_addressing(&self.workers, |cur| Addressing {
+                uplink_net: cur.uplink_net,
+                uplink_gateway: cur.uplink_gateway,
+                ..(*a).clone()
+            });
     }
 
     /// Every worker takes these limits; `max_flows` and the ICMP error
@@ -134,6 +137,19 @@ impl Observer {
         }
     }
 
+    /// Every worker takes its share of the per-pod limits (`/ N` rounded
+    /// up; 0 = no limit), for new flows and mappings from now on.
+    pub fn set_pod_limits(&self, max_flows_per_pod: usize, ports_per_pod: u32) {
+        let n = self.workers.len().max(1);
+        let flows = super::start::pod_share(max_flows_per_pod, n);
+        let ports = super::start::pod_share(ports_per_pod as usize, n);
+        for (k, w) in self.workers.iter().enumerate() {
+            if w.send(WorkerMsg::PodLimits(flows, ports)).is_ok() {
+                self.shared.wakers[k].wake();
+            }
+        }
+    }
+
     /// Removes the forwarded ports `remove` (with their flows) and adds
     /// `add` in every worker's table, all or nothing (module docs); then
     /// steers with `addressing`, whose `forward_targets` must describe the
@@ -144,7 +160,9 @@ impl Observer {
         add: &[ForwardPort],
         addressing: Arc<Addressing>,
     ) -> Result<usize, ForwardRefused> {
-        let ext_addr = self.shared.addressing.uplink_ip();
+        // With DHCP each worker puts the forwards on its current address
+        // instead (see `Worker::change_forwards`).
+        let ext_addr = self.shared.addressing().uplink_ip();
         let change = |remove: &[ForwardPort], add: &[ForwardPort], dry_run| {
             Arc::new(ForwardChange {
                 remove: remove.iter().map(|&(p, port, _, _)| (p, port)).collect(),

@@ -1,7 +1,8 @@
 //! The gateway's own IP stack: smoltcp answers ARP and ICMP echo for the
 //! gateway's addresses. Only those frames are fed to it (never `any_ip`), so
 //! it never sends a RST or a port unreachable for traffic that has no flow
-//! (RFC 5382 REQ-4).
+//! (RFC 5382 REQ-4). With `uplink.address = "dhcp"` the uplink stack also
+//! runs smoltcp's DHCPv4 client, fed the DHCP replies the classifier picks.
 //!
 //! # Bounds
 //!
@@ -204,6 +205,11 @@ impl phy::Device for QueueDevice {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.mtu + 14;
+        // With offload on, the kernel hands a TAP UDP datagrams with only a
+        // partial checksum (virtio NEEDS_CSUM), which smoltcp would reject;
+        // the only UDP fed here is DHCP (picked by port), so the UDP
+        // checksum is computed on what smoltcp sends, not verified.
+        caps.checksum.udp = smoltcp::phy::Checksum::Tx;
         caps
     }
 }
@@ -214,6 +220,8 @@ pub struct LocalStack {
     dev: QueueDevice,
     sockets: SocketSet<'static>,
     limit: ReplyLimit,
+    /// The DHCPv4 client, with `uplink.address = "dhcp"` (uplink stack only).
+    dhcp: Option<smoltcp::iface::SocketHandle>,
 }
 
 impl LocalStack {
@@ -249,6 +257,7 @@ impl LocalStack {
             dev,
             sockets: SocketSet::new(Vec::new()),
             limit: ReplyLimit::new(REPLIES_PER_SEC, REPLY_BURST, now_ms),
+            dhcp: None,
         }
     }
 
@@ -267,6 +276,99 @@ impl LocalStack {
             &mut self.sockets,
         );
         self.dev.tx.drain(..)
+    }
+}
+
+/// What the DHCP client reported (`None` from [`LocalStack::dhcp_event`]:
+/// nothing new).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DhcpEvent {
+    /// A lease was granted or renewed.
+    Configured(super::dhcp::Offer),
+    /// The lease is gone (a NAK, or it ran out).
+    Deconfigured,
+}
+
+/// Room for the last DHCP packet received (smoltcp hands it back with each
+/// event; the lease time is read from it). A DHCP message from dnsmasq is
+/// a few hundred bytes; 576 is the least a client must accept (RFC 2131).
+const DHCP_PACKET_MAX: usize = 1500;
+
+impl LocalStack {
+    /// Runs smoltcp's DHCPv4 client on this stack. The lease time is capped
+    /// at `max_lease` when given (renewal comes at half of it).
+    pub fn start_dhcp(&mut self, max_lease: Option<std::time::Duration>) {
+        let mut socket = smoltcp::socket::dhcpv4::Socket::new();
+        socket.set_max_lease_duration(
+            max_lease.map(|d| smoltcp::time::Duration::from_millis(d.as_millis() as u64)),
+        );
+        // One buffer per gateway for its lifetime: the socket set is
+        // 'static, so is the buffer it borrows.
+        socket.set_receive_packet_buffer(Box::leak(vec![0u8; DHCP_PACKET_MAX].into_boxed_slice()));
+        self.dhcp = Some(self.sockets.add(socket));
+    }
+
+    /// Starts the DHCP client over (the link went down): the lease is
+    /// forgotten and discovery begins again.
+    pub fn reset_dhcp(&mut self) {
+        if let Some(h) = self.dhcp {
+            self.sockets
+                .get_mut::<smoltcp::socket::dhcpv4::Socket>(h)
+                .reset();
+        }
+    }
+
+    /// Lets smoltcp send what is due (DHCP discovery, renewal, retries)
+    /// and returns the frames to write.
+    pub fn poll(&mut self, now_ms: u64) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.iface.poll(
+            Instant::from_millis(now_ms as i64),
+            &mut self.dev,
+            &mut self.sockets,
+        );
+        self.dev.tx.drain(..)
+    }
+
+    /// The DHCP client's news since the last call.
+    pub fn dhcp_event(&mut self) -> Option<DhcpEvent> {
+        use smoltcp::socket::dhcpv4::{Event, Socket};
+        use smoltcp::wire::DhcpRepr;
+        let handle = self.dhcp?;
+        let socket = self.sockets.get_mut::<Socket>(handle);
+        Some(match socket.poll()? {
+            Event::Deconfigured => DhcpEvent::Deconfigured,
+            Event::Configured(c) => {
+                let lease_secs = c
+                    .packet
+                    .as_ref()
+                    .and_then(|p| DhcpRepr::parse(p).ok())
+                    .and_then(|r| r.lease_duration);
+                DhcpEvent::Configured(super::dhcp::Offer {
+                    address: crate::net::Ipv4Net {
+                        addr: c.address.address(),
+                        prefix_len: c.address.prefix_len(),
+                    },
+                    router: c.router,
+                    server: c.server.identifier,
+                    lease_secs,
+                })
+            }
+        })
+    }
+
+    /// Replaces the stack's addresses and default route (a new lease, or
+    /// none).
+    pub fn set_addrs(&mut self, addrs: &[(Ipv4Addr, u8)], gateway: Option<Ipv4Addr>) {
+        self.iface.update_ip_addrs(|ips| {
+            ips.clear();
+            for &(a, len) in addrs {
+                let _ = ips.push(IpCidr::new(IpAddress::Ipv4(a), len));
+            }
+        });
+        self.iface.routes_mut().remove_default_ipv4_route();
+        if let Some(gw) = gateway {
+            let _ = self.iface.routes_mut().add_default_ipv4_route(gw);
+        }
     }
 }
 

@@ -31,21 +31,23 @@ mod buf;
 mod classify;
 mod control;
 pub mod datapath;
+pub mod dhcp;
 pub(crate) mod failure;
 mod live;
 mod local;
+pub mod neighbour;
 mod start;
 pub mod stats;
+pub mod taps;
 mod worker;
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use smoltcp::wire::EthernetAddress;
 
 use crate::device::{FrameIo, TapError, Waker};
 use crate::nat::frag::FragKey;
@@ -64,8 +66,11 @@ use stats::{Counters, Snapshot};
 pub enum WorkerMsg {
     /// Packets this worker owns, read by another.
     Packets(Vec<Packet>),
-    /// A neighbour was learned or changed.
-    Neighbour(Ipv4Addr, EthernetAddress),
+    /// A neighbour was learned, changed, went stale or was removed.
+    Neighbour(Ipv4Addr, neighbour::News),
+    /// A frame the control thread made (an ICMP error to translate back
+    /// to its sender): handle it as if it had been read on `Side`.
+    Frame(Side, Buf),
     /// Send a copy of the flow table.
     Flows(Sender<Vec<Flow>>),
     /// The first fragment of a datagram this worker tracks was translated:
@@ -79,6 +84,9 @@ pub enum WorkerMsg {
     Addressing(Arc<Addressing>),
     /// The flow table's limits changed at run time (a reload).
     Limits(live::TableLimits),
+    /// The per-pod limits changed at run time: this worker's shares of
+    /// `nat.max_flows_per_pod` and `nat.ports_per_pod`.
+    PodLimits(u32, u32),
 }
 
 /// To the control thread.
@@ -90,8 +98,9 @@ pub enum CtrlMsg {
         side: Side,
         frame: local::LocalFrame,
     },
-    /// A pod-side (address, MAC) the worker has not seen before.
-    Seen(Ipv4Addr, EthernetAddress),
+    /// What a worker noticed about a neighbour (ARP overheard, a stale
+    /// entry used or confirmed).
+    Neighbour(neighbour::Event),
     /// A translated frame whose next hop's MAC the worker does not know.
     Resolve {
         side: Side,
@@ -118,12 +127,23 @@ pub struct Tuning {
 /// larger ones (echo replies on a jumbo link) on the heap.
 const OWN_FRAME_STACK: usize = 2048;
 
+/// Frames in flight from the workers to the control thread for resolution:
+/// with the frames it holds (see [`neighbour::Params::max_held`]), this
+/// bounds the buffers a pod sending to unused addresses can pin.
+const RESOLVING_MAX: usize = 64;
+
 /// One queue of each device per worker.
 type Queues = Vec<Box<dyn FrameIo>>;
 
 /// What the workers and the control thread share.
 pub(crate) struct Shared {
-    addressing: Arc<Addressing>,
+    /// The addressing now: replaced whole on a reload or a new DHCP lease
+    /// (never read per packet: each worker's core has its own copy, sent
+    /// with `WorkerMsg::Addressing`). See [`Shared::publish_addressing`].
+    addressing: RwLock<Arc<Addressing>>,
+    /// The DHCP lease in use (`uplink.address = "dhcp"`), as the control
+    /// thread last stored it.
+    lease: Mutex<Option<dhcp::Lease>>,
     /// Queue k of each device belongs to worker k; the control thread
     /// writes on queue 0.
     pod: Queues,
@@ -138,6 +158,8 @@ pub(crate) struct Shared {
     steering: bool,
     /// The pod and uplink device names, for messages.
     names: [String; 2],
+    /// What the runner should warn about (said once, at start).
+    warnings: Vec<String>,
     /// The devices' namespaces (pod, uplink), watched by the control thread
     /// for deletion; `None` when neither can be watched.
     netns_watch: Option<(crate::device::NetnsWatch, [Option<std::path::PathBuf>; 2])>,
@@ -152,12 +174,22 @@ pub(crate) struct Shared {
     neighbours: AtomicU64,
     /// Frames queued for the local stack, per side (bounded).
     local: local::LocalBudget,
+    /// Frames on their way to the control thread to be resolved (at most
+    /// [`RESOLVING_MAX`]; a worker drops the ones beyond).
+    resolving: std::sync::atomic::AtomicUsize,
+    /// Copies for `tapnat events` and `tapnat capture` (off when unused).
+    taps: Arc<taps::Taps>,
     /// TEST-ONLY fault hook (debug builds only, never in a release binary):
     /// thread index + 1 (workers 0..N, then the control thread) that is to
     /// panic at its next loop iteration; 0 = none. See `Gateway::inject_panic`.
     #[cfg(debug_assertions)]
     fault: std::sync::atomic::AtomicUsize,
 }
+
+/// TEST-ONLY: the bit of `Shared::fault` that asks for a forbidden system
+/// call rather than a panic.
+#[cfg(debug_assertions)]
+const SYSCALL_FAULT: usize = 1 << (usize::BITS - 1);
 
 /// What one worker publishes for other threads (see `Worker::publish`).
 #[derive(Default)]
@@ -171,6 +203,37 @@ struct WorkerGauges {
 }
 
 impl Shared {
+    /// The addressing now.
+    fn addressing(&self) -> Arc<Addressing> {
+        self.addressing
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+    /// Replaces the addressing with what `make` builds from the current one
+    /// and sends it to every worker, holding the lock until all are sent
+    /// so that two publishers (a reload, a lease change) reach every worker
+    /// in the order they stored. Workers never take this lock, and the
+    /// control thread's channel is unbounded, so the sends cannot wait on
+    /// the lock. Returns the old and the new addressing.
+    fn publish_addressing(
+        &self,
+        workers: &[Sender<WorkerMsg>],
+        make: impl FnOnce(&Addressing) -> Addressing,
+    ) -> (Arc<Addressing>, Arc<Addressing>) {
+        let mut cur = self
+            .addressing
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let new = Arc::new(make(&cur));
+        let old = std::mem::replace(&mut *cur, new.clone());
+        for (k, w) in workers.iter().enumerate() {
+            if w.send(WorkerMsg::Addressing(new.clone())).is_ok() {
+                self.wakers[k].wake();
+            }
+        }
+        (old, new)
+    }
     fn name(&self, side: Side) -> &str {
         match side {
             Side::Pod => &self.names[0],
@@ -179,10 +242,22 @@ impl Shared {
     }
     /// TEST-ONLY fault hook: panics if thread `index` was asked to (debug
     /// builds only; a release build has no such check).
+    /// With [`SYSCALL_FAULT`] set, the thread makes a system call outside
+    /// every seccomp list instead (see `crate::sandbox`).
     #[cfg(debug_assertions)]
     fn fault_point(&self, index: usize) {
-        if self.fault.load(Ordering::Relaxed) == index + 1 {
+        let f = self.fault.load(Ordering::Relaxed);
+        if f & !SYSCALL_FAULT == index + 1 {
             self.fault.store(0, Ordering::Relaxed);
+            if f & SYSCALL_FAULT != 0 {
+                let ppid = crate::sandbox::forbidden_syscall();
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "tapnat: test-only fault: getppid() = {ppid}, no seccomp filter stopped it"
+                );
+                return;
+            }
             panic!("test-only fault injected");
         }
     }
@@ -197,10 +272,21 @@ impl Shared {
     }
     /// Writes a buffer (header and frame) to `side`'s queue `queue`.
     fn send_buf(&self, side: Side, queue: usize, buf: &Buf) -> std::io::Result<()> {
+        self.capture_out(side, buf.frame());
         self.device(side, queue).write(buf.wire())
+    }
+    /// A frame written to `side`, for a running capture (one relaxed load
+    /// when none runs).
+    #[inline]
+    fn capture_out(&self, side: Side, frame: &[u8]) {
+        let cap = &self.taps.capture;
+        if cap.sides() & taps::side_bit(side) != 0 {
+            cap.offer(side, taps::Way::Out, frame, &self.taps.counters);
+        }
     }
     /// Writes a frame the gateway made itself (no offload metadata).
     fn send_frame(&self, side: Side, queue: usize, frame: &[u8]) -> std::io::Result<()> {
+        self.capture_out(side, frame);
         let hdr = self.pool.hdr();
         if hdr == 0 {
             return self.device(side, queue).write(frame);
@@ -224,6 +310,12 @@ pub enum GatewayError {
     PodDevice(#[source] TapError),
     #[error("cannot open the uplink device")]
     UplinkDevice(#[source] TapError),
+    #[error("cannot open the raw uplink")]
+    RawUplink(#[source] crate::device::RawError),
+    /// The config does not fit the system (a raw uplink's interface is
+    /// missing or has a kernel address): found before any device is touched.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot turn on offloads on the {0} device")]
     Offload(&'static str, #[source] std::io::Error),
     #[error("cannot create a wake-up eventfd")]
@@ -290,10 +382,30 @@ impl Observer {
         )
     }
 
-    /// Entries of the neighbour table (IP -> MAC, both sides), as the
-    /// control thread last published it.
+    /// Entries of the neighbour table (both sides, resolved and still
+    /// resolving), as the control thread last published it.
     pub fn neighbour_count(&self) -> u64 {
         self.shared.neighbours.load(Ordering::Relaxed)
+    }
+
+    /// The DHCP lease in use and the gateway clock (ms) to read its time
+    /// left against; `None` without a lease.
+    pub fn lease(&self) -> Option<dhcp::Lease> {
+        *self
+            .shared
+            .lease
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The gateway clock (ms since start), as [`dhcp::Lease`] times are.
+    pub fn now_ms(&self) -> u64 {
+        self.shared.now_ms()
+    }
+
+    /// Where `tapnat events` and `tapnat capture` take their copies.
+    pub fn taps(&self) -> &Arc<taps::Taps> {
+        &self.shared.taps
     }
 
     fn sum_gauges(&self, field: impl Fn(&WorkerGauges) -> &AtomicU64) -> u64 {
@@ -309,12 +421,29 @@ impl Gateway {
     /// Opens both devices and starts the workers and the control thread.
     /// The config must have been validated (see `Config::load`).
     pub fn start(config: &crate::config::Config) -> Result<Gateway, GatewayError> {
-        start::start(config)
+        start::start(config, neighbour::Params::TAPNAT)
     }
 
-    /// The gateway's addresses, MACs and rules.
-    pub fn addressing(&self) -> &Addressing {
-        &self.shared.addressing
+    /// The gateway's addresses, MACs and rules now.
+    pub fn addressing(&self) -> Arc<Addressing> {
+        self.shared.addressing()
+    }
+
+    /// The DHCP lease in use (`uplink.address = "dhcp"`); `None` without
+    /// one or with a fixed address.
+    pub fn lease(&self) -> Option<dhcp::Lease> {
+        self.observer().lease()
+    }
+
+    /// Warnings found while opening the devices (e.g. IPv4 forwarding on
+    /// in a raw uplink's namespace), for the runner to print.
+    pub fn warnings(&self) -> &[String] {
+        &self.shared.warnings
+    }
+
+    /// The uplink device's name: the TAP, or a raw uplink's interface.
+    pub fn uplink_name(&self) -> &str {
+        &self.shared.names[1]
     }
 
     /// How many worker threads translate packets.
@@ -365,6 +494,21 @@ impl Gateway {
     #[cfg(debug_assertions)]
     pub fn inject_panic(&self, index: usize) {
         self.shared.fault.store(index + 1, Ordering::Relaxed);
+        match self.shared.wakers.get(index) {
+            Some(w) => w.wake(),
+            None => self.shared.ctrl_waker.wake(),
+        }
+    }
+
+    /// TEST-ONLY fault hook, debug builds only, like
+    /// [`Gateway::inject_panic`]: thread `index` makes a system call that no
+    /// seccomp list allows, so that the end-to-end tests (through `tapnat
+    /// run`'s SIGPWR, also debug-only) see the filter kill the process.
+    #[cfg(debug_assertions)]
+    pub fn inject_forbidden_syscall(&self, index: usize) {
+        self.shared
+            .fault
+            .store((index + 1) | SYSCALL_FAULT, Ordering::Relaxed);
         match self.shared.wakers.get(index) {
             Some(w) => w.wake(),
             None => self.shared.ctrl_waker.wake(),

@@ -8,15 +8,18 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::buf::{buffer_layout, Buf, Pool};
-use super::control::Control;
+use super::control::{Control, DhcpSetup};
 use super::datapath::{Core, CoreParts};
+use super::dhcp::LeaseState;
 use super::failure::guarded;
 use super::stats::Counters;
 use super::worker::{Links, Worker};
 use super::{CtrlMsg, Gateway, GatewayError, Queues, Shared, Tuning, WorkerMsg};
-use crate::config::{self, Config};
+use crate::config::{self, Config, Reason, UplinkKind};
 use crate::device::steer::{self, SteerBy};
-use crate::device::{FrameIo, NetnsWatch, Tap, TapError, TapOptions, UringTap, Waker};
+use crate::device::{
+    raw, FrameIo, NetnsWatch, RawError, RawOptions, Tap, TapError, TapOptions, UringTap, Waker,
+};
 use crate::nat::frag::{FragCache, FragCacheConfig};
 use crate::nat::{Filtering, FlowTable, TableConfig, Timeouts};
 use crate::policy::{forwarded_ports, Addressing};
@@ -67,15 +70,16 @@ fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
+/// Seeds the port choice (RFC 6056: unpredictable outside ports) and the
+/// local stack from the operating system's randomness.
 fn seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    t ^ (u64::from(std::process::id()) << 32)
+    crate::nat::hash::os_random_u64()
 }
 
-pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
+pub(super) fn start(
+    config: &Config,
+    neighbours: super::neighbour::Params,
+) -> Result<Gateway, GatewayError> {
     let tuning = Tuning::from_config(config);
     let n = match config.workers.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -83,8 +87,9 @@ pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
     };
     let shared = Arc::new(open_devices(config, n, tuning)?);
     let seed = seed();
-    let counters: Vec<Arc<Counters>> = (0..=n).map(|_| Arc::default()).collect();
+    let mut counters: Vec<Arc<Counters>> = (0..=n).map(|_| Arc::default()).collect();
     let cores = build_shards(config, &shared, n, seed, &counters[..n])?;
+    counters.push(shared.taps.counters.clone());
     let (ctrl_tx, ctrl_rx) = bounded(CTRL_QUEUE);
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| bounded(WORKER_QUEUE)).unzip();
     let mut gateway = Gateway {
@@ -94,7 +99,16 @@ pub(super) fn start(config: &Config) -> Result<Gateway, GatewayError> {
         threads: Vec::new(),
     };
     spawn_workers(&mut gateway, cores, receivers, &ctrl_tx)?;
-    spawn_control(&mut gateway, ctrl_rx, seed)?;
+    let dhcp = config.uplink.address.fixed().is_none().then(|| DhcpSetup {
+        state: LeaseState::new(
+            config.pod.address,
+            config.masquerade.iter().map(|r| r.source).collect(),
+            config.uplink.gateway,
+            config.uplink.dhcp_max_lease.map(ms),
+        ),
+        max_lease: config.uplink.dhcp_max_lease,
+    });
+    spawn_control(&mut gateway, ctrl_rx, seed, dhcp, neighbours)?;
     Ok(gateway)
 }
 
@@ -143,13 +157,22 @@ fn boxed(taps: Vec<Tap>, uring: bool) -> Queues {
         .collect()
 }
 
-/// Opens both TAPs with a queue per worker, attaches the steering program
-/// and turns on offloads; the result is what every thread shares.
-fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, GatewayError> {
-    let (pod, uplink) = (&config.pod, &config.uplink);
-    let pod_q = open_queues(&pod.tap, pod.netns.as_deref(), pod.mtu, n, tuning.offload)
-        .map_err(GatewayError::PodDevice)?;
-    let uplink_q = open_queues(
+/// The uplink's queues (one per worker), its name, whether the kernel
+/// steers its frames to their owners, and for a raw uplink its MAC and
+/// what to warn about.
+struct Uplink {
+    queues: Queues,
+    name: String,
+    steering: bool,
+    mac: Option<[u8; 6]>,
+    warnings: Vec<String>,
+}
+
+/// Opens the uplink TAP with a queue per worker, its steering program and
+/// offloads.
+fn open_uplink_tap(config: &Config, n: usize, tuning: Tuning) -> Result<Uplink, GatewayError> {
+    let uplink = &config.uplink;
+    let q = open_queues(
         &uplink.tap,
         uplink.netns.as_deref(),
         uplink.mtu,
@@ -157,30 +180,123 @@ fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, Gat
         tuning.offload,
     )
     .map_err(GatewayError::UplinkDevice)?;
+    let steering = n > 1 && steer::attach(&q[0], SteerBy::DestinationPort).is_ok();
+    if tuning.offload {
+        q[0].set_offload(OFFLOADS)
+            .map_err(|e| GatewayError::Offload("uplink", e))?;
+    }
+    Ok(Uplink {
+        name: q[0].name().to_owned(),
+        queues: boxed(q, tuning.io_uring),
+        steering,
+        mac: None,
+        warnings: Vec::new(),
+    })
+}
+
+/// Opens the raw uplink: an AF_PACKET socket per worker on
+/// `uplink.interface`. A missing interface, or one with a kernel IPv4
+/// address, is a config error naming the key.
+fn open_uplink_raw(config: &Config, n: usize, tuning: Tuning) -> Result<Uplink, GatewayError> {
+    let uplink = &config.uplink;
+    let name = uplink.interface.as_deref().unwrap_or_default();
+    let opts = RawOptions {
+        sockets: n,
+        mtu: uplink.mtu,
+        vnet_hdr: tuning.offload,
+        steer: true,
+    };
+    let (sockets, info) = raw::open(name, uplink.netns.as_deref(), opts).map_err(|e| match e {
+        RawError::NoSuchInterface { name, netns } => {
+            raw_config_error(Reason::NoSuchInterface { name, netns })
+        }
+        RawError::HasAddress { name, addr } => {
+            let fix = flush_command(&name, uplink.netns.as_deref());
+            raw_config_error(Reason::InterfaceHasAddress { name, addr, fix })
+        }
+        e => GatewayError::RawUplink(e),
+    })?;
+    let mut warnings = Vec::new();
+    if info.forwarding {
+        warnings.push(format!(
+            "IPv4 forwarding is on in the namespace of the raw uplink {}: the kernel may route \
+             frames that arrive there for addresses it does not own; turn it off there \
+             (sysctl net.ipv4.conf.all.forwarding=0) unless something else needs it",
+            info.name
+        ));
+    }
+    Ok(Uplink {
+        queues: sockets
+            .into_iter()
+            .map(|s| Box::new(s) as Box<dyn FrameIo>)
+            .collect(),
+        name: info.name,
+        steering: info.steering,
+        mac: Some(info.mac),
+        warnings,
+    })
+}
+
+fn raw_config_error(reason: Reason) -> GatewayError {
+    GatewayError::Config(config::ConfigError::Invalid {
+        key: "uplink.interface".into(),
+        reason,
+    })
+}
+
+/// The command that removes the kernel's IPv4 addresses from `name`.
+fn flush_command(name: &str, netns: Option<&std::path::Path>) -> String {
+    match netns {
+        None => format!("ip addr flush dev {name}"),
+        Some(p) => match p.strip_prefix("/run/netns") {
+            Ok(ns) => format!("ip -n {} addr flush dev {name}", ns.display()),
+            Err(_) => format!("nsenter --net={} ip addr flush dev {name}", p.display()),
+        },
+    }
+}
+
+/// Opens the pod TAP and the uplink with a queue per worker, attaches the
+/// steering programs and turns on offloads; the result is what every
+/// thread shares.
+fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, GatewayError> {
+    let (pod, uplink) = (&config.pod, &config.uplink);
+    // The raw uplink first: its checks are config errors, found before the
+    // pod TAP is created.
+    let up = match uplink.kind {
+        UplinkKind::Tap => None,
+        UplinkKind::Raw => Some(open_uplink_raw(config, n, tuning)?),
+    };
+    let pod_q = open_queues(&pod.tap, pod.netns.as_deref(), pod.mtu, n, tuning.offload)
+        .map_err(GatewayError::PodDevice)?;
+    let up = match up {
+        Some(u) => u,
+        None => open_uplink_tap(config, n, tuning)?,
+    };
     // Steer each frame to its owner's queue in the kernel already; only a
     // hint (a frame on the wrong queue is handed over), so failure is fine.
-    let steering = n > 1
-        && steer::attach(&pod_q[0], SteerBy::SourcePort).is_ok()
-        && steer::attach(&uplink_q[0], SteerBy::DestinationPort).is_ok();
+    let steering = n > 1 && up.steering && steer::attach(&pod_q[0], SteerBy::SourcePort).is_ok();
     if tuning.offload {
         pod_q[0]
             .set_offload(OFFLOADS)
             .map_err(|e| GatewayError::Offload("pod", e))?;
-        uplink_q[0]
-            .set_offload(OFFLOADS)
-            .map_err(|e| GatewayError::Offload("uplink", e))?;
     }
     let (hdr, size) = buffer_layout(tuning.offload, usize::from(pod.mtu.max(uplink.mtu)));
-    let names = [pod_q[0].name().to_owned(), uplink_q[0].name().to_owned()];
+    let names = [pod_q[0].name().to_owned(), up.name];
+    let mut addressing = Addressing::from_config(config);
+    if let Some(mac) = up.mac {
+        // A raw uplink speaks with its interface's own MAC.
+        addressing.uplink_mac = smoltcp::wire::EthernetAddress(mac);
+    }
     let mut shared = Shared::new(
-        Addressing::from_config(config),
+        addressing,
         boxed(pod_q, tuning.io_uring),
-        boxed(uplink_q, tuning.io_uring),
+        up.queues,
         Pool::new(POOL_KEEP, size, hdr),
         tuning,
         steering,
     )?;
     shared.names = names;
+    shared.warnings = up.warnings;
     let netns = [pod.netns.clone(), uplink.netns.clone()];
     let watched: Vec<(usize, &std::path::Path)> = netns
         .iter()
@@ -210,7 +326,8 @@ impl Shared {
             .map_err(GatewayError::Waker)?;
         let gauges = (0..pod.len()).map(|_| Default::default()).collect();
         Ok(Shared {
-            addressing: Arc::new(addressing),
+            addressing: std::sync::RwLock::new(Arc::new(addressing)),
+            lease: std::sync::Mutex::new(None),
             pod,
             uplink,
             wakers,
@@ -221,15 +338,24 @@ impl Shared {
             tuning,
             steering,
             names: ["pod".into(), "uplink".into()],
+            warnings: Vec::new(),
             netns_watch: None,
             failures: bounded(FAILURES_KEPT),
             gauges,
             neighbours: AtomicU64::new(0),
             local: Default::default(),
+            resolving: Default::default(),
+            taps: Arc::default(),
             #[cfg(debug_assertions)]
             fault: std::sync::atomic::AtomicUsize::new(0),
         })
     }
+}
+
+/// One worker's share of a per-pod limit (0 = none stays none): the limit
+/// `/ n` rounded up, so the pod's total across workers is at least it.
+pub(crate) fn pod_share(limit: usize, n: usize) -> u32 {
+    limit.div_ceil(n.max(1)).min(u32::MAX as usize) as u32
 }
 
 /// The flow table of worker `k` of `n`, with the port forwards it owns.
@@ -241,6 +367,8 @@ fn flow_table(config: &Config, k: usize, n: usize, seed: u64) -> Result<FlowTabl
         port_first: config.nat.ports.first,
         port_last: config.nat.ports.last,
         max_flows: config.nat.max_flows.div_ceil(n),
+        max_flows_per_pod: pod_share(config.nat.max_flows_per_pod, n),
+        ports_per_pod: pod_share(config.nat.ports_per_pod as usize, n),
         timeouts: Timeouts {
             tcp_established_ms: ms(t.tcp_established),
             tcp_transitory_ms: ms(t.tcp_transitory),
@@ -255,10 +383,17 @@ fn flow_table(config: &Config, k: usize, n: usize, seed: u64) -> Result<FlowTabl
         },
         port_reuse_delay_ms: PORT_REUSE_DELAY_MS,
     });
+    let uplink_addr = config
+        .uplink
+        .address
+        .fixed()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED, |net| net.addr);
     for (proto, ext, to, to_port) in forwarded_ports(&config.forward) {
         if usize::from(ext) % n == k {
             table
-                .add_forward(proto, config.uplink.address.addr, ext, to, to_port)
+                // With DHCP the forwards wait on 0.0.0.0 (nobody's) and
+                // move to each leased address (see `Worker::readdress`).
+                .add_forward(proto, uplink_addr, ext, to, to_port)
                 .map_err(|e| GatewayError::Forward(ext, e))?;
         }
     }
@@ -297,7 +432,7 @@ fn build_shards(
         cores.push(Core::new(CoreParts {
             worker: k,
             workers: n,
-            addressing: shared.addressing.clone(),
+            addressing: shared.addressing(),
             table: flow_table(config, k, n, seed)?,
             frags,
             icmp_limit,
@@ -324,21 +459,64 @@ fn spawn_workers(
         let shared = gw.shared.clone();
         let t = std::thread::Builder::new()
             .name(format!("tapnat-w{k}"))
-            .spawn(move || guarded(&shared, format!("worker {k}"), || w.run()))
+            .spawn(move || {
+                guarded(&shared, format!("worker {k}"), || {
+                    crate::sandbox::enter(crate::sandbox::Role::Worker);
+                    w.run()
+                })
+            })
             .map_err(GatewayError::Thread)?;
         gw.threads.push(t);
     }
     Ok(())
 }
 
-fn spawn_control(gw: &mut Gateway, rx: Receiver<CtrlMsg>, seed: u64) -> Result<(), GatewayError> {
+fn spawn_control(
+    gw: &mut Gateway,
+    rx: Receiver<CtrlMsg>,
+    seed: u64,
+    dhcp: Option<DhcpSetup>,
+    neighbours: super::neighbour::Params,
+) -> Result<(), GatewayError> {
     let c = gw.counters[gw.workers.len()].clone();
-    let ctl = Control::new(gw.shared.clone(), c, gw.workers.clone(), rx, seed);
+    let ctl = Control::new(
+        gw.shared.clone(),
+        c,
+        gw.workers.clone(),
+        rx,
+        seed,
+        dhcp,
+        neighbours,
+    );
     let shared = gw.shared.clone();
     let t = std::thread::Builder::new()
         .name("tapnat-ctl".into())
-        .spawn(move || guarded(&shared, "control thread".into(), || ctl.run()))
+        .spawn(move || {
+            guarded(&shared, "control thread".into(), || {
+                crate::sandbox::enter(crate::sandbox::Role::Control);
+                ctl.run()
+            })
+        })
         .map_err(GatewayError::Thread)?;
     gw.threads.push(t);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flush_command;
+    use std::path::Path;
+
+    #[test]
+    fn the_fix_for_an_addressed_interface_names_its_namespace() {
+        assert_eq!(flush_command("eth1", None), "ip addr flush dev eth1");
+        assert_eq!(
+            flush_command("eth1", Some(Path::new("/run/netns/up"))),
+            "ip -n up addr flush dev eth1"
+        );
+        assert_eq!(
+            flush_command("eth1", Some(Path::new("/proc/42/ns/net"))),
+            "nsenter --net=/proc/42/ns/net ip addr flush dev eth1"
+        );
+    }
 }

@@ -91,18 +91,40 @@ events {
     /// Flows removed by an operator: `tapnat flush`, or with a forward
     /// removed at run time.
     FlowsFlushed = "flows_flushed",
+    /// Flows removed because the outside address they used went away (a
+    /// new DHCP lease, or the lease lost), as MASQUERADE flushes them.
+    FlowsAddressChange = "flows_address_change",
+    /// Changes of the outside address by DHCP (a first lease, a new
+    /// address, a lost lease).
+    UplinkAddressChanges = "uplink_address_changes",
     /// ARP and ICMP echo frames handed to the gateway's own stack.
     LocalStackFrames = "local_stack_frames",
     /// ICMP errors the gateway originated (Time Exceeded).
     IcmpErrorsSent = "icmp_errors_sent",
     /// ARP requests the gateway sent to resolve a next hop or a pod.
     ArpRequestsSent = "arp_requests_sent",
-    /// Neighbours (IP -> MAC) learned or changed.
+    /// Neighbours (IP -> MAC) learned or changed, always by ARP.
     NeighboursLearned = "neighbours_learned",
+    /// A different MAC for a neighbour refused within the lock time (1 s).
+    NeighbourUpdatesLocked = "neighbour_updates_locked",
+    /// Neighbour entries removed: resolution failed, or stale and unused.
+    NeighboursRemoved = "neighbours_removed",
+    /// Broadcast ARP requests held back by their rate limit.
+    ArpRequestsRateLimited = "arp_requests_rate_limited",
+    /// Host Unreachable errors sent because a next hop did not resolve.
+    HostUnreachableSent = "host_unreachable_sent",
     /// An ICMP error the gateway would have sent, held back by the rate limit.
     IcmpErrorsRateLimited = "icmp_errors_rate_limited",
+    /// Flow and mapping events a slow `tapnat events` or mapping log lost.
+    EventsLost = "events_lost",
+    /// Frames copied to a running `tapnat capture`.
+    CaptureFrames = "capture_frames",
+    /// Frames a slow `tapnat capture` lost (its queue was full).
+    CaptureLost = "capture_lost",
 }
 drops {
+    /// Outbound while `uplink.address = "dhcp"` has no lease yet.
+    DropNoLease = "drop_no_lease",
     /// Shorter than an Ethernet header.
     DropRunt = "drop_runt",
     /// Truncated or non-IPv4 ARP.
@@ -156,11 +178,17 @@ drops {
     DropTableFull = "drop_table_full",
     /// No outside port left in this worker's slice.
     DropPortsExhausted = "drop_ports_exhausted",
+    /// A new flow of a pod at `nat.max_flows_per_pod` with no unreplied
+    /// flow of its own to give up.
+    DropPodFlowLimit = "drop_pod_flow_limit",
+    /// A new mapping of a pod at `nat.ports_per_pod` with no unreplied flow
+    /// of its own whose port could go.
+    DropPodPortLimit = "drop_pod_port_limit",
     /// The next hop did not answer ARP in time.
     DropNeighbourUnresolved = "drop_neighbour_unresolved",
     /// The owning worker's hand-off queue was full.
     DropHandoffFull = "drop_handoff_full",
-    /// Too many packets already waiting for one next hop.
+    /// Too many packets already waiting for one next hop, or for all.
     DropNeighbourQueueFull = "drop_neighbour_queue_full",
     /// The control thread's queue was full (a flood): the frame or news
     /// for it was dropped by the worker.
@@ -174,6 +202,8 @@ drops {
     /// A fragment refused because its source already holds its share of
     /// the fragment cache.
     DropFragmentSourceShare = "drop_fragment_source_share",
+    /// No room for another unresolved next hop.
+    DropNeighbourTableFull = "drop_neighbour_table_full",
 }
 }
 
@@ -190,16 +220,23 @@ impl Counter {
     }
 }
 
+/// Rules with their own packet and byte counters: SNAT rules then
+/// masquerade rules, by position; a rule past these is not counted alone.
+pub const RULES_COUNTED: usize = 32;
+
 /// One thread's counters.
 #[repr(align(128))]
 pub struct Counters {
     values: [AtomicU64; Counter::ALL.len()],
+    /// Per rule (see [`RULES_COUNTED`]): packets, then bytes, both ways.
+    rules: [[AtomicU64; 2]; RULES_COUNTED],
 }
 
 impl Default for Counters {
     fn default() -> Self {
         Counters {
             values: std::array::from_fn(|_| AtomicU64::new(0)),
+            rules: std::array::from_fn(|_| [AtomicU64::new(0), AtomicU64::new(0)]),
         }
     }
 }
@@ -216,23 +253,52 @@ impl Counters {
     pub fn get(&self, c: Counter) -> u64 {
         self.values[c as usize].load(Ordering::Relaxed)
     }
+    /// One packet of `bytes` translated under rule `rule` (SNAT rules
+    /// first, then masquerade rules); a rule past [`RULES_COUNTED`] is
+    /// not counted.
+    #[inline]
+    pub fn rule(&self, rule: usize, bytes: u64) {
+        if let Some([p, b]) = self.rules.get(rule) {
+            p.fetch_add(1, Ordering::Relaxed);
+            b.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+    /// Rule `rule`'s (packets, bytes).
+    pub fn rule_counts(&self, rule: usize) -> (u64, u64) {
+        self.rules.get(rule).map_or((0, 0), |[p, b]| {
+            (p.load(Ordering::Relaxed), b.load(Ordering::Relaxed))
+        })
+    }
 }
 
 /// A point-in-time sum of every thread's counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     values: Vec<u64>,
+    /// (packets, bytes) per rule position (see [`RULES_COUNTED`]).
+    rules: Vec<(u64, u64)>,
 }
 
 impl Snapshot {
     pub fn sum<'a>(blocks: impl IntoIterator<Item = &'a Counters>) -> Snapshot {
         let mut values = vec![0; Counter::ALL.len()];
+        let mut rules = vec![(0, 0); RULES_COUNTED];
         for b in blocks {
             for (v, c) in values.iter_mut().zip(Counter::ALL) {
                 *v += b.get(*c);
             }
+            for (i, r) in rules.iter_mut().enumerate() {
+                let (p, n) = b.rule_counts(i);
+                r.0 += p;
+                r.1 += n;
+            }
         }
-        Snapshot { values }
+        Snapshot { values, rules }
+    }
+    /// Rule `rule`'s (packets, bytes) by position: SNAT rules, then
+    /// masquerade rules.
+    pub fn rule(&self, rule: usize) -> (u64, u64) {
+        self.rules.get(rule).copied().unwrap_or((0, 0))
     }
     pub fn get(&self, c: Counter) -> u64 {
         self.values[c as usize]
@@ -271,7 +337,13 @@ mod tests {
         a.inc(Counter::DropRunt);
         b.add(Counter::DropRunt, 2);
         b.inc(Counter::In2outPackets);
+        a.rule(1, 100);
+        b.rule(1, 50);
+        b.rule(RULES_COUNTED, 7);
         let s = Snapshot::sum([&a, &b]);
+        assert_eq!(s.rule(1), (2, 150));
+        assert_eq!(s.rule(0), (0, 0));
+        assert_eq!(s.rule(RULES_COUNTED), (0, 0));
         assert_eq!(s.get(Counter::DropRunt), 3);
         assert_eq!(s.drops(), 3);
         assert_eq!(s.nonzero().count(), 2);

@@ -12,7 +12,7 @@ use super::control::tx_counter;
 use super::datapath::{Action, Actions, Core, FragRewrite, Packet};
 use super::failure::{device_gone, Failure};
 use super::stats::{Counter, Counters};
-use super::{Buf, CtrlMsg, Shared, Side, WorkerMsg};
+use super::{Addressing, Buf, CtrlMsg, Shared, Side, WorkerMsg};
 use crate::device::Poller;
 use crate::nat::frag::FragKey;
 use crate::nat::TableStats;
@@ -63,6 +63,8 @@ pub(super) struct Worker {
     batch: [usize; 2],
     /// The table's removal counts as last published to the counters.
     published: TableStats,
+    /// The table's lost events as last published.
+    events_lost: u64,
 }
 
 impl Worker {
@@ -90,6 +92,7 @@ impl Worker {
             outbox: [Vec::new(), Vec::new()],
             batch: [2, 2],
             published: TableStats::default(),
+            events_lost: 0,
         }
     }
 
@@ -178,6 +181,35 @@ impl Worker {
             self.c
                 .add(Counter::FlowsEvicted, now.early_dropped - was.early_dropped);
         }
+        self.hand_over_events();
+    }
+
+    /// Once per loop iteration: the table journals flow events only while
+    /// someone reads them (`tapnat events`, the mapping log), and what it
+    /// journaled goes to the events thread without waiting; what does not
+    /// fit is counted lost.
+    fn hand_over_events(&mut self) {
+        let tap = &self.shared.taps.events;
+        let table = self.core.table_mut();
+        let wanted = tap.wanted();
+        if wanted != table.recording() {
+            table.set_recording(wanted);
+        }
+        if !wanted {
+            return;
+        }
+        let lost = table.events_lost();
+        if lost != self.events_lost {
+            self.c.add(Counter::EventsLost, lost - self.events_lost);
+            self.events_lost = lost;
+        }
+        let unix_us = super::taps::unix_micros();
+        let c = &self.c;
+        table.drain_events(|event| {
+            if !tap.offer(super::taps::Stamped { unix_us, event }) {
+                c.inc(Counter::EventsLost);
+            }
+        });
     }
 
     fn message(&mut self, msg: WorkerMsg) {
@@ -189,7 +221,12 @@ impl Worker {
                     self.carry_out();
                 }
             }
-            WorkerMsg::Neighbour(ip, mac) => self.core.neighbour(ip, mac),
+            WorkerMsg::Neighbour(ip, news) => self.core.neighbour(ip, news),
+            WorkerMsg::Frame(side, buf) => {
+                let now = self.shared.now_ms();
+                self.core.frame(side, buf, now, &mut self.actions);
+                self.carry_out();
+            }
             WorkerMsg::Flows(reply) => {
                 let _ = reply.send(self.core.flows());
             }
@@ -205,12 +242,15 @@ impl Worker {
                 let _ = reply.send(n);
             }
             WorkerMsg::Forwards(change, reply) => self.change_forwards(&change, reply),
-            WorkerMsg::Addressing(a) => self.core.set_addressing(a),
+            WorkerMsg::Addressing(a) => self.readdress(a),
             WorkerMsg::Limits(l) => {
                 self.core
                     .table_mut()
                     .set_limits(l.max_flows, l.timeouts, l.filtering);
                 self.core.set_icmp_limit(l.icmp_limit);
+            }
+            WorkerMsg::PodLimits(flows, ports) => {
+                self.core.table_mut().set_pod_limits(flows, ports);
             }
         }
     }
@@ -221,10 +261,16 @@ impl Worker {
         c: &super::live::ForwardChange,
         reply: Sender<super::live::ForwardReply>,
     ) {
+        // With DHCP the address may have changed since the change was
+        // made: forwards go on the address this worker translates to now.
+        let ext_addr = match self.core.addressing() {
+            a if a.dhcp => a.uplink_ip(),
+            _ => c.ext_addr,
+        };
         let r = self
             .core
             .table_mut()
-            .change_forwards(&c.remove, &c.add, c.ext_addr, c.dry_run);
+            .change_forwards(&c.remove, &c.add, ext_addr, c.dry_run);
         if let (Ok(n), false) = (&r, c.dry_run) {
             // The removed forwards' flows went with them.
             self.c.add(Counter::FlowsFlushed, *n as u64);
@@ -352,11 +398,44 @@ impl Worker {
         }
     }
 
+    /// New addressing (a reload, a DHCP lease). When the outside address
+    /// changed, every flow on the old one is flushed (MASQUERADE's
+    /// `masq_inet_event`) and the forwards move to the new one (to
+    /// `0.0.0.0`, nobody's, while there is no lease). Counted
+    /// `flows_address_change`.
+    fn readdress(&mut self, a: Arc<Addressing>) {
+        let old = self.core.addressing().clone();
+        if old.uplink_ip() != a.uplink_ip() {
+            let gone = old.uplink_ip();
+            let table = self.core.table_mut();
+            let mut n = if old.has_address() {
+                table.remove_address(gone)
+            } else {
+                0
+            };
+            let ports: Vec<_> = a
+                .forward_targets
+                .iter()
+                .map(|(&(proto, to, to_port), &ext)| (proto, ext, to, to_port))
+                .collect();
+            let remove: Vec<_> = ports.iter().map(|&(p, ext, _, _)| (p, ext)).collect();
+            // The same ports, freed and taken back at once: nothing else
+            // can hold them, so this is not refused.
+            if let Ok(k) = table.change_forwards(&remove, &ports, a.uplink_ip(), false) {
+                n += k;
+            }
+            self.c.add(Counter::FlowsAddressChange, n as u64);
+        }
+        self.core.set_addressing(a);
+    }
+
     /// Reads up to [`READ_BURST`] frames from our queue of `side`.
     fn read_burst(&mut self, side: Side) -> usize {
         let now = self.shared.now_ms();
         let shared = self.shared.clone();
         let dev = shared.device(side, self.k);
+        // One load per burst: is a capture taking this side's frames?
+        let capture = shared.taps.capture.sides() & super::taps::side_bit(side) != 0;
         for n in 0..READ_BURST {
             let mut buf = self.spare.take().unwrap_or_else(|| self.shared.pool.get());
             match dev.read(buf.read_space()) {
@@ -365,6 +444,10 @@ impl Worker {
                         Side::Pod => Counter::PodRxFrames,
                         Side::Uplink => Counter::UplinkRxFrames,
                     });
+                    if capture {
+                        let (tap, way) = (&shared.taps.capture, super::taps::Way::In);
+                        tap.offer(side, way, buf.frame(), &shared.taps.counters);
+                    }
                     self.core.frame(side, buf, now, &mut self.actions);
                     self.carry_out();
                 }
@@ -427,12 +510,20 @@ impl Worker {
                 side,
                 next_hop,
                 buf,
-            } => self.tell_control(CtrlMsg::Resolve {
-                side,
-                next_hop,
-                buf,
-            }),
-            Action::Seen { ip, mac } => self.tell_control(CtrlMsg::Seen(ip, mac)),
+            } => {
+                let resolving = &self.shared.resolving;
+                if resolving.fetch_add(1, Ordering::Relaxed) >= super::RESOLVING_MAX {
+                    resolving.fetch_sub(1, Ordering::Relaxed);
+                    self.c.inc(Counter::DropNeighbourQueueFull);
+                    return self.recycle(buf);
+                }
+                self.tell_control(CtrlMsg::Resolve {
+                    side,
+                    next_hop,
+                    buf,
+                })
+            }
+            Action::Neighbour(e) => self.tell_control(CtrlMsg::Neighbour(e)),
             Action::FragNews {
                 worker,
                 key,
@@ -446,7 +537,7 @@ impl Worker {
                 buf,
             } => {
                 self.c.inc(why);
-                let a = &self.shared.addressing;
+                let a = self.core.addressing().clone();
                 let mut out = [0u8; ICMP_ERROR_FRAME_MAX];
                 let n =
                     wire::build_icmp_error(&mut out, buf.frame(), &view, a.mac(to), a.ip(to), kind);
@@ -485,7 +576,7 @@ impl Worker {
                 match e.into_inner() {
                     CtrlMsg::Local { side, frame } => self.shared.local.done(side, &frame),
                     CtrlMsg::Resolve { buf, .. } => self.recycle(buf),
-                    CtrlMsg::Seen(..) => {}
+                    CtrlMsg::Neighbour(_) => {}
                 }
             }
         }

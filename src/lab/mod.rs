@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::{Config, DEFAULT_TOML};
+use crate::config::{Config, UplinkKind, DEFAULT_TOML};
 use crate::device::run_in_netns;
 
 /// The pod's address in the standard topology.
@@ -143,10 +143,24 @@ impl Drop for Netns {
 ///  pod ns: tapnat0 10.244.0.2/16 ── tapnat ── ext ns: tapnat1 203.0.113.1/24, lo 198.51.100.10
 ///          default via 10.244.0.1     10.244.0.1 / 203.0.113.10
 /// ```
+///
+/// With a raw uplink ([`UplinkKind::Raw`]) the gateway's uplink is instead
+/// [`RAW_UPLINK_IF`], one end of a veth pair in a third namespace (`up`,
+/// the gateway's uplink namespace, no address on it), whose other end is
+/// `tapnat1` in the external namespace:
+///
+/// ```text
+///  ... tapnat ── up ns: uplink0 (AF_PACKET, no address) ══ veth ══ ext ns: tapnat1 203.0.113.1/24
+/// ```
 #[derive(Debug)]
 pub struct Lab {
     pub pod: Netns,
     pub ext: Netns,
+    /// How the gateway's uplink is attached.
+    pub uplink: UplinkKind,
+    /// With a raw uplink: the namespace holding the gateway's end of the
+    /// veth pair ([`RAW_UPLINK_IF`]).
+    pub up: Option<Netns>,
     /// A host beyond the external namespace, after [`Lab::add_far`].
     pub far: Option<Netns>,
     /// A second pod on the pod segment, after [`Lab::add_pod2`].
@@ -156,14 +170,74 @@ pub struct Lab {
 /// The second pod's address.
 pub const POD2_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
 
+/// The gateway's raw uplink interface in a raw-uplink lab.
+pub const RAW_UPLINK_IF: &str = "uplink0";
+/// The external namespace's end of a raw-uplink lab's veth pair.
+pub const RAW_PEER_IF: &str = "tapnat1";
+
+/// The uplink kind a plain [`Lab::new`] builds: the one [`over_uplink`]
+/// set for this thread, else `TAPNAT_LAB_UPLINK=raw` in the environment
+/// runs every test (and the demo) over a raw uplink.
+pub fn uplink_from_env() -> UplinkKind {
+    if let Some(kind) = THREAD_UPLINK.with(std::cell::Cell::get) {
+        return kind;
+    }
+    match std::env::var("TAPNAT_LAB_UPLINK").as_deref() {
+        Ok("raw") => UplinkKind::Raw,
+        _ => UplinkKind::Tap,
+    }
+}
+
+thread_local! {
+    static THREAD_UPLINK: std::cell::Cell<Option<UplinkKind>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every [`Lab::new`] on this thread building `kind` of
+/// uplink: one test body run over a TAP and over a raw uplink.
+pub fn over_uplink<T>(kind: UplinkKind, f: impl FnOnce() -> T) -> T {
+    let before = THREAD_UPLINK.with(|c| c.replace(Some(kind)));
+    struct Restore(Option<UplinkKind>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD_UPLINK.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
+}
+
 impl Lab {
+    /// A lab whose uplink kind is [`uplink_from_env`] (a TAP by default).
     pub fn new(tag: &str) -> io::Result<Lab> {
-        Ok(Lab {
+        Lab::with_uplink(tag, uplink_from_env())
+    }
+
+    /// A lab with the given uplink kind; with a raw uplink the veth pair
+    /// exists at once (the gateway needs the interface to start).
+    pub fn with_uplink(tag: &str, uplink: UplinkKind) -> io::Result<Lab> {
+        let mut lab = Lab {
             pod: Netns::new(&format!("{tag}-pod"))?,
             ext: Netns::new(&format!("{tag}-ext"))?,
+            uplink,
+            up: None,
             far: None,
             pod2: None,
-        })
+        };
+        if uplink == UplinkKind::Raw {
+            let up = Netns::new(&format!("{tag}-up"))?;
+            up.ip(&format!(
+                "link add {RAW_UPLINK_IF} type veth peer name {RAW_PEER_IF} netns {}",
+                lab.ext.name()
+            ))?;
+            lab.up = Some(up);
+        }
+        Ok(lab)
+    }
+
+    /// The namespace the gateway's uplink device lives in: the external
+    /// one for a TAP, the `up` one for a raw uplink.
+    pub fn uplink_ns(&self) -> &Netns {
+        self.up.as_ref().unwrap_or(&self.ext)
     }
 
     /// Puts a second pod on the pod segment: a bridge in the pod namespace
@@ -228,23 +302,40 @@ impl Lab {
         Ok(())
     }
 
-    /// The embedded default config, with the TAPs placed in this lab's namespaces.
+    /// The embedded default config, with the devices placed in this lab's
+    /// namespaces (and, for a raw uplink, `uplink.kind = "raw"` on
+    /// [`RAW_UPLINK_IF`]).
     pub fn config(&self) -> Config {
         let mut c =
             Config::from_toml_str(DEFAULT_TOML).expect("the embedded default config is valid");
         c.pod.netns = Some(self.pod.path());
-        c.uplink.netns = Some(self.ext.path());
+        c.uplink.netns = Some(self.uplink_ns().path());
+        if self.uplink == UplinkKind::Raw {
+            c.uplink.kind = UplinkKind::Raw;
+            c.uplink.interface = Some(RAW_UPLINK_IF.to_owned());
+        }
         c
+    }
+
+    /// The external namespace's end of the uplink link: the uplink TAP,
+    /// or the raw uplink's veth peer.
+    pub fn ext_uplink_if<'a>(&self, config: &'a Config) -> &'a str {
+        match self.uplink {
+            UplinkKind::Tap => &config.uplink.tap,
+            UplinkKind::Raw => RAW_PEER_IF,
+        }
     }
 
     /// Once the gateway has created its TAPs: addresses and routes on the
     /// kernel side of each, as a pod and an upstream router would have them.
     pub fn wire_up(&self, config: &Config) -> io::Result<()> {
-        let (pod_tap, up_tap) = (&config.pod.tap, &config.uplink.tap);
+        let (pod_tap, up_tap) = (&config.pod.tap, self.ext_uplink_if(config));
         self.pod.wait_for_link(pod_tap, Duration::from_secs(5))?;
         self.ext.wait_for_link(up_tap, Duration::from_secs(5))?;
         let pod_prefix = config.pod.address.prefix_len;
-        let up_prefix = config.uplink.address.prefix_len;
+        // With DHCP the external side is the lab's DHCP server, on
+        // uplink.gateway/24 (the leases it hands out are in that subnet).
+        let up_prefix = config.uplink.address.fixed().map_or(24, |n| n.prefix_len);
         self.pod
             .ip(&format!("addr add {POD_IP}/{pod_prefix} dev {pod_tap}"))?;
         self.pod.ip(&format!("link set {pod_tap} up"))?;
@@ -256,6 +347,11 @@ impl Lab {
             "addr add {}/{up_prefix} dev {up_tap}",
             config.uplink.gateway
         ))?;
+        if self.uplink == UplinkKind::Raw && !config.workers.offload {
+            // A gateway without offload reads frames of at most the MTU: the
+            // veth peer must send no TSO super-frames (as a NIC without GRO).
+            self.ext.ip(&format!("link set {up_tap} gso_max_segs 1"))?;
+        }
         self.ext.ip(&format!("link set {up_tap} up"))?;
         self.ext.ip(&format!("addr add {SERVER_IP}/32 dev lo"))?;
         Ok(())

@@ -66,6 +66,7 @@
 //!   once the slabs reached their high-water mark.
 //! * Each call costs O(1) plus the buffers it hands back; [`FragCache::expire`]
 //!   walks the LRU list from its oldest end and stops at the first live entry.
+use crate::nat::hash::Keyed;
 use hashbrown::HashMap;
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -213,7 +214,7 @@ pub struct FragCache<T, B> {
     cfg: FragCacheConfig,
     max_datagrams: usize,
     max_held: usize,
-    index: HashMap<FragKey, u32>,
+    index: HashMap<FragKey, u32, Keyed>,
     entries: Vec<Entry<T>>,
     free_entries: Vec<u32>,
     /// Least recently used entry (the next to expire or evict).
@@ -279,7 +280,10 @@ impl<T: Copy, B: AsRef<[u8]>> FragCache<T, B> {
             cfg,
             max_datagrams,
             max_held,
-            index: HashMap::with_capacity(max_datagrams.min(INITIAL_SLOTS)),
+            index: HashMap::with_capacity_and_hasher(
+                max_datagrams.min(INITIAL_SLOTS),
+                Keyed::new(),
+            ),
             entries: Vec::with_capacity(max_datagrams.min(INITIAL_SLOTS)),
             free_entries: Vec::new(),
             lru_head: NIL,

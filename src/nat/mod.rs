@@ -7,6 +7,7 @@
 //! concern (slots and index, mappings, filtering, ports, TCP tracking,
 //! expiry); its items are re-exported here.
 pub mod frag;
+pub mod hash;
 pub mod table;
 
 pub use table::*;

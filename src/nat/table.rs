@@ -35,6 +35,8 @@
 //! * `ports`: the worker's port slice, port choice and the quarantine.
 //! * `tcp`: the TCP state machine and the RST validation.
 //! * `expiry`: timeouts, the sweep cursor and the early-drop choice.
+//! * `pods`: what each inside address (pod) holds, its limits, and which
+//!   of its own flows go first.
 //!
 //! # Counters
 //!
@@ -44,6 +46,17 @@
 //! [`Verdict`], and every new flow as an `Ok`, for the caller to count
 //! (the gateway keeps a counter per reason); [`FlowTable::expire`] also
 //! returns what it removed.
+//!
+//! # Events
+//!
+//! While recording is on ([`FlowTable::set_recording`], off by default),
+//! the table notes every flow created and removed, with why it went
+//! ([`EndReason`]), and every dynamic mapping acquired and released, in a
+//! journal of at most [`JOURNAL_MAX`] entries that the caller drains
+//! ([`FlowTable::drain_events`]); what does not fit is counted
+//! ([`FlowTable::events_lost`]). Off, each creation and removal costs one
+//! branch; the journal is reserved once when recording starts, so no
+//! packet allocates.
 //!
 //! # Mapping behaviour
 //!
@@ -60,12 +73,14 @@
 //! * No port overloading (RFC 4787 REQ-3, RFC 5382 REQ-7): an outside port
 //!   maps to at most one inside endpoint per protocol.
 //! * Port quarantine (RFC 6888 REQ-8): with `port_reuse_delay_ms > 0`, a TCP
-//!   or UDP port released by its mapping stays unusable — for every inside
-//!   endpoint, its previous owner included — for that long. Released ports
-//!   wait in a FIFO (release order = expiry order, as the delay is fixed)
-//!   that is drained at allocation and sweep time; while they wait their bit
-//!   stays set in the port set, so if only quarantined ports are left the
-//!   create fails with [`CreateError::PortsExhausted`]. ICMP ids are reused
+//!   or UDP port released by its mapping stays unusable for that long for
+//!   every other pod (inside address); its own pod takes it back only when
+//!   it is at its port share or no port is free (its oldest one first; the
+//!   `pods` part). Released ports wait in a FIFO (release order = expiry
+//!   order, as the delay is fixed) that is drained at allocation and sweep
+//!   time; while they wait their bit stays set in the port set, so if only
+//!   quarantined ports of other pods are left the create fails with
+//!   [`CreateError::PortsExhausted`]. ICMP ids are reused
 //!   at once (echo ids carry no connection state worth protecting).
 //!
 //! # Inbound packets without a session: filtering and forwards
@@ -109,6 +124,19 @@
 //! the responder (the side that did not open the flow) has sent a packet,
 //! so a SYN flood from either side only ever evicts its own kind.
 //!
+//! Per pod (inside address; the `pods` part's docs): at most
+//! `max_flows_per_pod` flows (those opened from outside included) and
+//! `ports_per_pod` outside ports per protocol (quarantined ones included).
+//! At the flow limit the pod's own oldest unreplied flow or closed TCP
+//! connection (RST, or FIN both ways) goes; at the port limit, or when no
+//! port is free, the pod takes back its own oldest quarantined port, else
+//! its oldest such flow that is its mapping's only one goes and its port is
+//! reused at once; else the create fails with
+//! [`CreateError::PodFlowLimit`], [`CreateError::PodPortLimit`] or
+//! [`CreateError::PortsExhausted`]. In a full table, a pod holding at least
+//! an even share (`max_flows` / pods with flows) loses its own unreplied
+//! flows before early drop is tried; a pod below it tries early drop first.
+//!
 //! # TCP state machine
 //!
 //! Driven by the SYN/ACK/FIN/RST flags of segments, from the initiator's
@@ -146,16 +174,20 @@
 //! (a packed `u64` and its control byte) per distinct (mapping, remote
 //! address). The slab never shrinks: its length is the high-water mark of
 //! live flows. The quarantine FIFO holds at most one 16-byte entry per
-//! TCP/UDP port.
+//! TCP/UDP port. Per pod with anything charged: one map entry (about 56
+//! bytes) and its victim queue, one 14-byte inside key per flow (at most
+//! 2 x its flows + 16 before it is compacted).
 
 mod expiry;
 mod filter;
 mod live;
 mod mappings;
+mod pods;
 mod ports;
 mod slab;
 mod tcp;
 mod types;
+mod types_events;
 
 pub use expiry::EARLY_DROP_SCAN;
 pub use filter::Filtering;
@@ -163,10 +195,12 @@ pub use types::{
     CreateError, Direction, Flow, FlowId, FlowState, ForwardError, InKey, InboundError, OutKey,
     Proto, TableConfig, TableStats, TcpFlags, TcpSeg, TcpState, Timeouts, Verdict,
 };
+pub use types_events::{EndReason, TableEvent, JOURNAL_MAX};
 
 use expiry::{Sweep, Victim};
 use filter::Filter;
 use mappings::{MapKey, Mappings};
+use pods::Pods;
 use ports::Ports;
 use slab::{tag, Slab};
 use std::fmt;
@@ -179,10 +213,16 @@ pub struct FlowTable {
     mappings: Mappings,
     filter: Filter,
     ports: Ports,
+    pods: Pods,
     sweep: Sweep,
     /// Latest `now_ms` seen (for calls without one, like `remove`).
     clock_ms: u64,
     stats: TableStats,
+    /// Flow and mapping starts and ends, noted while `recording`.
+    journal: Vec<TableEvent>,
+    recording: bool,
+    /// Events that did not fit in the journal.
+    events_lost: u64,
 }
 
 impl fmt::Debug for FlowTable {
@@ -232,9 +272,13 @@ impl FlowTable {
             mappings: Mappings::new(cfg.workers, map_cap),
             filter: Filter::new(cfg.filtering),
             ports: Ports::new(&cfg),
+            pods: Pods::new(cfg.max_flows_per_pod, cfg.ports_per_pod),
             sweep: Sweep::default(),
             clock_ms: 0,
             stats: TableStats::default(),
+            journal: Vec::new(),
+            recording: false,
+            events_lost: 0,
             cfg,
         }
     }
@@ -297,13 +341,21 @@ impl FlowTable {
     #[inline]
     fn check_live(&mut self, i: usize, now_ms: u64) -> Option<FlowId> {
         if self.is_expired(i, now_ms) {
-            self.tick(now_ms);
-            self.remove_slot(i);
-            self.stats.expired += 1;
+            self.expire_slot(i, now_ms);
             None
         } else {
             Some(FlowId(i as u32))
         }
+    }
+
+    /// A lookup hit an expired flow: remove it (kept out of line, so the
+    /// lookup path stays small).
+    #[cold]
+    #[inline(never)]
+    fn expire_slot(&mut self, i: usize, now_ms: u64) {
+        self.tick(now_ms);
+        self.remove_slot_for(i, EndReason::Timeout);
+        self.stats.expired += 1;
     }
 
     /// Create a flow for an outbound packet that missed (see the module docs
@@ -328,19 +380,17 @@ impl FlowTable {
             }
         }
         self.tick(now_ms);
-        if self.slab.len() >= self.cfg.max_flows && !self.make_room(now_ms) {
-            return Err(CreateError::TableFull);
-        }
+        self.admit(key.src, now_ms)?;
         self.end_quarantines(now_ms);
-        let ports = &mut self.ports;
-        let Some((ext_addr, ext_port)) =
-            self.mappings
-                .acquire((key.proto, key.src, key.sport), ext_addr, || {
-                    ports.alloc(key)
-                })
-        else {
-            return Err(CreateError::PortsExhausted);
-        };
+        let existed = self.recording && self.mappings.contains(&(key.proto, key.src, key.sport));
+        let (ext_addr, ext_port) = self.acquire_mapping(key, ext_addr)?;
+        if self.recording && !existed {
+            self.note(TableEvent::MappingNew {
+                proto: key.proto,
+                inside: (key.src, key.sport),
+                outside: (ext_addr, ext_port),
+            });
+        }
         Ok(self.insert_flow(*key, ext_addr, ext_port, 0, now_ms))
     }
 
@@ -395,9 +445,12 @@ impl FlowTable {
         self.tick(now_ms);
         // Pin the mapping so that making room cannot release it.
         self.mappings.pin(&mk);
-        if self.slab.len() >= self.cfg.max_flows && !self.make_room(now_ms) {
+        if let Err(e) = self.admit(inside.src, now_ms) {
             self.unref_mapping(mk);
-            return Err(InboundError::TableFull);
+            return Err(match e {
+                CreateError::PodFlowLimit => InboundError::PodFlowLimit,
+                _ => InboundError::TableFull,
+            });
         }
         Ok(self.insert_flow(inside, m.ext_addr, m.ext_port, tag::ORIGIN_OUT, now_ms))
     }
@@ -428,12 +481,16 @@ impl FlowTable {
             bytes_out2in: 0,
         };
         let i = self.slab.insert(flow, tag::LIVE | origin);
+        self.pods.flow_added(inside, &self.slab);
         // No overloading means out keys are unique: two inside endpoints
         // never share (proto, ext port), and one endpoint's flows differ in
         // (remote, rport).
         debug_assert_eq!(self.find_out(&flow.out_key()), Some(i as usize));
         self.filter
             .session_added(inside.proto, ext_port, inside.dst);
+        if self.recording {
+            self.note(TableEvent::FlowNew(flow));
+        }
         FlowId(i)
     }
 
@@ -443,12 +500,12 @@ impl FlowTable {
     fn make_room(&mut self, now_ms: u64) -> bool {
         match self.sweep.victim(&self.slab, &self.cfg.timeouts, now_ms) {
             Some(Victim::Expired(i)) => {
-                self.remove_slot(i);
+                self.remove_slot_for(i, EndReason::Timeout);
                 self.stats.expired += 1;
                 true
             }
             Some(Victim::Unreplied(i)) => {
-                self.remove_slot(i);
+                self.remove_slot_for(i, EndReason::Evicted);
                 self.stats.early_dropped += 1;
                 true
             }
@@ -536,7 +593,7 @@ impl FlowTable {
         let mut removed = 0;
         for _ in 0..budget.min(n) {
             if self.slab.is_live(c) && self.is_expired(c, now_ms) {
-                self.remove_slot(c);
+                self.remove_slot_for(c, EndReason::Timeout);
                 removed += 1;
             }
             c = expiry::next(c, n);
@@ -549,24 +606,33 @@ impl FlowTable {
     /// Removes a live flow now (e.g. the masquerade address went away),
     /// releasing its mapping if it was the last flow of it (into quarantine,
     /// timed from the latest `now_ms` the table has seen). Not counted as
-    /// expired.
+    /// expired; an event records it as [`EndReason::AddressChange`].
     ///
     /// # Panics
     /// If `id` is out of range or not live.
     pub fn remove(&mut self, id: FlowId) {
         assert!(self.slab.is_live(id.0 as usize), "stale FlowId");
-        self.remove_slot(id.0 as usize);
+        self.remove_slot_for(id.0 as usize, EndReason::AddressChange);
     }
 
     /// Removes every flow and dynamic mapping (link down / address change);
     /// their TCP/UDP ports go into quarantine. Forwards and counters are
     /// kept.
     pub fn clear(&mut self) {
+        if self.recording {
+            self.note_clear();
+        }
         self.slab.clear();
         self.filter.clear();
-        let (ports, now_ms) = (&mut self.ports, self.clock_ms);
-        self.mappings
-            .clear_dynamic(|proto, port| ports.release(proto, port, now_ms));
+        self.pods.clear_flows();
+        let (ports, pods, now_ms) = (&mut self.ports, &mut self.pods, self.clock_ms);
+        self.mappings.clear_dynamic(|mk, port| {
+            if ports.release(mk.0, port, now_ms, Some(mk.1)) {
+                pods.port_cooling(mk.1, mk.0);
+            } else {
+                pods.port_freed(mk.1, mk.0);
+            }
+        });
         self.sweep.set(0);
     }
 
@@ -574,25 +640,123 @@ impl FlowTable {
     /// none is). A forward added meanwhile keeps its port.
     #[inline]
     fn end_quarantines(&mut self, now_ms: u64) {
-        let mappings = &self.mappings;
-        self.ports.drain_cooling(now_ms, |proto, port| {
-            mappings.owner_of(proto, port).is_some()
-        });
+        let (mappings, pods) = (&self.mappings, &mut self.pods);
+        self.ports.drain_cooling(
+            now_ms,
+            |proto, port| mappings.owner_of(proto, port).is_some(),
+            |owner, proto| pods.cooling_ended(owner, proto),
+        );
     }
 
     /// Drops one flow of a mapping, giving its port back if that was the
     /// last one of a dynamic mapping.
     fn unref_mapping(&mut self, mk: MapKey) {
+        let ext_addr = match self.recording {
+            true => self.mappings.get(&mk).map(|m| m.ext_addr),
+            false => None,
+        };
         if let Some(port) = self.mappings.unref(mk) {
-            self.ports.release(mk.0, port, self.clock_ms);
+            if self.ports.release(mk.0, port, self.clock_ms, Some(mk.1)) {
+                self.pods.port_cooling(mk.1, mk.0);
+            } else {
+                self.pods.port_freed(mk.1, mk.0);
+            }
+            if let Some(addr) = ext_addr {
+                self.note(TableEvent::MappingEnd {
+                    proto: mk.0,
+                    inside: (mk.1, mk.2),
+                    outside: (addr, port),
+                });
+            }
         }
     }
 
+    /// Removes every flow translated to `addr` (the outside address went
+    /// away: a new DHCP lease, or none), releasing their mappings as
+    /// [`FlowTable::remove`] does; events record [`EndReason::AddressChange`].
+    pub fn remove_address(&mut self, addr: std::net::Ipv4Addr) -> usize {
+        let victims: Vec<usize> = (0..self.slab.slots())
+            .filter(|&i| self.slab.is_live(i) && self.slab.flow(i).ext_addr == addr)
+            .collect();
+        for &i in &victims {
+            self.remove_slot_for(i, EndReason::AddressChange);
+        }
+        victims.len()
+    }
+
+    /// Removes slot `i` as an operator's flush does (the parts that remove
+    /// flows for other reasons name them: [`FlowTable::remove_slot_for`]).
     fn remove_slot(&mut self, i: usize) {
+        self.remove_slot_for(i, EndReason::Flush);
+    }
+
+    fn remove_slot_for(&mut self, i: usize, why: EndReason) {
         let f = self.slab.remove(i);
+        self.pods.flow_removed(f.inside.src);
         self.filter
             .session_removed(f.inside.proto, f.ext_port, f.inside.dst);
+        if self.recording {
+            self.note(TableEvent::FlowEnd(f, EndReason::of(&f, why)));
+        }
         self.unref_mapping((f.inside.proto, f.inside.src, f.inside.sport));
+    }
+
+    /// Notes an event if the journal has room, else counts it lost.
+    #[inline]
+    fn note(&mut self, e: TableEvent) {
+        if self.journal.len() < JOURNAL_MAX {
+            self.journal.push(e);
+        } else {
+            self.events_lost += 1;
+        }
+    }
+
+    /// The events of [`FlowTable::clear`]: every flow, then every dynamic
+    /// mapping (once each), ends by an address change.
+    #[cold]
+    fn note_clear(&mut self) {
+        let flows: Vec<Flow> = self.slab.iter().copied().collect();
+        let mut seen = hashbrown::HashSet::new();
+        for f in flows {
+            self.note(TableEvent::FlowEnd(f, EndReason::AddressChange));
+            let mk = (f.inside.proto, f.inside.src, f.inside.sport);
+            if self.mappings.forward_of(&mk).is_none() && seen.insert(mk) {
+                self.note(TableEvent::MappingEnd {
+                    proto: mk.0,
+                    inside: (mk.1, mk.2),
+                    outside: (f.ext_addr, f.ext_port),
+                });
+            }
+        }
+    }
+
+    /// Turns the journal on or off (module docs, "Events"); turning it off
+    /// empties it.
+    pub fn set_recording(&mut self, on: bool) {
+        if on && !self.recording {
+            self.journal.reserve_exact(JOURNAL_MAX);
+        }
+        if !on {
+            self.journal.clear();
+        }
+        self.recording = on;
+    }
+
+    /// Whether the journal is on.
+    #[inline]
+    pub fn recording(&self) -> bool {
+        self.recording
+    }
+
+    /// Hands every noted event to `f`, oldest first, and empties the
+    /// journal (keeping its room).
+    pub fn drain_events(&mut self, f: impl FnMut(TableEvent)) {
+        self.journal.drain(..).for_each(f);
+    }
+
+    /// Events that did not fit in the journal since the table was made.
+    pub fn events_lost(&self) -> u64 {
+        self.events_lost
     }
 
     /// Number of live flows (some may be expired but not yet swept).

@@ -16,7 +16,9 @@
 //! forward (not a masqueraded flow) may take back at once.
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::events::EventHub;
 use super::filter::FlowFilter;
+use super::maplog::MapLog;
 use super::record::forward_protocol_name;
 use crate::config::{self, Config, Forward};
 use crate::gateway::{Addressing, FlowPredicate, ForwardRefused, Observer};
@@ -27,6 +29,8 @@ use crate::policy::forwarded_ports;
 pub struct Live {
     observer: Observer,
     state: Mutex<State>,
+    /// `tapnat events` subscribers and the mapping log.
+    events: EventHub,
 }
 
 struct State {
@@ -106,16 +110,58 @@ fn refusal(r: ForwardRefused, added: &[Forward]) -> String {
 }
 
 impl Live {
-    /// The state of a gateway just started with `config`.
-    pub fn new(observer: Observer, config: &Config) -> Live {
-        let addressing = Arc::new(observer.addressing().clone());
-        Live {
+    /// The state of a gateway just started with `config`, with the events
+    /// thread started (writing `maplog`, opened from `config.log`).
+    pub fn new(
+        observer: Observer,
+        config: &Config,
+        maplog: Option<MapLog>,
+    ) -> std::io::Result<Live> {
+        let addressing = observer.addressing();
+        let events = EventHub::start(observer.taps().clone(), maplog)?;
+        Ok(Live {
             observer,
             state: Mutex::new(State {
                 config: config.clone(),
                 run_time: Vec::new(),
                 addressing,
             }),
+            events,
+        })
+    }
+
+    /// Every NAT rule's counters now, named as the running config names
+    /// them.
+    pub fn rule_records(
+        &self,
+        s: &crate::gateway::stats::Snapshot,
+    ) -> Vec<super::record::RuleRecord> {
+        let st = self.state();
+        super::record::rule_records(s, &st.config.snat, &st.config.masquerade)
+    }
+
+    /// `tapnat events` subscriptions.
+    pub fn events(&self) -> &EventHub {
+        &self.events
+    }
+
+    /// SIGHUP: reopens the mapping log as the running config's `[log]`
+    /// says (the same file for a rotation, another, or none). On failure
+    /// the log as it was keeps running.
+    pub fn reopen_log(&self) -> Result<(), String> {
+        let log = self.state().config.log.clone();
+        match &log.mappings {
+            None => {
+                self.events.set_maplog(None);
+                Ok(())
+            }
+            Some(path) => match MapLog::open(path, log.destinations) {
+                Ok(m) => {
+                    self.events.set_maplog(Some(m));
+                    Ok(())
+                }
+                Err(e) => Err(format!("log.mappings: cannot open {}: {e}", path.display())),
+            },
         }
     }
 
@@ -253,7 +299,7 @@ impl Live {
     /// restart refuses the whole reload, as does a forward set the tables
     /// cannot take; otherwise forwards (the file's set replaces the running
     /// one, run-time additions included), masquerade rules, timeouts,
-    /// filtering, the ICMP error limits and `max_flows` take their new
+    /// filtering, the ICMP error limits, `max_flows` and the per-pod limits take their new
     /// values.
     pub fn reload(&self, new: Config) -> Result<Reloaded, ReloadRefused> {
         let mut st = self.state();
@@ -295,6 +341,10 @@ impl Live {
                 table_filtering(n.filtering),
                 (n.icmp_errors_per_sec, n.icmp_errors_burst),
             );
+        }
+        if (n.max_flows_per_pod, n.ports_per_pod) != (o.max_flows_per_pod, o.ports_per_pod) {
+            self.observer
+                .set_pod_limits(n.max_flows_per_pod, n.ports_per_pod);
         }
         if new.masquerade != st.config.masquerade {
             let mut a = (*st.addressing).clone();

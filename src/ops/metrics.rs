@@ -16,16 +16,18 @@
 //! - `tapnat_drops_total{reason}`: frames dropped, one reason per `drop_`
 //!   counter.
 //! - `tapnat_flows_created_total`, and
-//!   `tapnat_flows_destroyed_total{reason="timeout"|"evicted"|"flush"}`:
+//!   `tapnat_flows_destroyed_total{reason="timeout"|"evicted"|"flush"|"address_change"}`:
 //!   flows that expired, were evicted unreplied to make room in a full table
-//!   (conntrack's early drop), or were removed by an operator (`tapnat
-//!   flush`, a forward removed with its flows).
+//!   (conntrack's early drop), were removed by an operator (`tapnat
+//!   flush`, a forward removed with its flows), or lost their outside
+//!   address (`uplink.address = "dhcp"`: a new lease or none).
 //! - `tapnat_<counter>_total` for every other counter of `tapnat stats`.
 //! - Gauges: `tapnat_conntrack_entries`, `tapnat_conntrack_entries_limit`,
 //!   `tapnat_fragments_tracked` (datagrams in the fragment caches),
 //!   `tapnat_fragments_held` (fragments waiting for their first fragment),
 //!   `tapnat_neighbours` (the neighbour table's entries); each at most one
-//!   loop iteration of its thread old.
+//!   loop iteration of its thread old. With `uplink.address = "dhcp"` also
+//!   `tapnat_dhcp_lease_seconds` (time left on the lease, 0 without one).
 //!
 //! The listener is written by hand rather than taken from an HTTP crate: it
 //! serves one read-only path, one request per connection, and needs no
@@ -59,6 +61,8 @@ pub struct Gauges {
     pub fragments_held: u64,
     /// Entries of the neighbour table.
     pub neighbours: u64,
+    /// With `uplink.address = "dhcp"`: seconds left on the lease (0: none).
+    pub dhcp_lease_seconds: Option<u64>,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -101,6 +105,7 @@ fn destroy_reason(c: Counter) -> Option<&'static str> {
         Counter::FlowsExpired => Some("timeout"),
         Counter::FlowsEvicted => Some("evicted"),
         Counter::FlowsFlushed => Some("flush"),
+        Counter::FlowsAddressChange => Some("address_change"),
         _ => None,
     }
 }
@@ -126,6 +131,37 @@ fn labelled(
 fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
     family(out, name, "gauge", help);
     let _ = writeln!(out, "{name} {value}");
+}
+
+/// The rules' counters: `tapnat_rule_packets_total{rule, source}` and
+/// `tapnat_rule_bytes_total{rule, source}`, appended to `out`.
+pub fn rules(out: &mut String, rules: &[crate::ops::record::RuleRecord]) {
+    family(
+        out,
+        "tapnat_rule_packets_total",
+        "counter",
+        "Packets translated under each NAT rule (both directions).",
+    );
+    for r in rules {
+        let _ = writeln!(
+            out,
+            "tapnat_rule_packets_total{{rule=\"{}\",source=\"{}\"}} {}",
+            r.rule, r.source, r.packets
+        );
+    }
+    family(
+        out,
+        "tapnat_rule_bytes_total",
+        "counter",
+        "IP bytes translated under each NAT rule (both directions).",
+    );
+    for r in rules {
+        let _ = writeln!(
+            out,
+            "tapnat_rule_bytes_total{{rule=\"{}\",source=\"{}\"}} {}",
+            r.rule, r.source, r.bytes
+        );
+    }
 }
 
 /// The whole exposition: every counter (zeros included, so a series exists
@@ -164,6 +200,14 @@ pub fn exposition(s: &Snapshot, gauges: Option<Gauges>) -> String {
             "Entries of the neighbour (IP to MAC) table.",
             g.neighbours,
         );
+        if let Some(left) = g.dhcp_lease_seconds {
+            gauge(
+                o,
+                "tapnat_dhcp_lease_seconds",
+                "Seconds left on the uplink's DHCP lease (0: no lease).",
+                left,
+            );
+        }
     }
     family(
         &mut out,
@@ -200,7 +244,7 @@ pub fn exposition(s: &Snapshot, gauges: Option<Gauges>) -> String {
         &mut out,
         s,
         "tapnat_flows_destroyed_total",
-        "Flows removed, by reason: timed out, evicted from a full table, flushed.",
+        "Flows removed, by reason: timed out, evicted from a full table, flushed, outside address gone.",
         "reason",
         destroy_reason,
     );
@@ -257,6 +301,7 @@ impl MetricsServer {
         std::thread::Builder::new()
             .name("tapnat-metrics".into())
             .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::Role::Metrics);
                 for conn in listener.incoming().flatten() {
                     if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
                         busy.fetch_sub(1, Ordering::AcqRel);
@@ -361,7 +406,7 @@ mod tests {
 
     #[test]
     fn exposition_is_well_formed_and_carries_the_values() {
-        let text = exposition(
+        let mut text = exposition(
             &snapshot(),
             Some(Gauges {
                 entries: 4,
@@ -369,10 +414,26 @@ mod tests {
                 fragments_tracked: 2,
                 fragments_held: 3,
                 neighbours: 5,
+                dhcp_lease_seconds: Some(57),
             }),
         );
+        let c = Counters::default();
+        c.rule(1, 84);
+        let masq = |src: &str| crate::config::MasqueradeRule {
+            source: src.parse().unwrap(),
+            exclude: vec![],
+        };
+        let named = crate::ops::record::rule_records(
+            &Snapshot::sum([&c]),
+            &[],
+            &[masq("10.244.0.0/24"), masq("10.244.1.0/24")],
+        );
+        rules(&mut text, &named);
         check_format(&text);
         for want in [
+            "tapnat_rule_packets_total{rule=\"masquerade[0]\",source=\"10.244.0.0/24\"} 0\n",
+            "tapnat_rule_packets_total{rule=\"masquerade[1]\",source=\"10.244.1.0/24\"} 1\n",
+            "tapnat_rule_bytes_total{rule=\"masquerade[1]\",source=\"10.244.1.0/24\"} 84\n",
             "tapnat_conntrack_entries 4\n",
             "tapnat_conntrack_entries_limit 262144\n",
             "tapnat_frames_total{side=\"pod\",direction=\"rx\"} 7\n",
@@ -389,6 +450,7 @@ mod tests {
             "tapnat_fragments_tracked 2\n",
             "tapnat_fragments_held 3\n",
             "tapnat_neighbours 5\n",
+            "tapnat_dhcp_lease_seconds 57\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

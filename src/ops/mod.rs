@@ -6,8 +6,11 @@
 //! reports format both for people (text) and scripts (JSON, Prometheus).
 //! [`live`] holds what an operator changes while it runs (flushes, forwards,
 //! a reload), carried to the workers over their channels.
+pub mod capture;
+pub mod events;
 pub mod filter;
 pub mod live;
+pub mod maplog;
 pub mod metrics;
 pub mod record;
 pub mod report;

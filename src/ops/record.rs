@@ -71,6 +71,50 @@ impl From<&Flow> for FlowRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsRecord {
     pub counters: BTreeMap<String, u64>,
+    /// Packets and bytes per `[[snat]]` and `[[masquerade]]` rule.
+    #[serde(default)]
+    pub rules: Vec<RuleRecord>,
+    /// With `uplink.address = "dhcp"` only: the lease in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<DhcpRecord>,
+}
+
+/// The DHCP client's state, as `tapnat stats` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DhcpRecord {
+    /// `None` (JSON `null`): no lease, outbound traffic is dropped.
+    pub lease: Option<LeaseRecord>,
+}
+
+/// One DHCP lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// The outside address with the leased subnet's prefix (`A.B.C.D/N`).
+    pub address: String,
+    /// The next hop.
+    pub router: Ipv4Addr,
+    /// The DHCP server that granted it.
+    pub server: Ipv4Addr,
+    /// Seconds until the lease ends (it is renewed at about half of it).
+    pub secs_left: u64,
+}
+
+impl DhcpRecord {
+    /// A running gateway's DHCP state; `None` with a fixed address.
+    pub fn of(observer: &crate::gateway::Observer) -> Option<DhcpRecord> {
+        if !observer.addressing().dhcp {
+            return None;
+        }
+        let now = observer.now_ms();
+        Some(DhcpRecord {
+            lease: observer.lease().map(|l| LeaseRecord {
+                address: l.address.to_string(),
+                router: l.router,
+                server: l.server,
+                secs_left: l.secs_left(now),
+            }),
+        })
+    }
 }
 
 impl From<&Snapshot> for StatsRecord {
@@ -80,8 +124,54 @@ impl From<&Snapshot> for StatsRecord {
                 .iter()
                 .map(|c| (c.name().to_string(), s.get(*c)))
                 .collect(),
+            dhcp: None,
+            rules: Vec::new(),
         }
     }
+}
+
+/// One NAT rule's traffic: packets (and their IP bytes) translated for the
+/// pod addresses it covers, both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRecord {
+    /// `snat[I]` or `masquerade[I]`, as a config error would name it.
+    pub rule: String,
+    /// The rule's `source`.
+    pub source: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The rules' counters of `s`, named by `snat` and `masquerade` (the
+/// rules running now: counters go by position, SNAT rules first).
+pub fn rule_records(
+    s: &Snapshot,
+    snat: &[crate::config::SnatRule],
+    masquerade: &[crate::config::MasqueradeRule],
+) -> Vec<RuleRecord> {
+    let named = snat
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("snat[{i}]"), r.source.to_string()))
+        .chain(
+            masquerade
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("masquerade[{i}]"), r.source.to_string())),
+        );
+    named
+        .enumerate()
+        .take(crate::gateway::stats::RULES_COUNTED)
+        .map(|(k, (rule, source))| {
+            let (packets, bytes) = s.rule(k);
+            RuleRecord {
+                rule,
+                source,
+                packets,
+                bytes,
+            }
+        })
+        .collect()
 }
 
 /// One forward as `tapnat forward list -o json` prints it: the three keys

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use super::metrics;
-use super::record::{FlowRecord, ForwardRecord, StatsRecord};
+use super::record::{DhcpRecord, FlowRecord, ForwardRecord, RuleRecord, StatsRecord};
 use crate::gateway::stats::{Counter, Counters, Snapshot};
 use crate::nat::Flow;
 
@@ -58,9 +58,14 @@ pub fn flows(flows: &[Flow]) -> String {
     flow_lines(&flows.iter().map(FlowRecord::from).collect::<Vec<_>>())
 }
 
-/// Every non-zero counter, one per line, in declaration order.
+/// The DHCP lease (with `uplink.address = "dhcp"`), then every non-zero
+/// counter, one per line, in declaration order.
 pub fn stats_lines(s: &StatsRecord) -> String {
-    let mut out = String::from("counters:\n");
+    let mut out = String::new();
+    if let Some(d) = &s.dhcp {
+        out.push_str(&lease_line(d));
+    }
+    out.push_str("counters:\n");
     for c in Counter::ALL {
         match s.counters.get(c.name()) {
             Some(&v) if v != 0 => {
@@ -69,7 +74,40 @@ pub fn stats_lines(s: &StatsRecord) -> String {
             _ => {}
         }
     }
+    out.push_str(&rule_lines(&s.rules));
     out
+}
+
+/// One line per NAT rule with its packets and bytes (like the counters
+/// of `iptables -t nat -L -v`); nothing without rules.
+pub fn rule_lines(rules: &[RuleRecord]) -> String {
+    if rules.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "rules:
+",
+    );
+    for r in rules {
+        let _ = writeln!(
+            out,
+            "  {:<14} {:<18} packets {} bytes {}",
+            r.rule, r.source, r.packets, r.bytes
+        );
+    }
+    out
+}
+
+/// `uplink lease: ADDR/N via ROUTER from SERVER, S s left`, or that there
+/// is none.
+pub fn lease_line(d: &DhcpRecord) -> String {
+    match &d.lease {
+        Some(l) => format!(
+            "uplink lease: {} via {} from {}, {} s left\n",
+            l.address, l.router, l.server, l.secs_left
+        ),
+        None => "uplink lease: none (DHCP); outbound traffic is dropped\n".to_string(),
+    }
 }
 
 /// [`stats_lines`] of a snapshot taken in this process.
@@ -91,7 +129,9 @@ pub fn snapshot_of(s: &StatsRecord) -> Snapshot {
 
 /// Counters in the Prometheus text format, as `GET /metrics` serves them.
 pub fn stats_prometheus(s: &StatsRecord) -> String {
-    metrics::exposition(&snapshot_of(s), None)
+    let mut out = metrics::exposition(&snapshot_of(s), None);
+    metrics::rules(&mut out, &s.rules);
+    out
 }
 
 /// Pretty JSON with a final newline.
@@ -128,6 +168,29 @@ mod tests {
         let drop = text.find("drop_no_flow").unwrap();
         assert!(rx < drop, "{text}");
         assert_eq!(text.lines().count(), 3);
+        let back: StatsRecord = serde_json::from_str(&json(&rec)).unwrap();
+        assert_eq!(back, rec);
+    }
+
+    #[test]
+    fn the_lease_is_shown_first_and_survives_json() {
+        use super::super::record::LeaseRecord;
+        let mut rec = StatsRecord::from(&Snapshot::sum([&Counters::default()]));
+        let plain = json(&rec);
+        assert!(!plain.contains("dhcp"), "{plain}");
+        rec.dhcp = Some(DhcpRecord { lease: None });
+        assert!(stats_lines(&rec).starts_with("uplink lease: none (DHCP)"));
+        rec.dhcp = Some(DhcpRecord {
+            lease: Some(LeaseRecord {
+                address: "192.0.2.50/24".into(),
+                router: "192.0.2.1".parse().unwrap(),
+                server: "192.0.2.1".parse().unwrap(),
+                secs_left: 42,
+            }),
+        });
+        assert!(stats_lines(&rec).starts_with(
+            "uplink lease: 192.0.2.50/24 via 192.0.2.1 from 192.0.2.1, 42 s left\ncounters:\n"
+        ));
         let back: StatsRecord = serde_json::from_str(&json(&rec)).unwrap();
         assert_eq!(back, rec);
     }

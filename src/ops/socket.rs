@@ -25,9 +25,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::capture::{self, CaptureSpec};
+use super::events::EventRecord;
 use super::filter::FlowFilter;
 use super::live::Live;
-use super::record::{FlowRecord, ForwardRecord, StatsRecord};
+use super::record::{DhcpRecord, FlowRecord, ForwardRecord, StatsRecord};
 use crate::device::sys;
 
 /// Where `tapnat run` listens and the client commands ask by default.
@@ -40,7 +42,7 @@ const MAX_REQUEST: u64 = 4096;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A request, one JSON object on one line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     /// The flows the filter selects.
@@ -68,10 +70,16 @@ pub enum Request {
     /// The running forwards.
     #[serde(rename = "forward-list")]
     ForwardList,
+    /// Every flow event from now on, one [`Response::Event`] a line,
+    /// after a [`Response::Subscribed`].
+    Events,
+    /// A pcap stream of frames: a [`Response::Capturing`] line, then the
+    /// file's bytes.
+    Capture { spec: CaptureSpec },
 }
 
 /// The answer to a [`Request`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Response {
     Flows(Vec<FlowRecord>),
@@ -85,6 +93,12 @@ pub enum Response {
         forward: ForwardRecord,
         flows_flushed: usize,
     },
+    /// Events follow, one a line.
+    Subscribed,
+    /// A flow created or destroyed.
+    Event(EventRecord),
+    /// The pcap stream follows.
+    Capturing,
     /// The request was understood and refused (a forward that does not
     /// fit, one that is not there), with the reason.
     Failed(String),
@@ -176,6 +190,7 @@ impl ControlSocket {
         std::thread::Builder::new()
             .name("tapnat-control".into())
             .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::Role::ControlSocket);
                 for conn in listener.incoming().flatten() {
                     if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
                         busy.fetch_sub(1, Ordering::AcqRel);
@@ -231,7 +246,13 @@ pub fn respond(request: Request, live: &Live) -> Response {
                 .filter(|f| filter.matches(f))
                 .collect(),
         ),
-        Request::Stats => Response::Stats(StatsRecord::from(&observer.stats())),
+        Request::Stats => {
+            let s = observer.stats();
+            let mut r = StatsRecord::from(&s);
+            r.rules = live.rule_records(&s);
+            r.dhcp = DhcpRecord::of(observer);
+            Response::Stats(r)
+        }
         Request::Flush { filter } => Response::Flushed(live.flush(&filter)),
         Request::ForwardAdd { protocol, port, to } => {
             match live.forward_add(&protocol, &port, &to) {
@@ -252,6 +273,81 @@ pub fn respond(request: Request, live: &Live) -> Response {
         Request::ForwardList => {
             Response::Forwards(live.forwards().iter().map(ForwardRecord::from).collect())
         }
+        Request::Events | Request::Capture { .. } => {
+            Response::Error("a stream is not answered in one line".into())
+        }
+    }
+}
+
+/// Whether the client closed its end (or it broke); checked while a
+/// stream has nothing to send.
+/// A non-blocking peek (`recv(MSG_DONTWAIT | MSG_PEEK)`): no `ioctl`
+/// (`FIONBIO`), which the client threads' seccomp filter leaves out.
+fn peer_gone(conn: &UnixStream) -> bool {
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    let r =
+        socket2::SockRef::from(conn).recv_with_flags(&mut b, libc::MSG_DONTWAIT | libc::MSG_PEEK);
+    match r {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+    }
+}
+
+/// `tapnat events`: every flow event until the client goes away (or is
+/// stuck for the write timeout; its queue loses events meanwhile).
+fn stream_events(conn: &UnixStream, live: &Live) -> io::Result<()> {
+    let sub = live.events().subscribe();
+    send(conn, &Response::Subscribed)?;
+    loop {
+        match sub.events().recv_timeout(Duration::from_secs(1)) {
+            Ok(e) => {
+                if let Some(r) = EventRecord::of(&e) {
+                    send(conn, &Response::Event(r))?;
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if peer_gone(conn) {
+                    return Ok(());
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+}
+
+/// `tapnat capture`: the pcap stream until its count or time is up or the
+/// client goes away.
+fn stream_capture(conn: &UnixStream, live: &Live, spec: &CaptureSpec) -> io::Result<()> {
+    let tap = &live.observer().taps().capture;
+    let mut line = serde_json::to_vec(&Response::Capturing).map_err(io::Error::other)?;
+    line.push(b'\n');
+    let mut out = Preamble {
+        first: Some(line),
+        conn,
+    };
+    match capture::stream(tap, spec, &mut out, || peer_gone(conn)) {
+        Ok(_) => Ok(()),
+        Err(why) => send(conn, &Response::Failed(why)),
+    }
+}
+
+/// The connection, with a line to write before the first bytes (so that a
+/// capture that cannot start answers with its reason instead).
+struct Preamble<'a> {
+    first: Option<Vec<u8>>,
+    conn: &'a UnixStream,
+}
+
+impl Write for Preamble<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(first) = self.first.take() {
+            (&*self.conn).write_all(&first)?;
+        }
+        (&*self.conn).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.conn).flush()
     }
 }
 
@@ -265,6 +361,8 @@ fn serve_client(conn: UnixStream, access: &Access, own_uid: u32, live: &Live) ->
         Response::Error(format!("uid {} may not use this socket", cred.uid))
     } else {
         match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Events) => return stream_events(&conn, live),
+            Ok(Request::Capture { spec }) => return stream_capture(&conn, live, &spec),
             Ok(request) => respond(request, live),
             Err(e) => Response::Error(format!("bad request: {e}")),
         }
@@ -287,6 +385,30 @@ pub fn ask(path: &Path, request: &Request) -> io::Result<Response> {
     let mut out = Vec::new();
     conn.read_to_end(&mut out)?;
     serde_json::from_slice(&out).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Asks the gateway on `path` for a stream: its first answer, and the
+/// connection to read the rest from (no read timeout: a stream may be
+/// quiet for long).
+pub fn open_stream(
+    path: &Path,
+    request: &Request,
+) -> io::Result<(Response, BufReader<UnixStream>)> {
+    let mut conn = UnixStream::connect(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("no tapnat answers on {}: {e}", path.display()),
+        )
+    })?;
+    let mut text = serde_json::to_vec(request).map_err(io::Error::other)?;
+    text.push(b'\n');
+    conn.write_all(&text)?;
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let first =
+        serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok((first, reader))
 }
 
 /// The gid and member uids of the group called `name`, read from
@@ -370,6 +492,17 @@ mod tests {
                 r#"{"cmd":"forward-del","protocol":"udp","port":"53"}"#,
             ),
             (Request::ForwardList, r#"{"cmd":"forward-list"}"#),
+            (Request::Events, r#"{"cmd":"events"}"#),
+            (
+                Request::Capture {
+                    spec: CaptureSpec {
+                        side: "both".into(),
+                        count: Some(4),
+                        seconds: None,
+                    },
+                },
+                r#"{"cmd":"capture","spec":{"side":"both","count":4}}"#,
+            ),
         ] {
             assert_eq!(serde_json::to_string(&r).unwrap(), text);
             assert_eq!(serde_json::from_str::<Request>(text).unwrap(), r);

@@ -30,6 +30,7 @@ fn addressing() -> Addressing {
         uplink_net: net([203, 0, 113, 10], 24),
         uplink_gateway: Ipv4Addr::new(203, 0, 113, 1),
         uplink_mtu: 1500,
+        dhcp: false,
         masquerade: vec![MasqueradeRule {
             source: net([10, 244, 0, 0], 16),
             exclude: vec![net([10, 244, 0, 0], 16), net([192, 0, 2, 0], 24)],

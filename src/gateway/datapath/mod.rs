@@ -34,11 +34,13 @@ mod translate;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use crate::nat::hash::Keyed;
 use hashbrown::HashMap;
 use smoltcp::wire::EthernetAddress;
 
 use super::buf::{Buf, Pool};
-use super::classify::{classify, Disposition};
+use super::classify::{classify, Disposition, Seen};
+use super::neighbour::{Event, News};
 use super::stats::{Counter, Counters};
 use crate::nat::frag::{FragCache, FragKey, Release};
 use crate::nat::{Flow, FlowTable, InKey, TcpFlags, TcpSeg};
@@ -119,8 +121,9 @@ pub enum Action {
     },
     /// Count `why` and free `buf`.
     Drop { why: Counter, buf: Buf },
-    /// A pod (address, MAC) not reported before: tell the control thread.
-    Seen { ip: Ipv4Addr, mac: EthernetAddress },
+    /// Tell the control thread's neighbour table (an entry told STALE was
+    /// used or confirmed, ARP overheard on the link).
+    Neighbour(Event),
     /// Worker `worker` tracks the fragments of datagram `key`: tell it how
     /// the first fragment was rewritten.
     FragNews {
@@ -139,7 +142,7 @@ impl std::fmt::Debug for Action {
             Action::Resolve { side, next_hop, .. } => write!(f, "Resolve({side:?}, {next_hop})"),
             Action::Reject { to, kind, why, .. } => write!(f, "Reject({to:?}, {kind:?}, {why:?})"),
             Action::Drop { why, .. } => write!(f, "Drop({why:?})"),
-            Action::Seen { ip, mac } => write!(f, "Seen({ip}, {mac})"),
+            Action::Neighbour(e) => write!(f, "Neighbour({e:?})"),
             Action::FragNews { worker, key, .. } => write!(f, "FragNews({worker}, {key:?})"),
         }
     }
@@ -185,24 +188,38 @@ pub struct Core {
     icmp_limit: Option<IcmpRateLimit>,
     pool: Pool,
     c: Arc<Counters>,
-    /// Next-hop MACs, as the control thread announces them.
-    neighbours: HashMap<Ipv4Addr, EthernetAddress>,
-    /// The uplink gateway's entry of `neighbours`, the next hop of nearly
-    /// every outbound packet, kept aside so those skip the map.
-    gateway_mac: Option<EthernetAddress>,
-    /// Pod (address, MAC) pairs already reported to the control thread.
-    reported: HashMap<Ipv4Addr, EthernetAddress>,
-    /// The pair `reported` last confirmed or took: a burst from one pod
-    /// skips the map.
-    last_reported: Option<(Ipv4Addr, EthernetAddress)>,
+    /// Next-hop MACs, as the control thread announces them (its table is
+    /// the authority; this is a copy).
+    neighbours: HashMap<Ipv4Addr, Known, Keyed>,
+    /// The uplink gateway's entry, the next hop of nearly every outbound
+    /// packet, kept aside (not in `neighbours`) so those skip the map.
+    gateway: Option<Known>,
+    /// Entries whose confirmation is still to be reported (stale ones):
+    /// while zero, received frames cost no neighbour lookup.
+    watching: usize,
     /// Routed (untranslated, excluded-destination) sessions, by their pod-side
     /// key, with the time last seen: only replies to these come back in.
-    routed: HashMap<InKey, Routed>,
+    /// Keyed from OS randomness: pods and remotes choose these keys.
+    routed: HashMap<InKey, Routed, Keyed>,
     routed_swept_ms: u64,
     /// Buffers the fragment cache handed back, processed after each call.
     released: Vec<(Buf, Release)>,
     /// Fragments of one packet being cut, before they are sent.
     pieces: Vec<Buf>,
+    /// The pod address whose rule was looked up last, and the rule's
+    /// position (for the per-rule counters): a burst from one pod skips
+    /// the rule scan. Cleared when the rules change.
+    rule_memo: Option<(Ipv4Addr, Option<usize>)>,
+}
+
+/// A worker's copy of one neighbour entry.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    mac: EthernetAddress,
+    /// Told STALE: report the first frame sent with it ...
+    report_use: bool,
+    /// ... and the first frame received from it with this MAC.
+    report_confirm: bool,
 }
 
 fn tcp_flags(flags: u8) -> TcpFlags {
@@ -243,14 +260,14 @@ impl Core {
             icmp_limit: p.icmp_limit,
             pool: p.pool,
             c: p.counters,
-            neighbours: HashMap::new(),
-            gateway_mac: None,
-            reported: HashMap::new(),
-            last_reported: None,
-            routed: HashMap::new(),
+            neighbours: HashMap::with_hasher(Keyed::new()),
+            gateway: None,
+            watching: 0,
+            routed: HashMap::with_hasher(Keyed::new()),
             routed_swept_ms: 0,
             released: Vec::new(),
             pieces: Vec::new(),
+            rule_memo: None,
         }
     }
 
@@ -269,10 +286,24 @@ impl Core {
         self.frags.as_ref().map(FragCache::stats)
     }
 
-    /// Rules changed at run time (forwards' steering): the next frame is
-    /// classified with `a`.
+    /// The addressing this core translates with.
+    pub fn addressing(&self) -> &Arc<Addressing> {
+        &self.a
+    }
+
+    /// Rules changed at run time (forwards' steering, a new lease): the
+    /// next frame is classified with `a`.
     pub fn set_addressing(&mut self, a: Arc<Addressing>) {
+        if a.uplink_gateway != self.a.uplink_gateway {
+            // Another next hop (a new DHCP lease): the entry kept aside is
+            // the new one's, if known; the old one's goes back to the map.
+            if let Some(k) = self.gateway.take() {
+                self.neighbours.insert(self.a.uplink_gateway, k);
+            }
+            self.gateway = self.neighbours.remove(&a.uplink_gateway);
+        }
         self.a = a;
+        self.rule_memo = None;
     }
 
     /// This worker's share of the ICMP error budget changed at run time.
@@ -285,23 +316,79 @@ impl Core {
         self.table.iter().copied().collect()
     }
 
-    /// The control thread learned (or changed) a neighbour.
-    pub fn neighbour(&mut self, ip: Ipv4Addr, mac: EthernetAddress) {
-        if ip == self.a.uplink_gateway {
-            self.gateway_mac = Some(mac);
+    /// News of a neighbour from the control thread's table.
+    pub fn neighbour(&mut self, ip: Ipv4Addr, news: News) {
+        let gateway = ip == self.a.uplink_gateway;
+        let old = if gateway {
+            self.gateway.take()
+        } else {
+            self.neighbours.remove(&ip)
+        };
+        if old.is_some_and(|k| k.report_confirm) {
+            self.watching -= 1;
         }
-        self.neighbours.insert(ip, mac);
+        let new = match news {
+            News::Reachable(mac) => Known {
+                mac,
+                report_use: false,
+                report_confirm: false,
+            },
+            News::Stale(mac) => {
+                self.watching += 1;
+                Known {
+                    mac,
+                    report_use: true,
+                    report_confirm: true,
+                }
+            }
+            News::Gone => return,
+        };
+        if gateway {
+            self.gateway = Some(new);
+        } else {
+            self.neighbours.insert(ip, new);
+        }
+    }
+
+    /// The MAC this worker uses for `ip`, if any.
+    pub fn neighbour_mac(&self, ip: Ipv4Addr) -> Option<EthernetAddress> {
+        if ip == self.a.uplink_gateway {
+            return self.gateway.map(|k| k.mac);
+        }
+        self.neighbours.get(&ip).map(|k| k.mac)
     }
 
     /// One frame received on `side`.
     pub fn frame(&mut self, side: Side, buf: Buf, now: u64, out: &mut Actions) {
         let (disposition, seen) = classify(&self.a, side, buf.frame());
-        if let Some((ip, mac)) = seen {
-            if self.last_reported != seen {
-                self.last_reported = seen;
-                if self.reported.get(&ip) != Some(&mac) {
-                    self.reported.insert(ip, mac);
-                    out.push(Action::Seen { ip, mac });
+        match seen {
+            Some(Seen::Frame(ip, mac)) if self.watching > 0 => {
+                if let Some(k) = self.neighbours.get_mut(&ip) {
+                    if k.report_confirm && k.mac == mac {
+                        k.report_confirm = false;
+                        self.watching -= 1;
+                        out.push(Action::Neighbour(Event::Confirmed(ip, mac)));
+                    }
+                }
+            }
+            // The same MAC overheard changes nothing in the table.
+            Some(Seen::Arp(ip, mac, kind)) if self.neighbour_mac(ip) != Some(mac) => {
+                out.push(Action::Neighbour(Event::Arp { ip, mac, kind }));
+            }
+            _ => {}
+        }
+        // Only a frame that parsed (Transit) is known to have its MACs.
+        let transit = matches!(disposition, Disposition::Transit { .. });
+        if side == Side::Uplink && self.watching > 0 && transit {
+            // The uplink next hop's frames carry other sources' addresses:
+            // its MAC confirms it.
+            if let Some(k) = &mut self.gateway {
+                let mac = wire::macs(buf.frame()).1;
+                if k.report_confirm && k.mac == mac {
+                    k.report_confirm = false;
+                    self.watching -= 1;
+                    let ip = self.a.uplink_gateway;
+                    out.push(Action::Neighbour(Event::Confirmed(ip, mac)));
                 }
             }
         }
@@ -477,11 +564,11 @@ impl Core {
     #[inline]
     fn emit(&mut self, side: Side, next_hop: Ipv4Addr, mut buf: Buf, out: &mut Actions) {
         let known = if next_hop == self.a.uplink_gateway {
-            self.gateway_mac
+            self.gateway.as_mut()
         } else {
-            self.neighbours.get(&next_hop).copied()
+            self.neighbours.get_mut(&next_hop)
         };
-        let Some(mac) = known else {
+        let Some(k) = known else {
             out.push(Action::Resolve {
                 side,
                 next_hop,
@@ -489,6 +576,11 @@ impl Core {
             });
             return;
         };
+        if k.report_use {
+            k.report_use = false;
+            out.push(Action::Neighbour(Event::Used(next_hop)));
+        }
+        let mac = k.mac;
         wire::set_macs(buf.frame_mut(), mac, self.a.mac(side));
         out.push(Action::Send { side, buf });
     }

@@ -8,6 +8,7 @@ use smoltcp::wire::EthernetAddress;
 
 use super::*;
 use crate::config::{Forward, ForwardProtocol, MasqueradeRule};
+use crate::gateway::neighbour::{Event, News};
 use crate::nat::frag::FragCacheConfig;
 use crate::nat::{Filtering, Proto, TableConfig, Timeouts};
 use crate::net::{Ipv4Net, PortRange};
@@ -18,14 +19,14 @@ use crate::wire::{csum, fragment, Classified, ICMP_ERROR_FRAME_MAX};
 
 pub(crate) const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
-const TARGET: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 9);
+pub(crate) const TARGET: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 9);
 pub(crate) const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const EXCLUDED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 pub(crate) const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub(crate) const GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub(crate) const ON_LINK: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 77);
-const FORWARDED: u16 = 8080;
+pub(crate) const FORWARDED: u16 = 8080;
 pub(crate) const POD_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 2]);
 pub(crate) const GW_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 0xfe]);
 const PORT_UNREACHABLE: IcmpErrorKind = IcmpErrorKind {
@@ -60,6 +61,7 @@ pub(crate) fn addressing(uplink_mtu: usize) -> Addressing {
         uplink_mac: mac_for(EXT, 1),
         uplink_net: net(EXT, 24),
         uplink_gateway: GW,
+        dhcp: false,
         uplink_mtu,
         masquerade: vec![MasqueradeRule {
             source: net(Ipv4Addr::new(10, 244, 0, 0), 16),
@@ -114,6 +116,8 @@ pub(crate) fn rig(s: Setup) -> Rig {
         port_first: 1024,
         port_last: 65535,
         max_flows: s.max_flows,
+        max_flows_per_pod: 0,
+        ports_per_pod: 0,
         timeouts: Timeouts {
             tcp_established_ms: 7_440_000,
             tcp_transitory_ms: 240_000,
@@ -154,7 +158,7 @@ pub(crate) fn rig(s: Setup) -> Rig {
         (POD2, POD_MAC),
         (TARGET, POD_MAC),
     ] {
-        core.neighbour(ip, mac);
+        core.neighbour(ip, News::Reachable(mac));
     }
     Rig {
         core,
@@ -168,7 +172,7 @@ pub(crate) fn rig(s: Setup) -> Rig {
 
 impl Rig {
     /// Feeds one frame (behind a zeroed header, if any) and returns the
-    /// actions, leaving out `Seen`.
+    /// actions, leaving out `Neighbour` news for the control thread.
     fn input(&mut self, side: Side, frame: &[u8]) -> Vec<Action> {
         let buf = self.pool.frame(frame).unwrap();
         self.feed(side, buf)
@@ -180,7 +184,7 @@ impl Rig {
     fn take(&mut self) -> Vec<Action> {
         self.out
             .drain(..)
-            .filter(|a| !matches!(a, Action::Seen { .. }))
+            .filter(|a| !matches!(a, Action::Neighbour(_)))
             .collect()
     }
     /// Feeds a frame that must come out as exactly one frame on `to`.
@@ -375,25 +379,23 @@ fn spoofed_malformed_and_foreign_frames_are_dropped() {
 }
 
 #[test]
-fn the_gateways_own_traffic_is_local_and_pods_are_reported_once() {
+fn the_gateways_own_traffic_is_local_and_data_frames_teach_no_neighbour() {
     let mut r = rig(ONE);
     let ping = build::icmp_echo(&pod_ep(&r.a, POD, r.a.pod_ip()), true, 1, 1, b"");
     let buf = r.pool.frame(&ping).unwrap();
     r.core.frame(Side::Pod, buf, 0, &mut r.out);
-    let acts: Vec<_> = r.out.drain(..).collect();
-    assert!(matches!(
-        acts.as_slice(),
-        [
-            Action::Seen {
-                ip: POD,
-                mac: POD_MAC
-            },
-            Action::Local {
+    assert!(
+        matches!(
+            r.out.as_slice(),
+            [Action::Local {
                 side: Side::Pod,
                 ..
-            }
-        ]
-    ));
+            }]
+        ),
+        "{:?}",
+        r.out
+    );
+    r.out.clear();
     let mut arp = [0u8; wire::ARP_FRAME_MAX];
     let n = wire::build_arp_request(&mut arp, POD_MAC, POD, r.a.pod_ip());
     let buf = r.pool.frame(&arp[..n]).unwrap();
@@ -406,51 +408,96 @@ fn the_gateways_own_traffic_is_local_and_pods_are_reported_once() {
                 ..
             }]
         ),
-        "the same pod and MAC are not reported again: {:?}",
+        "ARP for the gateway is its own stack's: {:?}",
         r.out
     );
+    r.out.clear();
+    // A frame with POD's address from another MAC (a spoofer, or POD
+    // re-created) changes nothing: POD's traffic still goes to its MAC.
+    let mut spoof = pod_ep(&r.a, POD, REMOTE);
+    spoof.src_mac = EthernetAddress([2, 0, 0, 0, 0, 0x66]);
+    let f = build::udp(&spoof, 5353, 53, b"q", true);
+    let _ = r.input(Side::Pod, &f);
+    spoof.src_mac = EthernetAddress::BROADCAST;
+    let _ = r.input(Side::Pod, &build::udp(&spoof, 5354, 53, b"q", true));
+    assert!(r.out.is_empty());
+    assert_eq!(r.core.neighbour_mac(POD), Some(POD_MAC));
 }
 
 #[test]
-fn a_new_gateway_mac_and_a_pod_changing_its_mac_are_followed() {
+fn a_new_gateway_mac_is_followed_and_stale_entries_report_use_and_confirmation_once() {
     let mut r = rig(ONE);
     let q = build::udp(&pod_ep(&r.a, POD, REMOTE), 5353, 53, b"q", true);
     let out = r.through(Side::Pod, &q, Side::Uplink);
     assert_eq!(wire::macs(&out).0, GW_MAC);
     let new_gw = EthernetAddress([2, 0, 0, 0, 0, 0xfd]);
-    r.core.neighbour(GW, new_gw);
+    r.core.neighbour(GW, News::Reachable(new_gw));
     assert_eq!(
         wire::macs(&r.through(Side::Pod, &q, Side::Uplink)).0,
         new_gw
     );
-
-    // POD was reported by the first frame; another pod, then POD with a new
-    // MAC, then POD with its first MAC again are each reported once.
-    let seen = |r: &mut Rig, ep: Endpoints| {
-        let f = build::udp(&ep, 5353, 53, b"q", true);
-        let buf = r.pool.frame(&f).unwrap();
-        r.core.frame(Side::Pod, buf, r.now, &mut r.out);
-        let s: Vec<_> = r
-            .out
+    let news = |r: &mut Rig, side: Side, f: &[u8]| -> Vec<Event> {
+        let buf = r.pool.frame(f).unwrap();
+        r.core.frame(side, buf, r.now, &mut r.out);
+        r.out
             .drain(..)
             .filter_map(|a| match a {
-                Action::Seen { ip, mac } => Some((ip, mac)),
+                Action::Neighbour(e) => Some(e),
                 _ => None,
             })
-            .collect();
-        s
+            .collect()
     };
+    // Stale: the first frame sent to it is reported, once.
+    r.core.neighbour(GW, News::Stale(new_gw));
+    assert_eq!(news(&mut r, Side::Pod, &q), [Event::Used(GW)]);
+    assert_eq!(news(&mut r, Side::Pod, &q), []);
+    // A pod told stale is confirmed by a frame from its MAC, not another's.
+    r.core.neighbour(POD, News::Stale(POD_MAC));
+    let mut other = pod_ep(&r.a, POD, REMOTE);
+    other.src_mac = EthernetAddress([2, 0, 0, 0, 0, 0x42]);
+    assert_eq!(
+        news(&mut r, Side::Pod, &build::udp(&other, 1, 53, b"q", true)),
+        []
+    );
+    assert_eq!(
+        news(&mut r, Side::Pod, &q),
+        [Event::Confirmed(POD, POD_MAC)]
+    );
+    assert_eq!(news(&mut r, Side::Pod, &q), []);
+    // A runt from the uplink while the next hop is watched is only a drop.
+    r.core.neighbour(GW, News::Stale(new_gw));
+    assert_eq!(news(&mut r, Side::Uplink, &[0u8; 5]), []);
+    assert_eq!(
+        news(&mut r, Side::Uplink, &[]),
+        [],
+        "found by the core fuzz target"
+    );
+    // Gone: frames for it go to the control thread to resolve.
+    r.core.neighbour(GW, News::Gone);
+    let buf = r.pool.frame(&q).unwrap();
+    r.core.frame(Side::Pod, buf, r.now, &mut r.out);
+    assert!(
+        matches!(r.out.as_slice(), [Action::Resolve { next_hop: GW, .. }]),
+        "{:?}",
+        r.out
+    );
+    r.out.clear();
+    // Overheard ARP with a new MAC is the table's to judge; the known MAC
+    // is not worth a message.
+    let mut arp = [0u8; wire::ARP_FRAME_MAX];
+    let n = wire::build_arp_request(&mut arp, POD_MAC, POD, POD2);
+    assert_eq!(news(&mut r, Side::Pod, &arp[..n]), []);
     let moved = EthernetAddress([2, 0, 0, 0, 0, 0x42]);
-    let pod = pod_ep(&r.a, POD, REMOTE);
-    let pod2 = pod_ep(&r.a, POD2, REMOTE);
-    let mut ep2 = pod;
-    ep2.src_mac = moved;
-    assert_eq!(seen(&mut r, pod), []);
-    assert_eq!(seen(&mut r, pod2), [(POD2, POD_MAC)]);
-    assert_eq!(seen(&mut r, pod), []);
-    assert_eq!(seen(&mut r, ep2), [(POD, moved)]);
-    assert_eq!(seen(&mut r, ep2), []);
-    assert_eq!(seen(&mut r, pod), [(POD, POD_MAC)]);
+    let n = wire::build_arp_request(&mut arp, moved, POD, POD);
+    assert_eq!(
+        news(&mut r, Side::Pod, &arp[..n]),
+        [Event::Arp {
+            ip: POD,
+            mac: moved,
+            kind: crate::gateway::neighbour::ArpKind::Gratuitous
+        }]
+    );
+    assert_eq!(r.core.neighbour_mac(POD), Some(POD_MAC));
 }
 
 #[test]
@@ -682,7 +729,7 @@ fn an_unknown_next_hop_is_resolved_first() {
         ),
         "{acts:?}"
     );
-    r.core.neighbour(ON_LINK, GW_MAC);
+    r.core.neighbour(ON_LINK, News::Reachable(GW_MAC));
     let q = build::udp(&pod_ep(&r.a, POD, ON_LINK), 5353, 53, b"q2", true);
     r.through(Side::Pod, &q, Side::Uplink);
 }
@@ -856,6 +903,55 @@ fn a_first_fragment_tells_the_worker_tracking_its_datagram() {
     assert!(r1.take().is_empty());
     let out = r1.through(Side::Pod, &frags[1], Side::Uplink);
     assert_eq!(view(&out).src, EXT);
+}
+
+#[test]
+fn per_pod_refusals_are_counted_per_reason() {
+    let mut r = rig(ONE);
+    r.core.table_mut().set_pod_limits(2, 1);
+    // One mapping, answered: the pod's whole share of UDP ports.
+    let q = build::udp(&pod_ep(&r.a, POD, REMOTE), 5353, 53, b"q", true);
+    let (_, port) = src(&r.through(Side::Pod, &q, Side::Uplink));
+    let a = build::udp(&up_ep(&r.a, REMOTE, EXT), 53, port, b"a", true);
+    r.through(Side::Uplink, &a, Side::Pod);
+    let q2 = build::udp(&pod_ep(&r.a, POD, REMOTE), 5354, 53, b"q", true);
+    assert_eq!(dropped(r.input(Side::Pod, &q2)), Counter::DropPodPortLimit);
+    // A second flow on the mapping needs no port; answered, it fills the
+    // pod's share of flows.
+    let other = Ipv4Addr::new(198, 51, 100, 77);
+    let q3 = build::udp(&pod_ep(&r.a, POD, other), 5353, 53, b"q", true);
+    r.through(Side::Pod, &q3, Side::Uplink);
+    let a3 = build::udp(&up_ep(&r.a, other, EXT), 53, port, b"a", true);
+    r.through(Side::Uplink, &a3, Side::Pod);
+    let q4 = build::tcp(&pod_ep(&r.a, POD, REMOTE), 40000, 443, wire::TCP_SYN, b"");
+    assert_eq!(dropped(r.input(Side::Pod, &q4)), Counter::DropPodFlowLimit);
+    // An inbound session for the pod at its limit too (the forward's
+    // target is another pod address, so it gets in).
+    r.core.table_mut().set_pod_limits(1, 0);
+    let syn = build::tcp(&up_ep(&r.a, REMOTE, EXT), 1, FORWARDED, wire::TCP_SYN, b"");
+    r.through(Side::Uplink, &syn, Side::Pod);
+    let syn2 = build::tcp(&up_ep(&r.a, REMOTE, EXT), 2, FORWARDED, wire::TCP_SYN, b"");
+    // The first session is unanswered: the second takes its place.
+    r.through(Side::Uplink, &syn2, Side::Pod);
+    assert_eq!(r.c.get(Counter::FlowsCreated), 4);
+    assert_eq!(r.core.table_mut().stats().early_dropped, 1);
+    // Every flow of the target pod answered...
+    let ack = build::tcp(
+        &pod_ep(&r.a, TARGET, REMOTE),
+        80,
+        2,
+        wire::TCP_SYN | wire::TCP_ACK,
+        b"",
+    );
+    r.through(Side::Pod, &ack, Side::Uplink);
+    // ... and established (a handshake never completed would be evicted).
+    let est = build::tcp(&up_ep(&r.a, REMOTE, EXT), 2, FORWARDED, wire::TCP_ACK, b"");
+    r.through(Side::Uplink, &est, Side::Pod);
+    let syn3 = build::tcp(&up_ep(&r.a, REMOTE, EXT), 3, FORWARDED, wire::TCP_SYN, b"");
+    assert_eq!(
+        dropped(r.input(Side::Uplink, &syn3)),
+        Counter::DropPodFlowLimit
+    );
 }
 
 #[test]
@@ -1116,4 +1212,40 @@ fn a_pod_speaking_as_the_gateway_or_a_subnet_edge_is_spoofing() {
         );
     }
     assert_eq!(r.get(Counter::FlowsCreated), 0);
+}
+
+#[test]
+fn each_rule_counts_the_packets_it_translates_both_ways() {
+    use crate::config::SnatRule;
+    use crate::gateway::stats::Snapshot;
+    let mut r = rig(ONE);
+    // SNAT for POD2 (position 0, SNAT rules come first), the masquerade
+    // rule for the rest of the pods (position 1).
+    let pool = Ipv4Addr::new(203, 0, 113, 20);
+    let mut a = (*r.a).clone();
+    a.snat = vec![SnatRule {
+        source: net(POD2, 32),
+        to_first: pool,
+        to_last: pool,
+        exclude: vec![],
+    }];
+    r.core.set_addressing(Arc::new(a));
+    let q = |from| build::udp(&pod_ep(&r.a, from, REMOTE), 5353, 53, b"q", true);
+    let (q1, q2) = (q(POD), q(POD2));
+    let out = r.through(Side::Pod, &q1, Side::Uplink);
+    let (_, port) = src(&out);
+    let out2 = r.through(Side::Pod, &q2, Side::Uplink);
+    assert_eq!(src(&out2).0, pool);
+    r.through(Side::Pod, &q1, Side::Uplink);
+    let answer = build::udp(&up_ep(&r.a, REMOTE, EXT), 53, port, b"answer", true);
+    r.through(Side::Uplink, &answer, Side::Pod);
+    let s = Snapshot::sum([&*r.c]);
+    assert_eq!(s.rule(0), (1, 29), "snat[0]: one 29-byte datagram");
+    assert_eq!(s.rule(1), (3, 29 + 29 + 34), "masquerade[0]: out, out, in");
+    // The rules change: the remembered decision goes with them.
+    r.core.set_addressing(r.a.clone());
+    r.through(Side::Pod, &q1, Side::Uplink);
+    let s = Snapshot::sum([&*r.c]);
+    assert_eq!(s.rule(0), (2, 29 + 29), "masquerade[0] is position 0 now");
+    assert_eq!(s.rule(1).0, 3);
 }

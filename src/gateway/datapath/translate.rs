@@ -9,7 +9,7 @@ use crate::gateway::buf::Buf;
 use crate::gateway::classify::{classify, frag_key};
 use crate::gateway::stats::Counter;
 use crate::nat::{CreateError, Direction, FlowId, InKey, InboundError, OutKey, Proto, Verdict};
-use crate::policy::{Egress, Side};
+use crate::policy::{Addressing, Egress, Side};
 use crate::wire::{self, End, Ipv4View, L4};
 
 /// The protocol and ports (or echo id, as the source port) of a packet NAT
@@ -112,6 +112,8 @@ impl Core {
                         let why = match e {
                             CreateError::TableFull => Counter::DropTableFull,
                             CreateError::PortsExhausted => Counter::DropPortsExhausted,
+                            CreateError::PodFlowLimit => Counter::DropPodFlowLimit,
+                            CreateError::PodPortLimit => Counter::DropPodPortLimit,
                         };
                         return out.push(Action::Drop { why, buf });
                     }
@@ -139,6 +141,7 @@ impl Core {
         wire::translate(buf.frame_mut(), &v, End::Src, ext_addr, ext_port, fit.csum);
         self.c.inc(Counter::In2outPackets);
         self.c.add(Counter::In2outBytes, v.total_len as u64);
+        self.count_rule(key.src, v.total_len);
         if hairpin {
             return self.hairpin(buf, now, out);
         }
@@ -195,6 +198,7 @@ impl Core {
                         InboundError::NoMapping | InboundError::NotSyn => Counter::DropNoFlow,
                         InboundError::Filtered => Counter::DropFiltered,
                         InboundError::TableFull => Counter::DropTableFull,
+                        InboundError::PodFlowLimit => Counter::DropPodFlowLimit,
                     };
                     return out.push(Action::Drop { why, buf });
                 }
@@ -229,6 +233,7 @@ impl Core {
         );
         self.c.inc(Counter::Out2inPackets);
         self.c.add(Counter::Out2inBytes, v.total_len as u64);
+        self.count_rule(inside.src, v.total_len);
         self.send_on(Side::Pod, inside.src, buf, fit, out)
     }
 
@@ -338,5 +343,39 @@ impl Core {
             hairpin: false,
         };
         self.first_fragment_done(frag_key(buf.frame(), v), rewrite, now, out);
+    }
+}
+
+impl Core {
+    /// Counts a translated packet of `len` bytes under the rule of pod
+    /// address `src` (the last address's rule is remembered).
+    #[inline]
+    fn count_rule(&mut self, src: std::net::Ipv4Addr, len: usize) {
+        let rule = match self.rule_memo {
+            Some((a, r)) if a == src => r,
+            _ => {
+                let r = rule_of(&self.a, src);
+                self.rule_memo = Some((src, r));
+                r
+            }
+        };
+        if let Some(r) = rule {
+            self.c.rule(r, len as u64);
+        }
+    }
+}
+
+/// The position of the rule that translates pod address `src`, for its
+/// counters: SNAT rules first, then masquerade rules (the order
+/// [`Addressing::egress`] tries them in).
+#[inline]
+fn rule_of(a: &Addressing, src: std::net::Ipv4Addr) -> Option<usize> {
+    match a.snat.iter().position(|r| r.source.contains(src)) {
+        Some(i) => Some(i),
+        None => a
+            .masquerade
+            .iter()
+            .position(|r| r.source.contains(src))
+            .map(|i| i + a.snat.len()),
     }
 }

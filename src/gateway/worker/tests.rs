@@ -2,6 +2,7 @@
 //! one side come out translated on the other, errors the core decides are
 //! built and written by the worker, and control-thread traffic goes to its
 //! channel. No TAP, no root.
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,8 @@ use crossbeam_channel::{bounded, Receiver};
 use super::*;
 use crate::device::MemDevice;
 use crate::gateway::datapath::tests::{
-    dst, pod_ep, rig, src, up_ep, view, Setup, EXT, GW, GW_MAC, ONE, ON_LINK, POD, REMOTE,
+    dst, pod_ep, rig, src, up_ep, view, Setup, EXT, FORWARDED, GW, GW_MAC, ONE, ON_LINK, POD,
+    REMOTE, TARGET,
 };
 use crate::gateway::{Queues, Tuning, WorkerGauges};
 use crate::wire::{self, build, L4};
@@ -121,7 +123,7 @@ impl Drop for Running {
 #[test]
 fn frames_in_on_one_side_come_out_translated_on_the_other() {
     let mut w = Running::start(ONE);
-    let a = w.shared.addressing.clone();
+    let a = w.shared.addressing();
     let q = build::udp(&pod_ep(&a, POD, REMOTE), 5353, 53, b"query", true);
     w.pod.inject(&q);
     let out = Running::one_out(&w.uplink);
@@ -136,17 +138,14 @@ fn frames_in_on_one_side_come_out_translated_on_the_other() {
     assert_eq!(w.c.get(Counter::PodRxFrames), 1);
     assert_eq!(w.c.get(Counter::UplinkTxFrames), 1);
     assert_eq!(w.c.get(Counter::PodTxFrames), 1);
-    // The pod was reported to the control thread.
-    assert!(matches!(
-        w.ctrl.recv_timeout(WAIT),
-        Ok(CtrlMsg::Seen(POD, _))
-    ));
+    // Data frames teach the control thread nothing about neighbours.
+    assert!(w.ctrl.try_recv().is_err());
 }
 
 #[test]
 fn local_frames_are_copied_small_and_a_full_control_queue_drops_never_blocks() {
     let mut w = Running::start_full(ONE, None, 2);
-    let a = w.shared.addressing.clone();
+    let a = w.shared.addressing();
     let ping = build::icmp_echo(&up_ep(&a, REMOTE, EXT), true, 7, 1, &[1; 100]);
     for _ in 0..5 {
         w.uplink.inject(&ping);
@@ -174,7 +173,7 @@ fn local_frames_are_copied_small_and_a_full_control_queue_drops_never_blocks() {
 #[test]
 fn the_worker_writes_the_icmp_errors_the_core_decides() {
     let mut w = Running::start(ONE);
-    let a = w.shared.addressing.clone();
+    let a = w.shared.addressing();
     let mut e = pod_ep(&a, POD, REMOTE);
     e.ttl = 1;
     w.pod.inject(&build::udp(&e, 1000, 53, b"q", true));
@@ -191,7 +190,7 @@ fn the_worker_writes_the_icmp_errors_the_core_decides() {
 #[test]
 fn unknown_next_hops_and_local_frames_go_to_the_control_thread() {
     let w = Running::start(ONE);
-    let a = w.shared.addressing.clone();
+    let a = w.shared.addressing();
     w.pod
         .inject(&build::udp(&pod_ep(&a, POD, ON_LINK), 5353, 53, b"q", true));
     let mut saw_resolve = false;
@@ -205,7 +204,10 @@ fn unknown_next_hops_and_local_frames_go_to_the_control_thread() {
     assert!(saw_resolve);
     // Once the neighbour is announced, frames to it go straight out.
     w.to_worker
-        .send(WorkerMsg::Neighbour(ON_LINK, GW_MAC))
+        .send(WorkerMsg::Neighbour(
+            ON_LINK,
+            crate::gateway::neighbour::News::Reachable(GW_MAC),
+        ))
         .unwrap();
     // Messages are handled in order: once the flows come back, so has the
     // neighbour.
@@ -313,7 +315,7 @@ fn the_worker_counts_bytes_and_removed_flows_and_publishes_its_gauges() {
         max_flows: 1,
         ..ONE
     });
-    let a = w.shared.addressing.clone();
+    let a = w.shared.addressing();
     let shared = w.shared.clone();
     let gauge =
         |which: fn(&WorkerGauges) -> &AtomicU64| which(&shared.gauges[0]).load(Ordering::Relaxed);
@@ -399,7 +401,7 @@ impl crate::device::FrameIo for Bursts {
 fn a_batching_queue_is_read_in_bursts_and_written_together() {
     let pod = Arc::new(MemDevice::new().unwrap());
     let mut w = Running::start_with(ONE, Some(Box::new(Bursts(pod.clone()))));
-    let a = w.shared.addressing.clone();
+    let a = w.shared.addressing();
     // More than one burst's worth, in order.
     let n = READ_BURST + 36;
     for i in 0..n {
@@ -426,4 +428,73 @@ fn a_batching_queue_is_read_in_bursts_and_written_together() {
     assert_eq!(w.c.get(Counter::UplinkTxFrames), n as u64);
     assert_eq!(w.c.get(Counter::PodTxFrames), n as u64);
     assert_eq!(w.c.get(Counter::TapWriteFails), 0);
+}
+
+#[test]
+fn a_new_outside_address_flushes_the_old_ones_flows_and_moves_the_forwards() {
+    let mut w = Running::start(ONE);
+    let old = w.shared.addressing();
+    w.pod.inject(&build::udp(
+        &pod_ep(&old, POD, REMOTE),
+        5353,
+        53,
+        b"q",
+        true,
+    ));
+    assert_eq!(src(&Running::one_out(&w.uplink)), (EXT, 5353));
+    // A DHCP lease hands out another address (same router).
+    let new_ip = Ipv4Addr::new(203, 0, 113, 50);
+    let mut new = old.with_uplink(Some((
+        crate::net::Ipv4Net {
+            addr: new_ip,
+            prefix_len: 24,
+        },
+        GW,
+    )));
+    new.dhcp = true;
+    w.to_worker
+        .send(WorkerMsg::Addressing(Arc::new(new.clone())))
+        .unwrap();
+    w.shared.wakers[0].wake();
+    let flows = || {
+        let (tx, rx) = bounded(1);
+        w.to_worker.send(WorkerMsg::Flows(tx)).unwrap();
+        w.shared.wakers[0].wake();
+        rx.recv_timeout(WAIT).unwrap()
+    };
+    assert!(flows().is_empty(), "{:?}", flows());
+    // The old address's reply finds nothing; the same pod port leaves from
+    // the new address.
+    w.uplink
+        .inject(&build::udp(&up_ep(&new, REMOTE, EXT), 53, 5353, b"a", true));
+    w.pod.inject(&build::udp(
+        &pod_ep(&new, POD, REMOTE),
+        5353,
+        53,
+        b"q",
+        true,
+    ));
+    assert_eq!(src(&Running::one_out(&w.uplink)).0, new_ip);
+    // The forward is on the new address, and no longer on the old one.
+    w.uplink.inject(&build::tcp(
+        &up_ep(&new, REMOTE, EXT),
+        40000,
+        FORWARDED,
+        wire::TCP_SYN,
+        b"",
+    ));
+    w.uplink.inject(&build::tcp(
+        &up_ep(&new, REMOTE, new_ip),
+        40001,
+        FORWARDED,
+        wire::TCP_SYN,
+        b"",
+    ));
+    let syn = Running::one_out(&w.pod);
+    assert_eq!(dst(&syn), (TARGET, 80));
+    assert_eq!(src(&syn), (REMOTE, 40001));
+    w.stop();
+    assert_eq!(w.c.get(Counter::FlowsAddressChange), 1);
+    assert_eq!(w.c.get(Counter::DropNotForUs), 2, "two packets to {EXT}");
+    assert!(w.pod.take_written().is_empty());
 }

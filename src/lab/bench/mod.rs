@@ -27,9 +27,10 @@ use setup::{NotRun, Setup};
 
 /// The setups a full run measures, in the order they run and are printed
 /// (the `tapnat-wK` workers sweep is added for K below the core count).
-pub const SETUPS: [&str; 8] = [
+pub const SETUPS: [&str; 9] = [
     "kernel",
     "tapnat",
+    "tapnat-raw",
     "tap-copy",
     "tap-copy-tso",
     "pasta",
@@ -47,7 +48,7 @@ const MAX_SWEEP: usize = 64;
 pub fn default_setups(cores: usize) -> Vec<String> {
     let mut v: Vec<String> = SETUPS.iter().map(|s| s.to_string()).collect();
     let sweep = (1..cores.min(MAX_SWEEP + 1)).map(|k| format!("tapnat-w{k}"));
-    v.splice(2..2, sweep);
+    v.splice(3..3, sweep);
     v
 }
 
@@ -299,6 +300,7 @@ fn build(name: &str, opts: &BenchOptions) -> Result<Setup, NotRun> {
     match name {
         "kernel" => setup::kernel(),
         "tapnat" => setup::tapnat(&this()?, 0),
+        "tapnat-raw" => setup::tapnat_raw(&this()?, 0),
         "baseline" => match &opts.baseline {
             Some(exe) => setup::tapnat(exe, 0),
             None => Err(NotRun::Skipped("no --baseline EXE given".into())),
@@ -558,8 +560,14 @@ mod tests {
         assert_eq!(default_setups(1).len(), SETUPS.len());
         let four = default_setups(4);
         assert_eq!(
-            &four[1..5],
-            ["tapnat", "tapnat-w1", "tapnat-w2", "tapnat-w3"]
+            &four[1..6],
+            [
+                "tapnat",
+                "tapnat-raw",
+                "tapnat-w1",
+                "tapnat-w2",
+                "tapnat-w3"
+            ]
         );
         assert_eq!(sweep_workers("tapnat-w3"), Some(3));
         assert_eq!(sweep_workers("tapnat-wx"), None);

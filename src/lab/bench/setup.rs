@@ -13,9 +13,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use crate::config::{Config, UplinkKind};
 use crate::device::{Poller, Tap, TapOptions};
-use crate::lab::{Lab, Netns, EXT_ROUTER_IP, GATEWAY_POD_IP, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP};
+use crate::lab::{
+    Lab, Netns, EXT_ROUTER_IP, GATEWAY_POD_IP, GATEWAY_UPLINK_IP, POD_IP, RAW_UPLINK_IF, SERVER_IP,
+};
 
 use super::probe::Ends;
 
@@ -236,11 +238,35 @@ pub fn tapnat(exe: &Path, threads: usize) -> Result<Setup, NotRun> {
 /// and its control socket at `control` (default: none given, so the
 /// gateway's own default path).
 pub fn tapnat_with(exe: &Path, more: &str, control: Option<&Path>) -> Result<Setup, NotRun> {
-    let lab = Lab::new("bench-tapnat")?;
+    tapnat_on(exe, UplinkKind::Tap, more, control)
+}
+
+/// `tapnat-raw`: [`tapnat`] with a raw (AF_PACKET) uplink on one end of a
+/// veth pair whose other end is in the ext namespace (see [`Lab`]).
+pub fn tapnat_raw(exe: &Path, threads: usize) -> Result<Setup, NotRun> {
+    tapnat_on(
+        exe,
+        UplinkKind::Raw,
+        &format!("[workers]\nthreads = {threads}\n"),
+        None,
+    )
+}
+
+fn tapnat_on(
+    exe: &Path,
+    kind: UplinkKind,
+    more: &str,
+    control: Option<&Path>,
+) -> Result<Setup, NotRun> {
+    let lab = Lab::with_uplink("bench-tapnat", kind)?;
+    let raw = match kind {
+        UplinkKind::Tap => String::new(),
+        UplinkKind::Raw => format!("kind = \"raw\"\ninterface = \"{RAW_UPLINK_IF}\"\n"),
+    };
     let text = format!(
-        "[pod]\nnetns = \"{}\"\n[uplink]\nnetns = \"{}\"\n{more}",
+        "[pod]\nnetns = \"{}\"\n[uplink]\n{raw}netns = \"{}\"\n{more}",
         lab.pod.path().display(),
-        lab.ext.path().display()
+        lab.uplink_ns().path().display()
     );
     let threads = Config::from_toml_str(&text)
         .map(|c| c.workers.threads)
@@ -281,15 +307,19 @@ pub fn tapnat_with(exe: &Path, more: &str, control: Option<&Path>) -> Result<Set
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = if threads == 0 { cores } else { threads };
     let gateway_pid = Some(proc.child.id());
-    let Lab { pod, ext, .. } = lab;
+    let Lab { pod, ext, up, .. } = lab;
+    let uplink = match kind {
+        UplinkKind::Tap => "TAPs in pod/ext namespaces",
+        UplinkKind::Raw => "pod TAP, raw AF_PACKET uplink on a veth to the ext namespace",
+    };
     Ok(Setup {
         guard: Some(Box::new(proc)),
         pod,
         ext,
-        _more: vec![],
+        _more: up.into_iter().collect(),
         server: SERVER_IP,
         note: format!(
-            "`{} run --config FILE` process, TAPs in pod/ext namespaces, {workers} worker(s) on {cores} core(s)",
+            "`{} run --config FILE` process, {uplink}, {workers} worker(s) on {cores} core(s)",
             exe.display()
         ),
         gateway_pid,

@@ -8,7 +8,8 @@
 //! packed `u64` and its control byte) per distinct pair.
 
 use super::types::Proto;
-use hashbrown::{hash_table, DefaultHashBuilder, HashTable};
+use crate::nat::hash::Keyed;
+use hashbrown::{hash_table, HashTable};
 use std::hash::BuildHasher;
 use std::net::Ipv4Addr;
 
@@ -35,8 +36,8 @@ pub(super) struct Filter {
     /// (see [`remote_entry`]). Empty unless `mode` is
     /// [`Filtering::Address`].
     remotes: [HashTable<u64>; 3],
-    /// Randomly seeded (remote addresses are chosen by strangers).
-    hasher: DefaultHashBuilder,
+    /// Keyed from OS randomness (remote addresses are chosen by strangers).
+    hasher: Keyed,
 }
 
 impl Filter {
@@ -44,7 +45,7 @@ impl Filter {
         Filter {
             mode,
             remotes: std::array::from_fn(|_| HashTable::new()),
-            hasher: DefaultHashBuilder::default(),
+            hasher: Keyed::new(),
         }
     }
 

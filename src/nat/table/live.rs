@@ -151,6 +151,16 @@ impl FlowTable {
         }
     }
 
+    /// New per-pod limits at run time (a reload), this shard's shares of
+    /// them (0 = no limit): they bound new flows and mappings only; a pod
+    /// above a lowered limit keeps what it holds, losing its own unreplied
+    /// flows first as it opens new ones.
+    pub fn set_pod_limits(&mut self, max_flows_per_pod: u32, ports_per_pod: u32) {
+        self.cfg.max_flows_per_pod = max_flows_per_pod;
+        self.cfg.ports_per_pod = ports_per_pod;
+        self.pods.set_limits(max_flows_per_pod, ports_per_pod);
+    }
+
     /// Removes every live flow `pred` selects, as [`FlowTable::remove`]
     /// does (both directions at once, the last flow of a dynamic mapping
     /// sends its port into quarantine); forwards stay. Returns how many

@@ -15,6 +15,7 @@
 //! nothing to it, and the inbound lookup reads it without a division.
 
 use super::types::Proto;
+use crate::nat::hash::Keyed;
 use hashbrown::hash_map::Entry;
 use hashbrown::HashMap;
 use std::net::Ipv4Addr;
@@ -35,7 +36,7 @@ pub(super) struct Mapping {
 
 /// The mappings of one worker and their reverse index.
 pub(super) struct Mappings {
-    map: HashMap<MapKey, Mapping>,
+    map: HashMap<MapKey, Mapping, Keyed>,
     /// Per protocol: slot `port / workers` holds the inside endpoint last
     /// given `port` (module docs).
     owners: [Vec<u64>; 3],
@@ -48,7 +49,7 @@ pub(super) struct Mappings {
 impl Mappings {
     pub(super) fn new(workers: u16, cap: usize) -> Self {
         Mappings {
-            map: HashMap::with_capacity(cap),
+            map: HashMap::with_capacity_and_hasher(cap, Keyed::new()),
             owners: std::array::from_fn(|_| vec![0; 65536 / usize::from(workers) + 1]),
             workers,
             owner_div: (1u64 << 32).div_ceil(u64::from(workers)),
@@ -186,13 +187,13 @@ impl Mappings {
 
     /// Removes every dynamic mapping, handing its port to `release`;
     /// forwards stay, with no flows.
-    pub(super) fn clear_dynamic(&mut self, mut release: impl FnMut(Proto, u16)) {
+    pub(super) fn clear_dynamic(&mut self, mut release: impl FnMut(MapKey, u16)) {
         self.map.retain(|mk, m| {
             if m.forward {
                 m.refs = 0;
                 return true;
             }
-            release(mk.0, m.ext_port);
+            release(*mk, m.ext_port);
             false
         });
     }

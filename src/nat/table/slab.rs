@@ -14,7 +14,8 @@
 
 use super::tcp::SeqTrack;
 use super::types::{Flow, InKey};
-use hashbrown::{DefaultHashBuilder, HashTable};
+use crate::nat::hash::Keyed;
+use hashbrown::HashTable;
 use std::hash::BuildHasher;
 
 /// Per-slot tag bits: liveness plus the TCP flag history the state machine
@@ -39,8 +40,8 @@ pub(super) struct Slab {
     free: Vec<u32>,
     /// Live flows by inside key: slot numbers only.
     index: HashTable<u32>,
-    /// Randomly seeded (inbound keys are chosen by strangers).
-    hasher: DefaultHashBuilder,
+    /// Keyed from OS randomness (inbound keys are chosen by strangers).
+    hasher: Keyed,
     live: usize,
 }
 
@@ -52,7 +53,7 @@ impl Slab {
             seqs: Vec::with_capacity(cap),
             free: Vec::new(),
             index: HashTable::with_capacity(cap),
-            hasher: DefaultHashBuilder::default(),
+            hasher: Keyed::new(),
             live: 0,
         }
     }
@@ -193,7 +194,7 @@ impl Slab {
 
 /// Hash of an inside key, packed into 104 bits first (one `u128` write).
 #[inline]
-fn in_hash(hasher: &DefaultHashBuilder, k: &InKey) -> u64 {
+fn in_hash(hasher: &Keyed, k: &InKey) -> u64 {
     hasher.hash_one(
         u128::from(k.proto as u8) << 96
             | u128::from(u32::from(k.src)) << 64

@@ -226,6 +226,13 @@ pub struct TableConfig {
     pub port_last: u16,
     /// This shard's bound on live flows.
     pub max_flows: usize,
+    /// This shard's bound on the live flows of one inside address (a pod),
+    /// those opened from outside included; 0 = no bound.
+    pub max_flows_per_pod: u32,
+    /// This shard's bound on the outside ports (per protocol; ICMP echo
+    /// ids count as ports) one inside address holds in mappings or in
+    /// quarantine; 0 = no bound.
+    pub ports_per_pod: u32,
     pub timeouts: Timeouts,
     /// Seed of the port-choice PRNG (deterministic in tests).
     pub seed: u64,
@@ -242,8 +249,13 @@ pub enum CreateError {
     /// `max_flows` live flows and no expired or unreplied one to evict.
     TableFull,
     /// No free (and not quarantined) outside port owned by this worker in
-    /// the range.
+    /// the range, and no unreplied flow of this pod whose port could go.
     PortsExhausted,
+    /// The pod holds `max_flows_per_pod` flows, none of them unreplied.
+    PodFlowLimit,
+    /// The pod holds `ports_per_pod` ports of the protocol (mappings and
+    /// quarantined ports), and no unreplied flow whose port could go.
+    PodPortLimit,
 }
 
 /// Why [`super::FlowTable::inbound`] opened no session for an inbound packet; the
@@ -261,6 +273,8 @@ pub enum InboundError {
     NotSyn,
     /// As [`CreateError::TableFull`].
     TableFull,
+    /// As [`CreateError::PodFlowLimit`], for the pod the session goes to.
+    PodFlowLimit,
 }
 
 /// Why [`super::FlowTable::add_forward`] refused a forward.
@@ -297,6 +311,7 @@ pub struct TableStats {
     /// Flows removed because they timed out (by a lookup, a sweep, or to
     /// make room in a full table).
     pub expired: u64,
-    /// Unreplied flows evicted to make room in a full table.
+    /// Unreplied flows evicted to make room in a full table, or for a new
+    /// flow of a pod at one of its limits (its own unreplied flows).
     pub early_dropped: u64,
 }

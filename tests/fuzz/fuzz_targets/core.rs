@@ -14,7 +14,8 @@
 //!   IPv4 + TCP/UDP/echo/ICMP error, addresses and ports from the lab's
 //!   (0xf0..0xfe: the outside port of a live flow; 0xff: any, read next);
 //! 2 answer the last frame sent to a side (same protocol with swapped ends,
-//!   or an ICMP error about it); 3 clock step; 4 tick; 5 neighbour update.
+//!   or an ICMP error about it); 3 clock step; 4 tick; 5 neighbour news
+//!   (reachable, stale or gone).
 //!
 //! Invariants after every operation: no panic; every `Send` and `Resolve`
 //! frame classifies as IPv4, its header checksum verifies, its source MAC is
@@ -41,6 +42,7 @@ use common::*;
 use libfuzzer_sys::fuzz_target;
 use smoltcp::wire::EthernetAddress;
 use tapnat::config::{Forward, ForwardProtocol, MasqueradeRule};
+use tapnat::gateway::neighbour::News;
 use tapnat::gateway::stats::Counters;
 use tapnat::gateway::{Action, Addressing, Buf, Core, CoreParts, Pool, Side};
 use tapnat::nat::frag::{FragCache, FragCacheConfig};
@@ -178,6 +180,7 @@ impl World {
             uplink_mac: mac_for(EXT, 1),
             uplink_net: net(EXT, 24),
             uplink_gateway: GW,
+            dhcp: false,
             uplink_mtu,
             masquerade: vec![MasqueradeRule {
                 source: net(IP(10, 244, 0, 0), 16),
@@ -217,6 +220,9 @@ impl World {
                         1024 + u16::from(s[3])
                     },
                     max_flows: usize::from(s[2] % 32) + 1,
+                    // 0 (no limit) to 7 flows and 0 to 3 ports per pod.
+                    max_flows_per_pod: u32::from(s[2] >> 5),
+                    ports_per_pod: u32::from(s[2] >> 6),
                     timeouts: Timeouts {
                         tcp_established_ms: ms(7_440_000, 10_000),
                         tcp_transitory_ms: ms(240_000, 4_000),
@@ -255,7 +261,8 @@ impl World {
                     counters: Arc::new(Counters::default()),
                 });
                 for ip in [GW, IP(10, 244, 0, 2), IP(10, 244, 0, 3), IP(10, 244, 0, 9)] {
-                    core.neighbour(ip, if ip == GW { GW_MAC } else { POD_MAC });
+                    let mac = if ip == GW { GW_MAC } else { POD_MAC };
+                    core.neighbour(ip, News::Reachable(mac));
                 }
                 core
             })
@@ -457,7 +464,7 @@ impl World {
                     self.pool.put(buf);
                 }
                 Action::Local { buf, .. } => self.pool.put(buf),
-                Action::Seen { .. } => {}
+                Action::Neighbour(_) => {}
                 Action::HandOff { worker, packet } => {
                     assert!(
                         worker != k && worker < self.cores.len(),
@@ -482,6 +489,17 @@ impl World {
                 c.table().len() <= c.table().config().max_flows,
                 "table over max_flows"
             );
+            let per_pod = c.table().config().max_flows_per_pod as usize;
+            if per_pod > 0 {
+                let mut flows = std::collections::HashMap::new();
+                for f in c.table().iter() {
+                    *flows.entry(f.inside.src).or_insert(0usize) += 1;
+                }
+                assert!(
+                    flows.values().all(|&n| n <= per_pod),
+                    "a pod over max_flows_per_pod: {flows:?}"
+                );
+            }
         }
         self.no_buffer_freed();
     }
@@ -625,8 +643,14 @@ fuzz_target!(|data: &[u8]| {
             }
             _ => {
                 let ip = world.addr(&mut u);
-                let mac = EthernetAddress([2, 0, 0, 0, 1, byte(&mut u)]);
-                world.cores.iter_mut().for_each(|c| c.neighbour(ip, mac));
+                let b = byte(&mut u);
+                let mac = EthernetAddress([2, 0, 0, 0, 1, b]);
+                let news = match b % 3 {
+                    0 => News::Reachable(mac),
+                    1 => News::Stale(mac),
+                    _ => News::Gone,
+                };
+                world.cores.iter_mut().for_each(|c| c.neighbour(ip, news));
             }
         }
     }

@@ -10,6 +10,7 @@ use tcp::SeqTrack;
 mod eim;
 mod expiry_drop;
 mod ops;
+mod pods;
 mod property;
 mod rfc;
 mod tcp_states;
@@ -28,6 +29,8 @@ pub(super) fn cfg(worker: u16, workers: u16, first: u16, last: u16, max: usize) 
         port_first: first,
         port_last: last,
         max_flows: max,
+        max_flows_per_pod: 0,
+        ports_per_pod: 0,
         timeouts: T,
         seed: 42,
         filtering: Filtering::AddressAndPort,
@@ -159,6 +162,39 @@ fn check_consistent(t: &FlowTable) {
         }
         assert_eq!(used, mapped + cooling.len(), "port set of {proto:?}");
     }
+    // Per-pod use: the live flows of each inside address, and its dynamic
+    // mappings plus the quarantined ports it released.
+    let mut flows: hashbrown::HashMap<Ipv4Addr, u32> = hashbrown::HashMap::new();
+    for &i in &live {
+        *flows.entry(t.slab.flow(i).inside.src).or_default() += 1;
+    }
+    let mut charged: hashbrown::HashMap<Ipv4Addr, [u32; 3]> = hashbrown::HashMap::new();
+    for (mk, _) in t.mappings.iter().filter(|(_, m)| !m.forward) {
+        charged.entry(mk.1).or_default()[mk.0.index()] += 1;
+    }
+    let mut cooling: hashbrown::HashMap<Ipv4Addr, [u32; 3]> = hashbrown::HashMap::new();
+    for c in t.ports.cooling() {
+        if let Some(owner) = c.owner() {
+            charged.entry(owner).or_default()[c.proto.index()] += 1;
+            cooling.entry(owner).or_default()[c.proto.index()] += 1;
+        }
+    }
+    let got: hashbrown::HashMap<Ipv4Addr, [u32; 3]> = t
+        .pods
+        .cooling_by_pod()
+        .filter(|&(_, p)| p != [0; 3])
+        .collect();
+    assert_eq!(got, cooling, "quarantined ports per pod");
+    let got: hashbrown::HashMap<Ipv4Addr, u32> =
+        t.pods.flows_by_pod().filter(|&(_, n)| n > 0).collect();
+    assert_eq!(got, flows, "flows per pod");
+    let got: hashbrown::HashMap<Ipv4Addr, [u32; 3]> = t
+        .pods
+        .ports_by_pod()
+        .filter(|&(_, p)| p != [0; 3])
+        .collect();
+    charged.retain(|_, p| *p != [0; 3]);
+    assert_eq!(got, charged, "ports per pod");
     // The quarantine FIFO is sorted by deadline.
     let mut last = 0;
     for c in t.ports.cooling() {

@@ -13,20 +13,25 @@ struct Reached {
     table_full: u64,
     ports_exhausted: u64,
     inbound_filtered: u64,
+    pod_flow_limit: u64,
+    pod_port_limit: u64,
 }
 
 #[test]
 fn property_random_ops_keep_indexes_consistent() {
     let mut total = Reached::default();
-    for (worker, workers, filtering, delay) in [
-        (0, 1, Filtering::AddressAndPort, 0),
-        (1, 3, Filtering::Address, 3_000),
-        (0, 2, Filtering::EndpointIndependent, 500),
+    for (worker, workers, filtering, delay, pod_limits) in [
+        (0, 1, Filtering::AddressAndPort, 0, (0, 0)),
+        (1, 3, Filtering::Address, 3_000, (10, 4)),
+        (0, 2, Filtering::EndpointIndependent, 500, (12, 0)),
+        (0, 1, Filtering::Address, 2_000, (0, 5)),
     ] {
         let mut t = FlowTable::new(TableConfig {
             seed: 7,
             filtering,
             port_reuse_delay_ms: delay,
+            max_flows_per_pod: pod_limits.0,
+            ports_per_pod: pod_limits.1,
             ..cfg(worker, workers, 1000, 1120, 150)
         });
         // A forward inside the dynamic range and one outside it.
@@ -79,6 +84,8 @@ fn property_random_ops_keep_indexes_consistent() {
                         assert_eq!(before.created(&t), 0);
                         match e {
                             CreateError::PortsExhausted => total.ports_exhausted += 1,
+                            CreateError::PodFlowLimit => total.pod_flow_limit += 1,
+                            CreateError::PodPortLimit => total.pod_port_limit += 1,
                             CreateError::TableFull => {
                                 assert_eq!(t.len(), 150);
                                 total.table_full += 1;
@@ -132,6 +139,7 @@ fn property_random_ops_keep_indexes_consistent() {
                         Err(InboundError::Filtered | InboundError::NotSyn) => {
                             total.inbound_filtered += 1;
                         }
+                        Err(InboundError::PodFlowLimit) => total.pod_flow_limit += 1,
                         Err(InboundError::NoMapping | InboundError::TableFull) => {}
                     }
                 }
@@ -169,4 +177,5 @@ fn property_random_ops_keep_indexes_consistent() {
     );
     assert!(t.table_full > 0 && t.ports_exhausted > 0, "{t:?}");
     assert!(t.inbound_created > 0 && t.inbound_filtered > 0, "{t:?}");
+    assert!(t.pod_flow_limit > 0 && t.pod_port_limit > 0, "{t:?}");
 }

@@ -833,6 +833,10 @@ fn a_forwarded_port_inside_the_pool_is_never_handed_out() {
         };
         let id = t.create(&k, EXT, i as u64).unwrap();
         seen.push(t.get(id).ext_port);
+        // Established, so the pod has no flow of its own to give up a port.
+        acc(&mut t, id, Direction::In2Out, SYN, 60, i as u64);
+        acc(&mut t, id, Direction::Out2In, SYNACK, 60, i as u64);
+        acc(&mut t, id, Direction::In2Out, ACK, 60, i as u64);
     }
     seen.sort();
     assert_eq!(seen, [8081, 8082, 8083]);
