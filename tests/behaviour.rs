@@ -909,7 +909,10 @@ fn a_pod_at_its_limits_is_refused_while_another_pods_flows_keep_working() {
         })
         .collect();
     // Pod A now creates flows as fast as it can: a fresh socket per
-    // datagram, bounded in count and time. Every one is refused.
+    // datagram, bounded in count and time. Every one that reaches the
+    // gateway is refused (an unpaced burst may lose some at the pod's TAP
+    // before the gateway reads them: those are not the gateway's to count).
+    let rx_before = gw.stats().get(Counter::PodRxFrames);
     let flood = lab
         .pod
         .run(|| {
@@ -924,15 +927,25 @@ fn a_pod_at_its_limits_is_refused_while_another_pods_flows_keep_working() {
             sent
         })
         .unwrap();
-    let want = u64::from(flood) * 9 / 10;
+    let delivered = || {
+        let rx = gw.stats().get(Counter::PodRxFrames) - rx_before;
+        rx.min(u64::from(flood))
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
-    while gw.stats().get(Counter::DropPodFlowLimit) < want && Instant::now() < deadline {
+    while gw.stats().get(Counter::DropPodFlowLimit) < delivered() * 9 / 10
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
     let st = gw.stats();
+    let reached = delivered();
     assert!(
-        st.get(Counter::DropPodFlowLimit) >= want,
-        "{flood} sent: {}",
+        reached >= 200,
+        "{flood} sent, {reached} reached the gateway"
+    );
+    assert!(
+        st.get(Counter::DropPodFlowLimit) >= reached * 9 / 10,
+        "{flood} sent, {reached} reached the gateway: {}",
         tapnat::ops::report::stats(&st)
     );
     eprintln!(
