@@ -872,6 +872,28 @@ mod tests {
     use std::os::fd::AsFd;
 
     #[test]
+    fn a_ring_runs_reads_and_writes_and_refuses_everything_else() {
+        let mut ring = match uring_new(8) {
+            Ok(r) => r,
+            // No io_uring in this kernel, or disabled: nothing to restrict.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => return,
+            Err(e) => panic!("{e}"),
+        };
+        let fd = eventfd_nonblocking().unwrap();
+        let mut res = [0i32; 1];
+        uring_write_batch(&mut ring, fd.as_fd(), &[&1u64.to_ne_bytes()], &mut res);
+        assert_eq!(res[0], 8, "a write through the ring");
+        let mut buf = [0u8; 8];
+        uring_read_batch(&mut ring, fd.as_fd(), &mut [&mut buf[..]], &mut res);
+        assert_eq!(res[0], 8, "a read through the ring");
+        // Any other operation is refused by the ring's restrictions.
+        let nop = io_uring::opcode::Nop::new().build().user_data(0);
+        // SAFETY: a NOP points to no memory.
+        unsafe { uring_run(&mut ring, std::iter::once(nop), &mut res) };
+        assert_eq!(res[0], -libc::EACCES, "a NOP through a restricted ring");
+    }
+
+    #[test]
     fn ifreq_copies_name_and_terminates_it() {
         let ifr = ifreq_for("tap0").unwrap();
         assert_eq!(
