@@ -330,6 +330,8 @@ impl Worker {
         if n == 0 {
             return 0;
         }
+        // One load per batch: is a capture taking this side's frames?
+        let capture = shared.taps.capture.sides() & super::taps::side_bit(side) != 0;
         let got: Vec<Buf> = self.stash.drain(first..).collect();
         for (mut buf, &len) in got.into_iter().zip(&lens[..want]) {
             if len == 0 {
@@ -337,12 +339,7 @@ impl Worker {
                 // find a frame that came meanwhile, so look at them all).
                 self.stash.push(buf);
             } else if buf.set_wire_len(len) {
-                self.c.inc(match side {
-                    Side::Pod => Counter::PodRxFrames,
-                    Side::Uplink => Counter::UplinkRxFrames,
-                });
-                self.core.frame(side, buf, now, &mut self.actions);
-                self.carry_out();
+                self.received(side, buf, now, capture);
             } else {
                 self.c.inc(Counter::DropRunt);
                 self.recycle(buf);
@@ -360,6 +357,9 @@ impl Worker {
                 continue;
             }
             let out = std::mem::take(&mut self.outbox[i]);
+            for buf in &out {
+                self.shared.capture_out(side, buf.frame());
+            }
             let dev = self.shared.device(side, self.k);
             let ok = match &out[..] {
                 [one] => usize::from(dev.write(one.wire()).is_ok()),
@@ -439,18 +439,7 @@ impl Worker {
         for n in 0..READ_BURST {
             let mut buf = self.spare.take().unwrap_or_else(|| self.shared.pool.get());
             match dev.read(buf.read_space()) {
-                Ok(len) if buf.set_wire_len(len) => {
-                    self.c.inc(match side {
-                        Side::Pod => Counter::PodRxFrames,
-                        Side::Uplink => Counter::UplinkRxFrames,
-                    });
-                    if capture {
-                        let (tap, way) = (&shared.taps.capture, super::taps::Way::In);
-                        tap.offer(side, way, buf.frame(), &shared.taps.counters);
-                    }
-                    self.core.frame(side, buf, now, &mut self.actions);
-                    self.carry_out();
-                }
+                Ok(len) if buf.set_wire_len(len) => self.received(side, buf, now, capture),
                 Ok(_) => {
                     self.c.inc(Counter::DropRunt);
                     self.spare = Some(buf);
@@ -463,6 +452,23 @@ impl Worker {
             }
         }
         READ_BURST
+    }
+
+    /// A frame read from `side`: counted, offered to a running capture
+    /// (`capture`: one load per burst said one runs), decided by the core
+    /// and carried out.
+    fn received(&mut self, side: Side, buf: Buf, now: u64, capture: bool) {
+        self.c.inc(match side {
+            Side::Pod => Counter::PodRxFrames,
+            Side::Uplink => Counter::UplinkRxFrames,
+        });
+        if capture {
+            let taps = &self.shared.taps;
+            taps.capture
+                .offer(side, super::taps::Way::In, buf.frame(), &taps.counters);
+        }
+        self.core.frame(side, buf, now, &mut self.actions);
+        self.carry_out();
     }
 
     /// A buffer is free again: keep it for the next read, or give it back.
