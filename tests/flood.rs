@@ -662,14 +662,16 @@ fn syn_flood_at_a_forward_is_bounded() {
 #[test]
 fn a_pod_creating_flows_as_fast_as_it_can_is_bounded() {
     // A second pod sends one UDP datagram from each of 60000 source ports
-    // in turn, unpaced: every one a new flow. It hits its per-pod flow and
-    // port limits (its own unreplied flows go first); the victim pod's
-    // established connection and new flows keep working.
+    // in turn at FLOOD_PPS (unpaced, it fills the pod link's queue that the
+    // victim shares, and half of every pod's frames are lost before the
+    // gateway: link congestion): every one a new flow. It hits
+    // its per-pod flow and port limits (its own unreplied flows go first);
+    // the victim pod's established connection and new flows keep working.
     let make = |i: u64| {
         let ep = Endpoints::new(POD2_IP, SERVER_IP);
         ip_of(build::udp(&ep, 1024 + (i % 60000) as u16, 9, b"x", true))
     };
-    let Some((_lab, m)) = flood_test("fl-pod", "", 0, 1000, BOUND_MIB, make, |lab| {
+    let Some((_lab, m)) = flood_test("fl-pod", "", FLOOD_PPS, 1000, BOUND_MIB, make, |lab| {
         lab.add_pod2("fl-pod", "tapnat0").expect("second pod")
     }) else {
         return;
