@@ -353,6 +353,10 @@ fn allowed(role: Role) -> Vec<Allow> {
             Any(libc::SYS_read),
             Any(libc::SYS_readv),
             Any(libc::SYS_writev),
+            // workers.io_uring: a burst's reads or writes through the
+            // queue's ring (set up before the filter; the ring itself is
+            // restricted to reads and writes, see `device::sys::uring_new`).
+            Any(libc::SYS_io_uring_enter),
             // workers.pin: pin this thread to its CPU.
             Any(libc::SYS_sched_setaffinity),
         ]

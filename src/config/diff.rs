@@ -80,6 +80,7 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("workers.threads", o.workers.threads != n.workers.threads),
         ("workers.offload", o.workers.offload != n.workers.offload),
+        ("workers.io_uring", o.workers.io_uring != n.workers.io_uring),
         (
             "workers.busy_poll",
             o.workers.busy_poll != n.workers.busy_poll,

@@ -245,6 +245,9 @@ pub struct WorkersConfig {
     pub busy_poll: Duration,
     /// Use `IFF_VNET_HDR` with TSO and checksum offload on the TAPs.
     pub offload: bool,
+    /// Read and write the TAP queues in bursts through io_uring (read/write
+    /// when the kernel has none).
+    pub io_uring: bool,
     /// Pin worker k to CPU k.
     pub pin: bool,
 }

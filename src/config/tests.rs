@@ -63,6 +63,7 @@ pub(super) fn expected_default() -> Config {
             threads: 0,
             busy_poll: Duration::ZERO,
             offload: true,
+            io_uring: true,
             pin: false,
         },
         control: ControlConfig {
@@ -250,6 +251,7 @@ fn every_scalar_key_is_settable_from_env() {
         ("nat.fragments_max", "0"),
         ("workers.threads", "3"),
         ("workers.offload", "false"),
+        ("workers.io_uring", "false"),
         ("workers.pin", "true"),
         ("control.socket", "/tmp/t.sock"),
         ("control.group", "tapnat"),
@@ -315,6 +317,7 @@ fn every_scalar_key_is_settable_from_env() {
             threads: 3,
             busy_poll: Duration::from_micros(50),
             offload: false,
+            io_uring: false,
             pin: true,
         }
     );

@@ -9,6 +9,7 @@ pub(super) struct Raw {
     threads: i64,
     busy_poll: String,
     offload: bool,
+    io_uring: bool,
     pin: bool,
 }
 
@@ -17,6 +18,7 @@ pub(super) fn read(mut t: Table<'_>) -> Result<Raw, ConfigError> {
         threads: t.int("threads")?,
         busy_poll: t.string("busy_poll")?,
         offload: t.bool("offload")?,
+        io_uring: t.bool("io_uring")?,
         pin: t.bool("pin")?,
     };
     t.finish()?;
@@ -37,6 +39,7 @@ pub(super) fn check(raw: Raw) -> Result<WorkersConfig, ConfigError> {
         threads,
         busy_poll,
         offload: raw.offload,
+        io_uring: raw.io_uring,
         pin: raw.pin,
     })
 }
@@ -51,7 +54,7 @@ mod tests {
     #[test]
     fn workers_keys_from_file() {
         let c = Config::from_toml_str(
-            "[workers]\nthreads = 4\nbusy_poll = \"1s\"\noffload = false\npin = true\n",
+            "[workers]\nthreads = 4\nbusy_poll = \"1s\"\noffload = false\nio_uring = true\npin = true\n",
         )
         .unwrap();
         assert_eq!(
@@ -60,6 +63,7 @@ mod tests {
                 threads: 4,
                 busy_poll: Duration::from_secs(1),
                 offload: false,
+                io_uring: true,
                 pin: true,
             }
         );

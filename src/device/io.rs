@@ -27,6 +27,39 @@ pub trait FrameIo: Send + Sync {
     /// An fd that poll(2) reports readable while frames may be queued; it
     /// stays open as long as the device.
     fn poll_fd(&self) -> RawFd;
+    /// Whether [`FrameIo::read_batch`] and [`FrameIo::write_batch`] cost
+    /// less than a `read`/`write` per frame, so that the worker should
+    /// gather a burst's frames and hand them over together.
+    fn batches(&self) -> bool {
+        false
+    }
+    /// Reads up to `bufs.len()` frames, at most one into each buffer, in
+    /// the order of the buffers; `lens[i]` is the length of the frame in
+    /// `bufs[i]`, 0 when that buffer got none (an empty queue or a failed
+    /// read: one read may find nothing and a later one of the same batch a
+    /// frame that came meanwhile). Returns how many frames were read, at
+    /// least one; when none, the first read's error (`WouldBlock` for an
+    /// empty queue).
+    ///
+    /// # Panics
+    /// If `lens` is shorter than `bufs`.
+    fn read_batch(&self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> io::Result<usize> {
+        lens[..bufs.len()].fill(0);
+        for (i, buf) in bufs.iter_mut().enumerate() {
+            match self.read(buf) {
+                Ok(n) => lens[i] = n,
+                Err(e) if i == 0 => return Err(e),
+                // Frames come in order: after an empty read, the next
+                // burst reads on.
+                Err(_) => return Ok(i),
+            }
+        }
+        Ok(bufs.len())
+    }
+    /// Writes each of `frames` whole; returns how many were written.
+    fn write_batch(&self, frames: &[&[u8]]) -> usize {
+        frames.iter().filter(|f| self.write(f).is_ok()).count()
+    }
     /// Whether the device's link was seen going down (set down by an
     /// administrator, `NETDEV_DOWN`) and has received nothing since; a TAP
     /// never says so.
@@ -58,6 +91,15 @@ impl<T: FrameIo + ?Sized> FrameIo for std::sync::Arc<T> {
     }
     fn poll_fd(&self) -> RawFd {
         (**self).poll_fd()
+    }
+    fn batches(&self) -> bool {
+        (**self).batches()
+    }
+    fn read_batch(&self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> io::Result<usize> {
+        (**self).read_batch(bufs, lens)
+    }
+    fn write_batch(&self, frames: &[&[u8]]) -> usize {
+        (**self).write_batch(frames)
     }
     fn link_down(&self) -> bool {
         (**self).link_down()

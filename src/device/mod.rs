@@ -16,6 +16,7 @@ pub mod raw;
 pub mod steer;
 pub mod sys;
 pub mod tap;
+pub mod uring;
 pub mod watch;
 
 pub use io::FrameIo;
@@ -27,4 +28,5 @@ pub use packet::PacketSocket;
 pub use poll::{Poller, Waker};
 pub use raw::{RawError, RawInfo, RawOptions, RawSocket};
 pub use tap::{Tap, TapError, TapOptions, VNET_HDR_LEN};
+pub use uring::UringTap;
 pub use watch::NetnsWatch;

@@ -156,6 +156,27 @@ pub fn set_mtu(sock: BorrowedFd<'_>, name: &str, mtu: u16) -> io::Result<()> {
     Ok(())
 }
 
+/// `ioctl(sock, SIOCSIFTXQLEN, ifr)`: the interface's transmit queue length.
+/// On a TUN/TAP device this is also the size of each queue's `ptr_ring`, the
+/// frames the kernel holds for the reader before it drops (drivers/net/tun.c
+/// resizes the rings on the change).
+pub fn set_tx_queue_len(sock: BorrowedFd<'_>, name: &str, qlen: u32) -> io::Result<()> {
+    let mut ifr = ifreq_for(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    ifr.ifr_ifru.ifru_ifindex =
+        libc::c_int::try_from(qlen).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `sock` is live; SIOCSIFTXQLEN reads one `ifreq` (name and the
+    // `ifr_qlen` int, the same union member as `ifru_ifindex`) from the
+    // pointer, which points to a local that outlives the call.
+    cvt(unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCSIFTXQLEN,
+            &mut ifr as *mut libc::ifreq,
+        )
+    })?;
+    Ok(())
+}
+
 /// Set `IFF_UP` on the interface (SIOCGIFFLAGS, then SIOCSIFFLAGS), keeping its other flags.
 pub fn bring_up(sock: BorrowedFd<'_>, name: &str) -> io::Result<()> {
     let mut ifr = ifreq_for(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -409,6 +430,155 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<libc::ucred> {
 pub fn geteuid() -> u32 {
     // SAFETY: geteuid(2) takes no arguments, touches no memory and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+/// A new io_uring of `entries` submission slots (a power of two), with the
+/// completion work deferred to our own `io_uring_enter` where the kernel has
+/// it (`IORING_SETUP_COOP_TASKRUN`, 5.19), plainly otherwise.
+///
+/// The ring takes only `IORING_OP_READ` and `IORING_OP_WRITE`, with no SQE
+/// flags (`IORING_REGISTER_RESTRICTIONS`, 5.10): work submitted through a
+/// ring is not seen by the thread's seccomp filter, so without this the
+/// ring would be a way around it (an `openat` or `connect` as an SQE).
+pub fn uring_new(entries: u32) -> io::Result<io_uring::IoUring> {
+    let ring = io_uring::IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_r_disabled()
+        .build(entries)
+        .or_else(|_| {
+            io_uring::IoUring::builder()
+                .setup_r_disabled()
+                .build(entries)
+        })?;
+    let mut only = [
+        io_uring::register::Restriction::sqe_op(io_uring::opcode::Read::CODE),
+        io_uring::register::Restriction::sqe_op(io_uring::opcode::Write::CODE),
+    ];
+    ring.submitter().register_restrictions(&mut only)?;
+    ring.submitter().register_enable_rings()?;
+    Ok(ring)
+}
+
+/// Reads one frame into each of `bufs` from `fd` through `ring`: one
+/// `io_uring_enter` per `ring`-full, waiting for every read to complete.
+/// `res[i]` is what `read(2)` would have returned for `bufs[i]` (a length,
+/// or `-errno`: `-EAGAIN` when nothing was queued any more).
+///
+/// # Panics
+/// If `res` is shorter than `bufs`.
+pub fn uring_read_batch(
+    ring: &mut io_uring::IoUring,
+    fd: BorrowedFd<'_>,
+    bufs: &mut [&mut [u8]],
+    res: &mut [i32],
+) {
+    let fd = io_uring::types::Fd(fd.as_raw_fd());
+    let res = &mut res[..bufs.len()];
+    let entries = bufs.iter_mut().map(|b| {
+        let len = u32::try_from(b.len()).unwrap_or(u32::MAX);
+        // Offset -1: the file position, as read(2) (tun ignores it).
+        // RWF_NOWAIT: an empty queue completes with EAGAIN at once; without
+        // it io_uring would arm a poll and the read wait for a frame (it
+        // does not go by the fd's O_NONBLOCK).
+        io_uring::opcode::Read::new(fd, b.as_mut_ptr(), len)
+            .offset(u64::MAX)
+            .rw_flags(libc::RWF_NOWAIT)
+            .build()
+    });
+    // SAFETY: every entry points into one of `bufs`, which stay borrowed
+    // (mutably, so nothing else touches them) until `uring_run` returns, and
+    // it returns only once the kernel has completed every entry it was given.
+    unsafe { uring_run(ring, entries, res) }
+}
+
+/// Writes each of `frames` to `fd` through `ring` (see [`uring_read_batch`]);
+/// `res[i]` is what `write(2)` would have returned for `frames[i]`.
+///
+/// # Panics
+/// If `res` is shorter than `frames`.
+pub fn uring_write_batch(
+    ring: &mut io_uring::IoUring,
+    fd: BorrowedFd<'_>,
+    frames: &[&[u8]],
+    res: &mut [i32],
+) {
+    let fd = io_uring::types::Fd(fd.as_raw_fd());
+    let res = &mut res[..frames.len()];
+    let entries = frames.iter().map(|f| {
+        let len = u32::try_from(f.len()).unwrap_or(u32::MAX);
+        // RWF_NOWAIT: never wait (a TAP write does not block anyway).
+        io_uring::opcode::Write::new(fd, f.as_ptr(), len)
+            .offset(u64::MAX)
+            .rw_flags(libc::RWF_NOWAIT)
+            .build()
+    });
+    // SAFETY: every entry points into one of `frames`, borrowed until
+    // `uring_run` returns, which is after the kernel completed every entry.
+    unsafe { uring_run(ring, entries, res) }
+}
+
+/// Submits `entries` (one per slot of `res`) in ring-sized chunks and waits,
+/// chunk by chunk, until every one has completed; `res[i]` gets the result
+/// of the `i`-th entry.
+///
+/// # Safety
+/// Every buffer an entry points to must stay valid, and not be accessed
+/// otherwise, until this function returns. This function upholds its side:
+/// it does not return while the kernel may still use an entry. If the kernel
+/// refuses the ring itself (an `io_uring_enter` error other than EINTR,
+/// EAGAIN or EBUSY, which cannot happen for a well-formed ring we own),
+/// entries may be in flight with no way to wait for them, so the process
+/// aborts rather than let the kernel write into freed memory.
+unsafe fn uring_run(
+    ring: &mut io_uring::IoUring,
+    entries: impl Iterator<Item = io_uring::squeue::Entry>,
+    res: &mut [i32],
+) {
+    let mut entries = entries.enumerate().peekable();
+    while entries.peek().is_some() {
+        let mut pushed = 0usize;
+        {
+            let mut sq = ring.submission();
+            while !sq.is_full() {
+                let Some((i, e)) = entries.next() else { break };
+                let e = e.user_data(i as u64);
+                // SAFETY: the caller keeps the entry's buffer valid until we
+                // return; the queue is not full, so the push succeeds.
+                if unsafe { sq.push(&e) }.is_err() {
+                    break;
+                }
+                pushed += 1;
+            }
+        }
+        let mut done = 0usize;
+        while done < pushed {
+            match ring.submit_and_wait(pushed - done) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => {
+                    use std::io::Write as _;
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "tapnat: io_uring_enter failed with entries in flight: {e}"
+                    );
+                    std::process::abort();
+                }
+            }
+            for cqe in ring.completion() {
+                if let Some(slot) = usize::try_from(cqe.user_data())
+                    .ok()
+                    .and_then(|i| res.get_mut(i))
+                {
+                    *slot = cqe.result();
+                }
+                done += 1;
+            }
+        }
+    }
 }
 
 /// Switches the calling thread (only it: the raw system calls, not glibc's
@@ -700,6 +870,28 @@ pub fn epoll_of(fds: &[BorrowedFd<'_>]) -> io::Result<OwnedFd> {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn a_ring_runs_reads_and_writes_and_refuses_everything_else() {
+        let mut ring = match uring_new(8) {
+            Ok(r) => r,
+            // No io_uring in this kernel, or disabled: nothing to restrict.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => return,
+            Err(e) => panic!("{e}"),
+        };
+        let fd = eventfd_nonblocking().unwrap();
+        let mut res = [0i32; 1];
+        uring_write_batch(&mut ring, fd.as_fd(), &[&1u64.to_ne_bytes()], &mut res);
+        assert_eq!(res[0], 8, "a write through the ring");
+        let mut buf = [0u8; 8];
+        uring_read_batch(&mut ring, fd.as_fd(), &mut [&mut buf[..]], &mut res);
+        assert_eq!(res[0], 8, "a read through the ring");
+        // Any other operation is refused by the ring's restrictions.
+        let nop = io_uring::opcode::Nop::new().build().user_data(0);
+        // SAFETY: a NOP points to no memory.
+        unsafe { uring_run(&mut ring, std::iter::once(nop), &mut res) };
+        assert_eq!(res[0], -libc::EACCES, "a NOP through a restricted ring");
+    }
 
     #[test]
     fn ifreq_copies_name_and_terminates_it() {

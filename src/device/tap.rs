@@ -40,6 +40,25 @@ pub const TUN_DEVICE: &str = "/dev/net/tun";
 /// offloads with [`Tap::set_offload`]. On send, prefix a zeroed header.
 pub use crate::wire::vnet::VNET_HDR_LEN;
 
+/// The transmit queue length given to every TAP we open (`txqueuelen`).
+///
+/// On a TAP this is the length of each queue's ring of frames waiting for
+/// the reader (`dev->tx_queue_len` sizes tun's per-queue `ptr_ring`), and
+/// the one place frames sent towards the gateway are lost: tun never stops
+/// the device's queue when its ring is full, so the qdisc in front of it
+/// never holds anything back and the sender never blocks; a full ring drops
+/// the frame (the device's `tx_dropped`). The kernel's default, 1000, drops
+/// a burst of 64-byte datagrams once the sender is a few milliseconds ahead
+/// of the gateway; 4096 holds four times that. Each held frame pins its
+/// buffer, so the ring is not made larger than that: a sender faster than
+/// the gateway for longer than the ring lasts loses the excess whatever its
+/// size (the bench's sustained UDP flood).
+///
+/// The socket send buffer of the tun file (`TUNSETSNDBUF`, for frames the
+/// gateway writes) is left at the kernel's default, `INT_MAX`: it never
+/// limits.
+pub const TX_QUEUE_LEN: u32 = 4096;
+
 /// How to open a TAP.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TapOptions {
@@ -101,6 +120,13 @@ pub enum TapError {
     SetMtu {
         name: String,
         mtu: u16,
+        source: io::Error,
+    },
+    /// SIOCSIFTXQLEN failed.
+    #[error("failed to set the transmit queue length of {name} to {qlen}")]
+    SetTxQueueLen {
+        name: String,
+        qlen: u32,
         source: io::Error,
     },
     /// SIOCGIFFLAGS/SIOCSIFFLAGS failed.
@@ -198,6 +224,13 @@ fn open_here(name: &str, mtu: u16, opts: TapOptions) -> Result<Tap, TapError> {
         name: name.clone(),
         mtu,
         source,
+    })?;
+    sys::set_tx_queue_len(ctl.as_fd(), &name, TX_QUEUE_LEN).map_err(|source| {
+        TapError::SetTxQueueLen {
+            name: name.clone(),
+            qlen: TX_QUEUE_LEN,
+            source,
+        }
     })?;
     sys::bring_up(ctl.as_fd(), &name).map_err(|source| TapError::BringUp {
         name: name.clone(),

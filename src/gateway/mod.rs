@@ -116,6 +116,8 @@ pub struct Tuning {
     pub offload: bool,
     /// Spin this long on empty queues before sleeping in poll(2).
     pub busy_poll: Duration,
+    /// Read and write the worker queues in bursts through io_uring.
+    pub io_uring: bool,
     /// Pin worker k to CPU k.
     pub pin: bool,
 }

@@ -18,7 +18,7 @@ use super::{CtrlMsg, Gateway, GatewayError, Queues, Shared, Tuning, WorkerMsg};
 use crate::config::{self, Config, Reason, UplinkKind};
 use crate::device::steer::{self, SteerBy};
 use crate::device::{
-    raw, FrameIo, NetnsWatch, RawError, RawOptions, Tap, TapError, TapOptions, Waker,
+    raw, FrameIo, NetnsWatch, RawError, RawOptions, Tap, TapError, TapOptions, UringTap, Waker,
 };
 use crate::nat::frag::{FragCache, FragCacheConfig};
 use crate::nat::{Filtering, FlowTable, TableConfig, Timeouts};
@@ -60,6 +60,7 @@ impl Tuning {
         Tuning {
             offload: config.workers.offload,
             busy_poll: config.workers.busy_poll,
+            io_uring: config.workers.io_uring,
             pin: config.workers.pin,
         }
     }
@@ -132,9 +133,27 @@ fn open_queues(
     Ok(queues)
 }
 
-fn boxed(taps: Vec<Tap>) -> Queues {
+/// The worker queues: with `uring`, each with its own io_uring where the
+/// kernel gives one, plain read/write (and a warning) where it does not.
+fn boxed(taps: Vec<Tap>, uring: bool) -> Queues {
     taps.into_iter()
-        .map(|t| Box::new(t) as Box<dyn FrameIo>)
+        .map(|t| {
+            if !uring {
+                return Box::new(t) as Box<dyn FrameIo>;
+            }
+            match UringTap::new(t) {
+                Ok(u) => Box::new(u) as Box<dyn FrameIo>,
+                Err((t, e)) => {
+                    use std::io::Write as _;
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "tapnat: warning: no io_uring for {} ({e}); using read/write",
+                        t.name()
+                    );
+                    Box::new(t)
+                }
+            }
+        })
         .collect()
 }
 
@@ -168,7 +187,7 @@ fn open_uplink_tap(config: &Config, n: usize, tuning: Tuning) -> Result<Uplink, 
     }
     Ok(Uplink {
         name: q[0].name().to_owned(),
-        queues: boxed(q),
+        queues: boxed(q, tuning.io_uring),
         steering,
         mac: None,
         warnings: Vec::new(),
@@ -270,7 +289,7 @@ fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, Gat
     }
     let mut shared = Shared::new(
         addressing,
-        boxed(pod_q),
+        boxed(pod_q, tuning.io_uring),
         up.queues,
         Pool::new(POOL_KEEP, size, hdr),
         tuning,

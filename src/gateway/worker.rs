@@ -48,6 +48,19 @@ pub(super) struct Worker {
     wake_ctrl: bool,
     /// A buffer to read the next frame into.
     spare: Option<Buf>,
+    /// Whether our queue of each side (pod, uplink) takes bursts
+    /// ([`crate::device::FrameIo::batches`]): its frames are then read
+    /// [`Worker::batch`] at a time into `stash`, and frames to send to it
+    /// wait in `outbox` until the burst is done.
+    batching: [bool; 2],
+    /// Buffers to read the next batch into (batching only).
+    stash: Vec<Buf>,
+    /// Frames to send, by side (pod, uplink), written together (batching only).
+    outbox: [Vec<Buf>; 2],
+    /// Reads to ask for in the next batch, by side: twice what the last
+    /// read found, 2 to [`READ_BURST`]; below 4 (the last read found one
+    /// frame or none) the next read goes frame by frame.
+    batch: [usize; 2],
     /// The table's removal counts as last published to the counters.
     published: TableStats,
     /// The table's lost events as last published.
@@ -74,6 +87,10 @@ impl Worker {
             frag_news: Vec::new(),
             wake_ctrl: false,
             spare: None,
+            batching: [false; 2],
+            stash: Vec::new(),
+            outbox: [Vec::new(), Vec::new()],
+            batch: [2, 2],
             published: TableStats::default(),
             events_lost: 0,
         }
@@ -84,22 +101,32 @@ impl Worker {
             // Best effort: a CPU that is not there just leaves the thread unpinned.
             let _ = crate::device::sys::pin_current_thread(self.k);
         }
+        self.batching = [
+            self.shared.pod[self.k].batches(),
+            self.shared.uplink[self.k].batches(),
+        ];
         let mut poller = Poller::new();
         let pod = poller.add(self.shared.pod[self.k].poll_fd());
         let uplink = poller.add(self.shared.uplink[self.k].poll_fd());
         let wake = poller.add(self.shared.wakers[self.k].as_raw_fd());
+        // Adaptive polling: for `busy` after the last frame or message, poll
+        // without sleeping, so that the answer to what was just forwarded
+        // (a request's response, the next segment) costs no sleep and
+        // wake-up; then sleep in poll(2) again, so an idle worker burns no CPU.
         let busy = self.shared.tuning.busy_poll;
         let mut spin_until = Instant::now();
+        let mut ticked = u64::MAX;
         while !self.shared.stop.load(Ordering::Relaxed) {
             #[cfg(debug_assertions)]
             self.shared.fault_point(self.k);
-            let timeout = if !busy.is_zero() && Instant::now() < spin_until {
-                Duration::ZERO
-            } else {
-                IDLE_WAIT
+            let spinning = !busy.is_zero() && Instant::now() < spin_until;
+            let timeout = if spinning { Duration::ZERO } else { IDLE_WAIT };
+            let ready = match poller.wait(Some(timeout)) {
+                Ok(n) => n,
+                Err(_) => continue,
             };
-            if poller.wait(Some(timeout)).is_err() {
-                continue;
+            if ready == 0 && spinning {
+                std::hint::spin_loop();
             }
             let mut work = 0;
             if poller.readable(wake) {
@@ -110,19 +137,27 @@ impl Worker {
                 }
             }
             if poller.readable(pod) {
-                work += self.read_burst(Side::Pod);
+                work += self.read_any(Side::Pod);
             }
             if poller.readable(uplink) {
-                work += self.read_burst(Side::Uplink);
+                work += self.read_any(Side::Uplink);
             }
+            self.send_outbox();
             self.flush();
             if work > 0 && !busy.is_zero() {
                 spin_until = Instant::now() + busy;
             }
+            // Expiry and the gauges after work, and otherwise once per
+            // millisecond at most: a spinning worker does not scan the
+            // table on every empty poll.
             let now = self.shared.now_ms();
-            self.core.tick(now, EXPIRE_BUDGET, &mut self.actions);
-            self.carry_out();
-            self.publish();
+            if work > 0 || now != ticked {
+                ticked = now;
+                self.core.tick(now, EXPIRE_BUDGET, &mut self.actions);
+                self.carry_out();
+                self.send_outbox();
+                self.publish();
+            }
         }
     }
 
@@ -243,6 +278,126 @@ impl Worker {
         let _ = reply.send(r);
     }
 
+    /// Reads what is queued on `side`: a batch when the queue takes them
+    /// and the last read found more than one frame (a flood), else frame by
+    /// frame, since a lone frame costs less through read(2) than through a
+    /// batch (the request/response case).
+    fn read_any(&mut self, side: Side) -> usize {
+        let i = side_index(side);
+        if !self.batching[i] {
+            return self.read_burst(side);
+        }
+        let n = if self.batch[i] >= 4 {
+            self.read_batch(side)
+        } else {
+            self.read_burst(side)
+        };
+        self.batch[i] = (2 * n).clamp(2, READ_BURST);
+        self.send_outbox();
+        n
+    }
+
+    /// Reads one batch from our queue of `side` (a queue that
+    /// [`crate::device::FrameIo::batches`]), hands every frame to the core
+    /// and sends what it decided together.
+    fn read_batch(&mut self, side: Side) -> usize {
+        let now = self.shared.now_ms();
+        let shared = self.shared.clone();
+        let dev = shared.device(side, self.k);
+        let want = self.batch[side_index(side)];
+        if let Some(b) = self.spare.take() {
+            self.stash.push(b);
+        }
+        while self.stash.len() < want {
+            self.stash.push(self.shared.pool.get());
+        }
+        let mut lens = [0usize; READ_BURST];
+        let first = self.stash.len() - want;
+        let read = {
+            let mut bufs: Vec<&mut [u8]> = self.stash[first..]
+                .iter_mut()
+                .map(Buf::read_space)
+                .collect();
+            dev.read_batch(&mut bufs, &mut lens[..want])
+        };
+        let n = match read {
+            Ok(n) => n,
+            Err(e) => {
+                self.read_failed(side, e);
+                0
+            }
+        };
+        if n == 0 {
+            return 0;
+        }
+        // One load per batch: is a capture taking this side's frames?
+        let capture = shared.taps.capture.sides() & super::taps::side_bit(side) != 0;
+        let got: Vec<Buf> = self.stash.drain(first..).collect();
+        for (mut buf, &len) in got.into_iter().zip(&lens[..want]) {
+            if len == 0 {
+                // No frame in this one (a read after an empty one can still
+                // find a frame that came meanwhile, so look at them all).
+                self.stash.push(buf);
+            } else if buf.set_wire_len(len) {
+                self.received(side, buf, now, capture);
+            } else {
+                self.c.inc(Counter::DropRunt);
+                self.recycle(buf);
+            }
+        }
+        n
+    }
+
+    /// Writes the frames waiting in the outbox, a side at a time: one
+    /// frame with write(2), more as one batch.
+    fn send_outbox(&mut self) {
+        for side in [Side::Pod, Side::Uplink] {
+            let i = side_index(side);
+            if self.outbox[i].is_empty() {
+                continue;
+            }
+            let out = std::mem::take(&mut self.outbox[i]);
+            for buf in &out {
+                self.shared.capture_out(side, buf.frame());
+            }
+            let dev = self.shared.device(side, self.k);
+            let ok = match &out[..] {
+                [one] => usize::from(dev.write(one.wire()).is_ok()),
+                all => {
+                    let frames: Vec<&[u8]> = all.iter().map(Buf::wire).collect();
+                    dev.write_batch(&frames)
+                }
+            };
+            self.c.add(tx_counter(side), ok as u64);
+            self.c.add(Counter::TapWriteFails, (out.len() - ok) as u64);
+            for buf in out {
+                self.recycle(buf);
+            }
+        }
+    }
+
+    /// Counts a failed read other than an empty queue; a dead device stops
+    /// the gateway.
+    fn read_failed(&mut self, side: Side, e: std::io::Error) {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ) {
+            return;
+        }
+        self.c.inc(Counter::TapReadFails);
+        // A dead fd stays dead: stop the gateway rather than spin on
+        // poll(2) reporting POLLERR for ever.
+        if device_gone(&e) {
+            let device = self.shared.name(side).to_owned();
+            self.shared.fail(Failure::DeviceGone {
+                side,
+                device,
+                error: e,
+            });
+        }
+    }
+
     /// New addressing (a reload, a DHCP lease). When the outside address
     /// changed, every flow on the old one is flushed (MASQUERADE's
     /// `masq_inet_event`) and the forwards move to the new one (to
@@ -284,40 +439,14 @@ impl Worker {
         for n in 0..READ_BURST {
             let mut buf = self.spare.take().unwrap_or_else(|| self.shared.pool.get());
             match dev.read(buf.read_space()) {
-                Ok(len) if buf.set_wire_len(len) => {
-                    self.c.inc(match side {
-                        Side::Pod => Counter::PodRxFrames,
-                        Side::Uplink => Counter::UplinkRxFrames,
-                    });
-                    if capture {
-                        let (tap, way) = (&shared.taps.capture, super::taps::Way::In);
-                        tap.offer(side, way, buf.frame(), &shared.taps.counters);
-                    }
-                    self.core.frame(side, buf, now, &mut self.actions);
-                    self.carry_out();
-                }
+                Ok(len) if buf.set_wire_len(len) => self.received(side, buf, now, capture),
                 Ok(_) => {
                     self.c.inc(Counter::DropRunt);
                     self.spare = Some(buf);
                 }
                 Err(e) => {
                     self.spare = Some(buf);
-                    if !matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                    ) {
-                        self.c.inc(Counter::TapReadFails);
-                        // A dead fd stays dead: stop the gateway rather than
-                        // spin on poll(2) reporting POLLERR for ever.
-                        if device_gone(&e) {
-                            let device = self.shared.name(side).to_owned();
-                            self.shared.fail(Failure::DeviceGone {
-                                side,
-                                device,
-                                error: e,
-                            });
-                        }
-                    }
+                    self.read_failed(side, e);
                     return n;
                 }
             }
@@ -325,10 +454,32 @@ impl Worker {
         READ_BURST
     }
 
+    /// A frame read from `side`: counted, offered to a running capture
+    /// (`capture`: one load per burst said one runs), decided by the core
+    /// and carried out.
+    fn received(&mut self, side: Side, buf: Buf, now: u64, capture: bool) {
+        self.c.inc(match side {
+            Side::Pod => Counter::PodRxFrames,
+            Side::Uplink => Counter::UplinkRxFrames,
+        });
+        if capture {
+            let taps = &self.shared.taps;
+            taps.capture
+                .offer(side, super::taps::Way::In, buf.frame(), &taps.counters);
+        }
+        self.core.frame(side, buf, now, &mut self.actions);
+        self.carry_out();
+    }
+
     /// A buffer is free again: keep it for the next read, or give it back.
     fn recycle(&mut self, buf: Buf) {
         if self.spare.is_none() && self.shared.pool.owns(&buf) {
             self.spare = Some(buf);
+        } else if self.batching.contains(&true)
+            && self.stash.len() < READ_BURST
+            && self.shared.pool.owns(&buf)
+        {
+            self.stash.push(buf);
         } else {
             self.shared.pool.put(buf);
         }
@@ -345,6 +496,9 @@ impl Worker {
 
     fn act(&mut self, action: Action) {
         match action {
+            Action::Send { side, buf } if self.batching[side_index(side)] => {
+                self.outbox[side_index(side)].push(buf);
+            }
             Action::Send { side, buf } => {
                 match self.shared.send_buf(side, self.k, &buf) {
                     Ok(()) => self.c.inc(tx_counter(side)),
@@ -465,6 +619,13 @@ impl Worker {
         if std::mem::take(&mut self.wake_ctrl) {
             self.shared.ctrl_waker.wake();
         }
+    }
+}
+
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::Pod => 0,
+        Side::Uplink => 1,
     }
 }
 

@@ -27,9 +27,10 @@ use setup::{NotRun, Setup};
 
 /// The setups a full run measures, in the order they run and are printed
 /// (the `tapnat-wK` workers sweep is added for K below the core count).
-pub const SETUPS: [&str; 9] = [
+pub const SETUPS: [&str; 10] = [
     "kernel",
     "tapnat",
+    "tapnat-rw",
     "tapnat-raw",
     "tap-copy",
     "tap-copy-tso",
@@ -48,7 +49,7 @@ const MAX_SWEEP: usize = 64;
 pub fn default_setups(cores: usize) -> Vec<String> {
     let mut v: Vec<String> = SETUPS.iter().map(|s| s.to_string()).collect();
     let sweep = (1..cores.min(MAX_SWEEP + 1)).map(|k| format!("tapnat-w{k}"));
-    v.splice(3..3, sweep);
+    v.splice(4..4, sweep);
     v
 }
 
@@ -301,6 +302,11 @@ fn build(name: &str, opts: &BenchOptions) -> Result<Setup, NotRun> {
         "kernel" => setup::kernel(),
         "tapnat" => setup::tapnat(&this()?, 0),
         "tapnat-raw" => setup::tapnat_raw(&this()?, 0),
+        // The same gateway with `workers.io_uring = false`: read/write per
+        // frame, the lever's before.
+        "tapnat-rw" => {
+            setup::tapnat_with(&this()?, "[workers]\nthreads = 0\nio_uring = false\n", None)
+        }
         "baseline" => match &opts.baseline {
             Some(exe) => setup::tapnat(exe, 0),
             None => Err(NotRun::Skipped("no --baseline EXE given".into())),
@@ -560,9 +566,10 @@ mod tests {
         assert_eq!(default_setups(1).len(), SETUPS.len());
         let four = default_setups(4);
         assert_eq!(
-            &four[1..6],
+            &four[1..7],
             [
                 "tapnat",
+                "tapnat-rw",
                 "tapnat-raw",
                 "tapnat-w1",
                 "tapnat-w2",
