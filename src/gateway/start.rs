@@ -54,6 +54,18 @@ const FAILURES_KEPT: usize = 16;
 /// from the kernel. UDP segmentation offload is left off: a UDP super-frame's
 /// datagram boundaries could not be re-cut for a smaller egress MTU.
 const OFFLOADS: u32 = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
+/// UDP segmentation offload (both flags or neither: the kernel turns USO on
+/// only with both), where the kernel has it (6.2; older ones refuse the
+/// flags with EINVAL and the TAP keeps [`OFFLOADS`]).
+const USO: u32 = libc::TUN_F_USO4 | libc::TUN_F_USO6;
+
+/// Sets [`OFFLOADS`] on a TAP, with [`USO`] where the kernel takes it.
+fn set_offloads(tap: &Tap) -> std::io::Result<()> {
+    match tap.set_offload(OFFLOADS | USO) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => tap.set_offload(OFFLOADS),
+        r => r,
+    }
+}
 
 impl Tuning {
     fn from_config(config: &Config) -> Tuning {
@@ -182,8 +194,7 @@ fn open_uplink_tap(config: &Config, n: usize, tuning: Tuning) -> Result<Uplink, 
     .map_err(GatewayError::UplinkDevice)?;
     let steering = n > 1 && steer::attach(&q[0], SteerBy::DestinationPort).is_ok();
     if tuning.offload {
-        q[0].set_offload(OFFLOADS)
-            .map_err(|e| GatewayError::Offload("uplink", e))?;
+        set_offloads(&q[0]).map_err(|e| GatewayError::Offload("uplink", e))?;
     }
     Ok(Uplink {
         name: q[0].name().to_owned(),
@@ -276,9 +287,7 @@ fn open_devices(config: &Config, n: usize, tuning: Tuning) -> Result<Shared, Gat
     // hint (a frame on the wrong queue is handed over), so failure is fine.
     let steering = n > 1 && up.steering && steer::attach(&pod_q[0], SteerBy::SourcePort).is_ok();
     if tuning.offload {
-        pod_q[0]
-            .set_offload(OFFLOADS)
-            .map_err(|e| GatewayError::Offload("pod", e))?;
+        set_offloads(&pod_q[0]).map_err(|e| GatewayError::Offload("pod", e))?;
     }
     let (hdr, size) = buffer_layout(tuning.offload, usize::from(pod.mtu.max(uplink.mtu)));
     let names = [pod_q[0].name().to_owned(), up.name];

@@ -65,8 +65,12 @@ events {
     In2outBytes = "in2out_bytes",
     /// IP bytes of the replies reverse-translated uplink -> pod.
     Out2inBytes = "out2in_bytes",
-    /// TCP segmentation-offload super-frames translated (each up to 64 KiB).
+    /// Segmentation-offload super-frames translated (TCP TSO, UDP USO; each
+    /// up to 64 KiB).
     GsoFrames = "gso_frames",
+    /// Datagrams cut out of UDP super-frames whose datagrams did not fit the
+    /// egress MTU (each then fragmented).
+    GsoSegmented = "gso_segmented",
     /// ICMP errors about a flow, translated (both directions).
     IcmpErrorsTranslated = "icmp_errors_translated",
     /// Non-first fragments rewritten like their datagram's first fragment.

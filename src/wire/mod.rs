@@ -13,6 +13,7 @@ pub mod csum;
 pub mod fragment;
 pub mod icmp;
 mod packet;
+pub mod segment;
 pub mod vnet;
 
 pub use icmp::{

@@ -19,6 +19,9 @@ pub const F_DATA_VALID: u8 = 2;
 pub const GSO_NONE: u8 = 0;
 /// `VIRTIO_NET_HDR_GSO_TCPV4`.
 pub const GSO_TCPV4: u8 = 1;
+/// `VIRTIO_NET_HDR_GSO_UDP_L4`: a UDP super-frame of `gso_size`-byte
+/// datagrams (USO, `TUN_F_USO4`, Linux 6.2).
+pub const GSO_UDP_L4: u8 = 5;
 /// `VIRTIO_NET_HDR_GSO_ECN` flag bit.
 pub const GSO_ECN: u8 = 0x80;
 

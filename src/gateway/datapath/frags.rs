@@ -12,7 +12,7 @@ use crate::gateway::stats::Counter;
 use crate::nat::frag::{FragKey, FragRefused, Later, Release};
 use crate::policy::Side;
 use crate::wire::vnet::VnetHdr;
-use crate::wire::{self, csum, fragment, Ipv4View, L4Csum};
+use crate::wire::{self, csum, fragment, segment, Ipv4View, L4Csum};
 
 impl Core {
     /// The first fragment of datagram `key` (tracked here) was translated,
@@ -141,6 +141,52 @@ impl Core {
                 key,
                 rewrite,
             });
+        }
+    }
+
+    /// Cuts a translated UDP super-frame whose datagrams do not fit the
+    /// egress MTU (DF clear) into its datagrams, each with a complete
+    /// checksum, and sends each on, fragmented when it does not fit either.
+    pub(super) fn emit_segmented(
+        &mut self,
+        side: Side,
+        next_hop: Ipv4Addr,
+        buf: Buf,
+        mtu: usize,
+        out: &mut Actions,
+    ) {
+        let gso = usize::from(VnetHdr::parse(buf.vnet()).unwrap_or_default().gso_size);
+        let mut pieces = std::mem::take(&mut self.pieces);
+        let pool = &self.pool;
+        let mut fits = true;
+        let mut scratch = [0u8; wire::ETH_HLEN + 60 + 8 + fragment::MAX_IP_LEN];
+        let result = segment::segment_udp(
+            buf.frame(),
+            gso,
+            &mut scratch,
+            &mut |d: &[u8]| match pool.frame(d) {
+                Some(b) => pieces.push(b),
+                None => fits = false,
+            },
+        );
+        if result.is_err() || !fits {
+            for p in pieces.drain(..) {
+                self.pool.put(p);
+            }
+            self.pieces = pieces;
+            let why = Counter::DropBadL4Header;
+            return out.push(Action::Drop { why, buf });
+        }
+        self.c.add(Counter::GsoSegmented, pieces.len() as u64);
+        self.pool.put(buf);
+        let datagrams = std::mem::take(&mut pieces);
+        self.pieces = pieces;
+        for d in datagrams {
+            if d.frame().len() - wire::ETH_HLEN > mtu {
+                self.emit_fragmented(side, next_hop, d, mtu, out);
+            } else {
+                self.emit(side, next_hop, d, out);
+            }
         }
     }
 

@@ -46,7 +46,7 @@ use crate::nat::frag::{FragCache, FragKey, Release};
 use crate::nat::{Flow, FlowTable, InKey, TcpFlags, TcpSeg};
 use crate::policy::{Addressing, Egress, Side};
 use crate::wire::icmp::IcmpRateLimit;
-use crate::wire::vnet::VnetHdr;
+use crate::wire::vnet::{VnetHdr, GSO_ECN, GSO_TCPV4, GSO_UDP_L4};
 use crate::wire::{self, End, IcmpErrorKind, Ipv4View, L4Csum, L4};
 use errors::Refusal;
 use translate::Transport;
@@ -158,6 +158,9 @@ struct Fit {
     csum: L4Csum,
     /// Larger than the egress MTU without DF: fragment it.
     split: bool,
+    /// A UDP super-frame whose datagrams do not fit the egress MTU (without
+    /// DF): cut it into its datagrams, then fragment each.
+    segment: bool,
     mtu: usize,
 }
 
@@ -467,28 +470,43 @@ impl Core {
     }
 
     /// Checks the egress MTU. A TSO super-frame is let through with its
-    /// segment size cut to fit (TCP may be segmented anywhere); a packet with
-    /// DF set must fit as it is; one without DF will be fragmented. Returns
-    /// the checksum form of the L4 field and whether to fragment.
+    /// segment size cut to fit (TCP may be segmented anywhere); a UDP
+    /// super-frame (USO) whose datagrams fit goes whole, else its datagrams
+    /// are cut out to be fragmented, or refused with DF, one by one (their
+    /// boundaries are the sender's; Linux's `ip_finish_output_gso` does the
+    /// same); a packet with DF set must fit as it is; one without DF will be
+    /// fragmented. Returns the checksum form of the L4 field, whether to
+    /// fragment and whether to segment.
     #[inline(always)]
     fn offload_fit(
         &self,
         buf: &mut Buf,
         view: &Ipv4View,
         mtu: usize,
-    ) -> Result<(L4Csum, bool), Counter> {
+    ) -> Result<(L4Csum, bool, bool), Counter> {
         let hdr = VnetHdr::parse(buf.vnet()).unwrap_or_default();
+        let mut segment = false;
         if hdr.is_gso() {
-            let L4::Tcp { hlen, .. } = view.l4 else {
-                return Err(Counter::DropUnsupportedProtocol);
-            };
-            self.c.inc(Counter::GsoFrames);
-            let max_seg = mtu.saturating_sub(view.ihl + usize::from(hlen));
-            if usize::from(hdr.gso_size) > max_seg {
-                let mut h = hdr;
-                h.gso_size = max_seg as u16;
-                h.write(buf.vnet_mut());
+            match (view.l4, hdr.gso_type & !GSO_ECN) {
+                (L4::Tcp { hlen, .. }, GSO_TCPV4) => {
+                    let max_seg = mtu.saturating_sub(view.ihl + usize::from(hlen));
+                    if usize::from(hdr.gso_size) > max_seg {
+                        let mut h = hdr;
+                        h.gso_size = max_seg as u16;
+                        h.write(buf.vnet_mut());
+                    }
+                }
+                (L4::Udp { .. }, GSO_UDP_L4) if hdr.gso_size > 0 => {
+                    if view.ihl + 8 + usize::from(hdr.gso_size) > mtu {
+                        if view.dont_frag {
+                            return Err(Counter::DropTooBig);
+                        }
+                        segment = true;
+                    }
+                }
+                _ => return Err(Counter::DropUnsupportedProtocol),
             }
+            self.c.inc(Counter::GsoFrames);
         } else if view.total_len > mtu && view.dont_frag {
             return Err(Counter::DropTooBig);
         }
@@ -497,7 +515,7 @@ impl Core {
         } else {
             L4Csum::Full
         };
-        Ok((csum, !hdr.is_gso() && view.total_len > mtu))
+        Ok((csum, !hdr.is_gso() && view.total_len > mtu, segment))
     }
 
     /// The router's checks before a packet is forwarded to `egress`: TTL
@@ -525,7 +543,15 @@ impl Core {
         trim_padding(&mut buf, v);
         let mtu = self.a.mtu(egress);
         match self.offload_fit(&mut buf, v, mtu) {
-            Ok((csum, split)) => Some((buf, Fit { csum, split, mtu })),
+            Ok((csum, split, segment)) => Some((
+                buf,
+                Fit {
+                    csum,
+                    split,
+                    segment,
+                    mtu,
+                },
+            )),
             // Too big with DF set: Fragmentation Needed with the MTU goes
             // back (RFC 1191, RFC 4787 REQ-13).
             Err(why) if why == Counter::DropTooBig && v.dont_frag => {
@@ -553,6 +579,9 @@ impl Core {
     /// Sends a translated packet, fragmenting it first when it must be.
     #[inline]
     fn send_on(&mut self, side: Side, next_hop: Ipv4Addr, buf: Buf, fit: Fit, out: &mut Actions) {
+        if fit.segment {
+            return self.emit_segmented(side, next_hop, buf, fit.mtu, out);
+        }
         if fit.split {
             return self.emit_fragmented(side, next_hop, buf, fit.mtu, out);
         }

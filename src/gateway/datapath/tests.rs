@@ -14,7 +14,7 @@ use crate::nat::{Filtering, Proto, TableConfig, Timeouts};
 use crate::net::{Ipv4Net, PortRange};
 use crate::policy::mac_for;
 use crate::wire::build::{self, checksums_ok, Endpoints};
-use crate::wire::vnet::{VnetHdr, GSO_TCPV4, VNET_HDR_LEN};
+use crate::wire::vnet::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4, VNET_HDR_LEN};
 use crate::wire::{csum, fragment, Classified, ICMP_ERROR_FRAME_MAX};
 
 pub(crate) const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
@@ -690,6 +690,134 @@ fn a_tso_super_frame_gets_its_segment_size_cut_to_the_egress_mtu() {
         "not fragmented"
     );
     assert_eq!(r.get(Counter::GsoFrames), 2);
+}
+
+/// A UDP super-frame from the pod as its kernel hands it over with USO:
+/// one header for all of `payload`, the checksum field holding only the
+/// pseudo-header sum, and a vnet header saying `gso` bytes per datagram.
+fn uso_frame(r: &Rig, payload: &[u8], gso: u16, df: bool) -> Buf {
+    let mut f = build::udp(&pod_ep(&r.a, POD, REMOTE), 40000, 443, payload, true);
+    if !df {
+        clear_df(&mut f);
+    }
+    let l4 = wire::ETH_HLEN + 20;
+    let ph = csum::pseudo_header(POD.octets(), REMOTE.octets(), 17, (f.len() - l4) as u16);
+    f[l4 + 6..l4 + 8].copy_from_slice(&(ph as u16).to_be_bytes());
+    let mut buf = r.pool.frame(&f).unwrap();
+    VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_UDP_L4,
+        hdr_len: 42,
+        gso_size: gso,
+        csum_start: l4 as u16,
+        csum_offset: 6,
+    }
+    .write(buf.vnet_mut());
+    buf
+}
+
+#[test]
+fn a_uso_super_frame_whose_datagrams_fit_goes_out_whole() {
+    let mut r = rig(Setup {
+        hdr: VNET_HDR_LEN,
+        ..ONE
+    });
+    let payload: Vec<u8> = (0..8000u32).map(|i| i as u8).collect();
+    let buf = uso_frame(&r, &payload, 1400, true);
+    let acts = r.feed(Side::Pod, buf);
+    let [Action::Send {
+        side: Side::Uplink,
+        buf,
+    }] = acts.as_slice()
+    else {
+        panic!("{acts:?}")
+    };
+    let h = VnetHdr::parse(buf.vnet()).unwrap();
+    assert_eq!((h.gso_type, h.gso_size), (GSO_UDP_L4, 1400));
+    let v = view(buf.frame());
+    assert_eq!((v.src, v.total_len), (EXT, 20 + 8 + 8000));
+    // Finished as the receiving kernel would, the checksum verifies: the
+    // translation patched the pseudo-header sum for the new address only.
+    let mut f = buf.frame().to_vec();
+    let at = usize::from(h.csum_start) + usize::from(h.csum_offset);
+    let c = csum::checksum(&f[usize::from(h.csum_start)..]);
+    f[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    assert!(checksums_ok(&f));
+    assert_eq!(r.get(Counter::GsoFrames), 1);
+    assert_eq!(r.get(Counter::GsoSegmented), 0);
+}
+
+#[test]
+fn a_uso_super_frame_too_big_for_the_egress_is_cut_into_its_datagrams() {
+    let mut r = rig(Setup {
+        uplink_mtu: 1280,
+        hdr: VNET_HDR_LEN,
+        ..ONE
+    });
+    // Six datagrams (5 x 1400 + 1000 bytes); each 1400-byte one needs two
+    // fragments at MTU 1280, the last fits: 11 frames.
+    let payload: Vec<u8> = (0..8000u32).map(|i| (i % 253) as u8).collect();
+    let buf = uso_frame(&r, &payload, 1400, false);
+    let acts = r.feed(Side::Pod, buf);
+    assert_eq!(acts.len(), 11, "{acts:?}");
+    let mut data = Vec::new();
+    for a in &acts {
+        let Action::Send {
+            side: Side::Uplink,
+            buf,
+        } = a
+        else {
+            panic!("{a:?}")
+        };
+        assert!(VnetHdr::parse(buf.vnet()).unwrap() == VnetHdr::default());
+        let v = view(buf.frame());
+        assert!(v.total_len <= 1280 && v.src == EXT, "{v:?}");
+        if !v.is_fragment {
+            assert!(checksums_ok(buf.frame()));
+        }
+        // The payload of each datagram (the UDP header in first fragments).
+        let ip = &buf.frame()[wire::ETH_HLEN..wire::ETH_HLEN + v.total_len];
+        let first = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0;
+        data.extend_from_slice(&ip[v.ihl + if first { 8 } else { 0 }..]);
+    }
+    assert_eq!(data, payload, "every byte, in order");
+    assert_eq!(r.get(Counter::GsoSegmented), 6);
+    assert_eq!(r.get(Counter::FragmentsCreated), 10);
+}
+
+#[test]
+fn a_uso_super_frame_too_big_with_df_gets_fragmentation_needed() {
+    let mut r = rig(Setup {
+        uplink_mtu: 1280,
+        hdr: VNET_HDR_LEN,
+        ..ONE
+    });
+    let buf = uso_frame(&r, &[7; 4000], 1400, true);
+    let acts = r.feed(Side::Pod, buf);
+    assert!(
+        matches!(
+            acts.as_slice(),
+            [Action::Reject { to: Side::Pod, kind, why: Counter::DropTooBig, .. }]
+                if *kind == IcmpErrorKind::frag_needed(1280)
+        ),
+        "{acts:?}"
+    );
+    // A TCP-typed GSO header on a UDP frame is refused.
+    let mut buf = uso_frame(&r, &[7; 4000], 1000, true);
+    let mut h = VnetHdr::parse(buf.vnet()).unwrap();
+    h.gso_type = GSO_TCPV4;
+    h.write(buf.vnet_mut());
+    let acts = r.feed(Side::Pod, buf);
+    assert!(
+        matches!(
+            acts.as_slice(),
+            [Action::Drop {
+                why: Counter::DropUnsupportedProtocol,
+                ..
+            }]
+        ),
+        "{acts:?}"
+    );
 }
 
 #[test]

@@ -165,12 +165,13 @@ impl BenchOptions {
 }
 
 /// The metrics, in table order: (key for JSON, column header, higher is better).
-pub const METRICS: [(&str, &str, bool); 13] = [
+pub const METRICS: [(&str, &str, bool); 14] = [
     ("tcp_up_gbps", "TCP pod→ext Gbit/s", true),
     ("tcp_down_gbps", "TCP ext→pod Gbit/s", true),
     ("tcp4_up_gbps", "TCP 4× pod→ext Gbit/s", true),
     ("udp64_pps", "UDP 64 B delivered/s", true),
     ("udp64_loss_pct", "UDP loss %", false),
+    ("udp_gso_gbps", "UDP GSO 1400 B pod→ext Gbit/s", true),
     ("tcp_connects_per_s", "TCP connects/s", true),
     ("ping_rtt_us", "ping RTT µs", false),
     ("ping_5ms_us", "ping every 5 ms µs", false),
@@ -183,7 +184,7 @@ pub const METRICS: [(&str, &str, bool); 13] = [
 
 /// The first table (throughput) has the metrics before this index; the
 /// second (latency and CPU) the rest.
-const FIRST_TABLE: usize = 6;
+const FIRST_TABLE: usize = 7;
 
 /// A metric that is not a speed: it gets no ratio.
 fn no_ratio(key: &str) -> bool {
@@ -278,6 +279,7 @@ fn measure_once(s: &Setup, secs: Duration, samples: &mut [Vec<f64>], errors: &mu
         }
         Err(err) => put(metric("udp64_pps"), Err(err)),
     }
+    put(metric("udp_gso_gbps"), probe::udp_gso_bulk(e, secs, 5207));
     put(
         metric("tcp_connects_per_s"),
         probe::tcp_connects(e, secs, 5205),

@@ -250,22 +250,72 @@ pub struct UdpResult {
 /// The pod blasts [`UDP_PAYLOAD`]-byte datagrams at the server for `secs`
 /// (at most 5 M per second of duration); the server counts what arrives.
 pub fn udp_flood(ends: Ends<'_>, secs: Duration, port: u16) -> io::Result<UdpResult> {
+    let b = udp_blast(ends, secs, port, UDP_PAYLOAD, None)?;
+    Ok(UdpResult {
+        delivered_per_s: b.received as f64 / b.elapsed.as_secs_f64(),
+        loss_pct: 100.0 * (b.sent.saturating_sub(b.received)) as f64 / b.sent as f64,
+    })
+}
+
+/// Payload bytes of each datagram of [`udp_gso_bulk`] (a QUIC-sized one).
+pub const GSO_DATAGRAM: u16 = 1400;
+/// Datagrams per send of [`udp_gso_bulk`].
+const GSO_PER_SEND: usize = 40;
+
+/// Bulk UDP as a QUIC stack sends it: `UDP_SEGMENT` sends of
+/// [`GSO_PER_SEND`] datagrams of [`GSO_DATAGRAM`] bytes from the pod, the
+/// server reading with `UDP_GRO` (coalesced where the path kept the
+/// super-frame); Gbit/s of UDP payload delivered.
+pub fn udp_gso_bulk(ends: Ends<'_>, secs: Duration, port: u16) -> io::Result<f64> {
+    let len = usize::from(GSO_DATAGRAM) * GSO_PER_SEND;
+    let b = udp_blast(ends, secs, port, len, Some(GSO_DATAGRAM))?;
+    Ok(b.bytes as f64 * 8.0 / b.elapsed.as_secs_f64() / 1e9)
+}
+
+/// What [`udp_blast`] counted.
+struct Blast {
+    /// Sends the sender's kernel accepted (datagrams without GSO).
+    sent: u64,
+    /// Reads at the server and the bytes they returned.
+    received: u64,
+    bytes: u64,
+    elapsed: Duration,
+}
+
+/// The pod sends `len`-byte buffers (cut into `gso`-byte datagrams by
+/// `UDP_SEGMENT` when given, the server then reading with `UDP_GRO`) at the
+/// server for `secs`, as fast as it can (at most 5 M sends per second of
+/// duration); the server counts what arrives until 300 ms after the end.
+fn udp_blast(
+    ends: Ends<'_>,
+    secs: Duration,
+    port: u16,
+    len: usize,
+    gso: Option<u16>,
+) -> io::Result<Blast> {
+    use std::os::fd::AsFd;
     let addr = SocketAddrV4::new(ends.server, port);
     let rx = ends.ext.run(move || UdpSocket::bind(addr))??;
     rx.set_read_timeout(Some(Duration::from_millis(100)))?;
     let tx = ends.pod.run(|| UdpSocket::bind("0.0.0.0:0"))??;
     tx.connect(addr)?;
+    if let Some(size) = gso {
+        crate::device::sys::set_udp_segment(tx.as_fd(), size)?;
+        crate::device::sys::set_udp_gro(rx.as_fd(), true)?;
+        socket2::SockRef::from(&rx).set_recv_buffer_size(4 << 20)?;
+    }
     let done = AtomicBool::new(false);
-    let (received, sent, elapsed) = std::thread::scope(|sc| {
+    let ((received, bytes), sent, elapsed) = std::thread::scope(|sc| {
         let counter = sc.spawn(|| {
-            let mut buf = [0u8; 2048];
-            let mut n = 0u64;
+            let mut buf = vec![0u8; 65536];
+            let (mut n, mut bytes) = (0u64, 0u64);
             let hard = Instant::now() + secs + Duration::from_secs(5);
             let mut idle_since: Option<Instant> = None;
             while Instant::now() < hard {
                 match rx.recv(&mut buf) {
-                    Ok(_) => {
+                    Ok(got) => {
                         n += 1;
+                        bytes += got as u64;
                         idle_since = None;
                     }
                     Err(_) if done.load(Ordering::Relaxed) => {
@@ -278,9 +328,9 @@ pub fn udp_flood(ends: Ends<'_>, secs: Duration, port: u16) -> io::Result<UdpRes
                     Err(_) => {}
                 }
             }
-            n
+            (n, bytes)
         });
-        let payload = [0u8; UDP_PAYLOAD];
+        let payload = vec![0u8; len];
         let max = (secs.as_secs_f64() * 5e6) as u64 + 1;
         let start = Instant::now();
         let deadline = start + secs;
@@ -303,9 +353,11 @@ pub fn udp_flood(ends: Ends<'_>, secs: Duration, port: u16) -> io::Result<UdpRes
     if sent == 0 {
         return Err(io::Error::other("no UDP datagram could be sent"));
     }
-    Ok(UdpResult {
-        delivered_per_s: received as f64 / elapsed.as_secs_f64(),
-        loss_pct: 100.0 * (sent.saturating_sub(received)) as f64 / sent as f64,
+    Ok(Blast {
+        sent,
+        received,
+        bytes,
+        elapsed,
     })
 }
 
