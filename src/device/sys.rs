@@ -119,37 +119,14 @@ pub fn tun_set_offload(fd: BorrowedFd<'_>, flags: libc::c_uint) -> io::Result<()
 /// kernel or, with USO, by whoever takes the super-frame (a QUIC stack's
 /// GSO sends; used by the tests and the benchmark).
 pub fn set_udp_segment(sock: BorrowedFd<'_>, size: u16) -> io::Result<()> {
-    let v = libc::c_int::from(size);
-    // SAFETY: `sock` is live; the kernel reads `size_of::<c_int>()` bytes from
-    // `v`, which outlives the call.
-    cvt(unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_SEGMENT,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
+    setsockopt_int(sock, libc::SOL_UDP, libc::UDP_SEGMENT, size.into())
 }
 
 /// `setsockopt(sock, SOL_UDP, UDP_GRO, on)`: the UDP socket `sock` takes
 /// datagrams of one flow coalesced, one read for a super-frame that
 /// arrived whole (the receiving side of [`set_udp_segment`]).
 pub fn set_udp_gro(sock: BorrowedFd<'_>, on: bool) -> io::Result<()> {
-    let v = libc::c_int::from(on);
-    // SAFETY: as in `set_udp_segment`: a live fd, an int read from `v`.
-    cvt(unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_GRO,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
+    setsockopt_int(sock, libc::SOL_UDP, libc::UDP_GRO, on.into())
 }
 
 /// `ioctl(sock, SIOCGIFINDEX, ifr)`: the interface index, or `None` when no

@@ -156,31 +156,15 @@ impl Core {
         out: &mut Actions,
     ) {
         let gso = usize::from(VnetHdr::parse(buf.vnet()).unwrap_or_default().gso_size);
-        let mut pieces = std::mem::take(&mut self.pieces);
-        let pool = &self.pool;
-        let mut fits = true;
         let mut scratch = [0u8; wire::ETH_HLEN + 60 + 8 + fragment::MAX_IP_LEN];
-        let result = segment::segment_udp(
-            buf.frame(),
-            gso,
-            &mut scratch,
-            &mut |d: &[u8]| match pool.frame(d) {
-                Some(b) => pieces.push(b),
-                None => fits = false,
-            },
-        );
-        if result.is_err() || !fits {
-            for p in pieces.drain(..) {
-                self.pool.put(p);
-            }
-            self.pieces = pieces;
+        let frame = buf.frame();
+        let cut = self.pieces_of(|mut to| segment::segment_udp(frame, gso, &mut scratch, &mut to));
+        let Some(datagrams) = cut else {
             let why = Counter::DropBadL4Header;
             return out.push(Action::Drop { why, buf });
-        }
-        self.c.add(Counter::GsoSegmented, pieces.len() as u64);
+        };
+        self.c.add(Counter::GsoSegmented, datagrams.len() as u64);
         self.pool.put(buf);
-        let datagrams = std::mem::take(&mut pieces);
-        self.pieces = pieces;
         for d in datagrams {
             if d.frame().len() - wire::ETH_HLEN > mtu {
                 self.emit_fragmented(side, next_hop, d, mtu, out);
@@ -188,6 +172,31 @@ impl Core {
                 self.emit(side, next_hop, d, out);
             }
         }
+    }
+
+    /// The frames `cut` hands out, each copied into a pool buffer: all of
+    /// them, or None (every buffer given back) when `cut` fails or one does
+    /// not fit a buffer.
+    fn pieces_of<E>(
+        &mut self,
+        cut: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<usize, E>,
+    ) -> Option<Vec<Buf>> {
+        let mut pieces = std::mem::take(&mut self.pieces);
+        let pool = &self.pool;
+        let mut fits = true;
+        let ok = cut(&mut |piece: &[u8]| match pool.frame(piece) {
+            Some(b) => pieces.push(b),
+            None => fits = false,
+        })
+        .is_ok();
+        if ok && fits {
+            return Some(pieces);
+        }
+        for p in pieces.drain(..) {
+            self.pool.put(p);
+        }
+        self.pieces = pieces;
+        None
     }
 
     /// Splits a translated packet that does not fit the egress MTU (DF clear)
@@ -212,23 +221,12 @@ impl Core {
                 }
             }
         }
-        let mut pieces = std::mem::take(&mut self.pieces);
-        let pool = &self.pool;
-        let mut fits = true;
-        let result = fragment::fragment(buf.frame(), mtu, &mut |piece: &[u8]| match pool
-            .frame(piece)
-        {
-            Some(b) => pieces.push(b),
-            None => fits = false,
-        });
-        if result.is_err() || !fits {
-            for p in pieces.drain(..) {
-                self.pool.put(p);
-            }
-            self.pieces = pieces;
+        let frame = buf.frame();
+        let Some(mut pieces) = self.pieces_of(|mut to| fragment::fragment(frame, mtu, &mut to))
+        else {
             let why = Counter::DropTooBig;
             return out.push(Action::Drop { why, buf });
-        }
+        };
         self.c.add(Counter::FragmentsCreated, pieces.len() as u64);
         for p in pieces.drain(..) {
             self.emit(side, next_hop, p, out);
