@@ -70,7 +70,10 @@ pub fn segment_udp(
     );
     let id = u16::from_be_bytes([ip[4], ip[5]]);
     scratch[..hdrs].copy_from_slice(&frame[..hdrs]);
-    for (k, data) in payload.chunks(gso_size).enumerate() {
+    for k in 0..count {
+        // An empty payload is one empty datagram.
+        let data =
+            &payload[(k * gso_size).min(payload.len())..((k + 1) * gso_size).min(payload.len())];
         let udp_len = 8 + data.len();
         let ip_len = ihl + udp_len;
         let s = &mut scratch[..ETH_HLEN + ip_len];
@@ -161,6 +164,8 @@ mod tests {
         let one = build::udp(&ep, 1, 2, b"hello", true);
         let d = datagrams(&one, 1200);
         assert_eq!(d, vec![one.clone()]);
+        let empty = build::udp(&ep, 1, 2, b"", true);
+        assert_eq!(datagrams(&empty, 1200), vec![empty.clone()]);
         let mut scratch = [0u8; 2000];
         let mut none = |_: &[u8]| panic!("nothing to emit");
         assert_eq!(

@@ -488,7 +488,7 @@ impl Core {
         let mut segment = false;
         if hdr.is_gso() {
             match (view.l4, hdr.gso_type & !GSO_ECN) {
-                (L4::Tcp { hlen, .. }, GSO_TCPV4) => {
+                (L4::Tcp { hlen, .. }, GSO_TCPV4) if hdr.gso_size > 0 => {
                     let max_seg = mtu.saturating_sub(view.ihl + usize::from(hlen));
                     if usize::from(hdr.gso_size) > max_seg {
                         let mut h = hdr;
@@ -504,6 +504,9 @@ impl Core {
                         segment = true;
                     }
                 }
+                // Another type for the protocol, or a segment size of 0
+                // (corpus/core/seed-regression-gso-size-zero; tun refuses
+                // such a frame on write).
                 _ => return Err(Counter::DropUnsupportedProtocol),
             }
             self.c.inc(Counter::GsoFrames);

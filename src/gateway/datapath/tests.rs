@@ -690,6 +690,21 @@ fn a_tso_super_frame_gets_its_segment_size_cut_to_the_egress_mtu() {
         "not fragmented"
     );
     assert_eq!(r.get(Counter::GsoFrames), 2);
+    // A TCP super-frame of segment size 0 is refused
+    // (corpus/core/seed-regression-gso-size-zero).
+    let mut buf = r.pool.frame(&data).unwrap();
+    VnetHdr { gso_size: 0, ..hdr }.write(buf.vnet_mut());
+    let acts = r.feed(Side::Pod, buf);
+    assert!(
+        matches!(
+            acts.as_slice(),
+            [Action::Drop {
+                why: Counter::DropUnsupportedProtocol,
+                ..
+            }]
+        ),
+        "{acts:?}"
+    );
 }
 
 /// A UDP super-frame from the pod as its kernel hands it over with USO:
@@ -802,22 +817,25 @@ fn a_uso_super_frame_too_big_with_df_gets_fragmentation_needed() {
         ),
         "{acts:?}"
     );
-    // A TCP-typed GSO header on a UDP frame is refused.
-    let mut buf = uso_frame(&r, &[7; 4000], 1000, true);
-    let mut h = VnetHdr::parse(buf.vnet()).unwrap();
-    h.gso_type = GSO_TCPV4;
-    h.write(buf.vnet_mut());
-    let acts = r.feed(Side::Pod, buf);
-    assert!(
-        matches!(
-            acts.as_slice(),
-            [Action::Drop {
-                why: Counter::DropUnsupportedProtocol,
-                ..
-            }]
-        ),
-        "{acts:?}"
-    );
+    // A TCP-typed GSO header on a UDP frame, and a UDP super-frame of
+    // segment size 0, are refused.
+    for (gso_type, gso_size) in [(GSO_TCPV4, 1000), (GSO_UDP_L4, 0)] {
+        let mut buf = uso_frame(&r, &[7; 4000], 1000, true);
+        let mut h = VnetHdr::parse(buf.vnet()).unwrap();
+        (h.gso_type, h.gso_size) = (gso_type, gso_size);
+        h.write(buf.vnet_mut());
+        let acts = r.feed(Side::Pod, buf);
+        assert!(
+            matches!(
+                acts.as_slice(),
+                [Action::Drop {
+                    why: Counter::DropUnsupportedProtocol,
+                    ..
+                }]
+            ),
+            "{acts:?}"
+        );
+    }
 }
 
 #[test]

@@ -183,6 +183,20 @@ fn main() {
         write("fragment", name, &input);
     }
 
+    // segment: a 2-byte segment size, a flag byte (0: the target makes the
+    // frame valid-ish), the frame; one size too small for the 128-datagram
+    // bound.
+    for (name, size, f) in [
+        ("udp-3000-by-1400", 1400u16, &big),
+        ("udp-3000-by-1", 1, &big),
+        ("fits", 1400, &udp),
+    ] {
+        let mut input = size.to_be_bytes().to_vec();
+        input.push(0);
+        input.extend_from_slice(f);
+        write("segment", name, &input);
+    }
+
     // frag_cache: arbitrary-decoded operations; a few hand-made byte strings
     // (any bytes decode to something).
     write(

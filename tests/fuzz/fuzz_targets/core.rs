@@ -19,8 +19,8 @@
 //!
 //! Invariants after every operation: no panic; every `Send` and `Resolve`
 //! frame classifies as IPv4, its header checksum verifies, its source MAC is
-//! ours (`Send`), it fits the egress MTU (a TSO super-frame: its gso_size
-//! does), and an unfragmented one's transport checksum verifies unless it is
+//! ours (`Send`), it fits the egress MTU (a TSO or USO super-frame: its
+//! gso_size does), and an unfragmented one's transport checksum verifies unless it is
 //! partial (offloaded) or the input's did not; `Reject` carries the packet
 //! untouched and builds a valid ICMP error; every `Drop`/`Reject` reason is
 //! a drop counter; hand-offs and news go to another worker; no table holds
@@ -51,7 +51,7 @@ use tapnat::net::{Ipv4Net, PortRange};
 use tapnat::policy::{forwarded_ports, mac_for};
 use tapnat::wire::build::{self, Endpoints};
 use tapnat::wire::icmp::IcmpRateLimit;
-use tapnat::wire::vnet::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, VNET_HDR_LEN};
+use tapnat::wire::vnet::{VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_UDP_L4, VNET_HDR_LEN};
 use tapnat::wire::{self as w, Classified, IcmpErrorKind, L4};
 
 /// Counts live allocations of exactly `BUF_SIZE` bytes: the pool's buffers.
@@ -355,14 +355,16 @@ impl World {
             fix_frame(&mut f, true);
         }
         let mut v = [0u8; VNET_HDR_LEN];
-        if ipf & 8 != 0 && proto == 0 {
+        if ipf & 8 != 0 && proto < 2 {
+            // A TSO super-frame, or a UDP one (USO) with its datagram size.
+            let tcp = proto == 0;
             let h = VnetHdr {
                 flags: if ipf & 16 != 0 { F_NEEDS_CSUM } else { 0 },
-                gso_type: GSO_TCPV4,
-                hdr_len: 54,
+                gso_type: if tcp { GSO_TCPV4 } else { GSO_UDP_L4 },
+                hdr_len: if tcp { 54 } else { 42 },
                 gso_size: gso,
                 csum_start: 34,
-                csum_offset: 16,
+                csum_offset: if tcp { 16 } else { 6 },
             };
             h.write(&mut v);
         }
@@ -517,13 +519,15 @@ impl World {
         let mtu = self.a.mtu(side);
         let hdr = VnetHdr::parse(buf.vnet()).unwrap_or_default();
         if hdr.is_gso() {
-            let L4::Tcp { hlen, .. } = v.l4 else {
+            let l4_hlen = match (v.l4, hdr.gso_type & !GSO_ECN) {
+                (L4::Tcp { hlen, .. }, GSO_TCPV4) => usize::from(hlen),
+                (L4::Udp { .. }, GSO_UDP_L4) => 8,
                 // corpus/core/seed-regression-gso-header-on-later-fragment
-                panic!("GSO frame not TCP: {v:?}");
+                _ => panic!("GSO frame neither TCP nor UDP of its type: {v:?} {hdr:?}"),
             };
             let seg = usize::from(hdr.gso_size);
             assert!(
-                v.ihl + usize::from(hlen) + seg <= mtu,
+                seg > 0 && v.ihl + l4_hlen + seg <= mtu,
                 "gso_size {seg} over MTU {mtu}"
             );
         } else {
