@@ -16,6 +16,7 @@ use super::{Addressing, Buf, CtrlMsg, Shared, Side, WorkerMsg};
 use crate::device::Poller;
 use crate::nat::frag::FragKey;
 use crate::nat::TableStats;
+use crate::wire::vnet::{GSO_ECN, GSO_UDP_L4};
 use crate::wire::{self, ICMP_ERROR_FRAME_MAX};
 
 /// Flow slots examined for expiry per wake-up: bounded work, never a stall.
@@ -68,6 +69,8 @@ pub(super) struct Worker {
     /// read found, 2 to [`READ_BURST`]; below [`BURST_FROM`] the next read
     /// goes frame by frame.
     batch: [usize; 2],
+    /// UDP super-frames the current read has found.
+    read_uso: usize,
     /// The table's removal counts as last published to the counters.
     published: TableStats,
     /// The table's lost events as last published.
@@ -98,6 +101,7 @@ impl Worker {
             stash: Vec::new(),
             outbox: [Vec::new(), Vec::new()],
             batch: [2, 2],
+            read_uso: 0,
             published: TableStats::default(),
             events_lost: 0,
         }
@@ -294,12 +298,20 @@ impl Worker {
         if !self.batching[i] {
             return self.read_burst(side);
         }
+        self.read_uso = 0;
         let n = if self.batch[i] >= BURST_FROM {
             self.read_batch(side)
         } else {
             self.read_burst(side)
         };
-        self.batch[i] = (2 * n).clamp(2, READ_BURST);
+        // Mostly UDP super-frames (USO): frame by frame, which measured
+        // faster for them (`tapnat bench`, UDP GSO bulk 26 against 22 Gbit/s
+        // through batches); TCP super-frames gain nothing from it.
+        self.batch[i] = if n > 0 && 2 * self.read_uso >= n {
+            2
+        } else {
+            (2 * n).clamp(2, READ_BURST)
+        };
         self.send_outbox();
         n
     }
@@ -471,6 +483,13 @@ impl Worker {
     /// (`capture`: one load per burst said one runs), decided by the core
     /// and carried out.
     fn received(&mut self, side: Side, buf: Buf, now: u64, capture: bool) {
+        if buf
+            .vnet()
+            .get(1)
+            .is_some_and(|&t| t & !GSO_ECN == GSO_UDP_L4)
+        {
+            self.read_uso += 1;
+        }
         self.c.inc(match side {
             Side::Pod => Counter::PodRxFrames,
             Side::Uplink => Counter::UplinkRxFrames,
