@@ -9,7 +9,7 @@
 //!
 //! The floods run one at a time (a lock): two cores are shared by the
 //! flooder, the gateway and the victim.
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -27,7 +27,7 @@ use tapnat::ops::socket::{self, Request, Response};
 use tapnat::wire::build::{self, Endpoints};
 
 mod common;
-use common::{root, tapnat, tcp_connect, udp_in, TempConfig};
+use common::{root, tapnat, tcp_connect, udp_in, Spawned, TempConfig};
 
 /// How long each flood lasts, and the most packets it sends.
 const FLOOD: Duration = Duration::from_secs(4);
@@ -44,18 +44,17 @@ const FLOOD_PPS: u64 = 60_000;
 /// One flood at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// A `tapnat run` we started, stopped by PID on drop (SIGTERM, SIGKILL
-/// after 5 s) and waited for, also when the test fails.
+/// A `tapnat run` we started ([`Spawned`], its stderr printed once it
+/// stopped) with its control socket and config file.
 struct Running {
-    child: std::process::Child,
-    err: Arc<Mutex<String>>,
+    gw: Spawned,
     control: PathBuf,
     _file: TempConfig,
 }
 
 impl Running {
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.gw.pid()
     }
 
     fn stats(&self) -> std::collections::BTreeMap<String, u64> {
@@ -63,24 +62,6 @@ impl Running {
             Response::Stats(s) => s.counters,
             other => panic!("unexpected answer {other:?}"),
         }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        eprintln!("gateway stderr:\n{}", self.err.lock().unwrap());
     }
 }
 
@@ -97,26 +78,16 @@ fn run(lab: &Lab, tag: &str, extra: &str) -> Running {
         control.display()
     );
     let file = TempConfig::new(&format!("flood-{tag}"), &text);
-    let mut child = tapnat()
+    let child = tapnat()
         .args(["run", "--config", file.path()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let err = Arc::new(Mutex::new(String::new()));
-    if let Some(stderr) = child.stderr.take() {
-        let err = err.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut e = err.lock().unwrap();
-                e.push_str(&line);
-                e.push('\n');
-            }
-        });
-    }
+    let mut gw = Spawned::new(child);
+    gw.echo_on_drop = true;
     let running = Running {
-        child,
-        err,
+        gw,
         control,
         _file: file,
     };

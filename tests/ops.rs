@@ -11,78 +11,33 @@ use std::time::{Duration, Instant};
 use tapnat::lab::{Lab, Pinger, GATEWAY_UPLINK_IP, POD_IP, SERVER_IP};
 
 mod common;
-use common::{root, tapnat, tcp_connect, tcp_listen, udp_in, TempConfig};
+use common::{root, tapnat, tcp_connect, tcp_listen, udp_in, Spawned, TempConfig};
 
-/// A `tapnat run` we started, stopped by PID on drop (SIGTERM, then SIGKILL
-/// after 5 s) and waited for, also when the test fails. Its stderr is
-/// collected as it comes.
-struct Running {
-    child: std::process::Child,
-    err: Arc<Mutex<String>>,
+/// A `tapnat run` we started: [`Spawned`], whose waits here allow 5 s.
+struct Running(Spawned);
+
+impl std::ops::Deref for Running {
+    type Target = Spawned;
+    fn deref(&self) -> &Spawned {
+        &self.0
+    }
 }
 
 impl Running {
-    fn new(mut child: std::process::Child) -> Running {
-        let err = Arc::new(Mutex::new(String::new()));
-        if let Some(stderr) = child.stderr.take() {
-            let err = err.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    let mut e = err.lock().unwrap();
-                    e.push_str(&line);
-                    e.push('\n');
-                }
-            });
-        }
-        Running { child, err }
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {sig}");
-    }
-
-    fn stderr(&self) -> String {
-        self.err.lock().unwrap().clone()
+    fn new(child: std::process::Child) -> Running {
+        Running(Spawned::new(child))
     }
 
     /// Waits up to 5 s until stderr holds `needle` `times` times.
     fn wait_stderr(&self, needle: &str, times: usize) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let e = self.stderr();
-            if e.matches(needle).count() >= times {
-                return e;
-            }
-            assert!(Instant::now() < deadline, "no {needle:?} x{times} in:\n{e}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.0
+            .wait_stderr_within(needle, times, Duration::from_secs(5))
     }
 
     /// Stops it and returns what it wrote on stderr.
     fn stop(self) -> String {
         self.signal("-TERM");
         self.wait_stderr("tapnat: stopped", 1)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -3,30 +3,39 @@
 //! has no_new_privs and a seccomp filter in every thread, still forwards
 //! ping, TCP and UDP and answers its control socket, metrics, SIGHUP and
 //! SIGUSR1, and dies of SIGSYS on a system call outside its filter.
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tapnat::config::UplinkKind;
 use tapnat::lab::{Lab, Pinger, POD_IP, RAW_UPLINK_IF, SERVER_IP};
 
 mod common;
-use common::{root, tapnat, tcp_connect, tcp_listen, udp_in, TempConfig};
+use common::{root, tapnat, tcp_connect, tcp_listen, udp_in, Spawned, TempConfig};
 
 /// A `tapnat run` we started (through `sh -c 'ulimit -c 0; exec ...'`, so
-/// a SIGSYS leaves no core file and the PID stays the same), stopped by PID
-/// on drop and waited for, also when the test fails.
-struct Running {
-    child: std::process::Child,
-    err: Arc<Mutex<String>>,
+/// a SIGSYS leaves no core file and the PID stays the same): [`Spawned`],
+/// whose waits here allow 10 s.
+struct Running(Spawned);
+
+impl std::ops::Deref for Running {
+    type Target = Spawned;
+    fn deref(&self) -> &Spawned {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Spawned {
+        &mut self.0
+    }
 }
 
 impl Running {
     fn start(config: &TempConfig, control: &std::path::Path) -> Running {
-        let mut child = Command::new("sh")
+        let child = Command::new("sh")
             .args([
                 "-c",
                 "ulimit -c 0; exec \"$0\" run --config \"$1\" --control \"$2\"",
@@ -38,76 +47,15 @@ impl Running {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let err = Arc::new(Mutex::new(String::new()));
-        if let Some(stderr) = child.stderr.take() {
-            let err = err.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    let mut e = err.lock().unwrap();
-                    e.push_str(&line);
-                    e.push('\n');
-                }
-            });
-        }
-        let r = Running { child, err };
+        let r = Running(Spawned::new(child));
         r.wait_stderr("tapnat: running", 1);
         r
     }
 
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {sig}");
-    }
-
-    fn stderr(&self) -> String {
-        self.err.lock().unwrap().clone()
-    }
-
     /// Waits up to 10 s until stderr holds `needle` `times` times.
     fn wait_stderr(&self, needle: &str, times: usize) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let e = self.stderr();
-            if e.matches(needle).count() >= times {
-                return e;
-            }
-            assert!(Instant::now() < deadline, "no {needle:?} x{times} in:\n{e}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// How the process ended, waiting up to 5 s.
-    fn ended(&mut self) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        if self.ended().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.0
+            .wait_stderr_within(needle, times, Duration::from_secs(10))
     }
 }
 

@@ -78,3 +78,98 @@ pub fn tcp_connect(ns: &Netns, to: SocketAddrV4) -> std::io::Result<TcpStream> {
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     Ok(s)
 }
+
+/// A process a test started (a `tapnat run`, with stderr piped), stopped
+/// by PID on drop (SIGTERM, then SIGKILL after 5 s) and waited for, also
+/// when the test fails. Its stderr is collected as it comes.
+pub struct Spawned {
+    pub child: std::process::Child,
+    err: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Print the collected stderr once it has stopped (for diagnosis).
+    pub echo_on_drop: bool,
+}
+
+impl Spawned {
+    pub fn new(mut child: std::process::Child) -> Spawned {
+        use std::io::{BufRead, BufReader};
+        let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let err = err.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut e = err.lock().unwrap();
+                    e.push_str(&line);
+                    e.push('\n');
+                }
+            });
+        }
+        Spawned {
+            child,
+            err,
+            echo_on_drop: false,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill SIG PID`, which must succeed.
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig}");
+    }
+
+    /// What it wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    /// Waits up to `within` until stderr holds `needle` `times` times.
+    pub fn wait_stderr_within(&self, needle: &str, times: usize, within: Duration) -> String {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let e = self.stderr();
+            if e.matches(needle).count() >= times {
+                return e;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?} x{times} in:\n{e}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// How the process ended, waiting up to 5 s.
+    pub fn ended(&mut self) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &self.pid().to_string()])
+                .status();
+            if self.ended().is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        if self.echo_on_drop {
+            eprintln!("gateway stderr:\n{}", self.stderr());
+        }
+    }
+}
