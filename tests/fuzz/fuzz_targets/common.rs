@@ -34,9 +34,20 @@ pub fn l4_ok(ip: &[u8]) -> bool {
     let l4 = &ip[n..];
     let src: [u8; 4] = ip[12..16].try_into().unwrap();
     let dst: [u8; 4] = ip[16..20].try_into().unwrap();
+    // A transport header too short to hold its own checksum field is not a
+    // packet whose checksum can be right (a fuzzer finds a 9-byte "TCP"
+    // header whose sum happens to come out right).
+    let min = match ip[9] {
+        PROTO_TCP => 20,
+        PROTO_UDP | PROTO_ICMP => 8,
+        _ => 0,
+    };
+    if l4.len() < min {
+        return false;
+    }
     match ip[9] {
         PROTO_ICMP => csum::sum(l4) == 0xffff,
-        PROTO_UDP if l4.len() >= 8 && l4[6..8] == [0, 0] => true,
+        PROTO_UDP if l4[6..8] == [0, 0] => true,
         proto @ (PROTO_TCP | PROTO_UDP) => {
             let Ok(len) = u16::try_from(l4.len()) else {
                 return false;
