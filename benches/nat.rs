@@ -1,5 +1,5 @@
 //! Flow table benches: create, in2out/out2in lookup hits at 10k and 1M live
-//! flows, the expiry sweep, and the candidate hashers for tables keyed by
+//! flows (one at a time, and a warmed burst of 32 at a time), the expiry sweep, and the candidate hashers for tables keyed by
 //! outsider-chosen data (hashbrown's default foldhash, foldhash keyed from
 //! OS randomness as [`tapnat::nat::hash::Keyed`], std's SipHash-1-3).
 //!
@@ -19,6 +19,8 @@ const TIMEOUTS: Timeouts = Timeouts {
 };
 /// Lookups per criterion iteration (amortises the loop and the key fetch).
 const BATCH: usize = 1024;
+/// Lookups per warmed burst (a worker's read takes up to 32 frames).
+const BURST: usize = 32;
 
 fn config(max_flows: usize) -> TableConfig {
     TableConfig {
@@ -114,6 +116,47 @@ fn bench_table(c: &mut Criterion) {
                     if pos == outs.len() {
                         pos = 0;
                     }
+                }
+            })
+        });
+        g.finish();
+
+        // The same lookups a burst of 32 at a time, each burst warmed first
+        // (`FlowTable::warm_*`: buckets, then slots, prefetched), as a
+        // worker does with the frames of one read.
+        let mut g = c.benchmark_group("nat_lookup_in2out_burst");
+        g.throughput(Throughput::Elements(BATCH as u64));
+        let mut pos = 0usize;
+        g.bench_with_input(BenchmarkId::from_parameter(label), &n, |b, _| {
+            b.iter(|| {
+                let mut done = 0;
+                while done < BATCH {
+                    let burst = &ins[pos..(pos + BURST).min(ins.len())];
+                    t.warm_in2out(burst);
+                    for k in burst {
+                        black_box(t.lookup_in2out(k, 1));
+                    }
+                    done += burst.len();
+                    pos = (pos + burst.len()) % ins.len();
+                }
+            })
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("nat_lookup_out2in_burst");
+        g.throughput(Throughput::Elements(BATCH as u64));
+        let mut pos = 0usize;
+        g.bench_with_input(BenchmarkId::from_parameter(label), &n, |b, _| {
+            b.iter(|| {
+                let mut done = 0;
+                while done < BATCH {
+                    let burst = &outs[pos..(pos + BURST).min(outs.len())];
+                    t.warm_out2in(burst);
+                    for k in burst {
+                        black_box(t.lookup_out2in(k, 1));
+                    }
+                    done += burst.len();
+                    pos = (pos + burst.len()) % outs.len();
                 }
             })
         });

@@ -881,6 +881,46 @@ pub fn epoll_of(fds: &[BorrowedFd<'_>]) -> io::Result<OwnedFd> {
     Ok(ep)
 }
 
+/// Asks the CPU to bring the cache line holding `*r` into its caches: a
+/// hint with no effect on what the program computes (the flow table's
+/// burst lookups). Not a system call, but here because the intrinsic is
+/// `unsafe` (for its target feature, not for memory). A no-op on
+/// architectures other than x86_64.
+#[inline(always)]
+pub fn prefetch<T>(r: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of the x86_64 baseline, so PREFETCHT0 exists on
+    // every CPU this runs on; a prefetch never faults and never writes, and
+    // the address comes from a live reference anyway.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            (r as *const T).cast(),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = r;
+}
+
+/// Asks the kernel to back the allocation of `v` (its whole capacity) with
+/// transparent huge pages (`madvise(MADV_HUGEPAGE)` on the page-aligned
+/// part): the flow table's large vectors are read at random, and with 4 KiB
+/// pages nearly every lookup of a large table also misses the TLB. A hint:
+/// contents are unchanged; where THP is off or the kernel refuses, the error
+/// is returned and the memory stays as it was.
+pub fn advise_huge_pages<T>(v: &Vec<T>) -> io::Result<()> {
+    const PAGE: usize = 4096;
+    let start = v.as_ptr() as usize;
+    let end = start + v.capacity() * std::mem::size_of::<T>();
+    let (lo, hi) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+    if hi <= lo {
+        return Ok(());
+    }
+    // SAFETY: [lo, hi) lies inside the allocation `v` owns (rounded inwards
+    // to pages), and MADV_HUGEPAGE changes only how the kernel backs those
+    // pages, never what they hold; no Rust reference is invalidated.
+    cvt(unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) }).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

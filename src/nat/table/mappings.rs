@@ -67,6 +67,16 @@ impl Mappings {
         Some((Ipv4Addr::from((v >> 16) as u32), v as u16))
     }
 
+    /// Starts fetching the reverse-index entry of outside `port` (the
+    /// first stage of a burst of inbound lookups).
+    #[inline]
+    pub(super) fn prefetch_owner(&self, proto: Proto, port: u16) {
+        let slot = (u64::from(port) * self.owner_div) >> 32;
+        if let Some(v) = self.owners[proto.index()].get(slot as usize) {
+            crate::device::sys::prefetch(v);
+        }
+    }
+
     /// The inside endpoint whose mapping (or forward) currently holds
     /// outside `port`, if any.
     #[inline]

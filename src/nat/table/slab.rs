@@ -6,16 +6,21 @@
 //! freed slots are reused (LIFO) and the vectors never shrink: their
 //! length is the high-water mark of live flows.
 //!
-//! The index maps an inside key to its slot. Its buckets hold only the
-//! 4-byte slot number (plus hashbrown's control byte); candidates are
-//! compared through the slab (`flows[i].inside`). There is no outbound
-//! index: an [`OutKey`](super::OutKey) names its mapping through the
-//! mappings' reverse index, which gives the inside key.
+//! The index ([`Index`]) maps an inside key to its slot. Its buckets hold
+//! only a fingerprint and the 4-byte slot number; candidates are compared
+//! through the slab (`flows[i].inside`). There is no outbound index: an
+//! [`OutKey`](super::OutKey) names its mapping through the mappings'
+//! reverse index, which gives the inside key.
+//!
+//! [`Slab::prefetch`] and [`Slab::prefetch_flow`] are the two stages of a
+//! burst lookup: the index bucket of every key of a burst first, then the
+//! slot each bucket names, so that the misses of a burst overlap.
 
+use super::index::Index;
 use super::tcp::SeqTrack;
 use super::types::{Flow, InKey};
+use crate::device::sys::prefetch;
 use crate::nat::hash::Keyed;
-use hashbrown::HashTable;
 use std::hash::BuildHasher;
 
 /// Per-slot tag bits: liveness plus the TCP flag history the state machine
@@ -32,14 +37,23 @@ pub(super) mod tag {
     pub const ORIGIN_OUT: u8 = 1 << 6;
 }
 
+/// A flow on a cache line of its own: a lookup reads the key and the
+/// timestamps, the packet's accounting writes the counters, and with the
+/// vector's 16-byte alignment nearly every flow would straddle two lines.
+#[derive(Clone, Copy)]
+#[repr(align(64))]
+struct Line(Flow);
+
+const _: () = assert!(std::mem::size_of::<Line>() == 64);
+
 /// Live flows by slot, indexed by inside key.
 pub(super) struct Slab {
-    flows: Vec<Flow>,
+    flows: Vec<Line>,
     tags: Vec<u8>,
     seqs: Vec<SeqTrack>,
     free: Vec<u32>,
     /// Live flows by inside key: slot numbers only.
-    index: HashTable<u32>,
+    index: Index,
     /// Keyed from OS randomness (inbound keys are chosen by strangers).
     hasher: Keyed,
     live: usize,
@@ -52,7 +66,7 @@ impl Slab {
             tags: Vec::with_capacity(cap),
             seqs: Vec::with_capacity(cap),
             free: Vec::new(),
-            index: HashTable::with_capacity(cap),
+            index: Index::with_capacity(cap),
             hasher: Keyed::new(),
             live: 0,
         }
@@ -64,16 +78,47 @@ impl Slab {
     pub(super) fn find(&self, key: &InKey) -> Option<usize> {
         let flows = &self.flows;
         self.index
-            .find(in_hash(&self.hasher, key), |&i| {
-                flows[i as usize].inside == *key
-            })
-            .map(|&i| i as usize)
+            .find(self.hash(key), |i| flows[i as usize].0.inside == *key)
+            .map(|i| i as usize)
+    }
+
+    /// The index hash of `key` (keyed: see [`Keyed`]).
+    #[inline]
+    pub(super) fn hash(&self, key: &InKey) -> u64 {
+        in_hash(&self.hasher, key)
+    }
+
+    /// First stage of a burst lookup: starts fetching the index bucket of
+    /// the key whose [`Slab::hash`] is `hash`.
+    #[inline]
+    pub(super) fn prefetch(&self, hash: u64) {
+        self.index.prefetch(hash);
+    }
+
+    /// Second stage, once the bucket is (likely) cached: starts fetching
+    /// the slot it names for `hash`: the flow and its tag, and for `tcp`
+    /// the sequence tracking (what the packet reads and updates).
+    #[inline]
+    pub(super) fn prefetch_flow(&self, hash: u64, tcp: bool) {
+        let Some(i) = self.index.candidate(hash) else {
+            return;
+        };
+        let i = i as usize;
+        if let (Some(f), Some(t)) = (self.flows.get(i), self.tags.get(i)) {
+            prefetch(f);
+            prefetch(t);
+            if tcp {
+                if let Some(s) = self.seqs.get(i) {
+                    prefetch(s);
+                }
+            }
+        }
     }
 
     /// The flow in slot `i` (live or not).
     #[inline]
     pub(super) fn flow(&self, i: usize) -> &Flow {
-        &self.flows[i]
+        &self.flows[i].0
     }
 
     #[inline]
@@ -89,7 +134,7 @@ impl Slab {
     /// Everything a packet updates in slot `i`.
     #[inline]
     pub(super) fn slot_mut(&mut self, i: usize) -> (&mut Flow, &mut u8, &mut SeqTrack) {
-        (&mut self.flows[i], &mut self.tags[i], &mut self.seqs[i])
+        (&mut self.flows[i].0, &mut self.tags[i], &mut self.seqs[i])
     }
 
     /// Stores a new live flow whose inside key is not indexed yet; returns
@@ -98,40 +143,45 @@ impl Slab {
         debug_assert!(self.find(&flow.inside).is_none(), "index collision");
         let i = match self.free.pop() {
             Some(i) => {
-                self.flows[i as usize] = flow;
+                self.flows[i as usize] = Line(flow);
                 self.tags[i as usize] = t;
                 self.seqs[i as usize] = SeqTrack::default();
                 i
             }
             None => {
                 let i = self.flows.len() as u32;
-                self.flows.push(flow);
+                let cap = self.flows.capacity();
+                self.flows.push(Line(flow));
                 self.tags.push(t);
                 self.seqs.push(SeqTrack::default());
+                if self.flows.capacity() != cap {
+                    self.grew();
+                }
                 i
             }
         };
         let (hasher, flows) = (&self.hasher, &self.flows);
-        self.index
-            .insert_unique(in_hash(hasher, &flow.inside), i, |&j| {
-                in_hash(hasher, &flows[j as usize].inside)
-            });
+        self.index.insert(in_hash(hasher, &flow.inside), i, |j| {
+            in_hash(hasher, &flows[j as usize].0.inside)
+        });
         self.live += 1;
         i
     }
 
+    /// The vectors were reallocated: large ones ask for huge pages again
+    /// (see [`huge_pages`]).
+    #[cold]
+    fn grew(&self) {
+        huge_pages(&self.flows);
+        huge_pages(&self.tags);
+        huge_pages(&self.seqs);
+    }
+
     /// Frees live slot `i`; returns the flow it held.
     pub(super) fn remove(&mut self, i: usize) -> Flow {
-        let f = self.flows[i];
-        match self
-            .index
-            .find_entry(in_hash(&self.hasher, &f.inside), |&j| j as usize == i)
-        {
-            Ok(e) => {
-                e.remove();
-            }
-            Err(_) => debug_assert!(false, "live flow not indexed"),
-        }
+        let f = self.flows[i].0;
+        let removed = self.index.remove(self.hash(&f.inside), i as u32);
+        debug_assert!(removed, "live flow not indexed");
         self.tags[i] = 0;
         self.free.push(i as u32);
         self.live -= 1;
@@ -166,7 +216,7 @@ impl Slab {
             .iter()
             .zip(&self.tags)
             .filter(|(_, t)| **t & tag::LIVE != 0)
-            .map(|(f, _)| f)
+            .map(|(f, _)| &f.0)
     }
 
     /// The sequence tracking of slot `i`.
@@ -184,11 +234,13 @@ impl Slab {
         assert_eq!(self.index.len(), self.live);
         assert_eq!(self.free.len() + self.live, self.flows.len());
         for &i in &live {
-            assert_eq!(self.find(&self.flows[i].inside), Some(i));
+            assert_eq!(self.find(&self.flows[i].0.inside), Some(i));
         }
         for &i in &self.free {
             assert_eq!(self.tags[i as usize], 0);
         }
+        self.index
+            .check(|j| in_hash(&self.hasher, &self.flows[j as usize].0.inside));
     }
 }
 
@@ -202,4 +254,13 @@ fn in_hash(hasher: &Keyed, k: &InKey) -> u64 {
             | u128::from(u32::from(k.dst)) << 16
             | u128::from(k.dport),
     )
+}
+
+/// Asks for transparent huge pages for `v` once it is large (at least 4 MiB,
+/// two huge pages): a lookup in a large table reads random slots, and with
+/// 4 KiB pages each one is also a TLB miss. A hint; a refusal changes nothing.
+pub(super) fn huge_pages<T>(v: &Vec<T>) {
+    if v.capacity() * std::mem::size_of::<T>() >= 4 << 20 {
+        let _ = crate::device::sys::advise_huge_pages(v);
+    }
 }
