@@ -155,36 +155,60 @@ fn packet_scraped(c: &mut Criterion) {
     packet_group(c, "in2out_packet_scraped", &[10_000], true);
 }
 
+/// A one-worker [`Core`] whose table holds `n` UDP flows (4096 inside
+/// endpoints, each to many remotes: flow `i` is [`flow_frame`]`(i)`), with
+/// the uplink gateway's MAC known.
+fn loaded_core(n: u32, pool: &Pool, counters: &Arc<Counters>) -> (Core, Arc<Addressing>) {
+    let mut t = table(n as usize + 10, Filtering::AddressAndPort);
+    for i in 0..n {
+        let k = InKey {
+            proto: Proto::Udp,
+            src: flow_src(i),
+            sport: 40000,
+            dst: flow_dst(i),
+            dport: 53,
+        };
+        t.create(&k, EXT, 0).unwrap();
+    }
+    let a = Arc::new(addressing());
+    let mut core = Core::new(CoreParts {
+        worker: 0,
+        workers: 1,
+        addressing: a.clone(),
+        table: t,
+        frags: None,
+        icmp_limit: None,
+        pool: pool.clone(),
+        counters: counters.clone(),
+    });
+    core.neighbour(GW, tapnat::gateway::neighbour::News::Reachable(GW_MAC));
+    (core, a)
+}
+
+/// Inside address of flow `i`: 10.244.0.2 on (not the network's own
+/// address nor the gateway's).
+fn flow_src(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0af4_0002 + (i % 4096))
+}
+
+fn flow_dst(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0xc633_0000 | (i / 4096))
+}
+
+/// The 64-byte UDP frame a pod sends on flow `i` of [`loaded_core`].
+fn flow_frame(a: &Addressing, i: u32) -> Vec<u8> {
+    let mut ep = Endpoints::new(flow_src(i), flow_dst(i));
+    ep.dst_mac = a.pod_mac;
+    build::udp(&ep, 40000, 53, &[0u8; 18], true)
+}
+
 fn packet_group(c: &mut Criterion, name: &str, sizes: &[u32], scraped: bool) {
     let mut g = c.benchmark_group(name);
     g.throughput(Throughput::Elements(1));
     for &n in sizes {
-        let mut t = table(n as usize + 10, Filtering::AddressAndPort);
-        // n flows: 4096 inside endpoints, each to many remotes.
-        for i in 0..n {
-            let k = InKey {
-                proto: Proto::Udp,
-                src: Ipv4Addr::from(0x0af4_0000 | (i % 4096)),
-                sport: 40000,
-                dst: Ipv4Addr::from(0xc633_0000 | (i / 4096)),
-                dport: 53,
-            };
-            t.create(&k, EXT, 0).unwrap();
-        }
-        let a = Arc::new(addressing());
         let pool = Pool::new(8, 2048, 0);
         let counters = Arc::new(Counters::default());
-        let mut core = Core::new(CoreParts {
-            worker: 0,
-            workers: 1,
-            addressing: a.clone(),
-            table: t,
-            frags: None,
-            icmp_limit: None,
-            pool: pool.clone(),
-            counters: counters.clone(),
-        });
-        core.neighbour(GW, tapnat::gateway::neighbour::News::Reachable(GW_MAC));
+        let (mut core, a) = loaded_core(n, &pool, &counters);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let scraper = scraped.then(|| {
             let (stop, counters) = (stop.clone(), counters.clone());
@@ -195,12 +219,7 @@ fn packet_group(c: &mut Criterion, name: &str, sizes: &[u32], scraped: bool) {
                 }
             })
         });
-        let mut ep = Endpoints::new(
-            Ipv4Addr::from(0x0af4_0000 | 7),
-            Ipv4Addr::from(0xc633_0000 | 1),
-        );
-        ep.dst_mac = a.pod_mac;
-        let orig = build::udp(&ep, 40000, 53, &[0u8; 18], true);
+        let orig = flow_frame(&a, 7);
         let mut spare = pool.frame(&orig);
         let mut out = Vec::new();
         g.bench_function(BenchmarkId::new("udp_64B_flows", n), |b| {
@@ -219,6 +238,60 @@ fn packet_group(c: &mut Criterion, name: &str, sizes: &[u32], scraped: bool) {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(t) = scraper {
             let _ = t.join();
+        }
+    }
+    g.finish();
+}
+
+/// [`packet`] for a burst of 32 frames of random flows (what one read of a
+/// busy queue brings), decided one by one as they come (`cold`) and after
+/// [`Core::warm`] prefetched the burst's flows (`warmed`, what the worker
+/// does): at 1 M flows nearly every flow is a cache miss.
+fn packet_burst(c: &mut Criterion) {
+    const BURST: usize = 32;
+    let mut g = c.benchmark_group("in2out_packet_burst");
+    g.throughput(Throughput::Elements(BURST as u64));
+    for n in [10_000u32, 1_000_000] {
+        let pool = Pool::new(2 * BURST, 2048, 0);
+        let counters = Arc::new(Counters::default());
+        let (mut core, a) = loaded_core(n, &pool, &counters);
+        // 4096 frames of flows spread over the whole table, in random order.
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let frames: Vec<Vec<u8>> = (0..4096)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                flow_frame(&a, (s % u64::from(n)) as u32)
+            })
+            .collect();
+        let mut bufs: Vec<_> = (0..BURST)
+            .map(|_| pool.frame(&frames[0]).unwrap())
+            .collect();
+        let mut out = Vec::new();
+        for warmed in [false, true] {
+            let id = BenchmarkId::new(if warmed { "warmed" } else { "cold" }, n);
+            let mut pos = 0;
+            g.bench_function(id, |b| {
+                b.iter(|| {
+                    for buf in &mut bufs {
+                        buf.frame_mut().copy_from_slice(&frames[pos]);
+                        pos = (pos + 1) % frames.len();
+                    }
+                    if warmed {
+                        core.warm(Side::Pod, bufs.iter().map(|b| b.frame()));
+                    }
+                    for buf in bufs.drain(..) {
+                        core.frame(Side::Pod, black_box(buf), 1, &mut out);
+                    }
+                    for action in out.drain(..) {
+                        if let Action::Send { buf, .. } = action {
+                            bufs.push(black_box(buf));
+                        }
+                    }
+                    assert_eq!(bufs.len(), BURST, "every frame sent");
+                })
+            });
         }
     }
     g.finish();
@@ -272,6 +345,7 @@ criterion_group!(
     classify,
     translate,
     packet,
-    packet_scraped
+    packet_scraped,
+    packet_burst
 );
 criterion_main!(benches);

@@ -63,6 +63,10 @@ pub(super) struct Worker {
     batching: [bool; 2],
     /// Buffers to read the next batch into (batching only).
     stash: Vec<Buf>,
+    /// A batch's frames between its read and its decisions, and the
+    /// buffers it did not fill (kept, not reallocated, between batches).
+    got: Vec<Buf>,
+    spare_reads: Vec<Buf>,
     /// Frames to send, by side (pod, uplink), written together (batching only).
     outbox: [Vec<Buf>; 2],
     /// Reads to ask for in the next batch, by side: twice what the last
@@ -99,6 +103,8 @@ impl Worker {
             spare: None,
             batching: [false; 2],
             stash: Vec::new(),
+            got: Vec::new(),
+            spare_reads: Vec::new(),
             outbox: [Vec::new(), Vec::new()],
             batch: [2, 2],
             read_uso: 0,
@@ -351,19 +357,28 @@ impl Worker {
         }
         // One load per batch: is a capture taking this side's frames?
         let capture = shared.taps.capture.sides() & super::taps::side_bit(side) != 0;
-        let got: Vec<Buf> = self.stash.drain(first..).collect();
-        for (mut buf, &len) in got.into_iter().zip(&lens[..want]) {
+        let mut got = std::mem::take(&mut self.got);
+        for (mut buf, &len) in self.stash.drain(first..).zip(&lens[..want]) {
             if len == 0 {
                 // No frame in this one (a read after an empty one can still
                 // find a frame that came meanwhile, so look at them all).
-                self.stash.push(buf);
+                self.spare_reads.push(buf);
             } else if buf.set_wire_len(len) {
-                self.received(side, buf, now, capture);
+                got.push(buf);
             } else {
                 self.c.inc(Counter::DropRunt);
-                self.recycle(buf);
+                self.spare_reads.push(buf);
             }
         }
+        self.stash.append(&mut self.spare_reads);
+        // The whole batch's flows prefetched before the first is decided.
+        if got.len() > 1 {
+            self.core.warm(side, got.iter().map(Buf::frame));
+        }
+        for buf in got.drain(..) {
+            self.received(side, buf, now, capture);
+        }
+        self.got = got;
         n
     }
 

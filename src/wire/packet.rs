@@ -116,6 +116,49 @@ impl Ipv4View {
     }
 }
 
+/// The flow a frame most likely belongs to, read without validating
+/// anything: protocol, addresses, and ports (an echo's identifier as the
+/// source port and 0 as the destination, as [`Ipv4View::ports`]). For
+/// prefetching a burst's flows only: a frame this names may still be one
+/// [`classify`] refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peek {
+    pub proto: u8,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// [`Peek`]s at an Ethernet frame: None unless it looks like an IPv4 TCP,
+/// UDP or ICMP echo packet (not a later fragment) with its ports present.
+#[inline]
+pub fn peek(frame: &[u8]) -> Option<Peek> {
+    let ip = frame.get(IP..)?;
+    if frame.get(12..14)? != [0x08, 0x00] || ip.len() < 20 || ip[0] >> 4 != 4 {
+        return None;
+    }
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+        return None;
+    }
+    let l4 = ip.get(usize::from(ip[0] & 0x0f) * 4..)?;
+    let be16 = |b: &[u8], at: usize| Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]));
+    let (sport, dport) = match ip[9] {
+        PROTO_TCP | PROTO_UDP => (be16(l4, 0)?, be16(l4, 2)?),
+        PROTO_ICMP if matches!(l4.first(), Some(&(ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY))) => {
+            (be16(l4, 4)?, 0)
+        }
+        _ => return None,
+    };
+    Some(Peek {
+        proto: ip[9],
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        sport,
+        dport,
+    })
+}
+
 /// A classified frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Classified {

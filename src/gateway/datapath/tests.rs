@@ -317,6 +317,25 @@ fn udp_and_echo_translate_both_ways() {
 }
 
 #[test]
+fn warming_a_burst_changes_no_decision() {
+    let mut r = rig(ONE);
+    let q = build::udp(&pod_ep(&r.a, POD, REMOTE), 5353, 53, b"q", true);
+    let first = r.through(Side::Pod, &q, Side::Uplink);
+    let (_, port) = src(&first);
+    let a = build::udp(&up_ep(&r.a, REMOTE, EXT), 53, port, b"answer", true);
+    let ping = build::icmp_echo(&pod_ep(&r.a, POD, REMOTE), true, 77, 1, b"p");
+    // Known flows, a new one, and frames that are no flow at all.
+    let burst: Vec<&[u8]> = vec![&q, &ping, &[], &q[..20], &a[..40]];
+    r.core.warm(Side::Pod, burst.iter().copied());
+    assert_eq!(r.through(Side::Pod, &q, Side::Uplink), first);
+    r.core
+        .warm(Side::Uplink, [&a[..], &ping[..], &[0u8; 3][..]]);
+    let back = r.through(Side::Uplink, &a, Side::Pod);
+    assert_eq!(dst(&back), (POD, 5353));
+    assert!(checksums_ok(&back));
+}
+
+#[test]
 fn new_flows_start_only_with_syn_request_or_datagram() {
     let mut r = rig(ONE);
     let ack = build::tcp(&pod_ep(&r.a, POD, REMOTE), 40000, 443, wire::TCP_ACK, b"");

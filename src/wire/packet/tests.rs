@@ -303,3 +303,37 @@ fn arp_reply_round_trips() {
     }
     assert_eq!(&out[0..6], to.as_bytes());
 }
+
+#[test]
+fn peek_names_the_flow_classify_finds_and_nothing_it_cannot() {
+    let ep = Endpoints::new(
+        Ipv4Addr::new(10, 244, 0, 2),
+        Ipv4Addr::new(198, 51, 100, 10),
+    );
+    for f in [
+        build::tcp(&ep, 40000, 443, TCP_SYN, b""),
+        build::udp(&ep, 5353, 53, b"q", true),
+        build::icmp_echo(&ep, true, 77, 1, b"p"),
+        build::icmp_echo(&ep, false, 78, 1, b"p"),
+    ] {
+        let v = view(&f);
+        let p = peek(&f).expect("peeked");
+        assert_eq!((p.src, p.dst), (v.src, v.dst));
+        assert_eq!(Some((p.sport, p.dport)), v.ports());
+        assert_eq!(p.proto, f[IP + 9]);
+    }
+    let udp = build::udp(&ep, 5353, 53, b"q", true);
+    // Truncated before the ports, not IPv4, a later fragment: nothing.
+    assert_eq!(peek(&udp[..IP + 21]), None);
+    assert_eq!(peek(&[]), None);
+    let mut arp = udp.clone();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    assert_eq!(peek(&arp), None);
+    let mut later = udp.clone();
+    later[IP + 7] = 1;
+    assert_eq!(peek(&later), None);
+    // An ICMP error is no flow of its own.
+    let mut err = build::icmp_echo(&ep, true, 77, 1, b"p");
+    err[IP + 20] = ICMP_DEST_UNREACHABLE;
+    assert_eq!(peek(&err), None);
+}

@@ -413,6 +413,8 @@ impl World {
             let v = VnetHdr::parse(buf.vnet());
             eprintln!("feed {side:?} to {k}: {:?} {v:?}", w::classify(buf.frame()));
         }
+        // The worker warms a burst before deciding it: any frame at all.
+        self.cores[k].warm(side, std::iter::once(buf.frame()));
         let now = self.now;
         self.run(k, l4_in, |c, out| c.frame(side, buf, now, out));
     }
