@@ -81,7 +81,12 @@ impl Drop for Dnsmasq {
     }
 }
 
+/// Whether dnsmasq is installed, installing Debian's `dnsmasq-base` first
+/// when it is not. The tests of this file run in parallel: one install at
+/// a time (a second `apt-get` would fail on dpkg's lock), and a fresh
+/// machine's empty package lists are fetched when the first try fails.
 fn have_dnsmasq() -> bool {
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let found = || {
         Command::new("sh")
             .args(["-c", "command -v dnsmasq"])
@@ -89,14 +94,22 @@ fn have_dnsmasq() -> bool {
             .status()
             .is_ok_and(|s| s.success())
     };
+    let _one = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     if found() {
         return true;
     }
-    let _ = Command::new("apt-get")
-        .args(["install", "-y", "dnsmasq-base"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null())
-        .status();
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !apt(&["install", "-y", "dnsmasq-base"]) {
+        apt(&["update"]);
+        apt(&["install", "-y", "dnsmasq-base"]);
+    }
     found()
 }
 
