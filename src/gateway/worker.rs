@@ -233,6 +233,12 @@ impl Worker {
         match msg {
             WorkerMsg::Packets(batch) => {
                 let now = self.shared.now_ms();
+                if batch.len() > 1 {
+                    for side in [Side::Pod, Side::Uplink] {
+                        let frames = batch.iter().filter(|p| p.from == side);
+                        self.core.warm(side, frames.map(|p| p.buf.frame()));
+                    }
+                }
                 for p in batch {
                     self.core.packet(p, now, &mut self.actions);
                     self.carry_out();
