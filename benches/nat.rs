@@ -83,6 +83,33 @@ fn sizes() -> [(u32, &'static str); 2] {
     [(10_000, "10k"), (1_000_000, "1M")]
 }
 
+/// A group timing `BATCH` lookups of `keys` (in order, wrapping round), a
+/// burst of `BURST` per call of `run`.
+fn burst_group<K>(
+    c: &mut Criterion,
+    name: &str,
+    label: &str,
+    t: &mut FlowTable,
+    keys: &[K],
+    mut run: impl FnMut(&mut FlowTable, &[K]),
+) {
+    let mut g = c.benchmark_group(name);
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let mut pos = 0usize;
+    g.bench_function(BenchmarkId::from_parameter(label), |b| {
+        b.iter(|| {
+            let mut done = 0;
+            while done < BATCH {
+                let burst = &keys[pos..(pos + BURST).min(keys.len())];
+                run(t, burst);
+                done += burst.len();
+                pos = (pos + burst.len()) % keys.len();
+            }
+        })
+    });
+    g.finish();
+}
+
 fn bench_table(c: &mut Criterion) {
     for (n, label) in sizes() {
         let setup = Instant::now();
@@ -124,43 +151,32 @@ fn bench_table(c: &mut Criterion) {
         // The same lookups a burst of 32 at a time, each burst warmed first
         // (`FlowTable::warm_*`: buckets, then slots, prefetched), as a
         // worker does with the frames of one read.
-        let mut g = c.benchmark_group("nat_lookup_in2out_burst");
-        g.throughput(Throughput::Elements(BATCH as u64));
-        let mut pos = 0usize;
-        g.bench_with_input(BenchmarkId::from_parameter(label), &n, |b, _| {
-            b.iter(|| {
-                let mut done = 0;
-                while done < BATCH {
-                    let burst = &ins[pos..(pos + BURST).min(ins.len())];
-                    t.warm_in2out(burst);
-                    for k in burst {
-                        black_box(t.lookup_in2out(k, 1));
-                    }
-                    done += burst.len();
-                    pos = (pos + burst.len()) % ins.len();
+        burst_group(
+            c,
+            "nat_lookup_in2out_burst",
+            label,
+            &mut t,
+            &ins,
+            |t, keys| {
+                t.warm_in2out(keys);
+                for k in keys {
+                    black_box(t.lookup_in2out(k, 1));
                 }
-            })
-        });
-        g.finish();
-
-        let mut g = c.benchmark_group("nat_lookup_out2in_burst");
-        g.throughput(Throughput::Elements(BATCH as u64));
-        let mut pos = 0usize;
-        g.bench_with_input(BenchmarkId::from_parameter(label), &n, |b, _| {
-            b.iter(|| {
-                let mut done = 0;
-                while done < BATCH {
-                    let burst = &outs[pos..(pos + BURST).min(outs.len())];
-                    t.warm_out2in(burst);
-                    for k in burst {
-                        black_box(t.lookup_out2in(k, 1));
-                    }
-                    done += burst.len();
-                    pos = (pos + burst.len()) % outs.len();
+            },
+        );
+        burst_group(
+            c,
+            "nat_lookup_out2in_burst",
+            label,
+            &mut t,
+            &outs,
+            |t, keys| {
+                t.warm_out2in(keys);
+                for k in keys {
+                    black_box(t.lookup_out2in(k, 1));
                 }
-            })
-        });
-        g.finish();
+            },
+        );
 
         // Create: new inside endpoints (so each allocates an outside port),
         // timed in chunks, then removed untimed to keep the table at `n`.
