@@ -44,21 +44,11 @@ pub trait FrameIo: Send + Sync {
     /// # Panics
     /// If `lens` is shorter than `bufs`.
     fn read_batch(&self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> io::Result<usize> {
-        lens[..bufs.len()].fill(0);
-        for (i, buf) in bufs.iter_mut().enumerate() {
-            match self.read(buf) {
-                Ok(n) => lens[i] = n,
-                Err(e) if i == 0 => return Err(e),
-                // Frames come in order: after an empty read, the next
-                // burst reads on.
-                Err(_) => return Ok(i),
-            }
-        }
-        Ok(bufs.len())
+        read_each(self, bufs, lens)
     }
     /// Writes each of `frames` whole; returns how many were written.
     fn write_batch(&self, frames: &[&[u8]]) -> usize {
-        frames.iter().filter(|f| self.write(f).is_ok()).count()
+        write_each(self, frames)
     }
     /// Whether the device's link was seen going down (set down by an
     /// administrator, `NETDEV_DOWN`) and has received nothing since; a TAP
@@ -66,6 +56,31 @@ pub trait FrameIo: Send + Sync {
     fn link_down(&self) -> bool {
         false
     }
+}
+
+/// [`FrameIo::read_batch`] as a `read` per frame (the default, and what a
+/// device that batches only sometimes falls back to).
+pub fn read_each<D: FrameIo + ?Sized>(
+    dev: &D,
+    bufs: &mut [&mut [u8]],
+    lens: &mut [usize],
+) -> io::Result<usize> {
+    lens[..bufs.len()].fill(0);
+    for (i, buf) in bufs.iter_mut().enumerate() {
+        match dev.read(buf) {
+            Ok(n) => lens[i] = n,
+            Err(e) if i == 0 => return Err(e),
+            // Frames come in order: after an empty read, the next
+            // burst reads on.
+            Err(_) => return Ok(i),
+        }
+    }
+    Ok(bufs.len())
+}
+
+/// [`FrameIo::write_batch`] as a `write` per frame.
+pub fn write_each<D: FrameIo + ?Sized>(dev: &D, frames: &[&[u8]]) -> usize {
+    frames.iter().filter(|f| dev.write(f).is_ok()).count()
 }
 
 impl FrameIo for Tap {

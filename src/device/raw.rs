@@ -25,15 +25,16 @@
 //!   `PACKET_FANOUT_FLAG_IGNORE_OUTGOING` where the kernel has it) keep the
 //!   gateway's own transmissions out of its sockets; a frame the kernel
 //!   still reports as `PACKET_OUTGOING` (or `PACKET_OTHERHOST`) is skipped.
-//! - **Batching.** One `recvmsg`/`sendmsg` per frame, as the TAP has one
-//!   `read`/`write` per frame: the [`FrameIo`] seam hands over one frame per
-//!   call into the worker's own buffer. A `recvmmsg` read-ahead behind that
-//!   seam (16 frames into the socket's buffers, copied out one per read) was
-//!   measured and dropped: the extra copy of each 64 KiB super-frame halved
-//!   inbound TCP (about 7.7 to 3.7 Gbit/s, `tapnat bench`, medians of 3 on a
-//!   loaded 2-core machine) and small-UDP rates did not rise. Batching that
-//!   pays needs a batch seam (frames received straight into pool buffers, or
-//!   a TPACKET_V3 ring whose frames the core rewrites in place); not done.
+//! - **Batching.** With `io_uring` (and the virtio-net header, the default)
+//!   each socket has a [`Ring`], as a TAP queue does: a burst's frames are
+//!   read straight into the worker's pool buffers with one `io_uring_enter`
+//!   (a `read` per frame, `RWF_NOWAIT`), a burst's writes go out with
+//!   another. A plain `read` has no packet type, so a classic BPF filter on
+//!   every socket drops `PACKET_OUTGOING` and `PACKET_OTHERHOST` frames in
+//!   the kernel before they are queued. Lone frames still take one
+//!   `recvmsg`/`sendmsg` each. (A `recvmmsg` read-ahead into the socket's
+//!   own buffers, copied out one per read, was measured and dropped before
+//!   this: the extra copy of each 64 KiB super-frame halved inbound TCP.)
 //! - **Link state.** The kernel reports `ENETDOWN` once when the link goes
 //!   down or the interface is deleted, and a deleted interface sends an
 //!   rtnetlink `RTM_DELLINK` (also when it was down already): each socket's
@@ -55,6 +56,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::steer::{self, SteerBy};
+use super::uring::{Ring, RING_ENTRIES};
 use super::{sys, FrameIo};
 use crate::wire::csum;
 use crate::wire::vnet::{VnetHdr, F_NEEDS_CSUM, VNET_HDR_LEN};
@@ -102,6 +104,9 @@ pub struct RawInfo {
     pub forwarding: bool,
     /// Whether the fanout group steers by destination port (eBPF).
     pub steering: bool,
+    /// Why the sockets read and write frame by frame although
+    /// [`RawOptions::io_uring`] asked for rings (the kernel refused one).
+    pub no_ring: Option<String>,
 }
 
 /// How to open the raw uplink.
@@ -115,6 +120,10 @@ pub struct RawOptions {
     pub vnet_hdr: bool,
     /// Try to steer inbound frames by destination port.
     pub steer: bool,
+    /// Give each socket an io_uring for bursts (with `vnet_hdr` only: a
+    /// frame without one is read in two parts); where the kernel refuses
+    /// one, that socket reads and writes frame by frame.
+    pub io_uring: bool,
 }
 
 /// One AF_PACKET socket of the raw uplink.
@@ -131,6 +140,8 @@ pub struct RawSocket {
     /// Shared by the interface's sockets: its link went down (`ENETDOWN`
     /// with the interface still there) and nothing was read since.
     down: Arc<AtomicBool>,
+    /// Bursts go through this ring when there is one.
+    ring: Option<Ring>,
 }
 
 /// Opens the raw uplink on interface `name` of `netns` (or of the calling
@@ -194,11 +205,14 @@ fn open_here(
     sys::bring_up(ctl.as_fd(), name).map_err(step("bringing it up"))?;
     let mut sockets = Vec::with_capacity(opts.sockets);
     let down = Arc::new(AtomicBool::new(false));
+    let mut no_ring = None;
     for _ in 0..opts.sockets.max(1) {
-        sockets.push(
-            RawSocket::open(index, opts.vnet_hdr, down.clone())
-                .map_err(step("opening a socket"))?,
-        );
+        let (socket, ring_err) =
+            RawSocket::open(index, opts, down.clone()).map_err(step("opening a socket"))?;
+        if let Some(e) = ring_err {
+            no_ring.get_or_insert(e.to_string());
+        }
+        sockets.push(socket);
     }
     let steering = if sockets.len() > 1 {
         join_fanout(&sockets, opts.steer).map_err(step("joining a fanout group"))?
@@ -211,6 +225,7 @@ fn open_here(
         mac,
         forwarding,
         steering,
+        no_ring,
     };
     Ok((sockets, info))
 }
@@ -270,11 +285,18 @@ fn join_fanout(sockets: &[RawSocket], steer: bool) -> io::Result<bool> {
 }
 
 impl RawSocket {
-    fn open(index: libc::c_int, vnet_hdr: bool, down: Arc<AtomicBool>) -> io::Result<RawSocket> {
+    /// One socket, and why it has no ring when it was to have one.
+    fn open(
+        index: libc::c_int,
+        opts: RawOptions,
+        down: Arc<AtomicBool>,
+    ) -> io::Result<(RawSocket, Option<io::Error>)> {
         let fd = sys::packet_socket_unbound()?;
         let b = fd.as_fd();
         sys::setsockopt_int(b, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
         sys::setsockopt_int(b, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1)?;
+        // Before the bind, so that no frame is queued unfiltered.
+        sys::packet_drop_not_ours(b)?;
         // Best effort: the defaults (rmem_default) still work, just drop sooner.
         for (force, plain) in [
             (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
@@ -287,14 +309,23 @@ impl RawSocket {
         sys::packet_bind(b, index)?;
         let links = sys::netlink_link_events()?;
         let ep = sys::epoll_of(&[fd.as_fd(), links.as_fd()])?;
-        Ok(RawSocket {
+        let (ring, ring_err) = match opts.io_uring && opts.vnet_hdr {
+            true => match Ring::new(RING_ENTRIES) {
+                Ok(r) => (Some(r), None),
+                Err(e) => (None, Some(e)),
+            },
+            false => (None, None),
+        };
+        let socket = RawSocket {
             fd,
             links,
             ep,
             index,
-            vnet_hdr,
+            vnet_hdr: opts.vnet_hdr,
             down,
-        })
+            ring,
+        };
+        Ok((socket, ring_err))
     }
 
     /// Nothing queued: drains the link notifications; when there were
@@ -409,6 +440,41 @@ impl FrameIo for RawSocket {
 
     fn poll_fd(&self) -> RawFd {
         self.ep.as_raw_fd()
+    }
+
+    fn batches(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    fn read_batch(&self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> io::Result<usize> {
+        let Some(ring) = &self.ring else {
+            return super::io::read_each(self, bufs, lens);
+        };
+        let (n, err) = ring.read_batch(self.fd.as_fd(), bufs, lens);
+        match err {
+            // Reported once, so looked at even when the batch found frames.
+            Some(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
+                let e = self.down_or_gone();
+                if n == 0 || e.raw_os_error() == Some(libc::ENODEV) {
+                    return Err(e);
+                }
+            }
+            Some(e) if n == 0 && e.kind() == io::ErrorKind::WouldBlock => return Err(self.idle()),
+            Some(e) if n == 0 => return Err(e),
+            _ => {
+                if self.down.load(Ordering::Relaxed) {
+                    self.down.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn write_batch(&self, frames: &[&[u8]]) -> usize {
+        match &self.ring {
+            Some(ring) => ring.write_batch(self.fd.as_fd(), frames),
+            None => super::io::write_each(self, frames),
+        }
     }
 
     fn link_down(&self) -> bool {

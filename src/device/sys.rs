@@ -637,6 +637,59 @@ pub fn packet_socket_unbound() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Attaches a classic BPF filter to a packet socket that drops, before
+/// they are queued, frames of packet type `PACKET_OUTGOING` (our own
+/// sends) and `PACKET_OTHERHOST` (unicast to another MAC, seen in
+/// promiscuous mode): a plain `read` of the socket, which reports no
+/// packet type, then returns only frames the gateway may take.
+pub fn packet_drop_not_ours(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let op = |code: u32, jt: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf: 0,
+        k,
+    };
+    let mut prog = [
+        // A = skb->pkt_type
+        op(
+            libc::BPF_LD | libc::BPF_B | libc::BPF_ABS,
+            0,
+            (libc::SKF_AD_OFF + libc::SKF_AD_PKTTYPE) as u32,
+        ),
+        // Jumps count from the next instruction: both go to the drop.
+        op(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            2,
+            u32::from(libc::PACKET_OTHERHOST),
+        ),
+        op(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            1,
+            u32::from(libc::PACKET_OUTGOING),
+        ),
+        // Keep the whole frame.
+        op(libc::BPF_RET | libc::BPF_K, 0, u32::MAX),
+        op(libc::BPF_RET | libc::BPF_K, 0, 0),
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: `fd` is live; the kernel reads one sock_fprog through the
+    // pointer and `len` instructions through its `filter`, both alive for
+    // the call (it copies the program).
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
 /// `bind(2)` a packet socket to interface `ifindex` for every protocol
 /// (`ETH_P_ALL`): from now on it receives the interface's frames.
 pub fn packet_bind(fd: BorrowedFd<'_>, ifindex: libc::c_int) -> io::Result<()> {

@@ -1,6 +1,8 @@
-//! A TAP queue whose bursts go through io_uring: the reads of a burst are
+//! Device queues whose bursts go through io_uring: the reads of a burst are
 //! submitted together and so are its writes, one `io_uring_enter` for each
-//! instead of a `read(2)` or `write(2)` per frame.
+//! instead of a `read(2)` or `write(2)` per frame. [`Ring`] is the batch
+//! itself, for any queue read and written a frame per `read`/`write` (a TAP
+//! queue, a raw uplink's packet socket); [`UringTap`] is a TAP queue with one.
 //!
 //! [`UringTap::new`] sets up a ring for one queue; when the kernel has no
 //! io_uring (too old, disabled by `kernel.io_uring_disabled`, refused by a
@@ -21,7 +23,7 @@
 //! errors always use `write(2)`. The ring is behind a mutex for `Sync`;
 //! only its worker takes it.
 use std::io;
-use std::os::fd::{AsFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 
 use super::io::FrameIo;
@@ -32,22 +34,88 @@ use super::tap::Tap;
 /// `io_uring_enter`.
 pub const RING_ENTRIES: u32 = 64;
 
-/// One TAP queue with its own io_uring.
-pub struct UringTap {
-    tap: Tap,
+/// An io_uring for the bursts of one device queue (a TAP queue, a raw
+/// uplink's packet socket): reads and writes of whole frames, a burst per
+/// `io_uring_enter`. Behind a mutex for `Sync`; only the queue's worker
+/// takes it.
+pub struct Ring {
     ring: Mutex<io_uring::IoUring>,
     /// Results of the last batch, kept to avoid an allocation per burst.
     res: Mutex<Vec<i32>>,
 }
 
-impl std::fmt::Debug for UringTap {
+impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UringTap").field("tap", &self.tap).finish()
+        f.write_str("Ring")
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Ring {
+    /// A ring of `entries` (a power of two; the kernel refuses 0 and more
+    /// than 32768), restricted to reads and writes; an error where the
+    /// kernel has no io_uring or refuses it.
+    pub fn new(entries: u32) -> io::Result<Ring> {
+        Ok(Ring {
+            ring: Mutex::new(sys::uring_new(entries)?),
+            res: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Reads one frame from `fd` into each of `bufs` (the contract of
+    /// [`FrameIo::read_batch`]): the number of frames read and the first
+    /// error any read of the batch met (`WouldBlock` for an empty queue).
+    pub fn read_batch(
+        &self,
+        fd: BorrowedFd<'_>,
+        bufs: &mut [&mut [u8]],
+        lens: &mut [usize],
+    ) -> (usize, Option<io::Error>) {
+        let mut res = lock(&self.res);
+        res.clear();
+        res.resize(bufs.len(), 0);
+        sys::uring_read_batch(&mut lock(&self.ring), fd, bufs, &mut res);
+        // The reads ran one after another while frames kept coming: an empty
+        // one can be followed by one that found a frame, so each counts.
+        let mut frames = 0;
+        let mut first_err = None;
+        for (i, &r) in res.iter().enumerate() {
+            match result(r) {
+                Ok(n) if n > 0 => {
+                    lens[i] = n;
+                    frames += 1;
+                }
+                Ok(_) => lens[i] = 0,
+                Err(e) => {
+                    lens[i] = 0;
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        (frames, first_err)
+    }
+
+    /// Writes each of `frames` whole to `fd`; how many were.
+    pub fn write_batch(&self, fd: BorrowedFd<'_>, frames: &[&[u8]]) -> usize {
+        let mut res = lock(&self.res);
+        res.clear();
+        res.resize(frames.len(), 0);
+        sys::uring_write_batch(&mut lock(&self.ring), fd, frames, &mut res);
+        res.iter()
+            .zip(frames)
+            .filter(|(&r, f)| result(r).is_ok_and(|n| n == f.len()))
+            .count()
+    }
+}
+
+/// One TAP queue with its own io_uring.
+#[derive(Debug)]
+pub struct UringTap {
+    tap: Tap,
+    ring: Ring,
 }
 
 impl UringTap {
@@ -57,15 +125,10 @@ impl UringTap {
         UringTap::with_entries(tap, RING_ENTRIES)
     }
 
-    /// [`UringTap::new`] with a ring of `entries` (a power of two; the
-    /// kernel refuses 0 and more than 32768).
+    /// [`UringTap::new`] with a ring of `entries` (see [`Ring::new`]).
     pub fn with_entries(tap: Tap, entries: u32) -> Result<UringTap, (Tap, io::Error)> {
-        match sys::uring_new(entries) {
-            Ok(ring) => Ok(UringTap {
-                tap,
-                ring: Mutex::new(ring),
-                res: Mutex::new(Vec::new()),
-            }),
+        match Ring::new(entries) {
+            Ok(ring) => Ok(UringTap { tap, ring }),
             Err(e) => Err((tap, e)),
         }
     }
@@ -95,41 +158,13 @@ impl FrameIo for UringTap {
         true
     }
     fn read_batch(&self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> io::Result<usize> {
-        let mut res = lock(&self.res);
-        res.clear();
-        res.resize(bufs.len(), 0);
-        sys::uring_read_batch(&mut lock(&self.ring), self.tap.as_fd(), bufs, &mut res);
-        // The reads ran one after another while frames kept coming: an empty
-        // one can be followed by one that found a frame, so each counts.
-        let mut frames = 0;
-        let mut first_err = None;
-        for (i, &r) in res.iter().enumerate() {
-            match result(r) {
-                Ok(n) if n > 0 => {
-                    lens[i] = n;
-                    frames += 1;
-                }
-                Ok(_) => lens[i] = 0,
-                Err(e) => {
-                    lens[i] = 0;
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        match first_err {
-            Some(e) if frames == 0 => Err(e),
-            _ => Ok(frames),
+        match self.ring.read_batch(self.tap.as_fd(), bufs, lens) {
+            (0, Some(e)) => Err(e),
+            (n, _) => Ok(n),
         }
     }
     fn write_batch(&self, frames: &[&[u8]]) -> usize {
-        let mut res = lock(&self.res);
-        res.clear();
-        res.resize(frames.len(), 0);
-        sys::uring_write_batch(&mut lock(&self.ring), self.tap.as_fd(), frames, &mut res);
-        res.iter()
-            .zip(frames)
-            .filter(|(&r, f)| result(r).is_ok_and(|n| n == f.len()))
-            .count()
+        self.ring.write_batch(self.tap.as_fd(), frames)
     }
 }
 

@@ -216,6 +216,7 @@ fn open_uplink_raw(config: &Config, n: usize, tuning: Tuning) -> Result<Uplink, 
         mtu: uplink.mtu,
         vnet_hdr: tuning.offload,
         steer: true,
+        io_uring: tuning.io_uring,
     };
     let (sockets, info) = raw::open(name, uplink.netns.as_deref(), opts).map_err(|e| match e {
         RawError::NoSuchInterface { name, netns } => {
@@ -228,6 +229,12 @@ fn open_uplink_raw(config: &Config, n: usize, tuning: Tuning) -> Result<Uplink, 
         e => GatewayError::RawUplink(e),
     })?;
     let mut warnings = Vec::new();
+    if let Some(e) = &info.no_ring {
+        warnings.push(format!(
+            "no io_uring for the raw uplink {} ({e}); using recvmsg/sendmsg",
+            info.name
+        ));
+    }
     if info.forwarding {
         warnings.push(format!(
             "IPv4 forwarding is on in the namespace of the raw uplink {}: the kernel may route \
