@@ -484,4 +484,14 @@ fn raw_uplink_reads_and_writes_bursts_through_its_ring() {
     let mut one = [&mut scratch[..]];
     let e = s.read_batch(&mut one, &mut lens[..1]).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+
+    // Without the virtio-net header (offload off) a socket has no ring: its
+    // reads split the header off, a frame at a time.
+    let plain = RawOptions {
+        vnet_hdr: false,
+        ..opts
+    };
+    let (sockets, info) = raw::open("rr0", Some(&ns.path()), plain).unwrap();
+    assert_eq!(info.no_ring, None);
+    assert!(!sockets[0].batches());
 }
