@@ -61,7 +61,7 @@ pub(super) fn expected_default() -> Config {
         },
         workers: WorkersConfig {
             threads: 0,
-            busy_poll: Duration::ZERO,
+            busy_poll: Duration::from_micros(50),
             offload: true,
             io_uring: true,
             pin: false,
