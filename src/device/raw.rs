@@ -347,6 +347,23 @@ impl RawSocket {
         io::ErrorKind::WouldBlock.into()
     }
 
+    /// What a failed read means: `ENETDOWN`, a link down or an interface
+    /// gone; an empty queue, perhaps one whose interface went away.
+    fn read_error(&self, e: io::Error) -> io::Error {
+        match e {
+            e if e.raw_os_error() == Some(libc::ENETDOWN) => self.down_or_gone(),
+            e if e.kind() == io::ErrorKind::WouldBlock => self.idle(),
+            e => e,
+        }
+    }
+
+    /// A frame was read: the link is up again.
+    fn received(&self) {
+        if self.down.load(Ordering::Relaxed) {
+            self.down.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// `ENETDOWN`: the link went down, or the interface is being deleted.
     fn down_or_gone(&self) -> io::Error {
         let deadline = Instant::now() + GONE_GRACE;
@@ -393,17 +410,8 @@ impl FrameIo for RawSocket {
                     &mut [IoSliceMut::new(&mut h), IoSliceMut::new(buf)],
                 )
             };
-            let (n, pkttype) = match got {
-                Ok(r) => r,
-                Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
-                    return Err(self.down_or_gone())
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(self.idle()),
-                Err(e) => return Err(e),
-            };
-            if self.down.load(Ordering::Relaxed) {
-                self.down.store(false, Ordering::Relaxed);
-            }
+            let (n, pkttype) = got.map_err(|e| self.read_error(e))?;
+            self.received();
             if matches!(pkttype, libc::PACKET_OUTGOING | libc::PACKET_OTHERHOST) {
                 continue;
             }
@@ -452,20 +460,15 @@ impl FrameIo for RawSocket {
         };
         let (n, err) = ring.read_batch(self.fd.as_fd(), bufs, lens);
         match err {
+            Some(e) if n == 0 => return Err(self.read_error(e)),
             // Reported once, so looked at even when the batch found frames.
             Some(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
                 let e = self.down_or_gone();
-                if n == 0 || e.raw_os_error() == Some(libc::ENODEV) {
+                if e.raw_os_error() == Some(libc::ENODEV) {
                     return Err(e);
                 }
             }
-            Some(e) if n == 0 && e.kind() == io::ErrorKind::WouldBlock => return Err(self.idle()),
-            Some(e) if n == 0 => return Err(e),
-            _ => {
-                if self.down.load(Ordering::Relaxed) {
-                    self.down.store(false, Ordering::Relaxed);
-                }
-            }
+            _ => self.received(),
         }
         Ok(n)
     }
